@@ -1,0 +1,73 @@
+"""The one settings object: every knob of lorafleet, read from `LORAFLEET_*` environment variables.
+
+With nothing set, everything is embedded: SQLite and a local object-store folder under
+`./.lorafleet`, and a Ray cluster started on demand (or `RAY_ADDRESS` when set).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.objectstore import ObjectStoreConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".lorafleet"), description="Where embedded state lives (SQLite, objects)."
+    )
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; empty means SQLite under data_dir."
+    )
+    object_store: str = Field(
+        default="",
+        description="Local folder, or s3://bucket/prefix; empty means data_dir/objects.",
+    )
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to use; unset means RAY_ADDRESS or a local one."
+    )
+    ray_namespace: str = "lorafleet"
+    base_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Base-model catalog: name -> local folder or s3:// URI (JSON in env).",
+    )
+    model_cache_dir: Path | None = Field(
+        default=None, description="Where s3:// base models are downloaded; default data_dir/models."
+    )
+
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_concurrent_runs: int = Field(default=2, ge=1)
+    default_num_workers: int = Field(default=2, ge=1)
+    max_attempts: int = Field(default=3, ge=1, description="Runs per job before it fails.")
+    scheduler_poll_seconds: float = Field(default=0.5, gt=0)
+    # DeepSpeed keeps parameters smaller than this whole on every rank; 0 partitions all.
+    zero3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'lorafleet.db'}"
+        if not self.object_store:
+            self.object_store = str(self.data_dir / "objects")
+        if self.model_cache_dir is None:
+            self.model_cache_dir = self.data_dir / "models"
+        return self
+
+    @cached_property
+    def object_store_config(self) -> ObjectStoreConfig:
+        return ObjectStoreConfig(
+            url=self.object_store,
+            endpoint_url=self.s3_endpoint_url,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=self.s3_secret_access_key,
+            region=self.s3_region,
+        )

@@ -1,0 +1,253 @@
+"""Object storage behind one interface: a local folder (embedded default) or S3 via boto3.
+
+Knows nothing of the database. Keys are plain strings ("files/t/file-1.jsonl"); the key
+layout itself lives in `workers.layout`. Writes are whole-object: a reader never sees a
+half-written object under its final key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class ObjectNotFound(KeyError):
+    """The key does not exist in the store."""
+
+
+@dataclass(frozen=True)
+class ObjectStoreConfig:
+    """Everything needed to open the store; small and picklable so Ray workers get it too."""
+
+    url: str
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str = "us-east-1"
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+
+class ObjectStore(Protocol):
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def download(self, key: str, path: Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def presigned_url(self, key: str, expires_s: int = 300) -> str | None: ...
+
+
+def open_object_store(config: ObjectStoreConfig) -> ObjectStore:
+    if config.is_s3:
+        return S3ObjectStore(config)
+    if "://" in config.url:
+        raise ValueError(f"object_store: unsupported URL {config.url!r} (a folder or s3://…)")
+    return LocalObjectStore(Path(config.url))
+
+
+class LocalObjectStore:
+    """Objects as files under one folder; writes go to a temp file and are renamed in."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"object key escapes the store: {key!r}")
+        return path
+
+    def _write_atomically(self, key: str, write: Callable[[Path], None]) -> None:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".partial-")
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write_atomically(key, lambda tmp: tmp.write_bytes(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._write_atomically(key, lambda tmp: shutil.copyfile(path, tmp))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+
+    def download(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        found = []
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.name.startswith(".partial-"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(key)
+        return sorted(found)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def presigned_url(self, key: str, expires_s: int = 300) -> str | None:
+        return None  # a local folder has no URL to hand out; callers stream the bytes
+
+
+class S3ObjectStore:
+    """Any S3-compatible server (AWS, Ceph radosgw, MinIO…) through boto3.
+
+    Non-AWS servers disagree on boto3's newer default checksums, so they are only sent or
+    checked when an operation requires them; our own sha256 manifests cover integrity.
+    """
+
+    def __init__(self, config: ObjectStoreConfig, retries: int = 5) -> None:
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = config.url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"object_store: no bucket in {config.url!r}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.retries = retries
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            region_name=config.region,
+            config=Config(
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 3, "mode": "standard"},
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"object key escapes the store: {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _with_backoff(self, call: Callable[[], T]) -> T:
+        """Retry transport failures (server restarting, connection refused) with backoff."""
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import EndpointConnectionError
+
+        delay = 0.5
+        for attempt in range(self.retries):
+            try:
+                return call()
+            except (BotoConnectionError, EndpointConnectionError):
+                if attempt == self.retries - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    def _is_missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._with_backoff(
+            lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        )
+
+    def put_file(self, key: str, path: Path) -> None:
+        # upload_file switches to multipart for large files; S3 only exposes the object
+        # once the whole upload completes, so readers never see part of it.
+        self._with_backoff(
+            lambda: self.client.upload_file(str(path), self.bucket, self._key(key))
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._with_backoff(
+                lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            )
+        except ClientError as exc:
+            if self._is_missing(exc):
+                raise ObjectNotFound(key) from exc
+            raise
+        body: bytes = response["Body"].read()
+        return body
+
+    def download(self, key: str, path: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._with_backoff(
+                lambda: self.client.download_file(self.bucket, self._key(key), str(path))
+            )
+        except ClientError as exc:
+            if self._is_missing(exc):
+                raise ObjectNotFound(key) from exc
+            raise
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._with_backoff(
+                lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            )
+        except ClientError as exc:
+            if self._is_missing(exc):
+                return False
+            raise
+        return True
+
+    def _iter_keys(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full_prefix = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(f"{self.prefix}/") if self.prefix else 0
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"][strip:]
+
+    def list(self, prefix: str) -> list[str]:
+        return self._with_backoff(lambda: sorted(self._iter_keys(prefix)))
+
+    def delete(self, key: str) -> None:
+        self._with_backoff(
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        )
+
+    def presigned_url(self, key: str, expires_s: int = 300) -> str | None:
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=expires_s,
+        )
+        return url

@@ -1,0 +1,64 @@
+"""Publishing an adapter folder to the object store, and verifying what was published.
+
+The manifest (sha256 and size of every file) is written last: its presence means every
+file it names was stored whole, and a reader checks the checksums before trusting them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.layout import ADAPTER_FILES, MANIFEST, adapter_key
+from workers.objectstore import ObjectNotFound, ObjectStore
+
+
+class PublishError(RuntimeError):
+    """An adapter in the store is missing a file or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: dict[str, dict[str, int | str]]  # name -> {"sha256": hex, "size": bytes}
+
+    def to_json(self) -> bytes:
+        return json.dumps({"files": self.files}, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        return cls(files=json.loads(raw)["files"])
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def publish_adapter(store: ObjectStore, tenant: str, job_id: str, folder: Path) -> Manifest:
+    files: dict[str, dict[str, int | str]] = {}
+    for name in ADAPTER_FILES:
+        data = (folder / name).read_bytes()
+        files[name] = {"sha256": sha256_hex(data), "size": len(data)}
+        store.put_file(adapter_key(tenant, job_id, name), folder / name)
+    manifest = Manifest(files=files)
+    store.put_bytes(adapter_key(tenant, job_id, MANIFEST), manifest.to_json())
+    return manifest
+
+
+def verify_adapter(store: ObjectStore, tenant: str, job_id: str) -> Manifest:
+    """Reads the manifest and checks every file against it; raises PublishError if not whole."""
+    try:
+        manifest = Manifest.from_json(store.get_bytes(adapter_key(tenant, job_id, MANIFEST)))
+    except ObjectNotFound as exc:
+        raise PublishError(f"adapter of {job_id} has no manifest") from exc
+    if set(manifest.files) != set(ADAPTER_FILES):
+        raise PublishError(f"manifest of {job_id} lists {sorted(manifest.files)}")
+    for name, expected in manifest.files.items():
+        try:
+            data = store.get_bytes(adapter_key(tenant, job_id, name))
+        except ObjectNotFound as exc:
+            raise PublishError(f"{name} of {job_id} is missing") from exc
+        if len(data) != expected["size"] or sha256_hex(data) != expected["sha256"]:
+            raise PublishError(f"{name} of {job_id} does not match its manifest")
+    return manifest

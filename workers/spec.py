@@ -1,0 +1,55 @@
+"""What a training run is asked to do: plain, picklable values handed from the scheduler to Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.objectstore import ObjectStoreConfig
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    n_epochs: int = 3
+    batch_size: int = 4  # global: split across the run's workers
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    gradient_clip: float = 1.0  # 0 turns clipping off
+    max_seq_len: int = 1024
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    tenant: str
+    attempt: int
+    base_model: str  # local folder or s3:// URI of a Hugging Face model + tokenizer
+    training_file_key: str
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    jobs: tuple[JobSpec, ...]
+    num_workers: int
+    use_gpu: bool
+    object_store: ObjectStoreConfig
+    model_cache_dir: Path
+    storage_path: Path  # Ray Train's run folder (must be shared across nodes)
+    zero3_param_persistence_threshold: int = 100_000
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.use_gpu else "fp32"
