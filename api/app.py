@@ -1,0 +1,59 @@
+"""The FastAPI application: routers, error envelope, and (for `serve`) the scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.deps import Services
+from api.errors import install_error_handlers
+from api.routers import files, jobs, models
+from orchestrator.db import make_engine, migrate
+from orchestrator.runs import RayRuns
+from orchestrator.scheduler import Scheduler
+from orchestrator.settings import Settings
+from orchestrator.store import JobStore
+from workers.objectstore import open_object_store
+
+
+def create_app(settings: Settings | None = None, *, run_scheduler: bool = False) -> FastAPI:
+    """The API; with `run_scheduler`, the scheduler loop runs in the same process."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        migrate(engine)
+        store = JobStore(engine)
+        objects = open_object_store(settings.object_store_config)
+        app.state.services = Services(settings=settings, store=store, objects=objects)
+        scheduler = None
+        if run_scheduler:
+            scheduler = Scheduler(settings, store, objects, RayRuns(settings))
+            scheduler.start()
+        try:
+            yield
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="lorafleet",
+        version="0.1.0",
+        description="LoRA fine-tuning jobs over an OpenAI-compatible API, trained on Ray "
+        "with DeepSpeed ZeRO-3; adapters in PEFT format.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(files.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

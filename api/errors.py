@@ -1,0 +1,84 @@
+"""Every error leaves the API in OpenAI's envelope: {"error": {message, type, param, code}}.
+
+The one place where domain exceptions become HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.errors import (
+    Conflict,
+    InvalidRequest,
+    InvalidTransition,
+    NotFound,
+    PayloadTooLarge,
+)
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": kind, "param": param, "code": code}},
+    )
+
+
+def _param_of(loc: tuple[int | str, ...]) -> str:
+    """("body", "lora", "r") → "lora.r"; ("query", "limit") → "limit"."""
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else [
+        str(p) for p in loc
+    ]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    problems = [f"{_param_of(tuple(e['loc']))}: {e['msg']}" for e in errors]
+    first = _param_of(tuple(errors[0]["loc"])) if errors else None
+    return error_response(400, "; ".join(problems), param=first, code="invalid_value")
+
+
+async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+    status = 413 if isinstance(exc, PayloadTooLarge) else 400
+    return error_response(status, exc.message, exc.param, exc.code)
+
+
+async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+    return error_response(404, str(exc), exc.param, "not_found")
+
+
+async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+    return error_response(409, exc.message, exc.param, "conflict")
+
+
+async def _transition(_: Request, exc: InvalidTransition) -> JSONResponse:
+    return error_response(409, str(exc), None, "conflict")
+
+
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal error; the server log has the details")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidRequest, _invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidTransition, _transition)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

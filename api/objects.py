@@ -1,0 +1,66 @@
+"""Database rows → OpenAI-shaped response objects."""
+
+from __future__ import annotations
+
+from api.schemas import (
+    FileObject,
+    FineTuningJob,
+    FineTuningJobEvent,
+    JobError,
+    JobHyperparameters,
+    JobMethod,
+)
+from orchestrator.models import FileRow, JobEventRow, JobRow
+
+
+def file_object(row: FileRow) -> FileObject:
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,
+    )
+
+
+def job_object(row: JobRow) -> FineTuningJob:
+    hyperparameters = JobHyperparameters(**row.settings["hyperparameters"])
+    error = (
+        JobError(code=row.error_code, message=row.error_message or "", param=row.error_param)
+        if row.error_code
+        else None
+    )
+    return FineTuningJob(
+        id=row.id,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        model=row.model,
+        fine_tuned_model=row.fine_tuned_model,
+        organization_id=row.tenant,
+        status=row.status,
+        hyperparameters=hyperparameters,
+        method=JobMethod(supervised={"hyperparameters": hyperparameters}),
+        training_file=row.training_file,
+        validation_file=row.validation_file,
+        result_files=[],
+        trained_tokens=row.trained_tokens,
+        error=error,
+        seed=row.seed,
+        suffix=row.suffix,
+        user_provided_suffix=row.suffix,
+        metadata=row.user_metadata,
+        lora=row.settings["lora"],
+        training=row.settings["training"],
+        resources=row.settings["resources"],
+    )
+
+
+def event_object(row: JobEventRow) -> FineTuningJobEvent:
+    return FineTuningJobEvent(
+        id=row.id,
+        created_at=row.created_at,
+        level=row.level,
+        message=row.message,
+        type=row.type,
+        data=row.data,
+    )

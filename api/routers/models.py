@@ -1,0 +1,35 @@
+"""/v1/models: the base models of the catalog and the fine-tuned adapters of this tenant."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import ServicesDep, TenantDep
+from api.schemas import ErrorResponse, ListPage, ModelObject
+from orchestrator.errors import NotFound
+from orchestrator.states import JobStatus
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _models(services: ServicesDep, tenant: str) -> list[ModelObject]:
+    models = [ModelObject(id=name, created=0, owned_by="lorafleet") for name in sorted(services.settings.base_models)]
+    for job in services.store.jobs_with_status([JobStatus.SUCCEEDED]):
+        if job.tenant == tenant and job.fine_tuned_model:
+            models.append(
+                ModelObject(id=job.fine_tuned_model, created=job.finished_at or 0, owned_by=tenant)
+            )
+    return models
+
+
+@router.get("", response_model=ListPage[ModelObject])
+def list_models(services: ServicesDep, tenant: TenantDep) -> ListPage[ModelObject]:
+    return ListPage[ModelObject](data=_models(services, tenant))
+
+
+@router.get("/{model_id:path}", response_model=ModelObject, responses={404: {"model": ErrorResponse}})
+def retrieve_model(services: ServicesDep, tenant: TenantDep, model_id: str) -> ModelObject:
+    for model in _models(services, tenant):
+        if model.id == model_id:
+            return model
+    raise NotFound("model", model_id, "model")

@@ -1,0 +1,185 @@
+"""HTTP request and response bodies, in the shapes of OpenAI's fine-tuning API.
+
+LoRA, training and resource settings are lorafleet extensions (`lora`, `training`,
+`resources`), which the OpenAI SDK sends through `extra_body`. Unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+def _auto_is_none(value: Any) -> Any:
+    return None if value == "auto" else value
+
+
+def _auto(kind: type, **limits: Any) -> Any:
+    """A number, or "auto" (lorafleet picks); "auto" is stored as None."""
+    return Annotated[kind | None, Field(default=None, **limits), BeforeValidator(_auto_is_none)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(Strict):
+    n_epochs: _auto(int, ge=1, le=100)  # type: ignore[valid-type]
+    batch_size: _auto(int, ge=1, le=1024)  # type: ignore[valid-type]
+    learning_rate_multiplier: _auto(float, gt=0, le=100)  # type: ignore[valid-type]
+
+
+class Supervised(Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(Strict):
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised | None = None
+
+
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")]
+
+
+class LoraOptions(Strict):
+    r: int = Field(default=8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(default=16.0, gt=0, description="Scale is alpha / r.")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[ModuleName] = Field(
+        default="all-linear",
+        description='Linear layers to adapt: "all-linear" or module names such as q_proj.',
+    )
+
+
+class TrainingOptions(Strict):
+    max_seq_len: int | None = Field(default=None, ge=8, le=131072)
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=1, description="Overrides learning_rate_multiplier."
+    )
+    warmup_steps: int | None = Field(default=None, ge=0)
+    gradient_clip: float | None = Field(default=None, ge=0, description="0 turns clipping off.")
+    weight_decay: float | None = Field(default=None, ge=0)
+    packing: bool = Field(default=True, description="May share a run with other jobs.")
+
+
+class ResourceOptions(Strict):
+    num_workers: int | None = Field(default=None, ge=1, le=1024)
+    use_gpu: bool | None = Field(default=None, description="Unset: use GPUs if the cluster has them.")
+
+
+class FineTuningJobCreate(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(default=None, max_length=16)
+    )
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = Field(
+        default=None, description="Deprecated by OpenAI in favour of method; still accepted."
+    )
+    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=0)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    training: TrainingOptions = Field(default_factory=TrainingOptions)
+    resources: ResourceOptions = Field(default_factory=ResourceOptions)
+
+
+# ---- responses ----
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class FileObject(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+
+
+class FileDeleted(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobHyperparameters(BaseModel):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class JobMethod(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: dict[str, JobHyperparameters]
+
+
+class FineTuningJob(BaseModel):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    created_at: int
+    finished_at: int | None
+    estimated_finish: int | None = None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    hyperparameters: JobHyperparameters
+    method: JobMethod
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    suffix: str | None = None
+    user_provided_suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    resources: dict[str, Any]
+
+
+class FineTuningJobEvent(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None = None
+
+
+class ModelObject(BaseModel):
+    object: Literal["model"] = "model"
+    id: str
+    created: int
+    owned_by: str
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False

@@ -1,0 +1,158 @@
+"""Fine-tuning jobs: creating one from a request, cancelling one, and turning one into a run.
+
+A job's settings are resolved once, at creation (defaults filled in), and stored with it:
+what the job page shows is exactly what the run trains with.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import Conflict, InvalidRequest, NotFound
+from orchestrator.models import JobRow
+from orchestrator.settings import Settings
+from orchestrator.states import JobStatus
+from orchestrator.store import JobStore, new_id, now
+from workers.layout import file_key
+from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
+
+DEFAULT_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 4
+BASE_LEARNING_RATE = 2e-4  # times learning_rate_multiplier, unless training.learning_rate is set
+
+
+@dataclass
+class NewJob:
+    """A validated creation request; None means "auto" (lorafleet picks)."""
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    n_epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate_multiplier: float | None = None
+    lora: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any]:
+    multiplier = request.learning_rate_multiplier or 1.0
+    training = dict(request.training)
+    training.setdefault("learning_rate", BASE_LEARNING_RATE * multiplier)
+    training = asdict(
+        TrainingSettings(
+            n_epochs=request.n_epochs or DEFAULT_EPOCHS,
+            batch_size=request.batch_size or DEFAULT_BATCH_SIZE,
+            **training,
+        )
+    )
+    training.pop("seed")  # the seed is the job's own column
+    lora = asdict(LoraSettings(**request.lora))
+    if not isinstance(lora["target_modules"], str):
+        lora["target_modules"] = list(lora["target_modules"])
+    return {
+        "hyperparameters": {
+            "n_epochs": training["n_epochs"],
+            "batch_size": training["batch_size"],
+            "learning_rate_multiplier": multiplier,
+        },
+        "lora": lora,
+        "training": training,
+        "resources": {
+            "num_workers": request.resources.get("num_workers") or default_num_workers,
+            "use_gpu": request.resources.get("use_gpu"),  # None: use a GPU if the cluster has one
+        },
+    }
+
+
+def create_job(store: JobStore, settings: Settings, tenant: str, request: NewJob) -> JobRow:
+    if request.model not in settings.base_models:
+        known = ", ".join(sorted(settings.base_models)) or "none configured"
+        raise InvalidRequest(
+            f"model {request.model!r} is not a base model here (available: {known})",
+            param="model",
+            code="model_not_found",
+        )
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(request, param)
+        if file_id is None:
+            continue
+        try:
+            row = store.get_file(tenant, file_id, param)
+        except NotFound as exc:
+            raise InvalidRequest(
+                f"{param} {file_id!r} does not exist", param=param, code="invalid_file"
+            ) from exc
+        if row.purpose != "fine-tune":
+            raise InvalidRequest(
+                f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
+            )
+    job = JobRow(
+        id=new_id("ftjob"),
+        tenant=tenant,
+        model=request.model,
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        suffix=request.suffix,
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        status=JobStatus.VALIDATING_FILES.value,
+        attempt=0,
+        created_at=now(),
+        settings=resolve_settings(request, settings.default_num_workers),
+        user_metadata=request.metadata,
+        event_cursor=0,
+    )
+    return store.add_job(job, f"Created fine-tuning job: {job.id}")
+
+
+def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:
+    """A job not yet running is cancelled at once; a running one is asked to stop."""
+    job = store.get_job(tenant, job_id)
+    status = JobStatus(job.status)
+    if status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
+        return store.transition(
+            job_id, JobStatus.CANCELLED, "Job cancelled", finished_at=now()
+        )
+    if status == JobStatus.RUNNING:
+        return store.transition(job_id, JobStatus.CANCELLING, "Cancellation requested")
+    if status == JobStatus.CANCELLING:
+        return job
+    raise Conflict(f"job {job_id} is already {status.value} and cannot be cancelled")
+
+
+def fine_tuned_model_name(job: JobRow) -> str:
+    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+
+
+def run_spec_for(job: JobRow, settings: Settings, use_gpu: bool) -> RunSpec:
+    """The run that trains one job (one job per run until packing)."""
+    lora = dict(job.settings["lora"])
+    if not isinstance(lora["target_modules"], str):
+        lora["target_modules"] = tuple(lora["target_modules"])
+    spec = JobSpec(
+        job_id=job.id,
+        tenant=job.tenant,
+        attempt=job.attempt,
+        base_model=settings.base_models[job.model],
+        training_file_key=file_key(job.tenant, job.training_file),
+        lora=LoraSettings(**lora),
+        training=TrainingSettings(**job.settings["training"], seed=job.seed),
+    )
+    assert settings.model_cache_dir is not None
+    return RunSpec(
+        run_id=job.id,
+        jobs=(spec,),
+        num_workers=job.settings["resources"]["num_workers"],
+        use_gpu=use_gpu,
+        object_store=settings.object_store_config,
+        model_cache_dir=Path(settings.model_cache_dir).resolve(),
+        storage_path=(settings.data_dir / "ray-runs").resolve(),
+        zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
+    )

@@ -1,0 +1,175 @@
+"""The scheduler loop: validates new jobs, watches runs, launches queued jobs.
+
+Each tick first reconciles what is running with Ray (so a restarted scheduler adopts the
+runs that survived it before it starts anything new), then fills free capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from orchestrator.errors import InvalidTransition
+from orchestrator.jobs import fine_tuned_model_name, run_spec_for
+from orchestrator.models import JobRow
+from orchestrator.runs import RayRuns
+from orchestrator.settings import Settings
+from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
+from orchestrator.store import JobStore, now
+from workers.examples import DatasetError, parse_jsonl
+from workers.layout import file_key
+from workers.objectstore import ObjectNotFound, ObjectStore
+from workers.publish import PublishError, verify_adapter
+from workers.run_actor import CANCELLED, FAILED, SUCCEEDED
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self, settings: Settings, store: JobStore, objects: ObjectStore, runs: RayRuns
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.objects = objects
+        self.runs = runs
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- the loop ----
+    def tick(self) -> None:
+        self._watch_runs()
+        self._validate_new_jobs()
+        self._launch_queued()
+
+    def run_forever(self) -> None:
+        self.runs.connect()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end the loop; the next one retries
+                log.exception("scheduler tick failed")
+            self._stop.wait(self.settings.scheduler_poll_seconds)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- validating_files → queued ----
+    def _validate_new_jobs(self) -> None:
+        for job in self.store.jobs_with_status([JobStatus.VALIDATING_FILES]):
+            try:
+                parse_jsonl(self.objects.get_bytes(file_key(job.tenant, job.training_file)))
+            except (ObjectNotFound, DatasetError) as exc:
+                self._fail(job, "invalid_file", f"training_file: {exc}", param="training_file")
+                continue
+            self._move(job, JobStatus.QUEUED, "Files validated; job queued")
+
+    # ---- queued → running ----
+    def _launch_queued(self) -> None:
+        active = len(self.store.jobs_with_status(ACTIVE_RUN_STATUSES))
+        free = self.settings.max_concurrent_runs - active
+        for job in self.store.jobs_with_status([JobStatus.QUEUED])[: max(0, free)]:
+            try:
+                started = self.store.transition(
+                    job.id,
+                    JobStatus.RUNNING,
+                    f"Fine-tuning job started (attempt {job.attempt + 1})",
+                    expected_attempt=job.attempt,
+                    attempt=JobRow.attempt + 1,
+                    started_at=now(),
+                    event_cursor=0,
+                )
+            except InvalidTransition:
+                continue  # cancelled meanwhile, or another scheduler took it
+            use_gpu = started.settings["resources"]["use_gpu"]
+            if use_gpu is None:
+                use_gpu = self.runs.gpu_available()
+            try:
+                self.runs.launch(run_spec_for(started, self.settings, use_gpu))
+            except Exception as exc:
+                log.exception("launching %s failed", job.id)
+                self._retry_or_fail(started, f"could not start the run: {exc}")
+
+    # ---- running → terminal ----
+    def _watch_runs(self) -> None:
+        for job in self.store.jobs_with_status(ACTIVE_RUN_STATUSES):
+            if job.status == JobStatus.CANCELLING.value:
+                self.runs.stop(job.id)
+            polled = self.runs.poll(job.id, job.event_cursor)
+            if polled is None:
+                self._run_vanished(job)
+                continue
+            if not self._store_events(job, polled):
+                continue
+            state = polled["state"]
+            if state == SUCCEEDED:
+                self._succeed(job)
+            elif state == CANCELLED:
+                self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
+            elif state == FAILED:
+                self._fail(job, "training_error", polled["error"] or "training failed")
+            else:
+                continue
+            self.runs.release(job.id)
+
+    def _store_events(self, job: JobRow, polled: dict[str, Any]) -> bool:
+        values: dict[str, Any] = {}
+        for event in polled["events"]:
+            tokens = (event.get("data") or {}).get("trained_tokens")
+            if event.get("type") == "metrics" and tokens is not None:
+                values["trained_tokens"] = tokens
+        return self.store.record_run_events(
+            job.id, job.attempt, polled["events"], polled["cursor"], **values
+        )
+
+    def _succeed(self, job: JobRow) -> None:
+        try:
+            verify_adapter(self.objects, job.tenant, job.id)
+        except PublishError as exc:
+            self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
+            return
+        self._move(
+            job,
+            JobStatus.SUCCEEDED,
+            "The job has successfully completed",
+            finished_at=now(),
+            fine_tuned_model=fine_tuned_model_name(job),
+        )
+
+    def _run_vanished(self, job: JobRow) -> None:
+        if job.status == JobStatus.CANCELLING.value:
+            self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
+            return
+        self._retry_or_fail(job, "its run disappeared from the Ray cluster")
+
+    def _retry_or_fail(self, job: JobRow, reason: str) -> None:
+        if job.attempt < self.settings.max_attempts:
+            self._move(job, JobStatus.QUEUED, f"Run lost ({reason}); job requeued", level="warn")
+        else:
+            self._fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
+
+    # ---- guarded moves (a job that moved on meanwhile is left alone) ----
+    def _move(self, job: JobRow, target: JobStatus, message: str, **values: Any) -> None:
+        try:
+            self.store.transition(job.id, target, message, expected_attempt=job.attempt, **values)
+        except InvalidTransition as exc:
+            log.info("skipped: %s", exc)
+
+    def _fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
+        self._move(
+            job,
+            JobStatus.FAILED,
+            f"Job failed: {message}",
+            level="error",
+            finished_at=now(),
+            error_code=code,
+            error_message=message,
+            error_param=param,
+        )
