@@ -33,12 +33,20 @@ def error_response(
     )
 
 
+_LOCATIONS = ("body", "query", "path", "header")
+
+
 def _param_of(loc: tuple[int | str, ...]) -> str:
-    """("body", "lora", "r") → "lora.r"; ("query", "limit") → "limit"."""
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else [
-        str(p) for p in loc
-    ]
-    return ".".join(parts) or "body"
+    """("body", "lora", "r") → "lora.r"; ("query", "limit") → "limit".
+
+    Pydantic adds the union member it tried ("literal['all-linear']", "list[str]") to the
+    path; those are not fields, so they are left out.
+    """
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    fields = [p for p in parts if p.replace("_", "").replace("-", "").isalnum()]
+    return ".".join(fields) or "body"
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

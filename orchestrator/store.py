@@ -63,7 +63,7 @@ class JobStore:
         with self.sessions.begin() as session:
             session.add(row)
             session.flush()
-            session.add(_event(row.id, message))
+            session.add(_event(row.id, message, data={"status": row.status}))
         return row
 
     def get_job(self, tenant: str, job_id: str) -> JobRow:
@@ -141,7 +141,9 @@ class JobStore:
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 current = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
                 raise InvalidTransition(job_id, target.value, current)
-            session.add(_event(job_id, message, level=level, data=data))
+            session.add(
+                _event(job_id, message, level=level, data={**(data or {}), "status": target.value})
+            )
             row = session.get(JobRow, job_id, populate_existing=True)
             assert row is not None
             return row

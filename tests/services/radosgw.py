@@ -12,6 +12,7 @@ Self-check: ``python3 -m tests.services.radosgw`` from the repository root.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import shutil
@@ -26,7 +27,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 _DAEMONS = ("ceph-mon", "ceph-osd", "radosgw")
 _BINARIES = (*_DAEMONS, "radosgw-admin", "monmaptool", "ceph")
@@ -171,10 +172,8 @@ class RadosGW:
                 continue
             if proc.poll() is None:
                 proc.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
         if self._watchdog is not None:
             # EOF tells the watchdog to sweep; it finds nothing left, then exits.
             if self._watchdog.stdin is not None:
@@ -279,9 +278,22 @@ def start_radosgw(workdir: Path, timeout: float = 60.0) -> RadosGW:
 
     try:
         monmap = workdir / "monmap"
-        _run(["monmaptool", "--create", "--clobber", "--fsid", fsid, "--addv", "a",
-              f"[v2:127.0.0.1:{mon_v2},v1:127.0.0.1:{mon_v1}]", str(monmap)],
-             None, workdir, left())
+        _run(
+            [
+                "monmaptool",
+                "--create",
+                "--clobber",
+                "--fsid",
+                fsid,
+                "--addv",
+                "a",
+                f"[v2:127.0.0.1:{mon_v2},v1:127.0.0.1:{mon_v1}]",
+                str(monmap),
+            ],
+            None,
+            workdir,
+            left(),
+        )
         _run(["ceph-mon", "--mkfs", "-i", "a", "--monmap", str(monmap)], conf, workdir, left())
         gw._procs["mon"] = gw._spawn("mon", ["ceph-mon", "-i", "a"])
 
@@ -289,8 +301,13 @@ def start_radosgw(workdir: Path, timeout: float = 60.0) -> RadosGW:
         # Python CLI costs ~0.3 s. It also waits for the new mon to take connections.
         osd_uuid = str(uuid.uuid4())
         commands = [f"osd new {osd_uuid} 0", *(f"osd pool create {p} 1 1" for p in _RGW_POOLS)]
-        out = _run(["ceph", "--connect-timeout", str(int(left()))], conf, workdir, left(),
-                   stdin="\n".join(commands) + "\n")
+        out = _run(
+            ["ceph", "--connect-timeout", str(int(left()))],
+            conf,
+            workdir,
+            left(),
+            stdin="\n".join(commands) + "\n",
+        )
         if "Error" in out:
             raise RuntimeError(f"ceph mon commands failed:\n{out}")
 
@@ -301,10 +318,24 @@ def start_radosgw(workdir: Path, timeout: float = 60.0) -> RadosGW:
         # radosgw-admin writes the user straight into the pools, so it can run while
         # radosgw starts; both wait for the OSD to boot and the PGs to go active.
         gw._procs["rgw"] = gw._spawn("rgw", ["radosgw", "-n", "client.rgw"])
-        _run(["radosgw-admin", "user", "create", "--uid", "lorafleet",
-              "--display-name", "lorafleet tests",
-              "--access-key", gw.access_key_id, "--secret", gw.secret_access_key],
-             conf, workdir, left())
+        _run(
+            [
+                "radosgw-admin",
+                "user",
+                "create",
+                "--uid",
+                "lorafleet",
+                "--display-name",
+                "lorafleet tests",
+                "--access-key",
+                gw.access_key_id,
+                "--secret",
+                gw.secret_access_key,
+            ],
+            conf,
+            workdir,
+            left(),
+        )
 
         gw._wait_http(left())
         s3 = gw.client()
@@ -393,13 +424,15 @@ rgw cache enabled = false
 """
 
 
-def _run(argv: list[str], conf: Path | None, workdir: Path, timeout: float,
-         stdin: str | None = None) -> str:
+def _run(
+    argv: list[str], conf: Path | None, workdir: Path, timeout: float, stdin: str | None = None
+) -> str:
     if conf is not None:
         argv = [argv[0], "-c", str(conf), *argv[1:]]
     try:
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                              timeout=timeout, cwd=workdir)
+        done = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=workdir
+        )
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{' '.join(argv)} timed out after {timeout:.0f} s") from exc
     if done.returncode != 0:
@@ -450,10 +483,8 @@ def _kill_leftovers(workdir: Path) -> None:
         if conf in argv and os.path.basename(argv[0].decode(errors="replace")) in _DAEMONS:
             pids.append(int(entry.name))
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     # Their ports and store files must be released before the folder is reused.
     deadline = time.monotonic() + 10
     while pids and time.monotonic() < deadline:
@@ -505,12 +536,20 @@ def _self_check() -> None:
             upload = s3.create_multipart_upload(Bucket="proof", Key="big.bin")
             parts = []
             for number, offset in enumerate(range(0, len(payload), part), start=1):
-                resp = s3.upload_part(Bucket="proof", Key="big.bin", UploadId=upload["UploadId"],
-                                      PartNumber=number, Body=payload[offset:offset + part])
+                resp = s3.upload_part(
+                    Bucket="proof",
+                    Key="big.bin",
+                    UploadId=upload["UploadId"],
+                    PartNumber=number,
+                    Body=payload[offset : offset + part],
+                )
                 parts.append({"PartNumber": number, "ETag": resp["ETag"]})
-            done = s3.complete_multipart_upload(Bucket="proof", Key="big.bin",
-                                                UploadId=upload["UploadId"],
-                                                MultipartUpload={"Parts": parts})
+            done = s3.complete_multipart_upload(
+                Bucket="proof",
+                Key="big.bin",
+                UploadId=upload["UploadId"],
+                MultipartUpload={"Parts": parts},
+            )
             assert s3.get_object(Bucket="proof", Key="big.bin")["Body"].read() == payload
             timed("multipart 12 MiB up + down", t)
             # Ceph 16.2 leaves <ETag> empty in the CompleteMultipartUpload answer
@@ -520,7 +559,8 @@ def _self_check() -> None:
             print(f"multipart ETag: complete answer {done.get('ETag')!r}, HEAD {etag!r}")
 
             url = s3.generate_presigned_url(
-                "get_object", Params={"Bucket": "proof", "Key": "hello.txt"}, ExpiresIn=60)
+                "get_object", Params={"Bucket": "proof", "Key": "hello.txt"}, ExpiresIn=60
+            )
             with urllib.request.urlopen(url, timeout=10) as resp:
                 assert resp.read() == b"hello radosgw"
             try:

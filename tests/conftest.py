@@ -1,0 +1,91 @@
+"""Shared fixtures: one tiny base model, one Ray cluster, one radosgw, one PostgreSQL per session.
+
+With CI=true a missing service is a failure; elsewhere the tests that need it skip and say
+what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import postgres as postgres_service
+from tests.services import radosgw as radosgw_service
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(missing: str | None) -> None:
+    """Fails in CI, skips elsewhere, when a service this test needs cannot run here."""
+    if missing is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide this: {missing}")
+    pytest.skip(missing)
+
+
+def wait_for_condition(
+    condition: Callable[[], bool], timeout: float = 60, interval: float = 0.2, what: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.tiny_base import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def radosgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[radosgw_service.RadosGW]:
+    require(radosgw_service.missing())
+    server = radosgw_service.start_radosgw(tmp_path_factory.mktemp("radosgw"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(radosgw: radosgw_service.RadosGW) -> str:
+    """A fresh bucket per test, so tests never see each other's objects."""
+    name = f"test-{secrets.token_hex(6)}"
+    radosgw.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[postgres_service.Postgres]:
+    require(postgres_service.missing())
+    server = postgres_service.start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lorafleet.db'}"
+    server: postgres_service.Postgres = request.getfixturevalue("postgres")
+    return server.create_database(f"t_{secrets.token_hex(6)}")
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """One local Ray cluster for the session; servers under test join it by address."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="lorafleet", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
