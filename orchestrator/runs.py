@@ -36,7 +36,7 @@ class RayRuns:
                 os.cpu_count() or 1,
                 self.settings.default_num_workers * self.settings.max_concurrent_runs,
             )
-            ray.init(num_cpus=cpus, include_dashboard=False, **options)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
 
     def gpu_available(self) -> bool:
         return float(ray.cluster_resources().get("GPU", 0)) > 0

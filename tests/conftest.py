@@ -86,6 +86,12 @@ def ray_address() -> Iterator[str]:
     """One local Ray cluster for the session; servers under test join it by address."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="lorafleet", log_to_driver=False)
+    ray.init(
+        address="local",  # always a new cluster, never one found running on the machine
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="lorafleet",
+        log_to_driver=False,
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

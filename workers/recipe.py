@@ -74,7 +74,7 @@ class LoRAFinetuneRecipe:
         deepspeed.init_distributed(dist_backend="nccl" if self.spec.use_gpu else "gloo")
         self.dtype = torch.bfloat16 if self.spec.precision == "bf16" else torch.float32
         self.base_path = resolve_base_model(
-            self.job.base_model, self.spec.model_cache_dir, self.spec.object_store
+            self.job.base_model_uri, self.spec.model_cache_dir, self.spec.object_store
         )
 
     def _setup_data(self) -> None:

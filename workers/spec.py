@@ -33,7 +33,8 @@ class JobSpec:
     job_id: str
     tenant: str
     attempt: int
-    base_model: str  # local folder or s3:// URI of a Hugging Face model + tokenizer
+    base_model: str  # the catalog name, written into adapter_config.json
+    base_model_uri: str  # local folder or s3:// URI of a Hugging Face model + tokenizer
     training_file_key: str
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)

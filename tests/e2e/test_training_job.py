@@ -1,0 +1,196 @@
+"""End to end over HTTP: REST → scheduler → Ray Train (2 workers) → DeepSpeed ZeRO-3 →
+PEFT adapter in S3 (radosgw) → downloaded, loaded with peft, and it changes the model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import wait_for_condition
+from tests.e2e.conftest import LorafleetServer
+
+pytestmark = pytest.mark.slow
+
+DATA = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(6) for b in range(4)]
+
+
+def upload(client: httpx.Client, records: list[dict[str, Any]]) -> str:
+    body = "\n".join(json.dumps(r) for r in records).encode()
+    response = client.post(
+        "/v1/files", files={"file": ("add.jsonl", body)}, data={"purpose": "fine-tune"}
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def submit(client: httpx.Client, **fields: Any) -> dict[str, Any]:
+    response = client.post("/v1/fine_tuning/jobs", json=fields)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_a_job_trains_a_real_adapter_end_to_end(
+    server: LorafleetServer, tiny_base: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base_before = folder_digest(tiny_base)
+    with server.client() as client:
+        submitted_at = time.monotonic()
+        job = submit(
+            client,
+            model="tiny-llama",
+            training_file=upload(client, DATA),
+            suffix="add",
+            seed=3,
+            hyperparameters={"n_epochs": 2, "batch_size": 4},
+            lora={"r": 4, "alpha": 8, "target_modules": "all-linear"},
+            training={"learning_rate": 1e-2, "max_seq_len": 32},
+            resources={"num_workers": 2},
+        )
+        job = server.wait_until_terminal(client, job["id"])
+        wall = time.monotonic() - submitted_at
+        assert job["status"] == "succeeded", job
+        assert job["fine_tuned_model"] == f"ft:tiny-llama:add:{job['id']}"
+        assert job["trained_tokens"] > 0
+
+        events = server.all_events(client, job["id"])
+        statuses = [e["data"]["status"] for e in events if e["data"] and "status" in e["data"]]
+        assert statuses == ["validating_files", "queued", "running", "succeeded"]
+        metrics = [e["data"] for e in events if e["type"] == "metrics"]
+        total = metrics[0]["total_steps"]
+        assert total == 2 * len(DATA) // 4
+        assert [m["step"] for m in metrics] == list(range(1, total + 1))
+        assert all(m["train_loss"] > 0 and m["tokens_per_second"] > 0 for m in metrics)
+        assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+        training_s = sum(m["step_seconds"] for m in metrics)
+        print(f"\nsubmit→succeeded {wall:.1f} s; training steps {training_s:.2f} s")
+
+        # ZeRO-3: each of the 2 ranks holds about half of every frozen base weight.
+        [partitioning] = [e["data"]["partitioning"] for e in events if "partitioning" in (e["data"] or {})]
+        assert sorted(p["rank"] for p in partitioning) == [0, 1]
+        for rank in partitioning:
+            assert 0.45 <= rank["min_fraction"] <= rank["max_fraction"] <= 0.55, rank
+            assert rank["base_params_requiring_grad"] == 0
+
+        archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
+        assert archive.status_code == 200
+        assert archive.headers["content-type"] == "application/gzip"
+    adapter = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        tar.extractall(adapter, filter="data")
+
+    # The manifest matches the downloaded files and the objects in S3 themselves.
+    manifest = json.loads((adapter / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"adapter_config.json", "adapter_model.safetensors"}
+    s3 = server.s3.client()
+    for name, entry in manifest.items():
+        local = (adapter / name).read_bytes()
+        stored = s3.get_object(
+            Bucket=server.bucket, Key=f"lorafleet/adapters/default/{job['id']}/{name}"
+        )["Body"].read()
+        for data in (local, stored):
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+            assert len(data) == entry["size"]
+
+    # Only LoRA factors of linear layers, none empty (ZeRO-3 shards were gathered).
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all(("lora_A" in k or "lora_B" in k) for k in tensors)
+    assert not any("lm_head" in k or "embed" in k for k in tensors)
+    for key, tensor in tensors.items():
+        assert tensor.numel() > 0, key
+        assert (tensor.shape[0] if "lora_A" in key else tensor.shape[1]) == 4
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, "tiny-llama")
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    inputs = torch.tensor([[0, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        base_logits = base(inputs).logits
+        tuned = PeftModel.from_pretrained(base, adapter)
+        tuned_logits = tuned(inputs).logits
+        merged_logits = tuned.merge_and_unload()(inputs).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-3
+    assert torch.allclose(merged_logits, tuned_logits, atol=1e-4)
+    assert folder_digest(tiny_base) == base_before
+
+
+def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> None:
+    import ray
+
+    with server.client() as client:
+        job = submit(
+            client,
+            model="tiny-llama-s3",  # loaded from S3 by the workers
+            training_file=upload(client, DATA),
+            hyperparameters={"n_epochs": 100, "batch_size": 4},
+            resources={"num_workers": 2},
+        )
+        job_id = job["id"]
+
+        def training() -> bool:
+            page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+            return any(e["type"] == "metrics" for e in page)
+
+        wait_for_condition(training, timeout=300, interval=0.5, what="the first training step")
+        cancelling = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+        assert cancelling.status_code == 200
+        assert cancelling.json()["status"] in ("cancelling", "cancelled")
+        job = server.wait_until_terminal(client, job_id, timeout=120)
+        assert job["status"] == "cancelled"
+
+        # The run is gone from Ray and gave its CPUs back.
+        with pytest.raises(ValueError):
+            ray.get_actor(f"lorafleet-run-{job_id}", namespace="lorafleet")
+        wait_for_condition(
+            lambda: ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"],
+            timeout=60,
+            what="the run's CPUs to be released",
+        )
+        events = server.all_events(client, job_id)
+        steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+        assert steps and max(steps) < 100 * len(DATA) // 4
+        time.sleep(1)
+        assert server.all_events(client, job_id) == events  # nothing more happens
+
+        # A terminal job never changes again; no adapter was published.
+        again = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+        assert again.status_code == 409
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json() == job
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter").status_code == 409
+    listed = server.s3.client().list_objects_v2(
+        Bucket=server.bucket, Prefix=f"lorafleet/adapters/default/{job_id}/"
+    )
+    assert listed.get("KeyCount", 0) == 0
+
+
+def test_a_training_error_fails_only_that_job_with_its_reason(server: LorafleetServer) -> None:
+    with server.client() as client:
+        job = submit(
+            client,
+            model="tiny-llama",
+            training_file=upload(client, DATA[:4]),
+            lora={"target_modules": ["no_such_proj"]},
+            resources={"num_workers": 2},
+        )
+        job = server.wait_until_terminal(client, job["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "training_error"
+    assert "no_such_proj" in job["error"]["message"]
+    assert job["fine_tuned_model"] is None
