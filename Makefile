@@ -1,0 +1,47 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Each installs what it needs
+# into .venv first (torch pinned to its CPU build first; see STACK notes in README).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
+# Debian packages of the real services the tests start (S3: Ceph radosgw; PostgreSQL).
+SYSTEM_PACKAGES := ceph-mon ceph-osd radosgw postgresql
+
+.PHONY: install system-packages demo test test-quick lint
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	# torch first and pinned: anything unpinned pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	# deepspeed builds against the torch above, so no build isolation.
+	$(BIN)/pip install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# As root with apt, installs the services the tests use; elsewhere those tests skip and
+# say what to install (with CI=true they fail instead).
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+		fi; \
+	else echo "not root or no apt-get: tests needing $(SYSTEM_PACKAGES) will skip"; fi
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo
+
+test: $(STAMP) system-packages
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator workers api tests bench
+	$(BIN)/mypy
