@@ -138,7 +138,10 @@ def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, 
         after = tuned(**inputs).logits
         adapted = tuned.generate(**inputs, max_new_tokens=8, do_sample=False)
     n = inputs["input_ids"].shape[1]
-    decode = lambda ids: tokenizer.decode(ids[0, n:], skip_special_tokens=True)  # noqa: E731
+
+    def decode(ids: torch.Tensor) -> str:
+        return str(tokenizer.decode(ids[0, n:], skip_special_tokens=True))
+
     return float((after - before).abs().mean()), decode(plain), decode(adapted)
 
 
@@ -165,7 +168,7 @@ def run_demo(folder: Path, port: int) -> None:
                     "/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"}
                 )
                 upload.raise_for_status()
-                job = client.post(
+                created = client.post(
                     "/v1/fine_tuning/jobs",
                     json={
                         "model": BASE_NAME,
@@ -180,11 +183,18 @@ def run_demo(folder: Path, port: int) -> None:
                         "training": {"learning_rate": 5e-3, "max_seq_len": 64},
                     },
                 )
-                job.raise_for_status()
-                job_ids[name.removesuffix(".jsonl")] = job.json()["id"]
+                created.raise_for_status()
+                job_ids[name.removesuffix(".jsonl")] = created.json()["id"]
             console.print(f"Submitted {len(job_ids)} jobs: {', '.join(job_ids.values())}")
             finished = _follow(client, job_ids)
-            table = Table("job", "status", "fine-tuned model", "adapter folder", "mean |Δ logit|", "base → adapted")
+            table = Table(
+                "job",
+                "status",
+                "fine-tuned model",
+                "adapter folder",
+                "mean |Δ logit|",
+                "base → adapted",
+            )
             prompts = {"shout": "<|user|>\nsay river green<|end|>\n<|assistant|>\n", "add": "3+4="}
             for name, job_id in job_ids.items():
                 job = finished[job_id]
@@ -194,7 +204,11 @@ def run_demo(folder: Path, port: int) -> None:
                 adapter = _download(client, job_id, folder / "adapters" / job_id)
                 change, before, after = _output_change(base, adapter, prompts[name])
                 table.add_row(
-                    name, "succeeded", job["fine_tuned_model"], str(adapter), f"{change:.4f}",
+                    name,
+                    "succeeded",
+                    job["fine_tuned_model"],
+                    str(adapter),
+                    f"{change:.4f}",
                     f"{before!r} → {after!r}",
                 )
             console.print(table)

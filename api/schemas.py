@@ -67,7 +67,9 @@ class TrainingOptions(Strict):
 
 class ResourceOptions(Strict):
     num_workers: int | None = Field(default=None, ge=1, le=1024)
-    use_gpu: bool | None = Field(default=None, description="Unset: use GPUs if the cluster has them.")
+    use_gpu: bool | None = Field(
+        default=None, description="Unset: use GPUs if the cluster has them."
+    )
 
 
 class FineTuningJobCreate(Strict):
@@ -76,9 +78,9 @@ class FineTuningJobCreate(Strict):
     validation_file: str | None = Field(default=None, max_length=64)
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(default=None, max_length=16)
-    )
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(default=None, max_length=16)
     method: Method | None = None
     hyperparameters: Hyperparameters | None = Field(
         default=None, description="Deprecated by OpenAI in favour of method; still accepted."

@@ -117,9 +117,7 @@ def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:
     job = store.get_job(tenant, job_id)
     status = JobStatus(job.status)
     if status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
-        return store.transition(
-            job_id, JobStatus.CANCELLED, "Job cancelled", finished_at=now()
-        )
+        return store.transition(job_id, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
     if status == JobStatus.RUNNING:
         return store.transition(job_id, JobStatus.CANCELLING, "Cancellation requested")
     if status == JobStatus.CANCELLING:

@@ -101,7 +101,9 @@ class JobStore:
             rows = list(session.scalars(query))
         if metadata:
             rows = [
-                r for r in rows if all((r.user_metadata or {}).get(k) == v for k, v in metadata.items())
+                r
+                for r in rows
+                if all((r.user_metadata or {}).get(k) == v for k, v in metadata.items())
             ]
         return rows[:limit], len(rows) > limit
 
@@ -149,7 +151,12 @@ class JobStore:
             return row
 
     def record_run_events(
-        self, job_id: str, attempt: int, events: Sequence[dict[str, Any]], cursor: int, **values: Any
+        self,
+        job_id: str,
+        attempt: int,
+        events: Sequence[dict[str, Any]],
+        cursor: int,
+        **values: Any,
     ) -> bool:
         """Stores a run's new events and moves the job's cursor, fenced by attempt.
 

@@ -1,4 +1,4 @@
-"""Finding a base model's folder: a local path as it is, an s3:// URI downloaded once into a cache."""
+"""Finding a base model's folder: a local path as it is; an s3:// URI downloaded once, cached."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ class LocalObjectStore:
             raise ValueError(f"object key escapes the store: {key!r}")
         return path
 
-    def _write_atomically(self, key: str, write: Callable[[Path], None]) -> None:
+    def _write_atomically(self, key: str, write: Callable[[Path], object]) -> None:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".partial-")
@@ -184,9 +184,7 @@ class S3ObjectStore:
     def put_file(self, key: str, path: Path) -> None:
         # upload_file switches to multipart for large files; S3 only exposes the object
         # once the whole upload completes, so readers never see part of it.
-        self._with_backoff(
-            lambda: self.client.upload_file(str(path), self.bucket, self._key(key))
-        )
+        self._with_backoff(lambda: self.client.upload_file(str(path), self.bucket, self._key(key)))
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError

@@ -118,15 +118,17 @@ class LoRAFinetuneRecipe:
         base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
         base.requires_grad_(False)
         lora = self.job.lora
-        target = lora.target_modules if isinstance(lora.target_modules, str) else list(
+        target = (
             lora.target_modules
+            if isinstance(lora.target_modules, str)
+            else list(lora.target_modules)
         )
         torch.manual_seed(self.job.training.seed)  # A's initialisation depends on it
         self.model = get_peft_model(
             base,
             LoraConfig(
                 r=lora.r,
-                lora_alpha=lora.alpha,
+                lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
                 lora_dropout=lora.dropout,
                 target_modules=target,
                 bias="none",
@@ -184,8 +186,7 @@ class LoRAFinetuneRecipe:
             started = time.perf_counter()
             shard = [self.examples[i] for i in rank_share(batch, self.rank, self.world_size)]
             inputs = {
-                k: v.to(self.device)
-                for k, v in collate(shard, self.tokenizer.pad_token_id).items()
+                k: v.to(self.device) for k, v in collate(shard, self.tokenizer.pad_token_id).items()
             }
             loss = self.engine(**inputs).loss
             self.engine.backward(loss)

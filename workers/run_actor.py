@@ -37,7 +37,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     return seen
 
 
-@ray.remote(num_cpus=0, max_concurrency=8)
+@ray.remote(num_cpus=0, max_concurrency=8)  # type: ignore[call-overload]
 class RunActor:
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec

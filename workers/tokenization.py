@@ -54,7 +54,9 @@ def _chat_pieces(segments: tuple[Segment, ...], tokenizer: Any) -> list[tuple[st
                 rendered = header
         full = render(i + 1)
         if not full.startswith(rendered):
-            raise ValueError("the tokenizer's chat template does not render conversations as prefixes")
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations as prefixes"
+            )
         pieces.append((full[len(rendered) :], segment.trained))
         rendered = full
     return pieces

@@ -13,7 +13,13 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.deps import Services, ServicesDep, TenantDep
 from api.objects import event_object, job_object
-from api.schemas import ErrorResponse, FineTuningJob, FineTuningJobCreate, FineTuningJobEvent, ListPage
+from api.schemas import (
+    ErrorResponse,
+    FineTuningJob,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    ListPage,
+)
 from orchestrator.errors import Conflict
 from orchestrator.jobs import NewJob, cancel_job, create_job
 from orchestrator.states import JobStatus
@@ -46,7 +52,9 @@ def create(services: ServicesDep, tenant: TenantDep, body: FineTuningJobCreate) 
         metadata=body.metadata,
         n_epochs=hyperparameters.n_epochs if hyperparameters else None,
         batch_size=hyperparameters.batch_size if hyperparameters else None,
-        learning_rate_multiplier=hyperparameters.learning_rate_multiplier if hyperparameters else None,
+        learning_rate_multiplier=hyperparameters.learning_rate_multiplier
+        if hyperparameters
+        else None,
         lora=body.lora.model_dump(),
         training=training,
         resources=body.resources.model_dump(exclude_none=True),

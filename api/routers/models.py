@@ -13,7 +13,10 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _models(services: ServicesDep, tenant: str) -> list[ModelObject]:
-    models = [ModelObject(id=name, created=0, owned_by="lorafleet") for name in sorted(services.settings.base_models)]
+    models = [
+        ModelObject(id=name, created=0, owned_by="lorafleet")
+        for name in sorted(services.settings.base_models)
+    ]
     for job in services.store.jobs_with_status([JobStatus.SUCCEEDED]):
         if job.tenant == tenant and job.fine_tuned_model:
             models.append(
@@ -27,7 +30,9 @@ def list_models(services: ServicesDep, tenant: TenantDep) -> ListPage[ModelObjec
     return ListPage[ModelObject](data=_models(services, tenant))
 
 
-@router.get("/{model_id:path}", response_model=ModelObject, responses={404: {"model": ErrorResponse}})
+@router.get(
+    "/{model_id:path}", response_model=ModelObject, responses={404: {"model": ErrorResponse}}
+)
 def retrieve_model(services: ServicesDep, tenant: TenantDep, model_id: str) -> ModelObject:
     for model in _models(services, tenant):
         if model.id == model_id:

@@ -72,7 +72,9 @@ class LorafleetServer:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
 
-    def wait_until_terminal(self, client: httpx.Client, job_id: str, timeout: float = 400) -> dict[str, Any]:
+    def wait_until_terminal(
+        self, client: httpx.Client, job_id: str, timeout: float = 400
+    ) -> dict[str, Any]:
         job: dict[str, Any] = {}
 
         def terminal() -> bool:

@@ -82,7 +82,9 @@ def test_a_job_trains_a_real_adapter_end_to_end(
         print(f"\nsubmit→succeeded {wall:.1f} s; training steps {training_s:.2f} s")
 
         # ZeRO-3: each of the 2 ranks holds about half of every frozen base weight.
-        [partitioning] = [e["data"]["partitioning"] for e in events if "partitioning" in (e["data"] or {})]
+        [partitioning] = [
+            e["data"]["partitioning"] for e in events if "partitioning" in (e["data"] or {})
+        ]
         assert sorted(p["rank"] for p in partitioning) == [0, 1]
         for rank in partitioning:
             assert 0.45 <= rank["min_fraction"] <= rank["max_fraction"] <= 0.55, rank
@@ -117,7 +119,11 @@ def test_a_job_trains_a_real_adapter_end_to_end(
         assert (tensor.shape[0] if "lora_A" in key else tensor.shape[1]) == 4
     assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, "tiny-llama")
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (
+        4,
+        8,
+        "tiny-llama",
+    )
 
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
     inputs = torch.tensor([[0, 10, 20, 30, 40, 50]])

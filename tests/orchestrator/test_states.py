@@ -37,4 +37,5 @@ def test_infrastructure_failure_requeues_a_running_job() -> None:
 
 def test_readme_state_diagram_is_generated_from_the_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert mermaid_diagram() in readme, "regenerate with: python -c 'from orchestrator.states import mermaid_diagram; print(mermaid_diagram())'"
+    regenerate = "python -c 'from orchestrator.states import *; print(mermaid_diagram())'"
+    assert mermaid_diagram() in readme, f"update the README's diagram: {regenerate}"

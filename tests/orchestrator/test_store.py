@@ -137,9 +137,7 @@ def test_jobs_page_newest_first_and_stay_within_their_tenant(store: JobStore) ->
 
 def test_run_events_are_stored_in_order_with_the_cursor(store: JobStore) -> None:
     job = add_job(store)
-    events = [
-        {"type": "metrics", "message": f"step {i}", "data": {"step": i}} for i in range(1, 4)
-    ]
+    events = [{"type": "metrics", "message": f"step {i}", "data": {"step": i}} for i in range(1, 4)]
     assert store.record_run_events(job.id, 0, events, cursor=3, trained_tokens=42)
     row = store.job(job.id)
     assert (row.event_cursor, row.trained_tokens) == (3, 42)

@@ -35,9 +35,15 @@ def test_each_format_is_recognised_and_marks_what_is_trained() -> None:
         (b'{"text": "ok"}\n{"text": "ok"\n', "line 2: line: is not valid JSON"),
         (jsonl({"prompt": "p"}), "line 1: completion: is missing"),
         (jsonl({"messages": [{"role": "bot", "content": "x"}]}), "line 1: messages[0].role"),
-        (jsonl({"messages": [{"role": "user", "content": "x"}]}), "needs at least one non-empty assistant"),
+        (
+            jsonl({"messages": [{"role": "user", "content": "x"}]}),
+            "needs at least one non-empty assistant",
+        ),
         (jsonl({"text": 5}), "line 1: text: must be a string, not int"),
-        (jsonl({"text": "a"}, {"prompt": "p", "completion": "c"}), "line 2: line: is prompt_completion but line 1 is text"),
+        (
+            jsonl({"text": "a"}, {"prompt": "p", "completion": "c"}),
+            "line 2: line: is prompt_completion but line 1 is text",
+        ),
         (jsonl({"foo": 1}), "needs one of: messages, prompt/completion, text"),
         (b"\n\n", "line 1: file: has no examples"),
         (b'{"text": "\xff"}', "line 1: line: is not valid UTF-8"),

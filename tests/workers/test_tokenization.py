@@ -15,7 +15,11 @@ def tokenizer(tiny_base: Path):  # type: ignore[no-untyped-def]
 
 
 def trained_text(tokenizer, example) -> str:  # type: ignore[no-untyped-def]
-    ids = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    ids = [
+        i
+        for i, label in zip(example.input_ids, example.labels, strict=True)
+        if label != IGNORE_INDEX
+    ]
     return tokenizer.decode(ids)
 
 
