@@ -40,6 +40,7 @@ class NewJob:
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
+    packing: bool = True
 
 
 def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any]:
@@ -69,6 +70,7 @@ def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any
             "num_workers": request.resources.get("num_workers") or default_num_workers,
             "use_gpu": request.resources.get("use_gpu"),  # None: use a GPU if the cluster has one
         },
+        "packing": request.packing,
     }
 
 
@@ -129,12 +131,11 @@ def fine_tuned_model_name(job: JobRow) -> str:
     return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
 
 
-def run_spec_for(job: JobRow, settings: Settings, use_gpu: bool) -> RunSpec:
-    """The run that trains one job (one job per run until packing)."""
+def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
     lora = dict(job.settings["lora"])
     if not isinstance(lora["target_modules"], str):
         lora["target_modules"] = tuple(lora["target_modules"])
-    spec = JobSpec(
+    return JobSpec(
         job_id=job.id,
         tenant=job.tenant,
         attempt=job.attempt,
@@ -144,11 +145,15 @@ def run_spec_for(job: JobRow, settings: Settings, use_gpu: bool) -> RunSpec:
         lora=LoraSettings(**lora),
         training=TrainingSettings(**job.settings["training"], seed=job.seed),
     )
+
+
+def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: bool) -> RunSpec:
+    """The run that trains a pack of jobs (which share base model and run shape)."""
     assert settings.model_cache_dir is not None
     return RunSpec(
-        run_id=job.id,
-        jobs=(spec,),
-        num_workers=job.settings["resources"]["num_workers"],
+        run_id=run_id,
+        jobs=tuple(job_spec_for(job, settings) for job in jobs),
+        num_workers=jobs[0].settings["resources"]["num_workers"],
         use_gpu=use_gpu,
         object_store=settings.object_store_config,
         model_cache_dir=Path(settings.model_cache_dir).resolve(),

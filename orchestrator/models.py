@@ -49,6 +49,8 @@ class JobRow(Base):
     # The job's full, validated settings (hyperparameters, lora, training, resources).
     settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    # The run (a pack of jobs on Ray) of the job's current attempt.
+    run_id: Mapped[str | None] = mapped_column(String(64), index=True)
     # How many of its run's events were already stored: a restarted scheduler resumes here.
     event_cursor: Mapped[int] = mapped_column(Integer, default=0)
 

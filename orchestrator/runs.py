@@ -1,4 +1,4 @@
-"""Training runs on Ray, as the scheduler sees them: launch, poll, stop, release.
+"""Training runs on Ray, as the scheduler sees them: launch, poll, stop, reap.
 
 Each run is a detached actor named `lorafleet-run-{run_id}`; nothing here is kept in
 memory, so a restarted scheduler finds every run again by name.
@@ -12,10 +12,11 @@ from typing import Any
 import ray
 
 from orchestrator.settings import Settings
-from workers.run_actor import NAMESPACE, RunActor, run_actor_name
+from workers.run_actor import NAMESPACE, STOP_ALL, RunActor, run_actor_name
 from workers.spec import RunSpec
 
 POLL_TIMEOUT_S = 30
+RUN_PREFIX = run_actor_name("")
 
 
 class RayRuns:
@@ -48,31 +49,44 @@ class RayRuns:
             return None
 
     def launch(self, spec: RunSpec) -> None:
-        stale = self._actor(spec.run_id)
-        if stale is not None:  # left by an earlier attempt that was given up on
-            ray.kill(stale)
         actor = RunActor.options(  # type: ignore[attr-defined]
             name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached"
         ).remote(spec)
         ray.get(actor.start.remote(), timeout=POLL_TIMEOUT_S)
 
-    def poll(self, run_id: str, cursor: int) -> dict[str, Any] | None:
-        """The run's state and new events, or None if the run no longer exists on Ray."""
+    def poll(self, run_id: str, job_id: str, cursor: int) -> dict[str, Any] | None:
+        """A job's state and new events in its run, or None if the run no longer exists."""
         actor = self._actor(run_id)
         if actor is None:
             return None
         try:
-            result: dict[str, Any] = ray.get(actor.poll.remote(cursor), timeout=POLL_TIMEOUT_S)
+            result: dict[str, Any] = ray.get(
+                actor.poll.remote(job_id, cursor), timeout=POLL_TIMEOUT_S
+            )
         except ray.exceptions.RayActorError:
             return None
         return result
 
-    def stop(self, run_id: str) -> None:
+    def stop(self, run_id: str, job_id: str = STOP_ALL) -> None:
         actor = self._actor(run_id)
         if actor is not None:
-            actor.stop.remote()
+            actor.stop.remote(job_id)
 
-    def release(self, run_id: str) -> None:
-        actor = self._actor(run_id)
-        if actor is not None:
-            ray.kill(actor)
+    def reap(self, live_run_ids: set[str]) -> list[str]:
+        """Removes run actors no live job needs once their fit() has returned."""
+        reaped = []
+        for name in ray.util.list_named_actors():
+            if not name.startswith(RUN_PREFIX):
+                continue
+            run_id = name.removeprefix(RUN_PREFIX)
+            actor = self._actor(run_id)
+            if run_id in live_run_ids or actor is None:
+                continue
+            try:
+                finished = ray.get(actor.finished.remote(), timeout=POLL_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                finished = True
+            if finished:
+                ray.kill(actor)
+                reaped.append(run_id)
+        return reaped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from orchestrator.errors import InvalidTransition
@@ -16,7 +17,8 @@ from orchestrator.models import JobRow
 from orchestrator.runs import RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
-from orchestrator.store import JobStore, now
+from orchestrator.packing import plan_packs
+from orchestrator.store import JobStore, new_id, now
 from workers.examples import DatasetError, parse_jsonl
 from workers.layout import file_key
 from workers.objectstore import ObjectNotFound, ObjectStore
@@ -73,36 +75,57 @@ class Scheduler:
 
     # ---- queued → running ----
     def _launch_queued(self) -> None:
-        active = len(self.store.jobs_with_status(ACTIVE_RUN_STATUSES))
-        free = self.settings.max_concurrent_runs - active
-        for job in self.store.jobs_with_status([JobStatus.QUEUED])[: max(0, free)]:
+        active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
+        packs = plan_packs(
+            self.store.jobs_with_status([JobStatus.QUEUED]),
+            max_pack_size=self.settings.max_pack_size,
+            free_runs=self.settings.max_concurrent_runs - len({j.run_id for j in active}),
+            now=time.time(),
+            window_s=self.settings.pack_window_seconds,
+        )
+        for pack in packs:
+            self._launch(pack)
+
+    def _launch(self, pack: list[JobRow]) -> None:
+        run_id = new_id("run")
+        started = []
+        for job in pack:
             try:
-                started = self.store.transition(
-                    job.id,
-                    JobStatus.RUNNING,
-                    f"Fine-tuning job started (attempt {job.attempt + 1})",
-                    expected_attempt=job.attempt,
-                    attempt=JobRow.attempt + 1,
-                    started_at=now(),
-                    event_cursor=0,
+                started.append(
+                    self.store.transition(
+                        job.id,
+                        JobStatus.RUNNING,
+                        f"Fine-tuning job started (attempt {job.attempt + 1}, run {run_id}, "
+                        f"{len(pack)} job(s) in the pack)",
+                        expected_attempt=job.attempt,
+                        attempt=JobRow.attempt + 1,
+                        run_id=run_id,
+                        started_at=now(),
+                        event_cursor=0,
+                    )
                 )
             except InvalidTransition:
                 continue  # cancelled meanwhile, or another scheduler took it
-            use_gpu = started.settings["resources"]["use_gpu"]
-            if use_gpu is None:
-                use_gpu = self.runs.gpu_available()
-            try:
-                self.runs.launch(run_spec_for(started, self.settings, use_gpu))
-            except Exception as exc:
-                log.exception("launching %s failed", job.id)
-                self._retry_or_fail(started, f"could not start the run: {exc}")
+        if not started:
+            return
+        use_gpu = started[0].settings["resources"]["use_gpu"]
+        if use_gpu is None:
+            use_gpu = self.runs.gpu_available()
+        try:
+            self.runs.launch(run_spec_for(run_id, started, self.settings, use_gpu))
+        except Exception as exc:
+            log.exception("launching run %s failed", run_id)
+            for job in started:
+                self._retry_or_fail(job, f"could not start the run: {exc}")
 
     # ---- running → terminal ----
     def _watch_runs(self) -> None:
-        for job in self.store.jobs_with_status(ACTIVE_RUN_STATUSES):
+        active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
+        for job in active:
+            assert job.run_id is not None
             if job.status == JobStatus.CANCELLING.value:
-                self.runs.stop(job.id)
-            polled = self.runs.poll(job.id, job.event_cursor)
+                self.runs.stop(job.run_id, job.id)
+            polled = self.runs.poll(job.run_id, job.id, job.event_cursor)
             if polled is None:
                 self._run_vanished(job)
                 continue
@@ -115,9 +138,8 @@ class Scheduler:
                 self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
             elif state == FAILED:
                 self._fail(job, "training_error", polled["error"] or "training failed")
-            else:
-                continue
-            self.runs.release(job.id)
+        live = {j.run_id for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if j.run_id}
+        self.runs.reap(live)
 
     def _store_events(self, job: JobRow, polled: dict[str, Any]) -> bool:
         values: dict[str, Any] = {}

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_concurrent_runs: int = Field(default=2, ge=1)
     default_num_workers: int = Field(default=2, ge=1)
+    max_pack_size: int = Field(default=8, ge=1, description="Most jobs trained in one run.")
+    pack_window_seconds: float = Field(
+        default=2.0, ge=0, description="How long a queued job waits for others to pack with."
+    )
     max_attempts: int = Field(default=3, ge=1, description="Runs per job before it fails.")
     scheduler_poll_seconds: float = Field(default=0.5, gt=0)
     # DeepSpeed keeps parameters smaller than this whole on every rank; 0 partitions all.

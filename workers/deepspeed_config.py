@@ -9,20 +9,20 @@ def build_deepspeed_config(
     *,
     micro_batch_per_rank: int,
     precision: str,
-    gradient_clip: float,
     param_persistence_threshold: int,
 ) -> dict[str, Any]:
     """ZeRO-3: the frozen base is partitioned across ranks and gathered layer by layer.
 
-    Gradient clipping is always set explicitly: DeepSpeed's default (1.0 over the global
-    norm) would silently clip runs that asked for none.
+    DeepSpeed gets no optimizer: the LoRA factors are each job's own (own optimizer, own
+    clipping). Its gradient clipping is set to 0 explicitly, because its default (1.0 over
+    the global norm) would couple the jobs of a pack.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     return {
         "train_micro_batch_size_per_gpu": micro_batch_per_rank,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": gradient_clip,
+        "gradient_clipping": 0.0,
         "bf16": {"enabled": precision == "bf16"},
         "zero_optimization": {
             "stage": 3,

@@ -1,16 +1,20 @@
-"""One LoRA fine-tuning run, as seen from one Ray Train worker (rank).
+"""One training run of a pack of 1..K jobs on one base model, as seen from one Ray Train worker.
 
-Lifecycle: setup (data, base model loaded already partitioned by ZeRO-3, LoRA factors,
-DeepSpeed engine) → train (one step per global batch; rank 0 reports metrics) → save
-(LoRA factors gathered from all ranks, written in PEFT format, published) → cleanup.
+Lifecycle: setup (each job's data; the base loaded already partitioned by ZeRO-3; the
+packed LoRA layers and one slot per job) → train (each step: one forward of every active
+job's micro-batch through the shared base, the sum of each job's own mean loss, gradients
+averaged across ranks, then each job's own clip/optimizer/schedule step; a job whose steps
+are done is published and leaves) → cleanup.
 
-    frozen W (partitioned across ranks) ──┐
-    x ──▶ W·x + (alpha/r)·B·A·x            │  only A and B train; B starts at zero
+The frozen base is DeepSpeed ZeRO-3's: partitioned across ranks and gathered layer by
+layer in forward and backward, once per step for all jobs. The LoRA factors are small and
+stay whole on every rank, outside DeepSpeed, so each job keeps an optimizer of its own.
 """
 
 from __future__ import annotations
 
 import math
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -18,45 +22,39 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from workers.base_models import resolve_base_model
-from workers.batching import micro_batch_per_rank, plan_batches, rank_share
 from workers.deepspeed_config import build_deepspeed_config
-from workers.examples import parse_jsonl
+from workers.job_slot import JobSlot, SlotState, load_job_slot
 from workers.objectstore import open_object_store
+from workers.packed_lora import (
+    Routing,
+    matching_linear_layers,
+    slot_parameters,
+    wrap_linear_layers,
+)
+from workers.peft_export import export_peft_adapter
 from workers.publish import publish_adapter
-from workers.spec import JobSpec, RunSpec
-from workers.tokenization import TokenizedExample, collate, tokenize_example
+from workers.spec import RunSpec
+from workers.tokenization import IGNORE_INDEX, collate
+
+DROPOUT_STREAM, INIT_STREAM = 1, 2
 
 
-class TrainingDataError(ValueError):
-    """The job's data cannot be trained on (for example: nothing left after truncation)."""
-
-
-def warmup_then_linear_decay(warmup_steps: int, total_steps: int):  # type: ignore[no-untyped-def]
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        remaining = max(1, total_steps - warmup_steps)
-        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
-
-    return factor
-
-
-class LoRAFinetuneRecipe:
+class PackTrainingRecipe:
     def __init__(self, spec: RunSpec, reporter: Any) -> None:
-        if len(spec.jobs) != 1:
-            raise ValueError("LoRAFinetuneRecipe trains exactly one job per run")
         self.spec = spec
-        self.job: JobSpec = spec.jobs[0]
         self.reporter = reporter  # the run's actor; only rank 0 talks to it
+        self.slots: list[JobSlot] = []
+        self.routing = Routing()
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         self._setup_distributed()
-        self._setup_data()
-        self._setup_model()
-        self._setup_engine()
+        self._setup_jobs()
+        self._setup_base()
+        self._setup_slots()
 
     def _setup_distributed(self) -> None:
         import deepspeed
@@ -73,43 +71,33 @@ class LoRAFinetuneRecipe:
         # Ray Train already created the process group; DeepSpeed adopts it as it is.
         deepspeed.init_distributed(dist_backend="nccl" if self.spec.use_gpu else "gloo")
         self.dtype = torch.bfloat16 if self.spec.precision == "bf16" else torch.float32
+        first = self.spec.jobs[0]
         self.base_path = resolve_base_model(
-            self.job.base_model_uri, self.spec.model_cache_dir, self.spec.object_store
+            first.base_model_uri, self.spec.model_cache_dir, self.spec.object_store
         )
 
-    def _setup_data(self) -> None:
+    def _setup_jobs(self) -> None:
+        """Loads every job's data; a job whose data fails leaves the pack, failed, alone."""
         from transformers import AutoTokenizer
 
-        training = self.job.training
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         store = open_object_store(self.spec.object_store)
-        examples = parse_jsonl(store.get_bytes(self.job.training_file_key))
-        tokenized = [tokenize_example(e, self.tokenizer, training.max_seq_len) for e in examples]
-        self.examples: list[TokenizedExample] = [t for t in tokenized if t.trained_tokens > 0]
-        if not self.examples:
-            raise TrainingDataError(
-                f"no example has a trained token within max_seq_len={training.max_seq_len}"
-            )
-        self.micro_batch = micro_batch_per_rank(training.batch_size, self.world_size)
-        self.batches = plan_batches(
-            len(self.examples),
-            self.micro_batch * self.world_size,
-            training.n_epochs,
-            training.seed,
-        )
-        self.total_steps = len(self.batches)
+        for job in sorted(self.spec.jobs, key=lambda j: j.job_id):
+            try:
+                self.slots.append(load_job_slot(job, store, self.tokenizer, self.world_size))
+            except Exception as exc:  # the data is the same on every rank: all agree
+                self._report_job_failure(job.job_id, exc)
 
-    def _setup_model(self) -> None:
-        from peft import LoraConfig, get_peft_model
+    def _setup_base(self) -> None:
+        import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
         self.ds_config = build_deepspeed_config(
-            micro_batch_per_rank=self.micro_batch,
+            micro_batch_per_rank=max((s.micro_batch for s in self.slots), default=1),
             precision=self.spec.precision,
-            gradient_clip=self.job.training.gradient_clip,
             param_persistence_threshold=self.spec.zero3_param_persistence_threshold,
         )
         # Kept alive on purpose: while it exists, from_pretrained loads under zero.Init, so
@@ -117,179 +105,208 @@ class LoRAFinetuneRecipe:
         self._hf_deepspeed_config = HfDeepSpeedConfig(self.ds_config)
         base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
         base.requires_grad_(False)
-        lora = self.job.lora
-        target = (
-            lora.target_modules
-            if isinstance(lora.target_modules, str)
-            else list(lora.target_modules)
-        )
-        torch.manual_seed(self.job.training.seed)  # A's initialisation depends on it
-        self.model = get_peft_model(
-            base,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
-                lora_dropout=lora.dropout,
-                target_modules=target,
-                bias="none",
-                task_type="CAUSAL_LM",
-            ),
-        )
-        # Users load the adapter by the catalog name, not by a worker's cache folder.
-        self.model.peft_config["default"].base_model_name_or_path = self.job.base_model
+        # No optimizer: DeepSpeed only partitions the frozen base and gathers it on use.
+        self.engine, *_ = deepspeed.initialize(model=base, config=self.ds_config)
+        self.model = self.engine.module
 
-    def _setup_engine(self) -> None:
-        import deepspeed
+    def _setup_slots(self) -> None:
+        """Wraps the union of the jobs' target layers; each job gets factors where it asked."""
+        wanted = {}
+        for slot in list(self.slots):
+            lora = slot.spec.lora
+            target = lora.target_modules
+            paths = matching_linear_layers(self.model, target if isinstance(target, str) else list(target))
+            if not paths:
+                self._fail_slot(slot, ValueError(f"target_modules {target!r} match no linear layer"))
+                continue
+            wanted[slot.job_id] = paths
+        layers = wrap_linear_layers(self.model, sorted({p for ps in wanted.values() for p in ps}), self.routing)
+        for slot in self.slots:
+            if slot.state is not SlotState.TRAINING:
+                continue
+            init = slot.generator(INIT_STREAM)
+            for path in wanted[slot.job_id]:
+                layers[path].add_slot(slot.config, init, self.device)
+            slot.setup_optimizer(slot_parameters(self.model, slot.job_id))
+            if slot.spec.lora.dropout > 0:
+                self.routing.generators[slot.job_id] = slot.generator(DROPOUT_STREAM, self.device)
+            self._report(
+                slot.job_id,
+                "message",
+                f"Training started: {slot.total_steps} steps on {self.world_size} workers "
+                f"({self.spec.precision}), {len(slot.examples)} examples, "
+                f"packed with {len(self.slots) - 1} other job(s)",
+                {"total_steps": slot.total_steps, "workers": self.world_size, "pack_size": len(self.slots)},
+            )
+        self.paths = wanted
 
-        training = self.job.training
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            trainable, lr=training.learning_rate, weight_decay=training.weight_decay
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_then_linear_decay(training.warmup_steps, self.total_steps)
-        )
-        self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
-        )
+    # ---- reporting ---------------------------------------------------------------------
+    def _report(self, job_id: str | None, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if self.rank == 0:
+            self.reporter.record.remote({"job_id": job_id, "type": kind, "message": message, "data": data})
+
+    def _report_job_failure(self, job_id: str, exc: BaseException) -> None:
+        self._report(job_id, "job_failed", f"Training failed: {type(exc).__name__}: {exc}", {"error": str(exc)})
+
+    def _fail_slot(self, slot: JobSlot, exc: BaseException) -> None:
+        slot.state = SlotState.FAILED
+        self._report_job_failure(slot.job_id, exc)
 
     # ---- train -------------------------------------------------------------------------
-    def _report(self, event: dict[str, Any]) -> None:
-        if self.rank == 0:
-            self.reporter.record.remote(event)
-
-    def _stop_requested(self) -> bool:
-        """Rank 0 asks the run's actor; every rank must agree, or collectives would hang."""
+    def _stop_requests(self) -> set[str]:
+        """Rank 0 asks the run's actor which jobs to stop; every rank must agree on it."""
         import ray
 
-        flag = torch.zeros(1, device=self.device)
-        if self.rank == 0:
-            flag[0] = float(ray.get(self.reporter.should_stop.remote()))
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        box: list[Any] = [sorted(ray.get(self.reporter.stop_requests.remote())) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return set(box[0])
 
-    def train(self) -> bool:
-        """Runs every step; returns False if the run was asked to stop first."""
-        self.engine.train()
-        self._report(
-            {
-                "type": "message",
-                "message": f"Training started: {self.total_steps} steps on {self.world_size} "
-                f"workers, {len(self.examples)} examples, {self.spec.precision}",
-                "data": {"total_steps": self.total_steps, "workers": self.world_size},
-            }
-        )
-        trained_tokens = 0
-        for step, batch in enumerate(self.batches, start=1):
-            if self._stop_requested():
-                return False
-            started = time.perf_counter()
-            shard = [self.examples[i] for i in rank_share(batch, self.rank, self.world_size)]
-            inputs = {
-                k: v.to(self.device) for k, v in collate(shard, self.tokenizer.pad_token_id).items()
-            }
-            loss = self.engine(**inputs).loss
-            self.engine.backward(loss)
-            self.engine.step()
-            totals = torch.tensor(
-                [loss.item(), float(inputs["attention_mask"].sum())], device=self.device
+    def active(self) -> list[JobSlot]:
+        return [s for s in self.slots if s.state is SlotState.TRAINING]
+
+    def train(self) -> None:
+        self.model.train()
+        self.step_seconds: list[float] = []
+        while True:
+            stop = self._stop_requests()
+            for slot in self.active():
+                if slot.job_id in stop or "*" in stop:
+                    slot.state = SlotState.CANCELLED
+                    self._report(slot.job_id, "job_cancelled", "Training stopped: job cancelled")
+            active = self.active()
+            if not active:
+                break
+            self._step(active)
+            for slot in active:
+                if slot.state is SlotState.TRAINING and slot.step == slot.total_steps:
+                    self._finish(slot)
+
+    def _step(self, active: list[JobSlot]) -> None:
+        started = time.perf_counter()
+        shards = [slot.next_micro_batch(self.rank, self.world_size) for slot in active]
+        self.routing.blocks = [(slot.job_id, len(shard)) for slot, shard in zip(active, shards, strict=True)]
+        batch = collate([e for shard in shards for e in shard], self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        # The module itself, not the engine: the engine's forward/backward are built around an
+        # optimizer it owns; ZeRO-3's gather/release hooks live on the module and still run.
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Each job's own mean loss over its own tokens; their sum keeps gradients apart.
+        losses, start = [], 0
+        for _, rows in self.routing.blocks:
+            block = slice(start, start + rows)
+            losses.append(
+                F.cross_entropy(
+                    logits[block, :-1].float().flatten(0, 1),
+                    batch["labels"][block, 1:].flatten(),
+                    ignore_index=IGNORE_INDEX,
+                )
             )
-            dist.all_reduce(totals)
-            elapsed = time.perf_counter() - started
-            tokens = int(totals[1].item())
-            trained_tokens += tokens
-            mean_loss = totals[0].item() / self.world_size
+            start += rows
+        torch.stack(losses).sum().backward()
+        self._average_gradients(active)
+        norms = [slot.apply_gradients() for slot in active]
+        elapsed = time.perf_counter() - started
+        self.step_seconds.append(elapsed)
+        tokens = [float(batch["attention_mask"][b : b + n].sum()) for b, n in self._offsets()]
+        totals = torch.tensor([[loss.item(), t] for loss, t in zip(losses, tokens, strict=True)], device=self.device)
+        dist.all_reduce(totals)
+        pack_tokens = float(totals[:, 1].sum())
+        for slot, (loss_sum, slot_tokens), norm in zip(active, totals.tolist(), norms, strict=True):
+            mean_loss = loss_sum / self.world_size
+            slot.trained_tokens += int(slot_tokens)
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
-            self._report(
-                {
-                    "type": "metrics",
-                    "message": f"Step {step}/{self.total_steps}: training loss={mean_loss:.4f}",
-                    "data": {
-                        "step": step,
-                        "total_steps": self.total_steps,
-                        "train_loss": mean_loss,
-                        "learning_rate": self.schedule.get_last_lr()[0],
-                        "tokens_per_second": tokens / elapsed,
-                        "step_seconds": elapsed,
-                        "trained_tokens": trained_tokens,
-                    },
-                }
-            )
-        self._report_partitioning()
-        return True
-
-    def _report_partitioning(self) -> None:
-        """How much of each frozen base weight this rank holds (ZeRO-3 shards), for all to see."""
-        fractions = []
-        base_requires_grad = 0
-        held = 0
-        for name, param in self.engine.module.named_parameters():
-            if "lora_" in name:
+                self._fail_slot(slot, FloatingPointError(f"training loss became {mean_loss} at step {slot.step}"))
                 continue
-            base_requires_grad += int(param.requires_grad)
-            full = getattr(param, "ds_numel", param.numel())
-            local = param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
-            held += local
-            fractions.append(local / full)
-        mine = {
-            "rank": self.rank,
-            "base_elements_held": held,
-            "min_fraction": min(fractions),
-            "max_fraction": max(fractions),
-            "base_params_requiring_grad": base_requires_grad,
-        }
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        self._report(
-            {
-                "type": "message",
-                "message": "Base weights held per rank: "
-                + ", ".join(f"rank {g['rank']} {g['base_elements_held']}" for g in gathered),
-                "data": {"partitioning": gathered},
-            }
-        )
+            self._report(
+                slot.job_id,
+                "metrics",
+                f"Step {slot.step}/{slot.total_steps}: training loss={mean_loss:.4f}",
+                {
+                    "step": slot.step,
+                    "total_steps": slot.total_steps,
+                    "train_loss": mean_loss,
+                    "learning_rate": slot.learning_rate,
+                    "grad_norm": norm,
+                    "tokens_per_second": slot_tokens / elapsed,
+                    "pack_tokens_per_second": pack_tokens / elapsed,
+                    "pack_size": len(active),
+                    "step_seconds": elapsed,
+                    "trained_tokens": slot.trained_tokens,
+                },
+            )
 
-    # ---- save --------------------------------------------------------------------------
-    def save_adapter(self) -> None:
-        """Gathers the LoRA factors from every rank and publishes them from rank 0.
+    def _offsets(self) -> list[tuple[int, int]]:
+        offsets, start = [], 0
+        for _, rows in self.routing.blocks:
+            offsets.append((start, rows))
+            start += rows
+        return offsets
 
-        Under ZeRO-3 each rank holds a shard of A and B; saving without gathering writes
-        empty tensors.
-        """
-        import deepspeed
-        from peft import get_peft_model_state_dict
+    def _average_gradients(self, active: list[JobSlot]) -> None:
+        """Data parallelism for the LoRA factors: one all-reduce of every active job's grads."""
+        grads = [p.grad for slot in active for p in slot.params]
+        if any(g is None for g in grads) or self.world_size == 1:
+            return
+        flat = torch.cat([g.flatten() for g in grads if g is not None])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for grad in grads:
+            assert grad is not None
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
 
-        lora_params = [p for n, p in self.engine.module.named_parameters() if "lora_" in n]
-        with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
-            if self.rank == 0:
-                state = {
-                    k: v.detach().clone().cpu()
-                    for k, v in get_peft_model_state_dict(self.engine.module).items()
-                }
+    def _finish(self, slot: JobSlot) -> None:
+        """Publishes the job's adapter from rank 0 and takes it out of the pack."""
+        slot.state = SlotState.DONE
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as folder:
-                self.engine.module.save_pretrained(folder, state_dict=state)
+                export_peft_adapter(self.model, slot.spec, self.paths[slot.job_id], Path(folder))
                 store = open_object_store(self.spec.object_store)
-                manifest = publish_adapter(store, self.job.tenant, self.job.job_id, Path(folder))
+                manifest = publish_adapter(store, slot.spec.tenant, slot.job_id, Path(folder))
+        # Every rank takes part: the gather is a collective.
+        partitioning = self._partitioning()
+        if self.rank == 0:
             self._report(
-                {
-                    "type": "published",
-                    "message": "Adapter published",
-                    "data": {"job_id": self.job.job_id, "files": manifest.files},
-                }
+                slot.job_id,
+                "published",
+                "Adapter published; frozen base bytes held per rank: "
+                + ", ".join(f"rank {p['rank']} {p['base_bytes_held']}" for p in partitioning),
+                {"files": manifest.files, "partitioning": partitioning},
             )
         dist.barrier()
 
+    def _partitioning(self) -> list[dict[str, Any]]:
+        """How much of each frozen base weight every rank holds (ZeRO-3 shards), and its memory."""
+        fractions, base_grad, held_bytes = [], 0, 0
+        for name, param in self.model.named_parameters():
+            if ".lora_" in name:
+                continue
+            base_grad += int(param.requires_grad)
+            local = param.ds_tensor if hasattr(param, "ds_tensor") else param
+            held_bytes += local.numel() * local.element_size()
+            fractions.append(local.numel() / getattr(param, "ds_numel", param.numel()))
+        mine = {
+            "rank": self.rank,
+            "base_bytes_held": held_bytes,
+            "min_fraction": min(fractions),
+            "max_fraction": max(fractions),
+            "base_params_requiring_grad": base_grad,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "mean_step_seconds": sum(self.step_seconds) / max(1, len(self.step_seconds)),
+            "steps": len(self.step_seconds),
+        }
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
     def cleanup(self) -> None:
-        del self.engine, self.model, self.optimizer
-        del self._hf_deepspeed_config
+        del self.engine, self.model, self._hf_deepspeed_config
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
-    recipe = LoRAFinetuneRecipe(config["spec"], config["reporter"])
+    recipe = PackTrainingRecipe(config["spec"], config["reporter"])
     recipe.setup()
-    if recipe.train():
-        recipe.save_adapter()
+    recipe.train()
     recipe.cleanup()

@@ -1,8 +1,8 @@
 """The home of one training run on Ray: a detached, named actor that owns `TorchTrainer.fit()`.
 
 Detached so that the control plane can die and come back: the run goes on, and a new
-scheduler finds it again by name. The actor keeps the run's events (a growing list the
-scheduler reads with a cursor), its state, and the cooperative stop flag.
+scheduler finds it again by name. A run trains a pack of jobs; the actor keeps each job's
+events (a growing list read with a cursor), each job's state, and the stop requests.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from workers.spec import RunSpec
 
 NAMESPACE = "lorafleet"
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+STOP_ALL = "*"
+# Events from the recipe that end one job of the pack.
+_JOB_ENDINGS = {"published": SUCCEEDED, "job_failed": FAILED, "job_cancelled": CANCELLED}
 
 
 def run_actor_name(run_id: str) -> str:
@@ -41,10 +44,11 @@ def _root_cause(exc: BaseException) -> BaseException:
 class RunActor:
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
-        self.events: list[dict[str, Any]] = []
-        self.state = RUNNING
-        self.error: str | None = None
-        self._stop = threading.Event()
+        self.events: dict[str, list[dict[str, Any]]] = {job.job_id: [] for job in spec.jobs}
+        self.states = dict.fromkeys(self.events, RUNNING)
+        self.errors: dict[str, str] = {}
+        self.stopping: set[str] = set()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -69,49 +73,82 @@ class RunActor:
             ),
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             run_config=RunConfig(
-                name=f"{spec.run_id}",
+                name=spec.run_id,
                 storage_path=str(spec.storage_path),
                 failure_config=FailureConfig(max_failures=0),
             ),
         )
         try:
             trainer.fit()
-            self.state = CANCELLED if self._stop.is_set() else SUCCEEDED
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the job
+            self._end_unfinished(CANCELLED if self.stopping else FAILED, "the run ended early")
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the jobs
             cause = _root_cause(exc)
-            self.error = f"{type(cause).__name__}: {cause}".strip()
-            self.events.append(
-                {
-                    "type": "message",
-                    "level": "error",
-                    "message": f"Training failed: {self.error}"[:2000],
-                    "data": {"traceback": traceback.format_exception(exc)[-5:]},
-                }
+            error = f"{type(cause).__name__}: {cause}".strip()
+            self._end_unfinished(
+                FAILED, error, traceback=traceback.format_exception(exc)[-5:]
             )
-            self.state = FAILED
+
+    def _end_unfinished(self, state: str, error: str, **data: Any) -> None:
+        with self._lock:
+            for job_id, current in self.states.items():
+                if current != RUNNING:
+                    continue
+                if state == CANCELLED or job_id in self.stopping:
+                    self._append(job_id, {"type": "message", "message": "Training stopped"})
+                    self.states[job_id] = CANCELLED
+                    continue
+                self._append(
+                    job_id,
+                    {
+                        "type": "message",
+                        "level": "error",
+                        "message": f"Training failed: {error}"[:2000],
+                        "data": data or None,
+                    },
+                )
+                self.errors[job_id] = error
+                self.states[job_id] = FAILED
+
+    def _append(self, job_id: str, event: dict[str, Any]) -> None:
+        self.events[job_id].append(event)
 
     # ---- called by rank 0 ----
     def record(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+        """An event for one job, or (job_id None) for every job of the pack."""
+        with self._lock:
+            job_id = event.get("job_id")
+            for target in [job_id] if job_id else list(self.events):
+                if self.states[target] != RUNNING and job_id is None:
+                    continue
+                self._append(target, event)
+            ending = _JOB_ENDINGS.get(event.get("type", ""))
+            if job_id and ending:
+                self.states[job_id] = ending
+                if ending == FAILED:
+                    self.errors[job_id] = (event.get("data") or {}).get("error", event["message"])
 
-    def should_stop(self) -> bool:
-        return self._stop.is_set()
+    def stop_requests(self) -> list[str]:
+        return sorted(self.stopping)
 
     # ---- called by the scheduler ----
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, job_id: str = STOP_ALL) -> None:
+        self.stopping.add(job_id)
 
-    def poll(self, cursor: int) -> dict[str, Any]:
-        """The state, then the events from `cursor` on.
+    def poll(self, job_id: str, cursor: int) -> dict[str, Any]:
+        """The job's state, then its events from `cursor` on.
 
         Read in this order because every event is appended before the state changes: a
-        poll that sees a final state has also seen every event of the run.
+        poll that sees a final state has also seen every event of the job.
         """
-        state = self.state
-        events = self.events[cursor:]
-        return {
-            "events": events,
-            "cursor": cursor + len(events),
-            "state": state,
-            "error": self.error,
-        }
+        with self._lock:
+            state = self.states[job_id]
+            events = self.events[job_id][cursor:]
+            return {
+                "events": events,
+                "cursor": cursor + len(events),
+                "state": state,
+                "error": self.errors.get(job_id),
+            }
+
+    def finished(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()

@@ -58,6 +58,7 @@ def create(services: ServicesDep, tenant: TenantDep, body: FineTuningJobCreate) 
         lora=body.lora.model_dump(),
         training=training,
         resources=body.resources.model_dump(exclude_none=True),
+        packing=body.training.packing,
     )
     return job_object(create_job(services.store, services.settings, tenant, request))
 

@@ -1,0 +1,120 @@
+"""One job's place in a pack: its data, batch plan, LoRA factors, optimizer and schedule.
+
+Everything that makes a job train as if it were alone lives here, per job: its own seed
+(data order, initialisation, dropout), its own AdamW state, learning-rate schedule,
+gradient clipping and step count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.batching import micro_batch_per_rank, plan_batches, rank_share
+from workers.examples import parse_jsonl
+from workers.objectstore import ObjectStore
+from workers.packed_lora import SlotConfig
+from workers.spec import JobSpec
+from workers.tokenization import TokenizedExample, tokenize_example
+
+
+class TrainingDataError(ValueError):
+    """The job's data cannot be trained on (for example: nothing left after truncation)."""
+
+
+class SlotState(str, Enum):
+    TRAINING = "training"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+def warmup_then_linear_decay(warmup_steps: int, total_steps: int):  # type: ignore[no-untyped-def]
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        remaining = max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
+
+    return factor
+
+
+@dataclass
+class JobSlot:
+    spec: JobSpec
+    examples: list[TokenizedExample]
+    batches: list[list[int]]
+    micro_batch: int
+    state: SlotState = SlotState.TRAINING
+    step: int = 0
+    trained_tokens: int = 0
+    params: list[nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: Any = None
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.batches)
+
+    @property
+    def config(self) -> SlotConfig:
+        lora = self.spec.lora
+        return SlotConfig(name=self.job_id, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+
+    def generator(self, purpose: int, device: torch.device | None = None) -> torch.Generator:
+        """A random stream of this job's own, so packing never changes what it draws."""
+        generator = torch.Generator(device=device or "cpu")
+        generator.manual_seed(self.spec.training.seed * 1_000_003 + purpose)
+        return generator
+
+    def next_micro_batch(self, rank: int, world_size: int) -> list[TokenizedExample]:
+        batch = self.batches[self.step]
+        return [self.examples[i] for i in rank_share(batch, rank, world_size)]
+
+    def setup_optimizer(self, params: list[nn.Parameter]) -> None:
+        training = self.spec.training
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            params, lr=training.learning_rate, weight_decay=training.weight_decay
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_then_linear_decay(training.warmup_steps, self.total_steps)
+        )
+
+    def apply_gradients(self) -> float:
+        """Clips this job's gradients by their own norm, then steps its optimizer."""
+        assert self.optimizer is not None
+        clip = self.spec.training.gradient_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.schedule.get_last_lr()[0])
+
+
+def load_job_slot(spec: JobSpec, store: ObjectStore, tokenizer: Any, world_size: int) -> JobSlot:
+    """Reads, tokenizes and plans a job's data; raises on data that cannot be trained on."""
+    training = spec.training
+    examples = parse_jsonl(store.get_bytes(spec.training_file_key))
+    tokenized = [tokenize_example(e, tokenizer, training.max_seq_len) for e in examples]
+    usable = [t for t in tokenized if t.trained_tokens > 0]
+    if not usable:
+        raise TrainingDataError(
+            f"no example has a trained token within max_seq_len={training.max_seq_len}"
+        )
+    micro = micro_batch_per_rank(training.batch_size, world_size)
+    batches = plan_batches(len(usable), micro * world_size, training.n_epochs, training.seed)
+    return JobSlot(spec=spec, examples=usable, batches=batches, micro_batch=micro)

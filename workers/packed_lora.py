@@ -1,0 +1,159 @@
+"""Many LoRA adapters on one frozen linear layer; each sample goes through its own slot.
+
+    rows of slot k:   y = W·x + (alpha_k / r_k) · B_k · A_k · dropout_k(x)
+                          └ frozen, shared ┘   └── slot k's own factors ──┘
+
+peft cannot train several adapters in one forward (it refuses `adapter_names` in training
+mode, and `set_adapter([a, b])` sums them), so packing has its own small layer. A batch is
+built job by job, so each slot owns a contiguous block of rows: one matmul pair per slot,
+no loop over samples. The on-disk format stays peft's (see `slot_state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    name: str
+    r: int
+    alpha: float
+    dropout: float = 0.0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class Routing:
+    """Which rows of the current batch belong to which slot, shared by every packed layer.
+
+    Set once per step: `blocks` is [(slot name, number of rows)] in batch order, and covers
+    every row.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[str, int]] = []
+        self.generators: dict[str, torch.Generator] = {}
+
+
+class PackedLoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.slots: dict[str, SlotConfig] = {}
+
+    def add_slot(self, slot: SlotConfig, generator: torch.Generator, device: torch.device) -> None:
+        """A starts random (as peft: Kaiming-uniform), B at zero: the slot starts as the base."""
+        a = torch.empty(slot.r, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A[slot.name] = nn.Parameter(a.to(device))
+        self.lora_B[slot.name] = nn.Parameter(
+            torch.zeros(self.out_features, slot.r, dtype=torch.float32, device=device)
+        )
+        self.slots[slot.name] = slot
+
+    def remove_slot(self, name: str) -> None:
+        if name in self.slots:
+            del self.lora_A[name], self.lora_B[name], self.slots[name]
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        slot = self.slots.get(name)
+        if slot is None:  # this job does not adapt this layer
+            return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        x = x.to(torch.float32)
+        if slot.dropout > 0 and self.training:
+            keep = 1.0 - slot.dropout
+            mask = torch.empty_like(x).bernoulli_(keep, generator=self.routing.generators.get(name))
+            x = x * mask / keep
+        return (x @ self.lora_A[name].T @ self.lora_B[name].T) * slot.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x)
+        if not self.routing.blocks:
+            return result
+        deltas, start = [], 0
+        for name, rows in self.routing.blocks:
+            deltas.append(self._delta(name, x[start : start + rows]))
+            start += rows
+        if start != x.shape[0]:
+            raise ValueError(f"routing covers {start} rows but the batch has {x.shape[0]}")
+        return result + torch.cat(deltas).to(result.dtype)
+
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def matching_linear_layers(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Paths of the linear layers a job adapts, as peft matches them ("all-linear": every
+    linear layer but the output layer; names match a path or its last components)."""
+    output = _output_layer(model)
+    paths = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear | PackedLoraLinear):
+            continue
+        if target_modules == "all-linear":
+            base = module.base_layer if isinstance(module, PackedLoraLinear) else module
+            if base is not output:
+                paths.append(path)
+        elif any(path == t or path.endswith(f".{t}") for t in target_modules):
+            paths.append(path)
+    return sorted(paths)
+
+
+def wrap_linear_layers(model: nn.Module, paths: list[str], routing: Routing) -> dict[str, PackedLoraLinear]:
+    """Replaces each named linear layer by a packed one around it (once; idempotent)."""
+    wrapped = {}
+    for path in sorted(paths):
+        parent_path, _, attribute = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        module = getattr(parent, attribute)
+        if not isinstance(module, PackedLoraLinear):
+            module = PackedLoraLinear(module, routing)
+            setattr(parent, attribute, module)
+        wrapped[path] = module
+    return wrapped
+
+
+def packed_layers(model: nn.Module) -> Iterator[tuple[str, PackedLoraLinear]]:
+    for path, module in model.named_modules():
+        if isinstance(module, PackedLoraLinear):
+            yield path, module
+
+
+def slot_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """A slot's factors in a fixed order (sorted by layer path), identical on every rank."""
+    params: list[nn.Parameter] = []
+    for _, layer in sorted(packed_layers(model), key=lambda item: item[0]):
+        if name in layer.slots:
+            params += [layer.lora_A[name], layer.lora_B[name]]
+    return params
+
+
+def slot_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The slot's factors under peft's key names, exactly as if it had been trained alone."""
+    state = {}
+    for path, layer in packed_layers(model):
+        if name in layer.slots:
+            prefix = f"base_model.model.{path}"
+            state[f"{prefix}.lora_A.weight"] = layer.lora_A[name].detach().cpu().clone()
+            state[f"{prefix}.lora_B.weight"] = layer.lora_B[name].detach().cpu().clone()
+    return state
+
+
+def target_module_names(paths: list[str]) -> list[str]:
+    """The layer names peft records in adapter_config.json (last path component)."""
+    return sorted({path.rpartition(".")[2] for path in paths})
