@@ -149,7 +149,7 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
 
 def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: bool) -> RunSpec:
     """The run that trains a pack of jobs (which share base model and run shape)."""
-    assert settings.model_cache_dir is not None
+    assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
     return RunSpec(
         run_id=run_id,
         jobs=tuple(job_spec_for(job, settings) for job in jobs),
@@ -157,6 +157,6 @@ def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: b
         use_gpu=use_gpu,
         object_store=settings.object_store_config,
         model_cache_dir=Path(settings.model_cache_dir).resolve(),
-        storage_path=(settings.data_dir / "ray-runs").resolve(),
+        storage_path=Path(settings.ray_storage_path).resolve(),
         zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
     )

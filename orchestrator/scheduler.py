@@ -46,9 +46,10 @@ class Scheduler:
         self._launch_queued()
 
     def run_forever(self) -> None:
-        self.runs.connect()
         while not self._stop.is_set():
             try:
+                # Inside the loop: Ray may not be up yet, or may come back after a restart.
+                self.runs.connect()
                 self.tick()
             except Exception:  # one bad tick must not end the loop; the next one retries
                 log.exception("scheduler tick failed")

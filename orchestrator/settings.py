@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         default=None, description="Ray cluster to use; unset means RAY_ADDRESS or a local one."
     )
     ray_namespace: str = "lorafleet"
+    ray_storage_path: Path | None = Field(
+        default=None,
+        description="Ray Train's run folder; shared by every node on a cluster. "
+        "Default data_dir/ray-runs.",
+    )
     base_models: dict[str, str] = Field(
         default_factory=dict,
         description="Base-model catalog: name -> local folder or s3:// URI (JSON in env).",
@@ -62,6 +67,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'lorafleet.db'}"
         if not self.object_store:
             self.object_store = str(self.data_dir / "objects")
+        if self.ray_storage_path is None:
+            self.ray_storage_path = self.data_dir / "ray-runs"
         if self.model_cache_dir is None:
             self.model_cache_dir = self.data_dir / "models"
         return self

@@ -7,7 +7,6 @@ the mistakes that otherwise show up only at deploy time: a renamed setting, a da
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shlex
@@ -30,9 +29,6 @@ RUNBOOK = DEPLOY / "RUNBOOK.md"
 YAML_FILES = sorted(DEPLOY.rglob("*.yml")) + sorted(DEPLOY.rglob("*.yaml"))
 
 ENV_PREFIX = "LORAFLEET_"
-# The container path of a short-syntax compose volume, "source:/target[:ro|:rw]"; the source may
-# hold a ${VAR:-default} with colons of its own.
-VOLUME_TARGET = r":(/[^:]*)(?::r[ow])?$"
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -48,21 +44,10 @@ def k8s_object(path: Path, kind: str) -> dict[str, Any]:
 
 
 def setting_fields() -> set[str]:
-    try:
-        from orchestrator.settings import Settings
-    except ModuleNotFoundError as missing:
-        # orchestrator.settings imports sibling modules that a partial checkout may not have yet;
-        # the field names are in the class body all the same.
-        if missing.name and missing.name.startswith("orchestrator.settings"):
-            raise
-        tree = ast.parse((ROOT / "orchestrator" / "settings.py").read_text())
-        (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"]
-        return {
-            n.target.id
-            for n in cls.body
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-        }
+    from orchestrator.settings import Settings
+
     assert Settings.model_config.get("env_prefix") == ENV_PREFIX
+    assert not Settings.model_config.get("case_sensitive"), "the LORAFLEET_FOO -> foo mapping"
     return set(Settings.model_fields)
 
 
@@ -84,10 +69,21 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, args in dockerfile_instructions():
+        if keyword == "ENV":
+            env.update(item.partition("=")[::2] for item in shlex.split(args))
+    return env
+
+
 def argv(command: str | list[str] | None) -> list[str]:
+    """A command as its words: a YAML list, a JSON exec form (Dockerfile) or a shell string."""
     if command is None:
         return []
-    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    if isinstance(command, str):
+        return json.loads(command) if command.startswith("[") else shlex.split(command)
+    return [str(a) for a in command]
 
 
 def compose() -> dict[str, Any]:
@@ -226,18 +222,40 @@ def test_compose_addresses_name_compose_services() -> None:
         assert host in services, f"{where} points at {host!r}, not a compose service"
 
 
-def test_compose_base_models_are_reachable_from_every_lorafleet_service() -> None:
-    for name, service in compose()["services"].items():
-        catalog = (service.get("environment") or {}).get(f"{ENV_PREFIX}BASE_MODELS")
-        if catalog is None:
-            continue
-        mounts = [
-            m[1] for v in service.get("volumes", []) if (m := re.search(VOLUME_TARGET, str(v)))
-        ]
-        for model, location in json.loads(catalog).items():
+def compose_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source of each short-syntax volume, "source:/target[:ro|:rw]"."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        # The source may hold a ${VAR:-default} with colons of its own.
+        found = re.fullmatch(r"(.+?):(/[^:]*)(?::r[ow])?", str(volume))
+        assert found, f"unexpected volume syntax {volume!r}"
+        mounts[found[2]] = found[1]
+    return mounts
+
+
+def compose_lorafleet_nodes() -> dict[str, dict[str, Any]]:
+    """The API and the Ray nodes: every service where lorafleet code runs a job."""
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if argv(service.get("command"))[:2] in (["lorafleet", "serve"], ["ray", "start"])
+    }
+
+
+def test_compose_api_and_ray_nodes_share_data_dir_and_base_models() -> None:
+    nodes = compose_lorafleet_nodes()
+    assert {"api", "ray-head", "ray-worker"} <= set(nodes)
+    # Ray Train checkpoints live under LORAFLEET_DATA_DIR, at paths the scheduler resolves: every
+    # node must see the same volume there.
+    data_dir = dockerfile_env()[f"{ENV_PREFIX}DATA_DIR"]
+    sources = {name: compose_mounts(s).get(data_dir) for name, s in nodes.items()}
+    assert None not in sources.values() and len(set(sources.values())) == 1, sources
+    catalog = json.loads(nodes["api"]["environment"][f"{ENV_PREFIX}BASE_MODELS"])
+    for name, service in nodes.items():
+        for model, location in catalog.items():
             assert location.startswith("s3://") or any(
-                location.startswith(m.rstrip("/") + "/") for m in mounts
-            ), f"{name}: base model {model} at {location} is neither s3:// nor on a mounted volume"
+                location.startswith(target.rstrip("/") + "/") for target in compose_mounts(service)
+            ), f"{name}: base model {model} at {location} is neither s3:// nor on a volume"
 
 
 # --- KubeRay ------------------------------------------------------------------------------------
@@ -291,6 +309,31 @@ def test_api_reaches_the_ray_head_service_kuberay_creates() -> None:
     )
 
 
+def test_api_and_ray_pods_share_data_dir_and_gpu_pods_cache_models() -> None:
+    config = k8s_object(CONTROL_PLANE, "ConfigMap")["data"]
+    claim = k8s_object(CONTROL_PLANE, "PersistentVolumeClaim")
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    cluster = k8s_object(RAYCLUSTER, "RayCluster")
+    pods = {"api": k8s_object(CONTROL_PLANE, "Deployment")["spec"]["template"]["spec"]}
+    pods["ray-head"] = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        pods[f"ray-{group['groupName']}"] = group["template"]["spec"]
+    for name, pod in pods.items():
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod.get("volumes", [])
+            if "persistentVolumeClaim" in v
+        }
+        (container,) = pod["containers"]
+        mounted = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        data_dir = config[f"{ENV_PREFIX}DATA_DIR"]
+        assert claims.get(mounted.get(data_dir)) == claim["metadata"]["name"], (
+            f"{name} does not mount {claim['metadata']['name']} at {data_dir}"
+        )
+        if name.startswith("ray-") and name != "ray-head":
+            assert config[f"{ENV_PREFIX}MODEL_CACHE_DIR"] in mounted, f"{name}: no model cache"
+
+
 def test_manifests_use_only_the_secret_keys_and_config_map_the_runbook_creates() -> None:
     config_map = k8s_object(CONTROL_PLANE, "ConfigMap")["metadata"]["name"]
     runbook = RUNBOOK.read_text()
@@ -330,12 +373,13 @@ def referenced_lorafleet_commands() -> set[str]:
 
 
 def test_referenced_subcommands_exist() -> None:
-    referenced = referenced_lorafleet_commands()
-    assert "serve" in referenced
-    cli = pytest.importorskip("api.cli", reason="the lorafleet CLI is not written yet")
     import typer.main
 
-    group = typer.main.get_command(cli.app)
+    from api.cli import app
+
+    referenced = referenced_lorafleet_commands()
+    assert "serve" in referenced
+    group = typer.main.get_command(app)
     available = set(getattr(group, "commands", {}))
     assert referenced <= available, (
         f"deploy/ runs {referenced - available}, the CLI has {available}"

@@ -147,6 +147,7 @@ class S3ObjectStore:
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
                 s3={"addressing_style": "path"},
+                signature_version="s3v4",  # presigned URLs: SigV2 is refused by many servers
                 retries={"max_attempts": 3, "mode": "standard"},
             ),
         )

@@ -101,9 +101,12 @@ def matching_linear_layers(model: nn.Module, target_modules: str | list[str]) ->
     """Paths of the linear layers a job adapts, as peft matches them ("all-linear": every
     linear layer but the output layer; names match a path or its last components)."""
     output = _output_layer(model)
+    wrapped = {path for path, _ in packed_layers(model)}
     paths = []
     for path, module in model.named_modules():
         if not isinstance(module, nn.Linear | PackedLoraLinear):
+            continue
+        if path.rpartition(".")[0] in wrapped:  # the frozen layer inside a packed one
             continue
         if target_modules == "all-linear":
             base = module.base_layer if isinstance(module, PackedLoraLinear) else module
