@@ -44,4 +44,5 @@ test-quick: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator workers api tests bench
+	$(BIN)/ruff format --check orchestrator workers api tests bench
 	$(BIN)/mypy

@@ -14,10 +14,10 @@ from typing import Any
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
 from orchestrator.models import JobRow
+from orchestrator.packing import plan_packs
 from orchestrator.runs import RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
-from orchestrator.packing import plan_packs
 from orchestrator.store import JobStore, new_id, now
 from workers.examples import DatasetError, parse_jsonl
 from workers.layout import file_key

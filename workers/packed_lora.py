@@ -117,7 +117,9 @@ def matching_linear_layers(model: nn.Module, target_modules: str | list[str]) ->
     return sorted(paths)
 
 
-def wrap_linear_layers(model: nn.Module, paths: list[str], routing: Routing) -> dict[str, PackedLoraLinear]:
+def wrap_linear_layers(
+    model: nn.Module, paths: list[str], routing: Routing
+) -> dict[str, PackedLoraLinear]:
     """Replaces each named linear layer by a packed one around it (once; idempotent)."""
     wrapped = {}
     for path in sorted(paths):

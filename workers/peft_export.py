@@ -31,4 +31,8 @@ def export_peft_adapter(model: nn.Module, job: JobSpec, paths: list[str], folder
     config.inference_mode = True
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
-    save_file(slot_state_dict(model, job.job_id), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        slot_state_dict(model, job.job_id),
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )

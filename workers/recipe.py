@@ -115,12 +115,18 @@ class PackTrainingRecipe:
         for slot in list(self.slots):
             lora = slot.spec.lora
             target = lora.target_modules
-            paths = matching_linear_layers(self.model, target if isinstance(target, str) else list(target))
+            paths = matching_linear_layers(
+                self.model, target if isinstance(target, str) else list(target)
+            )
             if not paths:
-                self._fail_slot(slot, ValueError(f"target_modules {target!r} match no linear layer"))
+                self._fail_slot(
+                    slot, ValueError(f"target_modules {target!r} match no linear layer")
+                )
                 continue
             wanted[slot.job_id] = paths
-        layers = wrap_linear_layers(self.model, sorted({p for ps in wanted.values() for p in ps}), self.routing)
+        layers = wrap_linear_layers(
+            self.model, sorted({p for ps in wanted.values() for p in ps}), self.routing
+        )
         for slot in self.slots:
             if slot.state is not SlotState.TRAINING:
                 continue
@@ -136,17 +142,30 @@ class PackTrainingRecipe:
                 f"Training started: {slot.total_steps} steps on {self.world_size} workers "
                 f"({self.spec.precision}), {len(slot.examples)} examples, "
                 f"packed with {len(self.slots) - 1} other job(s)",
-                {"total_steps": slot.total_steps, "workers": self.world_size, "pack_size": len(self.slots)},
+                {
+                    "total_steps": slot.total_steps,
+                    "workers": self.world_size,
+                    "pack_size": len(self.slots),
+                },
             )
         self.paths = wanted
 
     # ---- reporting ---------------------------------------------------------------------
-    def _report(self, job_id: str | None, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    def _report(
+        self, job_id: str | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
         if self.rank == 0:
-            self.reporter.record.remote({"job_id": job_id, "type": kind, "message": message, "data": data})
+            self.reporter.record.remote(
+                {"job_id": job_id, "type": kind, "message": message, "data": data}
+            )
 
     def _report_job_failure(self, job_id: str, exc: BaseException) -> None:
-        self._report(job_id, "job_failed", f"Training failed: {type(exc).__name__}: {exc}", {"error": str(exc)})
+        self._report(
+            job_id,
+            "job_failed",
+            f"Training failed: {type(exc).__name__}: {exc}",
+            {"error": str(exc)},
+        )
 
     def _fail_slot(self, slot: JobSlot, exc: BaseException) -> None:
         slot.state = SlotState.FAILED
@@ -157,7 +176,9 @@ class PackTrainingRecipe:
         """Rank 0 asks the run's actor which jobs to stop; every rank must agree on it."""
         import ray
 
-        box: list[Any] = [sorted(ray.get(self.reporter.stop_requests.remote())) if self.rank == 0 else None]
+        box: list[Any] = [
+            sorted(ray.get(self.reporter.stop_requests.remote())) if self.rank == 0 else None
+        ]
         dist.broadcast_object_list(box, src=0)
         return set(box[0])
 
@@ -184,12 +205,16 @@ class PackTrainingRecipe:
     def _step(self, active: list[JobSlot]) -> None:
         started = time.perf_counter()
         shards = [slot.next_micro_batch(self.rank, self.world_size) for slot in active]
-        self.routing.blocks = [(slot.job_id, len(shard)) for slot, shard in zip(active, shards, strict=True)]
+        self.routing.blocks = [
+            (slot.job_id, len(shard)) for slot, shard in zip(active, shards, strict=True)
+        ]
         batch = collate([e for shard in shards for e in shard], self.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         # The module itself, not the engine: the engine's forward/backward are built around an
         # optimizer it owns; ZeRO-3's gather/release hooks live on the module and still run.
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         # Each job's own mean loss over its own tokens; their sum keeps gradients apart.
         losses, start = [], 0
         for _, rows in self.routing.blocks:
@@ -202,20 +227,34 @@ class PackTrainingRecipe:
                 )
             )
             start += rows
+        forward_done = time.perf_counter()
         torch.stack(losses).sum().backward()
+        backward_done = time.perf_counter()
         self._average_gradients(active)
+        sync_done = time.perf_counter()
         norms = [slot.apply_gradients() for slot in active]
         elapsed = time.perf_counter() - started
+        phases = {
+            "forward": forward_done - started,
+            "backward": backward_done - forward_done,
+            "gradient_sync": sync_done - backward_done,
+            "optimizer": elapsed - (sync_done - started),
+        }
         self.step_seconds.append(elapsed)
         tokens = [float(batch["attention_mask"][b : b + n].sum()) for b, n in self._offsets()]
-        totals = torch.tensor([[loss.item(), t] for loss, t in zip(losses, tokens, strict=True)], device=self.device)
+        totals = torch.tensor(
+            [[loss.item(), t] for loss, t in zip(losses, tokens, strict=True)], device=self.device
+        )
         dist.all_reduce(totals)
         pack_tokens = float(totals[:, 1].sum())
         for slot, (loss_sum, slot_tokens), norm in zip(active, totals.tolist(), norms, strict=True):
             mean_loss = loss_sum / self.world_size
             slot.trained_tokens += int(slot_tokens)
             if not math.isfinite(mean_loss):
-                self._fail_slot(slot, FloatingPointError(f"training loss became {mean_loss} at step {slot.step}"))
+                self._fail_slot(
+                    slot,
+                    FloatingPointError(f"training loss became {mean_loss} at step {slot.step}"),
+                )
                 continue
             self._report(
                 slot.job_id,
@@ -231,6 +270,7 @@ class PackTrainingRecipe:
                     "pack_tokens_per_second": pack_tokens / elapsed,
                     "pack_size": len(active),
                     "step_seconds": elapsed,
+                    "phase_seconds": phases,
                     "trained_tokens": slot.trained_tokens,
                 },
             )

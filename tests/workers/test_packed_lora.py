@@ -47,7 +47,9 @@ def peft_reference(base: torch.nn.Module, slot: SlotConfig, target: str | list[s
     return model
 
 
-def packed_from(base: torch.nn.Module, references: list, targets: list) -> tuple[torch.nn.Module, Routing]:  # type: ignore[type-arg]
+def packed_from(
+    base: torch.nn.Module, references: list, targets: list
+) -> tuple[torch.nn.Module, Routing]:  # type: ignore[type-arg]
     """Our packed model, holding exactly the factors of each peft reference."""
     model = copy.deepcopy(base)
     routing = Routing()
@@ -83,8 +85,13 @@ def test_one_slot_equals_peft(base: torch.nn.Module) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_k_slots_equal_k_separate_peft_models_in_outputs_and_gradients(base: torch.nn.Module) -> None:
-    references = [peft_reference(base, s, t, seed=i) for i, (s, t) in enumerate(zip(JOBS, TARGETS, strict=True))]
+def test_k_slots_equal_k_separate_peft_models_in_outputs_and_gradients(
+    base: torch.nn.Module,
+) -> None:
+    references = [
+        peft_reference(base, s, t, seed=i)
+        for i, (s, t) in enumerate(zip(JOBS, TARGETS, strict=True))
+    ]
     model, routing = packed_from(base, references, TARGETS)
     inputs = [batch(2, seed=10), batch(3, seed=11), batch(1, seed=12)]
     routing.blocks = [(s.name, len(x)) for s, x in zip(JOBS, inputs, strict=True)]
