@@ -10,7 +10,9 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.routers import files, jobs, models
+from orchestrator.api_keys import ApiKeys
 from orchestrator.db import make_engine, migrate
+from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.runs import RayRuns
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
@@ -28,7 +30,13 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         migrate(engine)
         store = JobStore(engine)
         objects = open_object_store(settings.object_store_config)
-        app.state.services = Services(settings=settings, store=store, objects=objects)
+        app.state.services = Services(
+            settings=settings,
+            store=store,
+            objects=objects,
+            keys=ApiKeys(engine),
+            idempotency=IdempotencyKeys(engine),
+        )
         scheduler = None
         if run_scheduler:
             scheduler = Scheduler(settings, store, objects, RayRuns(settings))

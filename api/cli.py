@@ -8,6 +8,19 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(help="lorafleet: LoRA adapter-training jobs on Ray.", no_args_is_help=True)
+keys = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _api_keys():  # type: ignore[no-untyped-def]
+    from orchestrator.api_keys import ApiKeys
+    from orchestrator.db import make_engine, migrate
+    from orchestrator.settings import Settings
+
+    engine = make_engine(Settings().database_url)
+    migrate(engine)
+    return ApiKeys(engine)
 
 
 @app.command()
@@ -21,10 +34,40 @@ def serve(
 
     from api.app import create_app
 
+    if host not in LOOPBACK and not _api_keys().any_exist():
+        raise typer.BadParameter(
+            f"refusing to serve on {host} with no API key: anyone could use it. Create one "
+            "first with `lorafleet keys create --tenant NAME`, or bind to 127.0.0.1.",
+            param_hint="--host",
+        )
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     uvicorn.run(create_app(run_scheduler=True), host=host, port=port, log_level="info")
+
+
+@keys.command("create")
+def create_key(tenant: str = typer.Option(..., help="The tenant the key acts for.")) -> None:
+    """Create an API key; the key itself is printed once, as the last line."""
+    row, key = _api_keys().create(tenant)
+    typer.echo(f"created {row.id} for tenant {row.tenant}; keep the key, it is not stored:")
+    typer.echo(key)
+
+
+@keys.command("revoke")
+def revoke_key(key: str = typer.Argument(..., help="The key, or its id (key-…).")) -> None:
+    """Revoke an API key at once."""
+    row = _api_keys().revoke(key)
+    typer.echo(f"revoked {row.id} ({row.key_prefix}…, tenant {row.tenant})")
+
+
+@keys.command("list")
+def list_keys() -> None:
+    """List API keys (ids, tenants and the first characters of each key)."""
+    for row in _api_keys().list():
+        state = "revoked" if row.revoked_at else "active"
+        typer.echo(f"{row.id}\t{row.tenant}\t{row.key_prefix}…\t{state}")
 
 
 @app.command()

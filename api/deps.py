@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
+from orchestrator.api_keys import ApiKeys
+from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
 from workers.objectstore import ObjectStore
-
-DEFAULT_TENANT = "default"
 
 
 @dataclass
@@ -19,6 +19,8 @@ class Services:
     settings: Settings
     store: JobStore
     objects: ObjectStore
+    keys: ApiKeys
+    idempotency: IdempotencyKeys
 
 
 def get_services(request: Request) -> Services:
@@ -26,10 +28,21 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_tenant() -> str:
-    # One tenant until API keys exist; every lookup is already scoped by it.
-    return DEFAULT_TENANT
+def get_tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+) -> str:
+    """Every lookup is scoped by the caller's tenant, taken from its API key."""
+    return get_services(request).keys.tenant_for(authorization)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=256,
+        description="A retry with the same key and body returns the first response.",
+    ),
+]

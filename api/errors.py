@@ -14,10 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.errors import (
     Conflict,
+    IdempotencyMismatch,
     InvalidRequest,
     InvalidTransition,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,20 @@ async def _transition(_: Request, exc: InvalidTransition) -> JSONResponse:
     return error_response(409, str(exc), None, "conflict")
 
 
+async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+    response = error_response(401, exc.message, None, "invalid_api_key")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+async def _rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
+    return error_response(429, exc.message, exc.param, "rate_limit_exceeded")
+
+
+async def _idempotency(_: Request, exc: IdempotencyMismatch) -> JSONResponse:
+    return error_response(422, exc.message, "Idempotency-Key", "idempotency_key_reused")
+
+
 async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail))
 
@@ -88,5 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidTransition, _transition)  # type: ignore[arg-type]
+    app.add_exception_handler(Unauthorized, _unauthorized)  # type: ignore[arg-type]
+    app.add_exception_handler(RateLimited, _rate_limited)  # type: ignore[arg-type]
+    app.add_exception_handler(IdempotencyMismatch, _idempotency)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

@@ -174,6 +174,16 @@ class FineTuningJobEvent(BaseModel):
     data: dict[str, Any] | None = None
 
 
+class FineTuningJobCheckpoint(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
 class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     id: str

@@ -78,7 +78,10 @@ def run(spec: RunSpec) -> RunResult:
             break
         time.sleep(0.05)
     wall = time.perf_counter() - started
-    ray.get(actor.finished.remote())
+    # Only kill the actor once fit() has returned: a killed run keeps its placement group
+    # (and CPUs) reserved when Ray runs without its dashboard.
+    while not ray.get(actor.finished.remote()):
+        time.sleep(0.05)
     ray.kill(actor)
     if any(s != "succeeded" for s in states.values()):
         raise SystemExit(f"run {spec.run_id} failed: {states} {events}")

@@ -47,3 +47,26 @@ class InvalidTransition(LorafleetError):
         self.job_id = job_id
         self.target = target
         self.current = current
+
+
+class Unauthorized(LorafleetError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class RateLimited(LorafleetError):
+    """A per-tenant quota is used up; the caller may retry later."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class IdempotencyMismatch(LorafleetError):
+    """An Idempotency-Key reused with a different request body."""
+
+    def __init__(self, key: str):
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request body")
+        self.message = str(self)

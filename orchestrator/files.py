@@ -21,6 +21,7 @@ def upload_file(
     purpose: str,
     data: bytes,
     max_bytes: int,
+    max_lines: int,
 ) -> FileRow:
     if purpose not in PURPOSES:
         raise InvalidRequest(
@@ -28,6 +29,8 @@ def upload_file(
         )
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"file is larger than the {max_bytes}-byte limit", param="file")
+    if sum(1 for line in data.splitlines() if line.strip()) > max_lines:
+        raise PayloadTooLarge(f"file has more than the {max_lines}-line limit", param="file")
     try:
         summary = summarize_jsonl(data)
     except DatasetError as exc:

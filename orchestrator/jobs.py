@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import Conflict, InvalidRequest, NotFound
+from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
@@ -75,6 +75,12 @@ def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any
 
 
 def create_job(store: JobStore, settings: Settings, tenant: str, request: NewJob) -> JobRow:
+    limit = settings.max_active_jobs_per_tenant
+    if store.count_unfinished_jobs(tenant) >= limit:
+        raise RateLimited(
+            f"tenant {tenant!r} already has {limit} unfinished jobs (the limit); "
+            "wait for some to finish or cancel them"
+        )
     if request.model not in settings.base_models:
         known = ", ".join(sorted(settings.base_models)) or "none configured"
         raise InvalidRequest(

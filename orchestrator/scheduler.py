@@ -22,7 +22,7 @@ from orchestrator.store import JobStore, new_id, now
 from workers.examples import DatasetError, parse_jsonl
 from workers.layout import file_key
 from workers.objectstore import ObjectNotFound, ObjectStore
-from workers.publish import PublishError, verify_adapter
+from workers.publish import PublishError, store_adapter_archive, verify_adapter
 from workers.run_actor import CANCELLED, FAILED, SUCCEEDED
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class Scheduler:
     def _succeed(self, job: JobRow) -> None:
         try:
             verify_adapter(self.objects, job.tenant, job.id)
+            store_adapter_archive(self.objects, job.tenant, job.id, mtime=now())
         except PublishError as exc:
             self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
             return

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     )
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_file_lines: int = Field(default=1_000_000, gt=0, description="Examples per JSONL file.")
+    max_active_jobs_per_tenant: int = Field(
+        default=100, gt=0, description="Jobs not yet finished, per tenant (429 above it)."
+    )
     max_concurrent_runs: int = Field(default=2, ge=1)
     default_num_workers: int = Field(default=2, ge=1)
     max_pack_size: int = Field(default=8, ge=1, description="Most jobs trained in one run.")

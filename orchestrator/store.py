@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.orm import sessionmaker
 
 from orchestrator.errors import InvalidTransition, NotFound
@@ -20,7 +20,8 @@ from orchestrator.states import JobStatus, sources_of
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+    """Ids sort in creation order (microseconds first), so lists page stably by id."""
+    return f"{prefix}-{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
 
 
 def now() -> int:
@@ -106,6 +107,12 @@ class JobStore:
                 if all((r.user_metadata or {}).get(k) == v for k, v in metadata.items())
             ]
         return rows[:limit], len(rows) > limit
+
+    def count_unfinished_jobs(self, tenant: str) -> int:
+        unfinished = [s.value for s in JobStatus if not s.is_terminal()]
+        query = select(func.count()).where(JobRow.tenant == tenant, JobRow.status.in_(unfinished))
+        with self.sessions() as session:
+            return int(session.scalar(query) or 0)
 
     def jobs_with_status(self, statuses: Iterable[JobStatus]) -> list[JobRow]:
         """Oldest first, so the scheduler serves jobs in the order they came."""
@@ -198,6 +205,16 @@ class JobStore:
         with self.sessions() as session:
             rows = list(session.scalars(query))
         return rows[:limit], len(rows) > limit
+
+    def last_metrics(self, job_id: str) -> dict[str, Any] | None:
+        query = (
+            select(JobEventRow.data)
+            .where(JobEventRow.job_id == job_id, JobEventRow.type == "metrics")
+            .order_by(JobEventRow.seq.desc())
+            .limit(1)
+        )
+        with self.sessions() as session:
+            return session.scalar(query)
 
     def events_since(self, job_id: str, seq: int) -> list[JobEventRow]:
         """Oldest first, for live streams."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
+ARCHIVE = "adapter.tar.gz"  # the folder above plus its manifest, for one-request downloads
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 

@@ -7,11 +7,13 @@ file it names was stored whole, and a reader checks the checksums before trustin
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.layout import ADAPTER_FILES, MANIFEST, adapter_key
+from workers.layout import ADAPTER_FILES, ARCHIVE, MANIFEST, adapter_key
 from workers.objectstore import ObjectNotFound, ObjectStore
 
 
@@ -62,3 +64,22 @@ def verify_adapter(store: ObjectStore, tenant: str, job_id: str) -> Manifest:
         if len(data) != expected["size"] or sha256_hex(data) != expected["sha256"]:
             raise PublishError(f"{name} of {job_id} does not match its manifest")
     return manifest
+
+
+def build_adapter_archive(store: ObjectStore, tenant: str, job_id: str, mtime: int = 0) -> bytes:
+    """A .tar.gz of the PEFT folder and its manifest, as users download it."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name in (*ADAPTER_FILES, MANIFEST):
+            data = store.get_bytes(adapter_key(tenant, job_id, name))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = mtime
+            tar.addfile(info, io.BytesIO(data))
+    return archive.getvalue()
+
+
+def store_adapter_archive(store: ObjectStore, tenant: str, job_id: str, mtime: int = 0) -> None:
+    store.put_bytes(
+        adapter_key(tenant, job_id, ARCHIVE), build_adapter_archive(store, tenant, job_id, mtime)
+    )

@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import ServicesDep, TenantDep
+from api.deps import IdempotencyKeyHeader, ServicesDep, TenantDep
 from api.objects import file_object
 from api.schemas import ErrorResponse, FileDeleted, FileObject, ListPage
 from orchestrator.errors import PayloadTooLarge
 from orchestrator.files import upload_file
+from orchestrator.idempotency import request_hash
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    413: {"model": ErrorResponse},
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422)
 }
 CHUNK = 1 << 20
 
@@ -38,18 +38,32 @@ async def create_file(
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="JSONL: chat, prompt/completion or text lines")],
     purpose: Annotated[str, Form()],
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FileObject:
     data = await _read_bounded(file, services.settings.max_upload_bytes)
-    row = upload_file(
-        services.store,
-        services.objects,
-        tenant=tenant,
-        filename=file.filename or "upload.jsonl",
-        purpose=purpose,
-        data=data,
-        max_bytes=services.settings.max_upload_bytes,
+    filename = file.filename or "upload.jsonl"
+
+    def upload() -> dict[str, object]:
+        row = upload_file(
+            services.store,
+            services.objects,
+            tenant=tenant,
+            filename=filename,
+            purpose=purpose,
+            data=data,
+            max_bytes=services.settings.max_upload_bytes,
+            max_lines=services.settings.max_file_lines,
+        )
+        return file_object(row).model_dump(mode="json")
+
+    # Storage and database calls block: keep them off the event loop.
+    if not idempotency_key:
+        return FileObject.model_validate(await run_in_threadpool(upload))
+    body_hash = request_hash(filename, purpose, data)
+    replayed = await run_in_threadpool(
+        services.idempotency.run, tenant, "files.create", idempotency_key, body_hash, upload
     )
-    return file_object(row)
+    return FileObject.model_validate(replayed)
 
 
 @router.get("", response_model=ListPage[FileObject])

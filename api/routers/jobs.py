@@ -3,40 +3,45 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import tarfile
+import re
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from api.deps import Services, ServicesDep, TenantDep
+from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep
 from api.objects import event_object, job_object
 from api.schemas import (
     ErrorResponse,
     FineTuningJob,
+    FineTuningJobCheckpoint,
     FineTuningJobCreate,
     FineTuningJobEvent,
     ListPage,
 )
 from orchestrator.errors import Conflict
+from orchestrator.idempotency import request_hash
 from orchestrator.jobs import NewJob, cancel_job, create_job
 from orchestrator.states import JobStatus
-from workers.layout import ADAPTER_FILES, MANIFEST, adapter_key
+from workers.layout import ARCHIVE, adapter_key
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse},
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 429)
 }
 Limit = Annotated[int, Query(ge=1, le=100)]
+METADATA_FILTER = re.compile(r"metadata\[(.+)\]")
 LIVE_POLL_SECONDS = 0.5
 
 
 @router.post("", response_model=FineTuningJob, responses=ERRORS)
-def create(services: ServicesDep, tenant: TenantDep, body: FineTuningJobCreate) -> FineTuningJob:
+def create(
+    services: ServicesDep,
+    tenant: TenantDep,
+    body: FineTuningJobCreate,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> FineTuningJob:
     hyperparameters = (
         body.method.supervised.hyperparameters
         if body.method and body.method.supervised and body.method.supervised.hyperparameters
@@ -60,17 +65,36 @@ def create(services: ServicesDep, tenant: TenantDep, body: FineTuningJobCreate) 
         resources=body.resources.model_dump(exclude_none=True),
         packing=body.training.packing,
     )
-    return job_object(create_job(services.store, services.settings, tenant, request))
+
+    def create() -> dict[str, Any]:
+        job = create_job(services.store, services.settings, tenant, request)
+        return job_object(job).model_dump(mode="json")
+
+    if not idempotency_key:
+        return FineTuningJob.model_validate(create())
+    body_hash = request_hash(body.model_dump(mode="json"))
+    return FineTuningJob.model_validate(
+        services.idempotency.run(
+            tenant, "fine_tuning.jobs.create", idempotency_key, body_hash, create
+        )
+    )
 
 
 @router.get("", response_model=ListPage[FineTuningJob], responses=ERRORS)
 def list_jobs(
+    request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     after: str | None = None,
     limit: Limit = 20,
 ) -> ListPage[FineTuningJob]:
-    rows, has_more = services.store.list_jobs(tenant, after, limit)
+    """Newest first. Filter by metadata as OpenAI does: `?metadata[key]=value`."""
+    metadata = {
+        match.group(1): value
+        for name, value in request.query_params.multi_items()
+        if (match := METADATA_FILTER.fullmatch(name))
+    }
+    rows, has_more = services.store.list_jobs(tenant, after, limit, metadata or None)
     return ListPage[FineTuningJob](data=[job_object(r) for r in rows], has_more=has_more)
 
 
@@ -124,25 +148,60 @@ async def _live_events(services: Services, tenant: str, job_id: str) -> AsyncIte
 
 @router.get(
     "/{job_id}/adapter",
-    responses={**ERRORS, 200: {"content": {"application/gzip": {}}}},
+    responses={
+        **ERRORS,
+        200: {"content": {"application/gzip": {}}},
+        307: {"description": "Redirect to a short-lived presigned URL of the archive (S3)"},
+    },
     response_class=Response,
 )
 def adapter(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
     """The trained adapter as a .tar.gz of its PEFT folder (adapter_config.json,
-    adapter_model.safetensors) and its manifest.json."""
+    adapter_model.safetensors) and its manifest.json: on S3 a redirect to a presigned URL
+    valid for 5 minutes, from a local store the bytes themselves."""
     job = services.store.get_job(tenant, job_id)
     if job.status != JobStatus.SUCCEEDED.value:
         raise Conflict(f"job {job_id} is {job.status}; its adapter exists once it has succeeded")
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        for name in (*ADAPTER_FILES, MANIFEST):
-            data = services.objects.get_bytes(adapter_key(job.tenant, job.id, name))
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = job.finished_at or 0
-            tar.addfile(info, io.BytesIO(data))
+    key = adapter_key(job.tenant, job.id, ARCHIVE)
+    url = services.objects.presigned_url(key, expires_s=300)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
     return Response(
-        archive.getvalue(),
+        services.objects.get_bytes(key),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-adapter.tar.gz"'},
     )
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=ListPage[FineTuningJobCheckpoint],
+    responses=ERRORS,
+)
+def checkpoints(
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Limit = 10,
+) -> ListPage[FineTuningJobCheckpoint]:
+    """A job's saved adapters, newest first: today the final one of a succeeded job."""
+    job = services.store.get_job(tenant, job_id)
+    found = []
+    if job.status == JobStatus.SUCCEEDED.value and job.fine_tuned_model:
+        last = services.store.last_metrics(job.id)
+        step = int((last or {}).get("step", 0))
+        found.append(
+            FineTuningJobCheckpoint(
+                id=f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}",
+                created_at=job.finished_at or job.created_at,
+                fine_tuned_model_checkpoint=f"{job.fine_tuned_model}:ckpt-step-{step}",
+                fine_tuning_job_id=job.id,
+                step_number=step,
+                metrics={"step": step, "train_loss": (last or {}).get("train_loss")},
+            )
+        )
+    if after:
+        ids = [c.id for c in found]
+        found = found[ids.index(after) + 1 :] if after in ids else []
+    return ListPage[FineTuningJobCheckpoint](data=found[:limit], has_more=len(found) > limit)

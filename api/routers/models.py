@@ -25,13 +25,15 @@ def _models(services: ServicesDep, tenant: str) -> list[ModelObject]:
     return models
 
 
-@router.get("", response_model=ListPage[ModelObject])
+@router.get("", response_model=ListPage[ModelObject], responses={401: {"model": ErrorResponse}})
 def list_models(services: ServicesDep, tenant: TenantDep) -> ListPage[ModelObject]:
     return ListPage[ModelObject](data=_models(services, tenant))
 
 
 @router.get(
-    "/{model_id:path}", response_model=ModelObject, responses={404: {"model": ErrorResponse}}
+    "/{model_id:path}",
+    response_model=ModelObject,
+    responses={code: {"model": ErrorResponse} for code in (401, 404)},
 )
 def retrieve_model(services: ServicesDep, tenant: TenantDep, model_id: str) -> ModelObject:
     for model in _models(services, tenant):
