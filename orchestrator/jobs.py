@@ -165,4 +165,7 @@ def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: b
         model_cache_dir=Path(settings.model_cache_dir).resolve(),
         storage_path=Path(settings.ray_storage_path).resolve(),
         zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
+        checkpoint_every_steps=settings.checkpoint_every_steps,
+        checkpoint_keep_last=settings.checkpoint_keep_last,
+        max_worker_restarts=settings.max_worker_restarts,
     )

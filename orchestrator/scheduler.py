@@ -138,7 +138,8 @@ class Scheduler:
             elif state == CANCELLED:
                 self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
             elif state == FAILED:
-                self._fail(job, "training_error", polled["error"] or "training failed")
+                code = polled.get("error_code") or "training_error"
+                self._fail(job, code, polled["error"] or "training failed")
         live = {j.run_id for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if j.run_id}
         self.runs.reap(live)
 

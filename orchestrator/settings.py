@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     pack_window_seconds: float = Field(
         default=2.0, ge=0, description="How long a queued job waits for others to pack with."
     )
+    checkpoint_every_steps: int = Field(
+        default=50, ge=0, description="Checkpoint each job every N steps (and at epoch ends)."
+    )
+    checkpoint_keep_last: int = Field(default=3, ge=1)
+    max_worker_restarts: int = Field(
+        default=2, ge=0, description="Worker failures a run survives (resuming from checkpoints)."
+    )
     max_attempts: int = Field(default=3, ge=1, description="Runs per job before it fails.")
     scheduler_poll_seconds: float = Field(default=0.5, gt=0)
     # DeepSpeed keeps parameters smaller than this whole on every rank; 0 partitions all.

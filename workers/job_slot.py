@@ -52,6 +52,7 @@ class JobSlot:
     state: SlotState = SlotState.TRAINING
     step: int = 0
     trained_tokens: int = 0
+    last_loss: float | None = None
     params: list[nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
     schedule: Any = None
@@ -63,6 +64,18 @@ class JobSlot:
     @property
     def total_steps(self) -> int:
         return len(self.batches)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.total_steps // self.spec.training.n_epochs)
+
+    def checkpoint_due(self, every_steps: int) -> bool:
+        """After this step, at every `every_steps` and at each epoch's end (not the last
+        step: the finished adapter itself is published then)."""
+        if self.step >= self.total_steps:
+            return False
+        periodic = every_steps > 0 and self.step % every_steps == 0
+        return periodic or self.step % self.steps_per_epoch == 0
 
     @property
     def config(self) -> SlotConfig:

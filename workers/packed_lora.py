@@ -162,3 +162,16 @@ def slot_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def target_module_names(paths: list[str]) -> list[str]:
     """The layer names peft records in adapter_config.json (last path component)."""
     return sorted({path.rpartition(".")[2] for path in paths})
+
+
+def load_slot_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Puts a slot's factors back from peft-named tensors (a checkpoint of the job)."""
+    expected = slot_state_dict(model, name).keys()
+    if set(tensors) != set(expected):
+        raise ValueError(f"checkpoint of {name} does not fit its layers")
+    with torch.no_grad():
+        for path, layer in packed_layers(model):
+            if name in layer.slots:
+                prefix = f"base_model.model.{path}"
+                layer.lora_A[name].copy_(tensors[f"{prefix}.lora_A.weight"])
+                layer.lora_B[name].copy_(tensors[f"{prefix}.lora_B.weight"])

@@ -25,11 +25,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from workers.base_models import resolve_base_model
+from workers.checkpoints import (
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
 from workers.deepspeed_config import build_deepspeed_config
 from workers.job_slot import JobSlot, SlotState, load_job_slot
 from workers.objectstore import open_object_store
 from workers.packed_lora import (
     Routing,
+    load_slot_state,
     matching_linear_layers,
     slot_parameters,
     wrap_linear_layers,
@@ -78,13 +85,29 @@ class PackTrainingRecipe:
 
     def _setup_jobs(self) -> None:
         """Loads every job's data; a job whose data fails leaves the pack, failed, alone."""
+        import ray
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         store = open_object_store(self.spec.object_store)
+        # After a worker failure Ray Train calls us again: jobs that already ended in this
+        # run (published, cancelled, failed) stay ended; the others resume from checkpoints.
+        box: list[Any] = [ray.get(self.reporter.begin_attempt.remote()) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        self.restart, running = box[0]["restart"], set(box[0]["running"])
+        if self.restart:
+            self._report(
+                None,
+                "message",
+                f"Workers restarted after a failure (restart {self.restart} of "
+                f"{self.spec.max_worker_restarts}); resuming from checkpoints",
+                {"restart": self.restart},
+            )
         for job in sorted(self.spec.jobs, key=lambda j: j.job_id):
+            if job.job_id not in running:
+                continue
             try:
                 self.slots.append(load_job_slot(job, store, self.tokenizer, self.world_size))
             except Exception as exc:  # the data is the same on every rank: all agree
@@ -136,6 +159,7 @@ class PackTrainingRecipe:
             slot.setup_optimizer(slot_parameters(self.model, slot.job_id))
             if slot.spec.lora.dropout > 0:
                 self.routing.generators[slot.job_id] = slot.generator(DROPOUT_STREAM, self.device)
+            self._resume(slot)
             self._report(
                 slot.job_id,
                 "message",
@@ -199,8 +223,12 @@ class PackTrainingRecipe:
                 break
             self._step(active)
             for slot in active:
-                if slot.state is SlotState.TRAINING and slot.step == slot.total_steps:
+                if slot.state is not SlotState.TRAINING:
+                    continue
+                if slot.step == slot.total_steps:
                     self._finish(slot)
+                elif slot.checkpoint_due(self.spec.checkpoint_every_steps):
+                    self._checkpoint(slot)
 
     def _step(self, active: list[JobSlot]) -> None:
         started = time.perf_counter()
@@ -250,6 +278,7 @@ class PackTrainingRecipe:
         for slot, (loss_sum, slot_tokens), norm in zip(active, totals.tolist(), norms, strict=True):
             mean_loss = loss_sum / self.world_size
             slot.trained_tokens += int(slot_tokens)
+            slot.last_loss = mean_loss
             if not math.isfinite(mean_loss):
                 self._fail_slot(
                     slot,
@@ -315,6 +344,65 @@ class PackTrainingRecipe:
                 {"files": manifest.files, "partitioning": partitioning},
             )
         dist.barrier()
+
+    def _checkpoint(self, slot: JobSlot) -> None:
+        """Saves the job's factors and training state; rank 0 writes, every rank's RNG is kept."""
+        generator = self.routing.generators.get(slot.job_id)
+        rng: list[Any] = [None] * self.world_size
+        dist.all_gather_object(rng, generator.get_state() if generator is not None else None)
+        if self.rank != 0:
+            return
+        assert slot.optimizer is not None
+        state = {
+            "step": slot.step,
+            "trained_tokens": slot.trained_tokens,
+            "optimizer": slot.optimizer.state_dict(),
+            "schedule": slot.schedule.state_dict(),
+            "dropout_rng": rng,
+        }
+        metrics = {"step": slot.step, "train_loss": slot.last_loss}
+        store = open_object_store(self.spec.object_store)
+        with tempfile.TemporaryDirectory() as folder:
+            export_peft_adapter(self.model, slot.spec, self.paths[slot.job_id], Path(folder))
+            info = write_checkpoint(
+                store,
+                slot.spec.tenant,
+                slot.job_id,
+                slot.step,
+                Path(folder),
+                state,
+                metrics,
+                created_at=int(time.time()),
+            )
+        prune_checkpoints(store, slot.spec.tenant, slot.job_id, self.spec.checkpoint_keep_last)
+        self._report(
+            slot.job_id,
+            "checkpoint",
+            f"Checkpoint saved at step {slot.step}",
+            {"step": info.step, "metrics": metrics},
+        )
+
+    def _resume(self, slot: JobSlot) -> None:
+        """Continues a job from its newest complete checkpoint, if it has one."""
+        store = open_object_store(self.spec.object_store)
+        saved = list_checkpoints(store, slot.spec.tenant, slot.job_id)
+        if not saved:
+            return
+        tensors, state = read_checkpoint(store, saved[0])
+        assert slot.optimizer is not None
+        load_slot_state(self.model, slot.job_id, tensors)
+        slot.optimizer.load_state_dict(state["optimizer"])
+        slot.schedule.load_state_dict(state["schedule"])
+        slot.step, slot.trained_tokens = state["step"], state["trained_tokens"]
+        generator = self.routing.generators.get(slot.job_id)
+        if generator is not None and state["dropout_rng"][self.rank] is not None:
+            generator.set_state(state["dropout_rng"][self.rank])
+        self._report(
+            slot.job_id,
+            "message",
+            f"Resumed from the checkpoint at step {slot.step} of {slot.total_steps}",
+            {"resumed_from_step": slot.step},
+        )
 
     def _partitioning(self) -> list[dict[str, Any]]:
         """How much of each frozen base weight every rank holds (ZeRO-3 shards), and its memory."""

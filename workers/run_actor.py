@@ -40,6 +40,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return seen
 
 
+def _failure_code(cause: BaseException, exc: BaseException) -> str:
+    """`infrastructure` when workers died (beyond the restart budget), else `training_error`."""
+    died = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ConnectionError)
+    text = f"{exc} {cause}"
+    if isinstance(cause, died) or "Connection closed by peer" in text or "died" in text.lower():
+        return "infrastructure"
+    return "training_error"
+
+
 @ray.remote(num_cpus=0, max_concurrency=8)  # type: ignore[call-overload]
 class RunActor:
     def __init__(self, spec: RunSpec) -> None:
@@ -48,6 +57,8 @@ class RunActor:
         self.states = dict.fromkeys(self.events, RUNNING)
         self.errors: dict[str, str] = {}
         self.stopping: set[str] = set()
+        self.error_codes: dict[str, str] = {}
+        self.attempts = 0  # how many times Ray Train started the workers
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -75,7 +86,8 @@ class RunActor:
             run_config=RunConfig(
                 name=spec.run_id,
                 storage_path=str(spec.storage_path),
-                failure_config=FailureConfig(max_failures=0),
+                # A dead worker restarts the group; the recipe resumes from checkpoints.
+                failure_config=FailureConfig(max_failures=spec.max_worker_restarts),
             ),
         )
         try:
@@ -86,7 +98,9 @@ class RunActor:
             error = f"{type(cause).__name__}: {cause}".strip()
             self._end_unfinished(FAILED, error, traceback=traceback.format_exception(exc)[-5:])
 
-    def _end_unfinished(self, state: str, error: str, **data: Any) -> None:
+    def _end_unfinished(
+        self, state: str, error: str, code: str = "training_error", **data: Any
+    ) -> None:
         with self._lock:
             for job_id, current in self.states.items():
                 if current != RUNNING:
@@ -105,6 +119,7 @@ class RunActor:
                     },
                 )
                 self.errors[job_id] = error
+                self.error_codes[job_id] = code
                 self.states[job_id] = FAILED
 
     def _append(self, job_id: str, event: dict[str, Any]) -> None:
@@ -124,6 +139,13 @@ class RunActor:
                 self.states[job_id] = ending
                 if ending == FAILED:
                     self.errors[job_id] = (event.get("data") or {}).get("error", event["message"])
+
+    def begin_attempt(self) -> dict[str, Any]:
+        """Called by rank 0 as the workers start: the restart count and the jobs still on."""
+        with self._lock:
+            self.attempts += 1
+            running = [job_id for job_id, state in self.states.items() if state == RUNNING]
+            return {"restart": self.attempts - 1, "running": running}
 
     def stop_requests(self) -> list[str]:
         return sorted(self.stopping)
@@ -146,6 +168,7 @@ class RunActor:
                 "cursor": cursor + len(events),
                 "state": state,
                 "error": self.errors.get(job_id),
+                "error_code": self.error_codes.get(job_id),
             }
 
     def finished(self) -> bool:

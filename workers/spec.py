@@ -50,6 +50,9 @@ class RunSpec:
     model_cache_dir: Path
     storage_path: Path  # Ray Train's run folder (must be shared across nodes)
     zero3_param_persistence_threshold: int = 100_000
+    checkpoint_every_steps: int = 50  # and at the end of every epoch; 0: epochs only
+    checkpoint_keep_last: int = 3
+    max_worker_restarts: int = 2  # Ray Train restarts the workers up to this many times
 
     @property
     def precision(self) -> str:

@@ -90,9 +90,12 @@ def test_a_job_trains_a_real_adapter_end_to_end(
             assert 0.45 <= rank["min_fraction"] <= rank["max_fraction"] <= 0.55, rank
             assert rank["base_params_requiring_grad"] == 0
 
-        archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
-        assert archive.status_code == 200
-        assert archive.headers["content-type"] == "application/gzip"
+        # From S3 the download is a redirect to a short-lived presigned URL on the store.
+        redirect = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
+        assert redirect.status_code == 307
+        assert redirect.headers["location"].startswith(server.s3.endpoint_url)
+        archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter", follow_redirects=True)
+        assert archive.status_code == 200 and archive.content[:2] == b"\x1f\x8b"  # gzip
     adapter = tmp_path / "adapter"
     with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
         tar.extractall(adapter, filter="data")

@@ -1,0 +1,94 @@
+"""Worker failure: a Ray Train worker killed with SIGKILL after a checkpoint; the run
+restarts its workers, the job resumes from its checkpoint (not from step 0), and its
+adapter equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.workers.conftest import adapter, run, spec_for
+from workers.checkpoints import list_checkpoints
+from workers.objectstore import ObjectStoreConfig, open_object_store
+from workers.run_actor import SUCCEEDED
+from workers.spec import JobSpec, LoraSettings, TrainingSettings
+
+pytestmark = pytest.mark.slow
+
+JOB = JobSpec(
+    job_id="job-r",
+    tenant="",
+    attempt=1,
+    base_model="tiny-llama",
+    base_model_uri="",
+    training_file_key="files/shared/data-0.jsonl",
+    lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+    training=TrainingSettings(
+        n_epochs=20, batch_size=4, max_seq_len=48, learning_rate=5e-3, seed=9
+    ),
+)
+
+
+def train_worker_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_a_killed_worker_costs_only_the_steps_since_the_last_checkpoint(
+    ray_address: str,
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    def checkpointed(spec_tenant: str) -> Any:
+        return replace(
+            spec_for(
+                f"recovery-{spec_tenant}", [JOB], tiny_base, store_config, tmp_path, spec_tenant
+            ),
+            checkpoint_every_steps=10,
+            checkpoint_keep_last=2,
+            max_worker_restarts=2,
+        )
+
+    killed: dict[str, Any] = {}
+
+    def kill_after_first_checkpoint(
+        actor: Any, states: Any, events: dict[str, list[dict[str, Any]]]
+    ) -> None:
+        saved = [e["data"]["step"] for e in events["job-r"] if e["type"] == "checkpoint"]
+        if saved and not killed:
+            pids = train_worker_pids()
+            assert pids, "no Ray Train worker process found"
+            os.kill(pids[-1], signal.SIGKILL)
+            killed["after_step"] = saved[-1]
+
+    interrupted = run(checkpointed("killed"), kill_after_first_checkpoint, timeout=400)
+    assert interrupted["states"] == {"job-r": SUCCEEDED}
+    messages = [e["message"] for e in interrupted["job-r"]]
+    assert any("Workers restarted after a failure (restart 1" in m for m in messages), messages
+    resumed = [
+        e["data"]["resumed_from_step"]
+        for e in interrupted["job-r"]
+        if "resumed_from_step" in (e["data"] or {})
+    ]
+    assert resumed and resumed[0] >= killed["after_step"] > 0
+    steps = [e["data"]["step"] for e in interrupted["job-r"] if e["type"] == "metrics"]
+    assert steps.count(1) == 1, "training started over from step 0"
+
+    uninterrupted = run(checkpointed("clean"))
+    assert uninterrupted["states"] == {"job-r": SUCCEEDED}
+    ours, reference = (
+        adapter(store_config, "killed", "job-r"),
+        adapter(store_config, "clean", "job-r"),
+    )
+    worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
+    assert worst <= 1e-5, f"resumed adapter differs from uninterrupted by {worst}"
+
+    kept = list_checkpoints(open_object_store(store_config), "killed", "job-r")
+    assert len(kept) == 2 and kept[0].step > kept[1].step

@@ -1,0 +1,112 @@
+"""Per-job checkpoints in the object store: a loadable PEFT adapter plus the training state.
+
+    runs/{tenant}/{job_id}/checkpoints/step-{n}/adapter_config.json
+                                               /adapter_model.safetensors
+                                               /training_state.pt   (optimizer, schedule,
+                                                                     step, tokens, RNG)
+                                               /manifest.json       (written last)
+
+A checkpoint without a manifest (a writer that died half-way) is never used. A job resumes
+from its newest complete checkpoint whatever pack it trains in, so each can resume alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.layout import checkpoint_prefix
+from workers.objectstore import ObjectNotFound, ObjectStore
+from workers.publish import sha256_hex
+
+STATE = "training_state.pt"
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"checkpoints/step-(\d+)/")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    prefix: str
+    metrics: dict[str, Any]
+    created_at: int
+
+
+def write_checkpoint(
+    store: ObjectStore,
+    tenant: str,
+    job_id: str,
+    step: int,
+    adapter_folder: Path,
+    state: dict[str, Any],
+    metrics: dict[str, Any],
+    created_at: int,
+) -> CheckpointInfo:
+    prefix = checkpoint_prefix(tenant, job_id, step)
+    files: dict[str, dict[str, Any]] = {}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blobs = {STATE: buffer.getvalue()}
+    for path in sorted(adapter_folder.iterdir()):
+        blobs[path.name] = path.read_bytes()
+    for name, data in blobs.items():
+        store.put_bytes(prefix + name, data)
+        files[name] = {"sha256": sha256_hex(data), "size": len(data)}
+    manifest = {"step": step, "files": files, "metrics": metrics, "created_at": created_at}
+    store.put_bytes(prefix + MANIFEST, json.dumps(manifest, sort_keys=True).encode())
+    return CheckpointInfo(step, prefix, metrics, created_at)
+
+
+def list_checkpoints(store: ObjectStore, tenant: str, job_id: str) -> list[CheckpointInfo]:
+    """Complete checkpoints (manifest present), newest first."""
+    root = checkpoint_prefix(tenant, job_id, 0).rsplit("step-", 1)[0]
+    found = []
+    for key in store.list(root):
+        match = _STEP.search(key)
+        if not match or not key.endswith("/" + MANIFEST):
+            continue
+        try:
+            manifest = json.loads(store.get_bytes(key))
+        except ObjectNotFound:  # pruned meanwhile
+            continue
+        found.append(
+            CheckpointInfo(
+                int(match.group(1)),
+                key.removesuffix(MANIFEST),
+                manifest.get("metrics", {}),
+                manifest.get("created_at", 0),
+            )
+        )
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def read_checkpoint(
+    store: ObjectStore, info: CheckpointInfo
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter tensors and the training state, checked against the manifest."""
+    from safetensors.torch import load
+
+    manifest = json.loads(store.get_bytes(info.prefix + MANIFEST))
+    blobs = {}
+    for name, expected in manifest["files"].items():
+        data = store.get_bytes(info.prefix + name)
+        if sha256_hex(data) != expected["sha256"]:
+            raise ValueError(f"checkpoint {info.prefix}{name} does not match its manifest")
+        blobs[name] = data
+    state = torch.load(io.BytesIO(blobs[STATE]), weights_only=False)
+    return load(blobs["adapter_model.safetensors"]), state
+
+
+def prune_checkpoints(store: ObjectStore, tenant: str, job_id: str, keep_last: int) -> None:
+    """Removes all but the newest `keep_last` checkpoints; the manifest goes first, so a
+    half-deleted checkpoint is never taken for a complete one."""
+    for info in list_checkpoints(store, tenant, job_id)[keep_last:]:
+        store.delete(info.prefix + MANIFEST)
+        for key in store.list(info.prefix):
+            store.delete(key)
