@@ -22,8 +22,9 @@ from api.schemas import (
 )
 from orchestrator.errors import Conflict
 from orchestrator.idempotency import request_hash
-from orchestrator.jobs import NewJob, cancel_job, create_job
+from orchestrator.jobs import NewJob, cancel_job, create_job, fine_tuned_model_name
 from orchestrator.states import JobStatus
+from workers.checkpoints import list_checkpoints
 from workers.layout import ARCHIVE, adapter_key
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -185,22 +186,36 @@ def checkpoints(
     after: str | None = None,
     limit: Limit = 10,
 ) -> ListPage[FineTuningJobCheckpoint]:
-    """A job's saved adapters, newest first: today the final one of a succeeded job."""
+    """A job's saved adapters, newest first: the final one of a succeeded job, then its
+    periodic checkpoints (each one a loadable PEFT adapter in the object store)."""
     job = services.store.get_job(tenant, job_id)
-    found = []
-    if job.status == JobStatus.SUCCEEDED.value and job.fine_tuned_model:
-        last = services.store.last_metrics(job.id)
-        step = int((last or {}).get("step", 0))
-        found.append(
-            FineTuningJobCheckpoint(
-                id=f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}",
-                created_at=job.finished_at or job.created_at,
-                fine_tuned_model_checkpoint=f"{job.fine_tuned_model}:ckpt-step-{step}",
-                fine_tuning_job_id=job.id,
-                step_number=step,
-                metrics={"step": step, "train_loss": (last or {}).get("train_loss")},
+    steps: list[tuple[int, int, dict[str, Any]]] = []
+    if job.status == JobStatus.SUCCEEDED.value:
+        last = services.store.last_metrics(job.id) or {}
+        final_step = int(last.get("step", 0))
+        steps.append(
+            (
+                final_step,
+                job.finished_at or job.created_at,
+                {"step": final_step, "train_loss": last.get("train_loss")},
             )
         )
+    steps += [
+        (c.step, c.created_at, c.metrics)
+        for c in list_checkpoints(services.objects, job.tenant, job.id)
+    ]
+    name = job.fine_tuned_model or fine_tuned_model_name(job)
+    found = [
+        FineTuningJobCheckpoint(
+            id=f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}",
+            created_at=created_at,
+            fine_tuned_model_checkpoint=f"{name}:ckpt-step-{step}",
+            fine_tuning_job_id=job.id,
+            step_number=step,
+            metrics=metrics,
+        )
+        for step, created_at, metrics in steps
+    ]
     if after:
         ids = [c.id for c in found]
         found = found[ids.index(after) + 1 :] if after in ids else []

@@ -57,6 +57,12 @@ class LorafleetServer:
         except httpx.TransportError:
             return False
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when a machine or container dies."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -128,6 +134,7 @@ def server(
         "LORAFLEET_S3_SECRET_ACCESS_KEY": radosgw.secret_access_key,
         "LORAFLEET_BASE_MODELS": json.dumps(catalog),
         "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
+        "LORAFLEET_CHECKPOINT_EVERY_STEPS": "20",
         # Partition every weight of the tiny model, so ZeRO-3 sharding is observable.
         "LORAFLEET_ZERO3_PARAM_PERSISTENCE_THRESHOLD": "0",
         "RAY_ADDRESS": ray_address,
