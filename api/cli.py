@@ -27,6 +27,9 @@ def _api_keys():  # type: ignore[no-untyped-def]
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
+    scheduler: bool = typer.Option(
+        True, help="Run the scheduler in this process too (--no-scheduler for API replicas)."
+    ),
 ) -> None:
     """Run the API and the scheduler in one process (embedded defaults: SQLite, local Ray,
     local object store; see LORAFLEET_* settings)."""
@@ -44,7 +47,37 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(run_scheduler=True), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(run_scheduler=scheduler), host=host, port=port, log_level="info")
+
+
+@app.command("scheduler")
+def run_scheduler() -> None:
+    """Run the scheduler alone (production: next to `serve --no-scheduler` replicas; on
+    PostgreSQL several schedulers may run at once)."""
+    import signal
+    import threading
+
+    from orchestrator.db import make_engine, migrate
+    from orchestrator.runs import RayRuns
+    from orchestrator.scheduler import Scheduler
+    from orchestrator.settings import Settings
+    from orchestrator.store import JobStore
+    from workers.objectstore import open_object_store
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings()
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    objects = open_object_store(settings.object_store_config)
+    loop = Scheduler(settings, JobStore(engine), objects, RayRuns(settings))
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    loop.start()
+    stopped.wait()
+    loop.stop()
 
 
 @keys.command("create")

@@ -6,10 +6,13 @@ runs that survived it before it starts anything new), then fills free capacity.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 import time
-from typing import Any
+from typing import IO, Any
+
+from sqlalchemy.engine import make_url
 
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
@@ -26,6 +29,26 @@ from workers.publish import PublishError, store_adapter_archive, verify_adapter
 from workers.run_actor import CANCELLED, FAILED, SUCCEEDED
 
 log = logging.getLogger(__name__)
+
+
+def hold_single_scheduler_lock(database_url: str) -> IO[str] | None:
+    """SQLite supports one scheduler: a second one on the same file refuses to start.
+
+    PostgreSQL needs no lock: every claim is a guarded UPDATE that one scheduler wins.
+    """
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    handle = open(f"{url.database}.scheduler.lock", "a+")  # noqa: SIM115 - held for life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(
+            f"another scheduler already runs on the SQLite database {url.database}; SQLite "
+            "supports one scheduler (use PostgreSQL, LORAFLEET_DATABASE_URL, for several)"
+        ) from None
+    return handle
 
 
 class Scheduler:
@@ -56,6 +79,7 @@ class Scheduler:
             self._stop.wait(self.settings.scheduler_poll_seconds)
 
     def start(self) -> None:
+        self._lock = hold_single_scheduler_lock(self.settings.database_url)
         self._thread = threading.Thread(target=self.run_forever, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -169,6 +193,9 @@ class Scheduler:
         )
 
     def _run_vanished(self, job: JobRow) -> None:
+        # Another scheduler may have claimed the job and not created its run yet.
+        if job.started_at and time.time() - job.started_at < self.settings.run_start_grace_seconds:
+            return
         if job.status == JobStatus.CANCELLING.value:
             self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
             return

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(default=3, ge=1, description="Runs per job before it fails.")
     scheduler_poll_seconds: float = Field(default=0.5, gt=0)
+    run_start_grace_seconds: float = Field(
+        default=60, ge=0, description="A claimed job's run may take this long to appear on Ray."
+    )
     # DeepSpeed keeps parameters smaller than this whole on every rank; 0 partitions all.
     zero3_param_persistence_threshold: int = Field(default=100_000, ge=0)
 

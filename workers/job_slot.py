@@ -113,6 +113,23 @@ class JobSlot:
         self.step += 1
         return float(norm)
 
+    def training_state(self, **extra: Any) -> dict[str, Any]:
+        """What a checkpoint needs beyond the factors to continue exactly where it was."""
+        assert self.optimizer is not None
+        return {
+            "step": self.step,
+            "trained_tokens": self.trained_tokens,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            **extra,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        assert self.optimizer is not None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.trained_tokens = state["step"], state["trained_tokens"]
+
     @property
     def learning_rate(self) -> float:
         return float(self.schedule.get_last_lr()[0])

@@ -14,7 +14,6 @@ stay whole on every rank, outside DeepSpeed, so each job keeps an optimizer of i
 from __future__ import annotations
 
 import math
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from workers.checkpoints import (
 )
 from workers.deepspeed_config import build_deepspeed_config
 from workers.job_slot import JobSlot, SlotState, load_job_slot
+from workers.memory_report import rank_memory_report
 from workers.objectstore import open_object_store
 from workers.packed_lora import (
     Routing,
@@ -211,7 +211,6 @@ class PackTrainingRecipe:
 
     def train(self) -> None:
         self.model.train()
-        self.step_seconds: list[float] = []
         while True:
             stop = self._stop_requests()
             for slot in self.active():
@@ -268,7 +267,6 @@ class PackTrainingRecipe:
             "gradient_sync": sync_done - backward_done,
             "optimizer": elapsed - (sync_done - started),
         }
-        self.step_seconds.append(elapsed)
         tokens = [float(batch["attention_mask"][b : b + n].sum()) for b, n in self._offsets()]
         totals = torch.tensor(
             [[loss.item(), t] for loss, t in zip(losses, tokens, strict=True)], device=self.device
@@ -352,14 +350,7 @@ class PackTrainingRecipe:
         dist.all_gather_object(rng, generator.get_state() if generator is not None else None)
         if self.rank != 0:
             return
-        assert slot.optimizer is not None
-        state = {
-            "step": slot.step,
-            "trained_tokens": slot.trained_tokens,
-            "optimizer": slot.optimizer.state_dict(),
-            "schedule": slot.schedule.state_dict(),
-            "dropout_rng": rng,
-        }
+        state = slot.training_state(dropout_rng=rng)
         metrics = {"step": slot.step, "train_loss": slot.last_loss}
         store = open_object_store(self.spec.object_store)
         with tempfile.TemporaryDirectory() as folder:
@@ -389,11 +380,8 @@ class PackTrainingRecipe:
         if not saved:
             return
         tensors, state = read_checkpoint(store, saved[0])
-        assert slot.optimizer is not None
         load_slot_state(self.model, slot.job_id, tensors)
-        slot.optimizer.load_state_dict(state["optimizer"])
-        slot.schedule.load_state_dict(state["schedule"])
-        slot.step, slot.trained_tokens = state["step"], state["trained_tokens"]
+        slot.restore(state)
         generator = self.routing.generators.get(slot.job_id)
         if generator is not None and state["dropout_rng"][self.rank] is not None:
             generator.set_state(state["dropout_rng"][self.rank])
@@ -405,25 +393,8 @@ class PackTrainingRecipe:
         )
 
     def _partitioning(self) -> list[dict[str, Any]]:
-        """How much of each frozen base weight every rank holds (ZeRO-3 shards), and its memory."""
-        fractions, base_grad, held_bytes = [], 0, 0
-        for name, param in self.model.named_parameters():
-            if ".lora_" in name:
-                continue
-            base_grad += int(param.requires_grad)
-            local = param.ds_tensor if hasattr(param, "ds_tensor") else param
-            held_bytes += local.numel() * local.element_size()
-            fractions.append(local.numel() / getattr(param, "ds_numel", param.numel()))
-        mine = {
-            "rank": self.rank,
-            "base_bytes_held": held_bytes,
-            "min_fraction": min(fractions),
-            "max_fraction": max(fractions),
-            "base_params_requiring_grad": base_grad,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "mean_step_seconds": sum(self.step_seconds) / max(1, len(self.step_seconds)),
-            "steps": len(self.step_seconds),
-        }
+        """What every rank holds of the frozen base, and its memory (a collective)."""
+        mine = rank_memory_report(self.model, self.rank)
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         return gathered
