@@ -127,7 +127,7 @@ class S3ObjectStore:
     checked when an operation requires them; our own sha256 manifests cover integrity.
     """
 
-    def __init__(self, config: ObjectStoreConfig, retries: int = 5) -> None:
+    def __init__(self, config: ObjectStoreConfig, retries: int = 8) -> None:
         import boto3
         from botocore.config import Config
 

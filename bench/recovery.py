@@ -1,0 +1,201 @@
+"""Recovery benchmark: what a crash costs, measured on the real stack.
+
+- worker kill: SIGKILL of one Ray Train worker after a checkpoint; prints the time from the
+  kill to the next training step, and the steps trained again (the kill step minus the
+  step the job resumed from).
+- control-plane kill: SIGKILL of `lorafleet serve` mid-run, then a restart; prints the time
+  from the kill until the restarted server records the job's next step, and the steps lost
+  (runs live in detached Ray actors, so training itself never stops).
+
+    .venv/bin/python bench/recovery.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+
+from workers.objectstore import ObjectStoreConfig, open_object_store
+from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
+from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
+from workers.tiny_base import build_tiny_base
+
+DATA = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(4)]
+
+
+def worker_kill(folder: Path, base: Path) -> tuple[float, int]:
+    store = ObjectStoreConfig(url=str(folder / "objects"))
+    open_object_store(store).put_bytes("files/b/d.jsonl", "\n".join(map(json.dumps, DATA)).encode())
+    spec = RunSpec(
+        run_id="recovery-worker",
+        jobs=(
+            JobSpec(
+                job_id="job",
+                tenant="b",
+                attempt=1,
+                base_model="tiny",
+                base_model_uri=str(base),
+                training_file_key="files/b/d.jsonl",
+                lora=LoraSettings(r=8, alpha=16),
+                training=TrainingSettings(n_epochs=40, batch_size=4, learning_rate=1e-3),
+            ),
+        ),
+        num_workers=2,
+        use_gpu=False,
+        object_store=store,
+        model_cache_dir=folder / "cache",
+        storage_path=folder / "ray",
+        checkpoint_every_steps=20,
+    )
+    actor = RunActor.options(  # type: ignore[attr-defined]
+        name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached"
+    ).remote(spec)
+    ray.get(actor.start.remote())
+    events: list[dict[str, Any]] = []
+    killed_at = kill_step = None
+    resumed_step = recovered_s = None
+    while True:
+        polled = ray.get(actor.poll.remote("job", len(events)))
+        fresh = polled["events"]
+        events.extend(fresh)
+        for event in fresh:
+            data = event.get("data") or {}
+            if event["type"] == "checkpoint" and killed_at is None and data["step"] >= 40:
+                pids = subprocess.run(
+                    ["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True
+                )
+                os.kill(int(pids.stdout.split()[-1]), signal.SIGKILL)
+                killed_at = time.perf_counter()
+                kill_step = max(e["data"]["step"] for e in events if e["type"] == "metrics")
+            if "resumed_from_step" in data:
+                resumed_step = data["resumed_from_step"]
+            if event["type"] == "metrics" and resumed_step is not None and recovered_s is None:
+                assert killed_at is not None
+                recovered_s = time.perf_counter() - killed_at
+        if polled["state"] != RUNNING:
+            break
+        time.sleep(0.05)
+    while not ray.get(actor.finished.remote()):
+        time.sleep(0.1)
+    ray.kill(actor)
+    assert polled["state"] == "succeeded", polled
+    assert recovered_s is not None and kill_step is not None and resumed_step is not None
+    return recovered_s, kill_step - resumed_step
+
+
+def control_plane_kill(folder: Path, base: Path, ray_address: str) -> tuple[float, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "LORAFLEET_DATA_DIR": str(folder / "state"),
+        "LORAFLEET_BASE_MODELS": json.dumps({"tiny": str(base)}),
+        "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
+        "RAY_ADDRESS": ray_address,
+    }
+    log = open(folder / "server.log", "ab")  # noqa: SIM115 - lives as long as the benchmark
+
+    def start() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise SystemExit("server did not start")
+
+    def steps(client: httpx.Client, job_id: str) -> list[int]:
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()[
+            "data"
+        ]
+        return [e["data"]["step"] for e in page if e["type"] == "metrics"]
+
+    server = start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    body = "\n".join(map(json.dumps, DATA)).encode()
+    file_id = client.post(
+        "/v1/files", files={"file": ("d.jsonl", body)}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 60}},
+    ).json()
+    while len(steps(client, job["id"])) < 20:
+        time.sleep(0.1)
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    killed_at = time.perf_counter()
+    server = start()
+    before = None
+    while True:
+        current = steps(client, job["id"])
+        if before is None:
+            before = max(current)
+        elif max(current) > before:
+            adopted_s = time.perf_counter() - killed_at
+            break
+        time.sleep(0.05)
+    while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        time.sleep(0.2)
+    all_events = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+        page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params=params).json()
+        all_events += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    recorded = sorted(e["data"]["step"] for e in all_events if e["type"] == "metrics")
+    server.terminate()
+    server.wait()
+    lost = recorded[-1] - len(set(recorded)) if recorded else 0  # steps with no metrics
+    return adopted_s, lost
+
+
+def main() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="lorafleet-recovery-"))
+    base = build_tiny_base(folder / "base")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        log_to_driver=False,
+    )
+    worker_s, worker_lost = worker_kill(folder, base)
+    control_s, control_lost = control_plane_kill(
+        folder, base, ray.get_runtime_context().gcs_address
+    )
+    ray.shutdown()
+    print(
+        f"worker kill: {worker_s:.1f} s from kill to the next step; {worker_lost} steps trained again"
+    )
+    print(
+        f"control-plane kill: {control_s:.1f} s from kill to the next recorded step; {control_lost} steps lost"
+    )
+
+
+if __name__ == "__main__":
+    main()
