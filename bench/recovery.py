@@ -189,12 +189,8 @@ def main() -> None:
         folder, base, ray.get_runtime_context().gcs_address
     )
     ray.shutdown()
-    print(
-        f"worker kill: {worker_s:.1f} s from kill to the next step; {worker_lost} steps trained again"
-    )
-    print(
-        f"control-plane kill: {control_s:.1f} s from kill to the next recorded step; {control_lost} steps lost"
-    )
+    print(f"worker kill: {worker_s:.1f} s from kill to the next step; {worker_lost} steps redone")
+    print(f"control-plane kill: {control_s:.1f} s to the next recorded step; {control_lost} lost")
 
 
 if __name__ == "__main__":
