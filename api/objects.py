@@ -52,6 +52,7 @@ def job_object(row: JobRow) -> FineTuningJob:
         lora=row.settings["lora"],
         training=row.settings["training"],
         resources=row.settings["resources"],
+        from_checkpoint=(row.settings.get("from_checkpoint") or {}).get("checkpoint"),
     )
 
 

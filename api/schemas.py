@@ -86,6 +86,12 @@ class FineTuningJobCreate(Strict):
         default=None, description="Deprecated by OpenAI in favour of method; still accepted."
     )
     integrations: list[dict[str, Any]] | None = Field(default=None, max_length=0)
+    from_checkpoint: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Start from a checkpoint (an id from GET …/{id}/checkpoints) of one of "
+        "your jobs, with the same LoRA settings.",
+    )
     lora: LoraOptions = Field(default_factory=LoraOptions)
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     resources: ResourceOptions = Field(default_factory=ResourceOptions)
@@ -162,6 +168,7 @@ class FineTuningJob(BaseModel):
     lora: dict[str, Any]
     training: dict[str, Any]
     resources: dict[str, Any]
+    from_checkpoint: str | None = None
 
 
 class FineTuningJobEvent(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.errors import InvalidRequest, PayloadTooLarge
+from orchestrator.idempotency import Idempotency
 from orchestrator.models import FileRow
 from orchestrator.store import JobStore, new_id, now
 from workers.examples import DatasetError, summarize_jsonl
@@ -22,6 +23,7 @@ def upload_file(
     data: bytes,
     max_bytes: int,
     max_lines: int,
+    idempotency: Idempotency | None = None,
 ) -> FileRow:
     if purpose not in PURPOSES:
         raise InvalidRequest(
@@ -49,5 +51,6 @@ def upload_file(
             object_key=key,
             format=summary.format,
             examples=summary.examples,
-        )
+        ),
+        idempotency,
     )

@@ -1,94 +1,79 @@
 """Idempotency-Key: a retried request gets the first response instead of a second object.
 
-The first request with a key inserts a pending record (the primary key makes this a race
-exactly one request wins), does the work, and stores its response; a concurrent duplicate
-waits for that response. The same key with a different body is refused.
+The record of a key is written in the same transaction as the object it created, so a
+crash leaves either both or neither, and of concurrent duplicates exactly one commits
+(the key is the primary key); the others then read its response. The same key with a
+different body is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.errors import Conflict, IdempotencyMismatch
+from orchestrator.errors import IdempotencyMismatch
 from orchestrator.models import IdempotencyRow
-from orchestrator.store import now
+from orchestrator.store import DuplicateIdempotencyKey, now
 
-WAIT_FOR_FIRST_S = 60.0
+__all__ = ["DuplicateIdempotencyKey", "Idempotency", "IdempotencyKeys", "request_hash"]
 
 
 def request_hash(*parts: Any) -> str:
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(
-            part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode()
-        )
+        encoded = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode()
+        digest.update(encoded)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's key, and how to render the response to store for its retries."""
+
+    tenant: str
+    endpoint: str
+    key: str
+    request_hash: str
+    render: Callable[[Any], dict[str, Any]]
+
+    def record(self, session: Session, created: Any) -> None:
+        """Adds the key's record to the transaction that creates `created`."""
+        session.add(
+            IdempotencyRow(
+                tenant=self.tenant,
+                endpoint=self.endpoint,
+                key=self.key,
+                request_hash=self.request_hash,
+                status_code=200,
+                response=self.render(created),
+                created_at=now(),
+            )
+        )
 
 
 class IdempotencyKeys:
     def __init__(self, engine: Engine) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
 
-    def run(
-        self,
-        tenant: str,
-        endpoint: str,
-        key: str,
-        body_hash: str,
-        produce: Callable[[], dict[str, Any]],
-    ) -> dict[str, Any]:
-        """The stored response for (tenant, endpoint, key), or `produce()`'s, stored."""
-        where = (
-            IdempotencyRow.tenant == tenant,
-            IdempotencyRow.endpoint == endpoint,
-            IdempotencyRow.key == key,
-        )
-        try:
-            with self.sessions.begin() as session:
-                session.add(
-                    IdempotencyRow(
-                        tenant=tenant,
-                        endpoint=endpoint,
-                        key=key,
-                        request_hash=body_hash,
-                        created_at=now(),
-                    )
+    def replay(self, request: Idempotency) -> dict[str, Any] | None:
+        """The first response to this key, None if the key is new; refuses another body."""
+        with self.sessions() as session:
+            row = session.scalar(
+                select(IdempotencyRow).where(
+                    IdempotencyRow.tenant == request.tenant,
+                    IdempotencyRow.endpoint == request.endpoint,
+                    IdempotencyRow.key == request.key,
                 )
-        except IntegrityError:
-            return self._replay(where, key, body_hash)
-        try:
-            response = produce()
-        except BaseException:
-            # Nothing was created: free the key so the client's retry can do the work.
-            with self.sessions.begin() as session:
-                session.execute(delete(IdempotencyRow).where(*where))
-            raise
-        with self.sessions.begin() as session:
-            session.execute(
-                update(IdempotencyRow).where(*where).values(status_code=200, response=response)
             )
-        return response
-
-    def _replay(self, where: Any, key: str, body_hash: str) -> dict[str, Any]:
-        deadline = time.monotonic() + WAIT_FOR_FIRST_S
-        while True:
-            with self.sessions() as session:
-                row = session.scalar(select(IdempotencyRow).where(*where))
-            if row is None:  # the first request failed and freed the key: nothing to replay
-                raise Conflict(f"the first request with Idempotency-Key {key!r} failed; retry it")
-            if row.request_hash != body_hash:
-                raise IdempotencyMismatch(key)
-            if row.response is not None:
-                return row.response
-            if time.monotonic() > deadline:
-                raise Conflict(f"the first request with Idempotency-Key {key!r} is still running")
-            time.sleep(0.05)
+        if row is None:
+            return None
+        if row.request_hash != request.request_hash:
+            raise IdempotencyMismatch(request.key)
+        return row.response

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from orchestrator.idempotency import Idempotency
 from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore, new_id, now
-from workers.layout import file_key
+from workers.layout import adapter_prefix, checkpoint_prefix, file_key
 from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 
 DEFAULT_EPOCHS = 3
@@ -41,6 +42,8 @@ class NewJob:
     training: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
     packing: bool = True
+    from_checkpoint: str | None = None
+    lora_given: bool = False
 
 
 def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any]:
@@ -74,7 +77,13 @@ def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any
     }
 
 
-def create_job(store: JobStore, settings: Settings, tenant: str, request: NewJob) -> JobRow:
+def create_job(
+    store: JobStore,
+    settings: Settings,
+    tenant: str,
+    request: NewJob,
+    idempotency: Idempotency | None = None,
+) -> JobRow:
     limit = settings.max_active_jobs_per_tenant
     if store.count_unfinished_jobs(tenant) >= limit:
         raise RateLimited(
@@ -102,6 +111,21 @@ def create_job(store: JobStore, settings: Settings, tenant: str, request: NewJob
             raise InvalidRequest(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
+    resolved = resolve_settings(request, settings.default_num_workers)
+    if request.from_checkpoint:
+        source, start = _checkpoint_source(store, tenant, request.from_checkpoint)
+        if request.lora_given and resolved["lora"] != source.settings["lora"]:
+            raise InvalidRequest(
+                "lora must match the checkpoint's job (or be left out to inherit it)",
+                param="lora",
+            )
+        if source.model != request.model:
+            raise InvalidRequest(
+                f"the checkpoint was trained on {source.model!r}, not {request.model!r}",
+                param="model",
+            )
+        resolved["lora"] = source.settings["lora"]
+        resolved["from_checkpoint"] = start
     job = JobRow(
         id=new_id("ftjob"),
         tenant=tenant,
@@ -113,11 +137,34 @@ def create_job(store: JobStore, settings: Settings, tenant: str, request: NewJob
         status=JobStatus.VALIDATING_FILES.value,
         attempt=0,
         created_at=now(),
-        settings=resolve_settings(request, settings.default_num_workers),
+        settings=resolved,
         user_metadata=request.metadata,
         event_cursor=0,
     )
-    return store.add_job(job, f"Created fine-tuning job: {job.id}")
+    return store.add_job(job, f"Created fine-tuning job: {job.id}", idempotency)
+
+
+def _checkpoint_source(
+    store: JobStore, tenant: str, checkpoint_id: str
+) -> tuple[JobRow, dict[str, Any]]:
+    """The job a checkpoint id (`ftckpt-{job}-{step}`) belongs to, and where its adapter is."""
+    body, _, step = checkpoint_id.removeprefix("ftckpt-").rpartition("-")
+    try:
+        source = store.get_job(tenant, f"ftjob-{body}")
+    except NotFound as exc:
+        raise InvalidRequest(
+            f"from_checkpoint {checkpoint_id!r} does not exist", param="from_checkpoint"
+        ) from exc
+    if not step.isdigit():
+        raise InvalidRequest(
+            f"from_checkpoint {checkpoint_id!r} is not a checkpoint id", param="from_checkpoint"
+        )
+    final = store.last_metrics(source.id) or {}
+    if source.status == JobStatus.SUCCEEDED.value and int(final.get("step", -1)) == int(step):
+        prefix = adapter_prefix(source.tenant, source.id)
+    else:
+        prefix = checkpoint_prefix(source.tenant, source.id, int(step))
+    return source, {"checkpoint": checkpoint_id, "adapter_prefix": prefix}
 
 
 def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:

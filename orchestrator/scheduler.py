@@ -23,7 +23,7 @@ from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id, now
 from workers.examples import DatasetError, parse_jsonl
-from workers.layout import file_key
+from workers.layout import ADAPTER_WEIGHTS, file_key
 from workers.objectstore import ObjectNotFound, ObjectStore
 from workers.publish import PublishError, store_adapter_archive, verify_adapter
 from workers.run_actor import CANCELLED, FAILED, SUCCEEDED
@@ -95,6 +95,11 @@ class Scheduler:
                 parse_jsonl(self.objects.get_bytes(file_key(job.tenant, job.training_file)))
             except (ObjectNotFound, DatasetError) as exc:
                 self._fail(job, "invalid_file", f"training_file: {exc}", param="training_file")
+                continue
+            start = job.settings.get("from_checkpoint")
+            if start and not self.objects.exists(start["adapter_prefix"] + ADAPTER_WEIGHTS):
+                message = f"from_checkpoint: {start['checkpoint']} is no longer stored"
+                self._fail(job, "invalid_checkpoint", message, param="from_checkpoint")
                 continue
             self._move(job, JobStatus.QUEUED, "Files validated; job queued")
 

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import InvalidTransition, NotFound
 from orchestrator.models import FileRow, JobEventRow, JobRow
 from orchestrator.states import JobStatus, sources_of
+
+if TYPE_CHECKING:
+    from orchestrator.idempotency import Idempotency
+
+
+class DuplicateIdempotencyKey(Exception):
+    """Another request with the same Idempotency-Key committed first."""
 
 
 def new_id(prefix: str) -> str:
@@ -34,9 +43,11 @@ class JobStore:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
 
     # ---- files ----
-    def add_file(self, row: FileRow) -> FileRow:
-        with self.sessions.begin() as session:
+    def add_file(self, row: FileRow, idempotency: Idempotency | None = None) -> FileRow:
+        with self._creating(idempotency) as session:
             session.add(row)
+            if idempotency:
+                idempotency.record(session, row)
         return row
 
     def get_file(self, tenant: str, file_id: str, param: str | None = None) -> FileRow:
@@ -60,12 +71,25 @@ class JobStore:
         return row
 
     # ---- jobs ----
-    def add_job(self, row: JobRow, message: str) -> JobRow:
-        with self.sessions.begin() as session:
+    def add_job(self, row: JobRow, message: str, idempotency: Idempotency | None = None) -> JobRow:
+        with self._creating(idempotency) as session:
             session.add(row)
             session.flush()
             session.add(_event(row.id, message, data={"status": row.status}))
+            if idempotency:
+                idempotency.record(session, row)
         return row
+
+    @contextmanager
+    def _creating(self, idempotency: Idempotency | None) -> Iterator[Session]:
+        """One transaction for an object and its idempotency record: both or neither."""
+        try:
+            with self.sessions.begin() as session:
+                yield session
+        except IntegrityError as exc:
+            if idempotency is None:
+                raise
+            raise DuplicateIdempotencyKey(idempotency.key) from exc
 
     def get_job(self, tenant: str, job_id: str) -> JobRow:
         with self.sessions() as session:

@@ -12,7 +12,7 @@ from api.objects import file_object
 from api.schemas import ErrorResponse, FileDeleted, FileObject, ListPage
 from orchestrator.errors import PayloadTooLarge
 from orchestrator.files import upload_file
-from orchestrator.idempotency import request_hash
+from orchestrator.idempotency import DuplicateIdempotencyKey, Idempotency, request_hash
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -43,27 +43,41 @@ async def create_file(
     data = await _read_bounded(file, services.settings.max_upload_bytes)
     filename = file.filename or "upload.jsonl"
 
-    def upload() -> dict[str, object]:
-        row = upload_file(
-            services.store,
-            services.objects,
+    idempotency = (
+        Idempotency(
             tenant=tenant,
-            filename=filename,
-            purpose=purpose,
-            data=data,
-            max_bytes=services.settings.max_upload_bytes,
-            max_lines=services.settings.max_file_lines,
+            endpoint="files.create",
+            key=idempotency_key,
+            request_hash=request_hash(filename, purpose, data),
+            render=lambda row: file_object(row).model_dump(mode="json"),
         )
-        return file_object(row).model_dump(mode="json")
+        if idempotency_key
+        else None
+    )
+
+    def upload() -> FileObject:
+        first = services.idempotency.replay(idempotency) if idempotency else None
+        if first is None:
+            try:
+                row = upload_file(
+                    services.store,
+                    services.objects,
+                    tenant=tenant,
+                    filename=filename,
+                    purpose=purpose,
+                    data=data,
+                    max_bytes=services.settings.max_upload_bytes,
+                    max_lines=services.settings.max_file_lines,
+                    idempotency=idempotency,
+                )
+                return file_object(row)
+            except DuplicateIdempotencyKey:  # a concurrent duplicate won; answer as it did
+                assert idempotency is not None
+                first = services.idempotency.replay(idempotency)
+        return FileObject.model_validate(first)
 
     # Storage and database calls block: keep them off the event loop.
-    if not idempotency_key:
-        return FileObject.model_validate(await run_in_threadpool(upload))
-    body_hash = request_hash(filename, purpose, data)
-    replayed = await run_in_threadpool(
-        services.idempotency.run, tenant, "files.create", idempotency_key, body_hash, upload
-    )
-    return FileObject.model_validate(replayed)
+    return await run_in_threadpool(upload)
 
 
 @router.get("", response_model=ListPage[FileObject])

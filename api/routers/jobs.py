@@ -21,7 +21,7 @@ from api.schemas import (
     ListPage,
 )
 from orchestrator.errors import Conflict
-from orchestrator.idempotency import request_hash
+from orchestrator.idempotency import DuplicateIdempotencyKey, Idempotency, request_hash
 from orchestrator.jobs import NewJob, cancel_job, create_job, fine_tuned_model_name
 from orchestrator.states import JobStatus
 from workers.checkpoints import list_checkpoints
@@ -65,20 +65,27 @@ def create(
         training=training,
         resources=body.resources.model_dump(exclude_none=True),
         packing=body.training.packing,
+        from_checkpoint=body.from_checkpoint,
+        lora_given="lora" in body.model_fields_set,
     )
-
-    def create() -> dict[str, Any]:
-        job = create_job(services.store, services.settings, tenant, request)
-        return job_object(job).model_dump(mode="json")
 
     if not idempotency_key:
-        return FineTuningJob.model_validate(create())
-    body_hash = request_hash(body.model_dump(mode="json"))
-    return FineTuningJob.model_validate(
-        services.idempotency.run(
-            tenant, "fine_tuning.jobs.create", idempotency_key, body_hash, create
-        )
+        return job_object(create_job(services.store, services.settings, tenant, request))
+    idempotency = Idempotency(
+        tenant=tenant,
+        endpoint="fine_tuning.jobs.create",
+        key=idempotency_key,
+        request_hash=request_hash(body.model_dump(mode="json")),
+        render=lambda row: job_object(row).model_dump(mode="json"),
     )
+    first = services.idempotency.replay(idempotency)
+    if first is None:
+        try:
+            job = create_job(services.store, services.settings, tenant, request, idempotency)
+            return job_object(job)
+        except DuplicateIdempotencyKey:  # a concurrent duplicate won; answer as it did
+            first = services.idempotency.replay(idempotency)
+    return FineTuningJob.model_validate(first)
 
 
 @router.get("", response_model=ListPage[FineTuningJob], responses=ERRORS)

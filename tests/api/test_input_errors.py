@@ -143,3 +143,20 @@ def test_cancelling_before_it_runs_and_then_again(client: TestClient) -> None:
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
     no_adapter = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
     assert no_adapter.status_code == 409
+
+
+def test_from_checkpoint_must_name_a_checkpoint_of_ones_own_job(client: TestClient) -> None:
+    file_id = upload(client, GOOD)["id"]
+    source = create(client, model="tiny", training_file=file_id, lora={"r": 4}).json()
+    checkpoint = f"ftckpt-{source['id'].removeprefix('ftjob-')}-10"
+    forked = create(client, model="tiny", training_file=file_id, from_checkpoint=checkpoint)
+    assert forked.status_code == 200, forked.text
+    assert forked.json()["from_checkpoint"] == checkpoint
+    assert forked.json()["lora"]["r"] == 4  # inherited from the checkpoint's job
+    mismatch = create(
+        client, model="tiny", training_file=file_id, from_checkpoint=checkpoint, lora={"r": 8}
+    )
+    assert_error(mismatch, 400, "lora", "must match")
+    for bogus in ("ftckpt-nope-1", f"ftckpt-{source['id'].removeprefix('ftjob-')}-x", "x"):
+        bad = create(client, model="tiny", training_file=file_id, from_checkpoint=bogus)
+        assert_error(bad, 400, "from_checkpoint", bogus)

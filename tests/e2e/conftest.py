@@ -36,12 +36,21 @@ class LorafleetServer:
     s3: RadosGW
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
+    extra_args: tuple[str, ...] = ()
 
-    def start(self) -> None:
-        self.port = free_port()
+    def start(self, same_port: bool = False) -> None:
+        self.port = self.port if same_port and self.port else free_port()
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "api.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    *self.extra_args,
+                ],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -203,3 +203,39 @@ def test_a_training_error_fails_only_that_job_with_its_reason(server: LorafleetS
     assert job["error"]["code"] == "training_error"
     assert "no_such_proj" in job["error"]["message"]
     assert job["fine_tuned_model"] is None
+
+
+def test_a_job_can_start_from_another_jobs_checkpoint(server: LorafleetServer) -> None:
+    with server.client() as client:
+        file_id = upload(client, DATA)
+        common = {"model": "tiny-llama", "training_file": file_id, "resources": {"num_workers": 2}}
+        source = submit(
+            client,
+            **common,
+            seed=4,
+            lora={"r": 4, "alpha": 8},
+            training={"learning_rate": 1e-2},
+            hyperparameters={"n_epochs": 3},
+        )
+        assert server.wait_until_terminal(client, source["id"])["status"] == "succeeded"
+        checkpoints = client.get(f"/v1/fine_tuning/jobs/{source['id']}/checkpoints").json()["data"]
+        final = checkpoints[0]
+        forked = submit(
+            client,
+            **common,
+            seed=4,
+            from_checkpoint=final["id"],
+            training={"learning_rate": 1e-2},
+            hyperparameters={"n_epochs": 1},
+        )
+        assert forked["lora"]["r"] == 4
+        assert server.wait_until_terminal(client, forked["id"])["status"] == "succeeded"
+
+        def first_loss(job_id: str) -> float:
+            events = server.all_events(client, job_id)
+            return float(next(e["data"]["train_loss"] for e in events if e["type"] == "metrics"))
+
+        messages = [e["message"] for e in server.all_events(client, forked["id"])]
+        assert any(m.startswith(f"Started from checkpoint {final['id']}") for m in messages)
+        # It starts where the source ended, not from the base.
+        assert first_loss(forked["id"]) < first_loss(source["id"]) - 0.05
