@@ -30,7 +30,7 @@ from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
 from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.tiny_base import build_tiny_base
 
-console = Console()
+console = Console(width=150)
 WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music"]
 
 

@@ -197,6 +197,8 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         training_file_key=file_key(job.tenant, job.training_file),
         lora=LoraSettings(**lora),
         training=TrainingSettings(**job.settings["training"], seed=job.seed),
+        start_from=(job.settings.get("from_checkpoint") or {}).get("adapter_prefix"),
+        start_from_name=(job.settings.get("from_checkpoint") or {}).get("checkpoint"),
     )
 
 

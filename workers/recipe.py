@@ -378,6 +378,17 @@ class PackTrainingRecipe:
         store = open_object_store(self.spec.object_store)
         saved = list_checkpoints(store, slot.spec.tenant, slot.job_id)
         if not saved:
+            if slot.spec.start_from:  # a new job forked from another job's checkpoint
+                from safetensors.torch import load
+
+                weights = store.get_bytes(slot.spec.start_from + "adapter_model.safetensors")
+                load_slot_state(self.model, slot.job_id, load(weights))
+                self._report(
+                    slot.job_id,
+                    "message",
+                    f"Started from checkpoint {slot.spec.start_from_name}",
+                    {"start_from": slot.spec.start_from_name},
+                )
             return
         tensors, state = read_checkpoint(store, saved[0])
         load_slot_state(self.model, slot.job_id, tensors)

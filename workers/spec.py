@@ -38,6 +38,9 @@ class JobSpec:
     training_file_key: str
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    # Object-store folder of a PEFT adapter to start from (from_checkpoint), or None.
+    start_from: str | None = None
+    start_from_name: str | None = None
 
 
 @dataclass(frozen=True)
