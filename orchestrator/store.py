@@ -189,14 +189,20 @@ class JobStore:
         cursor: int,
         **values: Any,
     ) -> bool:
-        """Stores a run's new events and moves the job's cursor, fenced by attempt.
+        """Stores a run's new events and moves the job's cursor from where they started,
+        fenced by attempt and by that cursor.
 
-        Returns False (storing nothing) if the job has moved on to another attempt.
+        Returns False (storing nothing) if the job has moved on to another attempt, or if
+        another scheduler already stored these events.
         """
         with self.sessions.begin() as session:
             result = session.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.attempt == attempt)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.attempt == attempt,
+                    JobRow.event_cursor == cursor - len(events),
+                )
                 .values(event_cursor=cursor, **values)
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ def api_only(tmp_path: Path, tiny_base: Path, radosgw: RadosGW) -> Iterator[Lora
         **os.environ,
         "LORAFLEET_DATA_DIR": str(tmp_path / "state"),
         "LORAFLEET_BASE_MODELS": json.dumps({"tiny": str(tiny_base)}),
+        "LORAFLEET_MAX_ACTIVE_JOBS_PER_TENANT": "1000",  # nothing runs here: all stay queued
     }
     server = LorafleetServer(
         env=env, log=tmp_path / "server.log", bucket="", s3=radosgw, extra_args=("--no-scheduler",)

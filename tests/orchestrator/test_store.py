@@ -146,3 +146,11 @@ def test_run_events_are_stored_in_order_with_the_cursor(store: JobStore) -> None
     older, has_more = store.list_events("t1", job.id, after=newest[-1].id, limit=10)
     assert [e.message for e in older] == ["step 1", "Created"] and not has_more
     assert [e.type for e in store.events_since(job.id, 0)] == ["message", *["metrics"] * 3]
+
+
+def test_two_schedulers_storing_the_same_run_events_store_them_once(store: JobStore) -> None:
+    job = add_job(store)
+    events = [{"type": "metrics", "message": "step 1", "data": {"step": 1}}]
+    assert store.record_run_events(job.id, 0, events, cursor=1)
+    assert not store.record_run_events(job.id, 0, events, cursor=1)  # the slower one
+    assert [e.message for e in store.events_since(job.id, 0)] == ["Created", "step 1"]
