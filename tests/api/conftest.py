@@ -16,13 +16,18 @@ GOOD_RECORDS = [{"prompt": "1+1=", "completion": "2"}]
 
 
 @pytest.fixture()
-def client(tmp_path: Path, tiny_base: Path) -> Iterator[TestClient]:
-    """The API on embedded defaults, without the scheduler (nothing here needs Ray)."""
-    settings = Settings(
+def settings(tmp_path: Path, tiny_base: Path) -> Settings:
+    """Embedded defaults in a fresh folder, with the tiny base in the catalog."""
+    return Settings(
         data_dir=tmp_path / "state",
         base_models={"tiny": str(tiny_base)},
         max_upload_bytes=MAX_UPLOAD,
     )
+
+
+@pytest.fixture()
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The API without the scheduler (nothing here needs Ray)."""
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 
@@ -37,7 +42,7 @@ def upload(client: httpx.Client, records: list[dict], purpose: str = "fine-tune"
 
 
 @pytest.fixture()
-def live_server(tmp_path: Path, tiny_base: Path) -> Iterator[str]:
+def live_server(settings: Settings) -> Iterator[str]:
     """The API served over real HTTP by uvicorn in a thread (no scheduler: nothing trains)."""
     import socket
     import threading
@@ -45,11 +50,6 @@ def live_server(tmp_path: Path, tiny_base: Path) -> Iterator[str]:
 
     import uvicorn
 
-    settings = Settings(
-        data_dir=tmp_path / "state",
-        base_models={"tiny": str(tiny_base)},
-        max_upload_bytes=MAX_UPLOAD,
-    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
