@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 BASE_NAME = "tiny-llama"
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -177,41 +176,30 @@ def run_demo(folder: Path, port: int) -> None:
                         "seed": 7,
                         "method": {
                             "type": "supervised",
-                            "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 8}},
+                            "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 8}},
                         },
                         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
-                        "training": {"learning_rate": 5e-3, "max_seq_len": 64},
+                        "training": {"learning_rate": 1e-2, "max_seq_len": 64},
                     },
                 )
                 created.raise_for_status()
                 job_ids[name.removesuffix(".jsonl")] = created.json()["id"]
             console.print(f"Submitted {len(job_ids)} jobs: {', '.join(job_ids.values())}")
             finished = _follow(client, job_ids)
-            table = Table(
-                "job",
-                "status",
-                "fine-tuned model",
-                "adapter folder",
-                "mean |Δ logit|",
-                "base → adapted",
-            )
             prompts = {"shout": "<|user|>\nsay river green<|end|>\n<|assistant|>\n", "add": "3+4="}
             for name, job_id in job_ids.items():
                 job = finished[job_id]
                 if job["status"] != "succeeded":
-                    table.add_row(name, job["status"], "", "", "", str(job.get("error")))
+                    console.print(f"[red]{name}[/]: {job['status']} {job.get('error')}")
                     continue
                 adapter = _download(client, job_id, folder / "adapters" / job_id)
                 change, before, after = _output_change(base, adapter, prompts[name])
-                table.add_row(
-                    name,
-                    "succeeded",
-                    job["fine_tuned_model"],
-                    str(adapter),
-                    f"{change:.4f}",
-                    f"{before!r} → {after!r}",
+                console.print(
+                    f"[bold]{name}[/]: succeeded as [cyan]{job['fine_tuned_model']}[/]\n"
+                    f"  PEFT adapter: {adapter}\n"
+                    f"  mean |Δ logit| against the base on {prompts[name]!r}: {change:.4f}\n"
+                    f"  greedy answer: base {before!r} → adapted {after!r}"
                 )
-            console.print(table)
             console.print(f"Done in {time.monotonic() - started:.0f} s.")
             if any(job["status"] != "succeeded" for job in finished.values()):
                 raise SystemExit(1)
