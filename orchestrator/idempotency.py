@@ -62,6 +62,19 @@ class IdempotencyKeys:
     def __init__(self, engine: Engine) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
 
+    def create_once(self, request: Idempotency, create: Callable[[], Any]) -> dict[str, Any]:
+        """The first response to the key, or `create()`'s (which records the key in the
+        object's own transaction), rendered."""
+        first = self.replay(request)
+        if first is not None:
+            return first
+        try:
+            return request.render(create())
+        except DuplicateIdempotencyKey:  # a concurrent duplicate won: answer as it did
+            first = self.replay(request)
+            assert first is not None
+            return first
+
     def replay(self, request: Idempotency) -> dict[str, Any] | None:
         """The first response to this key, None if the key is new; refuses another body."""
         with self.sessions() as session:

@@ -12,7 +12,8 @@ from api.objects import file_object
 from api.schemas import ErrorResponse, FileDeleted, FileObject, ListPage
 from orchestrator.errors import PayloadTooLarge
 from orchestrator.files import upload_file
-from orchestrator.idempotency import DuplicateIdempotencyKey, Idempotency, request_hash
+from orchestrator.idempotency import Idempotency, request_hash
+from orchestrator.models import FileRow
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -56,25 +57,22 @@ async def create_file(
     )
 
     def upload() -> FileObject:
-        first = services.idempotency.replay(idempotency) if idempotency else None
-        if first is None:
-            try:
-                row = upload_file(
-                    services.store,
-                    services.objects,
-                    tenant=tenant,
-                    filename=filename,
-                    purpose=purpose,
-                    data=data,
-                    max_bytes=services.settings.max_upload_bytes,
-                    max_lines=services.settings.max_file_lines,
-                    idempotency=idempotency,
-                )
-                return file_object(row)
-            except DuplicateIdempotencyKey:  # a concurrent duplicate won; answer as it did
-                assert idempotency is not None
-                first = services.idempotency.replay(idempotency)
-        return FileObject.model_validate(first)
+        def store_file() -> FileRow:
+            return upload_file(
+                services.store,
+                services.objects,
+                tenant=tenant,
+                filename=filename,
+                purpose=purpose,
+                data=data,
+                max_bytes=services.settings.max_upload_bytes,
+                max_lines=services.settings.max_file_lines,
+                idempotency=idempotency,
+            )
+
+        if idempotency is None:
+            return file_object(store_file())
+        return FileObject.model_validate(services.idempotency.create_once(idempotency, store_file))
 
     # Storage and database calls block: keep them off the event loop.
     return await run_in_threadpool(upload)

@@ -21,7 +21,7 @@ from api.schemas import (
     ListPage,
 )
 from orchestrator.errors import Conflict
-from orchestrator.idempotency import DuplicateIdempotencyKey, Idempotency, request_hash
+from orchestrator.idempotency import Idempotency, request_hash
 from orchestrator.jobs import NewJob, cancel_job, create_job, fine_tuned_model_name
 from orchestrator.states import JobStatus
 from workers.checkpoints import list_checkpoints
@@ -78,14 +78,11 @@ def create(
         request_hash=request_hash(body.model_dump(mode="json")),
         render=lambda row: job_object(row).model_dump(mode="json"),
     )
-    first = services.idempotency.replay(idempotency)
-    if first is None:
-        try:
-            job = create_job(services.store, services.settings, tenant, request, idempotency)
-            return job_object(job)
-        except DuplicateIdempotencyKey:  # a concurrent duplicate won; answer as it did
-            first = services.idempotency.replay(idempotency)
-    return FineTuningJob.model_validate(first)
+    created = services.idempotency.create_once(
+        idempotency,
+        lambda: create_job(services.store, services.settings, tenant, request, idempotency),
+    )
+    return FineTuningJob.model_validate(created)
 
 
 @router.get("", response_model=ListPage[FineTuningJob], responses=ERRORS)
