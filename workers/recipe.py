@@ -30,6 +30,7 @@ from workers.checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
+from workers.data_parallel import average_gradients
 from workers.deepspeed_config import build_deepspeed_config
 from workers.job_slot import JobSlot, SlotState, load_job_slot
 from workers.memory_report import rank_memory_report
@@ -257,7 +258,7 @@ class PackTrainingRecipe:
         forward_done = time.perf_counter()
         torch.stack(losses).sum().backward()
         backward_done = time.perf_counter()
-        self._average_gradients(active)
+        average_gradients([p for slot in active for p in slot.params], self.world_size)
         sync_done = time.perf_counter()
         norms = [slot.apply_gradients() for slot in active]
         elapsed = time.perf_counter() - started
@@ -308,20 +309,6 @@ class PackTrainingRecipe:
             offsets.append((start, rows))
             start += rows
         return offsets
-
-    def _average_gradients(self, active: list[JobSlot]) -> None:
-        """Data parallelism for the LoRA factors: one all-reduce of every active job's grads."""
-        grads = [p.grad for slot in active for p in slot.params]
-        if any(g is None for g in grads) or self.world_size == 1:
-            return
-        flat = torch.cat([g.flatten() for g in grads if g is not None])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for grad in grads:
-            assert grad is not None
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
 
     def _finish(self, slot: JobSlot) -> None:
         """Publishes the job's adapter from rank 0 and takes it out of the pack."""
