@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api.deps import Services
 from api.errors import install_error_handlers
-from api.routers import files, jobs, models
+from api.routers import files, jobs, metrics, models
 from orchestrator.api_keys import ApiKeys
 from orchestrator.db import make_engine, migrate
 from orchestrator.idempotency import IdempotencyKeys
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

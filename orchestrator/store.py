@@ -132,6 +132,11 @@ class JobStore:
             ]
         return rows[:limit], len(rows) > limit
 
+    def count_jobs_by_status(self) -> dict[str, int]:
+        query = select(JobRow.status, func.count()).group_by(JobRow.status)
+        with self.sessions() as session:
+            return {status: int(n) for status, n in session.execute(query)}
+
     def count_unfinished_jobs(self, tenant: str) -> int:
         unfinished = [s.value for s in JobStatus if not s.is_terminal()]
         query = select(func.count()).where(JobRow.tenant == tenant, JobRow.status.in_(unfinished))
