@@ -22,9 +22,8 @@ from orchestrator.runs import RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id, now
-from workers.examples import DatasetError, parse_jsonl
 from workers.layout import ADAPTER_WEIGHTS, file_key
-from workers.objectstore import ObjectNotFound, ObjectStore
+from workers.objectstore import ObjectStore
 from workers.publish import PublishError, store_adapter_archive, verify_adapter
 from workers.run_actor import CANCELLED, FAILED, SUCCEEDED
 
@@ -90,11 +89,12 @@ class Scheduler:
 
     # ---- validating_files → queued ----
     def _validate_new_jobs(self) -> None:
+        # Every line was checked on upload (and the run parses it again): here only that
+        # the file is still stored, without downloading it on the scheduler's thread.
         for job in self.store.jobs_with_status([JobStatus.VALIDATING_FILES]):
-            try:
-                parse_jsonl(self.objects.get_bytes(file_key(job.tenant, job.training_file)))
-            except (ObjectNotFound, DatasetError) as exc:
-                self._fail(job, "invalid_file", f"training_file: {exc}", param="training_file")
+            if not self.objects.exists(file_key(job.tenant, job.training_file)):
+                message = f"training_file: {job.training_file} is no longer stored"
+                self._fail(job, "invalid_file", message, param="training_file")
                 continue
             start = job.settings.get("from_checkpoint")
             if start and not self.objects.exists(start["adapter_prefix"] + ADAPTER_WEIGHTS):
