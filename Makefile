@@ -43,6 +43,6 @@ test-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator workers api tests bench
-	$(BIN)/ruff format --check orchestrator workers api tests bench
+	$(BIN)/ruff check core orchestrator workers api tests bench
+	$(BIN)/ruff format --check core orchestrator workers api tests bench
 	$(BIN)/mypy

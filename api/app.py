@@ -10,14 +10,12 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.routers import files, jobs, metrics, models
+from core.objectstore import open_object_store
 from orchestrator.api_keys import ApiKeys
 from orchestrator.db import make_engine, migrate
 from orchestrator.idempotency import IdempotencyKeys
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
-from workers.objectstore import open_object_store
 
 
 def create_app(settings: Settings | None = None, *, run_scheduler: bool = False) -> FastAPI:
@@ -39,6 +37,10 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         )
         scheduler = None
         if run_scheduler:
+            # Imported here: an API replica (--no-scheduler) never loads Ray.
+            from orchestrator.runs import RayRuns
+            from orchestrator.scheduler import Scheduler
+
             scheduler = Scheduler(settings, store, objects, RayRuns(settings))
             scheduler.start()
         try:

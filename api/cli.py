@@ -57,12 +57,12 @@ def run_scheduler() -> None:
     import signal
     import threading
 
+    from core.objectstore import open_object_store
     from orchestrator.db import make_engine, migrate
     from orchestrator.runs import RayRuns
     from orchestrator.scheduler import Scheduler
     from orchestrator.settings import Settings
     from orchestrator.store import JobStore
-    from workers.objectstore import open_object_store
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -7,11 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from core.objectstore import ObjectStore
 from orchestrator.api_keys import ApiKeys
 from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
-from workers.objectstore import ObjectStore
 
 
 @dataclass

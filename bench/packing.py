@@ -25,9 +25,9 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from workers.objectstore import ObjectStoreConfig, open_object_store
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
-from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.tiny_base import build_tiny_base
 
 console = Console(width=150)

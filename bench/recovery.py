@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import ray
 
-from workers.objectstore import ObjectStoreConfig, open_object_store
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
-from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.tiny_base import build_tiny_base
 
 DATA = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(4)]

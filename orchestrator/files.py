@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from core.examples import DatasetError, summarize_jsonl
+from core.layout import file_key
+from core.objectstore import ObjectStore
 from orchestrator.errors import InvalidRequest, PayloadTooLarge
 from orchestrator.idempotency import Idempotency
 from orchestrator.models import FileRow
 from orchestrator.store import JobStore, new_id, now
-from workers.examples import DatasetError, summarize_jsonl
-from workers.layout import file_key
-from workers.objectstore import ObjectStore
 
 PURPOSES = ("fine-tune",)
 

@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.layout import adapter_prefix, checkpoint_prefix, file_key
+from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from orchestrator.idempotency import Idempotency
 from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore, new_id, now
-from workers.layout import adapter_prefix, checkpoint_prefix, file_key
-from workers.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4

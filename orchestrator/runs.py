@@ -11,9 +11,9 @@ from typing import Any
 
 import ray
 
+from core.spec import RunSpec
 from orchestrator.settings import Settings
 from workers.run_actor import NAMESPACE, STOP_ALL, RunActor, run_actor_name
-from workers.spec import RunSpec
 
 POLL_TIMEOUT_S = 30
 RUN_PREFIX = run_actor_name("")

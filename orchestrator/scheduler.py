@@ -14,6 +14,10 @@ from typing import IO, Any
 
 from sqlalchemy.engine import make_url
 
+from core.layout import ADAPTER_WEIGHTS, file_key
+from core.objectstore import ObjectStore
+from core.publish import PublishError, store_adapter_archive, verify_adapter
+from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
 from orchestrator.models import JobRow
@@ -22,10 +26,6 @@ from orchestrator.runs import RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id, now
-from workers.layout import ADAPTER_WEIGHTS, file_key
-from workers.objectstore import ObjectStore
-from workers.publish import PublishError, store_adapter_archive, verify_adapter
-from workers.run_actor import CANCELLED, FAILED, SUCCEEDED
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,11 @@ class Scheduler:
             if not self._store_events(job, polled):
                 continue
             state = polled["state"]
-            if state == SUCCEEDED:
+            if state == RunJobState.SUCCEEDED:
                 self._succeed(job)
-            elif state == CANCELLED:
+            elif state == RunJobState.CANCELLED:
                 self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
-            elif state == FAILED:
+            elif state == RunJobState.FAILED:
                 code = polled.get("error_code") or "training_error"
                 self._fail(job, code, polled["error"] or "training failed")
         live = {j.run_id for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if j.run_id}

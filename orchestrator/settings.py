@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.objectstore import ObjectStoreConfig
+from core.objectstore import ObjectStoreConfig
 
 
 class Settings(BaseSettings):

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from workers.objectstore import ObjectStoreConfig, S3ObjectStore
+from core.objectstore import ObjectStoreConfig, S3ObjectStore
 
 COMPLETE_MARKER = ".lorafleet-complete"
 

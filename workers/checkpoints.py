@@ -14,28 +14,17 @@ from __future__ import annotations
 
 import io
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.layout import checkpoint_prefix
-from workers.objectstore import ObjectNotFound, ObjectStore
-from workers.publish import sha256_hex
+from core.checkpoint_index import MANIFEST, CheckpointInfo
+from core.layout import checkpoint_prefix
+from core.objectstore import ObjectStore
+from core.publish import sha256_hex
 
 STATE = "training_state.pt"
-MANIFEST = "manifest.json"
-_STEP = re.compile(r"checkpoints/step-(\d+)/")
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    prefix: str
-    metrics: dict[str, Any]
-    created_at: int
 
 
 def write_checkpoint(
@@ -63,29 +52,6 @@ def write_checkpoint(
     return CheckpointInfo(step, prefix, metrics, created_at)
 
 
-def list_checkpoints(store: ObjectStore, tenant: str, job_id: str) -> list[CheckpointInfo]:
-    """Complete checkpoints (manifest present), newest first."""
-    root = checkpoint_prefix(tenant, job_id, 0).rsplit("step-", 1)[0]
-    found = []
-    for key in store.list(root):
-        match = _STEP.search(key)
-        if not match or not key.endswith("/" + MANIFEST):
-            continue
-        try:
-            manifest = json.loads(store.get_bytes(key))
-        except ObjectNotFound:  # pruned meanwhile
-            continue
-        found.append(
-            CheckpointInfo(
-                int(match.group(1)),
-                key.removesuffix(MANIFEST),
-                manifest.get("metrics", {}),
-                manifest.get("created_at", 0),
-            )
-        )
-    return sorted(found, key=lambda c: c.step, reverse=True)
-
-
 def read_checkpoint(
     store: ObjectStore, info: CheckpointInfo
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -101,12 +67,3 @@ def read_checkpoint(
         blobs[name] = data
     state = torch.load(io.BytesIO(blobs[STATE]), weights_only=False)
     return load(blobs["adapter_model.safetensors"]), state
-
-
-def prune_checkpoints(store: ObjectStore, tenant: str, job_id: str, keep_last: int) -> None:
-    """Removes all but the newest `keep_last` checkpoints; the manifest goes first, so a
-    half-deleted checkpoint is never taken for a complete one."""
-    for info in list_checkpoints(store, tenant, job_id)[keep_last:]:
-        store.delete(info.prefix + MANIFEST)
-        for key in store.list(info.prefix):
-            store.delete(key)

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.examples import parse_jsonl
+from core.objectstore import ObjectStore
+from core.spec import JobSpec
 from workers.batching import micro_batch_per_rank, plan_batches, rank_share
-from workers.examples import parse_jsonl
-from workers.objectstore import ObjectStore
 from workers.packed_lora import SlotConfig
-from workers.spec import JobSpec
 from workers.tokenization import TokenizedExample, tokenize_example
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
+from core.spec import JobSpec
 from workers.packed_lora import slot_state_dict, target_module_names
-from workers.spec import JobSpec
 
 
 def export_peft_adapter(model: nn.Module, job: JobSpec, paths: list[str], folder: Path) -> None:

@@ -23,18 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from core.checkpoint_index import list_checkpoints, prune_checkpoints
+from core.objectstore import open_object_store
+from core.publish import publish_adapter
+from core.spec import RunSpec
 from workers.base_models import resolve_base_model
-from workers.checkpoints import (
-    list_checkpoints,
-    prune_checkpoints,
-    read_checkpoint,
-    write_checkpoint,
-)
+from workers.checkpoints import read_checkpoint, write_checkpoint
 from workers.data_parallel import average_gradients
 from workers.deepspeed_config import build_deepspeed_config
 from workers.job_slot import JobSlot, SlotState, load_job_slot
 from workers.memory_report import rank_memory_report
-from workers.objectstore import open_object_store
 from workers.packed_lora import (
     Routing,
     load_slot_state,
@@ -43,8 +41,6 @@ from workers.packed_lora import (
     wrap_linear_layers,
 )
 from workers.peft_export import export_peft_adapter
-from workers.publish import publish_adapter
-from workers.spec import RunSpec
 from workers.tokenization import IGNORE_INDEX, collate
 
 DROPOUT_STREAM, INIT_STREAM = 1, 2

@@ -13,17 +13,18 @@ from typing import Any
 
 import ray
 
-from workers.spec import RunSpec
+from core.run_states import NAMESPACE, STOP_ALL, RunJobState, run_actor_name
+from core.spec import RunSpec
 
-NAMESPACE = "lorafleet"
-RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
-STOP_ALL = "*"
+RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    RunJobState.RUNNING,
+    RunJobState.SUCCEEDED,
+    RunJobState.FAILED,
+    RunJobState.CANCELLED,
+)
+__all__ = ["NAMESPACE", "STOP_ALL", "RunActor", "run_actor_name"]
 # Events from the recipe that end one job of the pack.
 _JOB_ENDINGS = {"published": SUCCEEDED, "job_failed": FAILED, "job_cancelled": CANCELLED}
-
-
-def run_actor_name(run_id: str) -> str:
-    return f"lorafleet-run-{run_id}"
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from workers.examples import Example, Segment
+from core.examples import Example, Segment
 
 IGNORE_INDEX = -100
 

@@ -20,12 +20,12 @@ from api.schemas import (
     FineTuningJobEvent,
     ListPage,
 )
+from core.checkpoint_index import list_checkpoints
+from core.layout import ARCHIVE, adapter_key
 from orchestrator.errors import Conflict
 from orchestrator.idempotency import Idempotency, request_hash
 from orchestrator.jobs import NewJob, cancel_job, create_job, fine_tuned_model_name
 from orchestrator.states import JobStatus
-from workers.checkpoints import list_checkpoints
-from workers.layout import ARCHIVE, adapter_key
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 ERRORS: dict[int | str, dict[str, object]] = {

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.app import create_app
+from core.examples import DatasetError, parse_jsonl
 from orchestrator.settings import Settings
-from workers.examples import DatasetError, parse_jsonl
 
 json_values = st.recursive(
     st.none()

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.publish import PublishError, verify_adapter
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
-from workers.objectstore import ObjectStoreConfig, open_object_store
-from workers.publish import PublishError, verify_adapter
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = 8

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from workers.layout import adapter_key
-from workers.objectstore import ObjectStoreConfig, open_object_store
+from core.layout import adapter_key
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.spec import JobSpec, RunSpec
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
-from workers.spec import JobSpec, RunSpec
 
 
 def dataset(kind: int, n: int) -> bytes:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from workers.examples import DatasetError, parse_jsonl, summarize_jsonl
+from core.examples import DatasetError, parse_jsonl, summarize_jsonl
 
 
 def jsonl(*records: object) -> bytes:

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from workers.layout import MANIFEST, adapter_key
-from workers.objectstore import (
+from core.layout import MANIFEST, adapter_key
+from core.objectstore import (
     LocalObjectStore,
     ObjectNotFound,
     ObjectStore,
     ObjectStoreConfig,
     open_object_store,
 )
-from workers.publish import PublishError, publish_adapter, verify_adapter
+from core.publish import PublishError, publish_adapter, verify_adapter
 
 
 @pytest.fixture(params=["local", "radosgw"])

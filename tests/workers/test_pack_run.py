@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
+from core.layout import adapter_key
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.spec import JobSpec, LoraSettings, TrainingSettings
 from tests.workers.conftest import adapter, run, spec_for
-from workers.layout import adapter_key
-from workers.objectstore import ObjectStoreConfig, open_object_store
 from workers.run_actor import CANCELLED, RUNNING, SUCCEEDED
-from workers.spec import JobSpec, LoraSettings, TrainingSettings
 
 pytestmark = pytest.mark.slow
 

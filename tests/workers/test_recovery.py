@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from core.checkpoint_index import list_checkpoints
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.spec import JobSpec, LoraSettings, TrainingSettings
 from tests.workers.conftest import adapter, run, spec_for
-from workers.checkpoints import list_checkpoints
-from workers.objectstore import ObjectStoreConfig, open_object_store
 from workers.run_actor import SUCCEEDED
-from workers.spec import JobSpec, LoraSettings, TrainingSettings
 
 pytestmark = pytest.mark.slow
 

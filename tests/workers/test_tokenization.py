@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.examples import parse_jsonl
+from core.examples import parse_jsonl
 from workers.tokenization import IGNORE_INDEX, collate, tokenize_example
 
 

@@ -13,8 +13,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.layout import ADAPTER_FILES, ARCHIVE, MANIFEST, adapter_key
-from workers.objectstore import ObjectNotFound, ObjectStore
+from core.layout import ADAPTER_FILES, ARCHIVE, MANIFEST, adapter_key
+from core.objectstore import ObjectNotFound, ObjectStore
 
 
 class PublishError(RuntimeError):

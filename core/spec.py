@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.objectstore import ObjectStoreConfig
+from core.objectstore import ObjectStoreConfig
 
 
 @dataclass(frozen=True)
