@@ -1,0 +1,190 @@
+"""What the scheduler and a pack host say to each other: the shared types of issue 11.
+
+A *pack host* keeps one base model loaded and partitioned on a long-lived group of workers
+(one per base model and run shape) and trains whichever jobs it is given: a job joins at a
+step boundary and leaves when it ends. The scheduler sees hosts only through `PackHosts`
+(admit / release / poll / stop), implemented on Ray by `orchestrator.ray_hosts.RayHosts`
+(each host a detached, named actor `lorafleet-host-{host_id}`, `workers.pack_host`) and in
+memory for the scheduler's unit tests.
+
+Settings (`orchestrator.settings.Settings`, env `LORAFLEET_*`) that this protocol serves:
+  - `scheduling_mode`: "hosts" (jobs join warm pack hosts), "window" (a pack per arrival
+    window, one run each: the run actor) or "solo" (one run per job).
+  - `host_idle_seconds`: a host with no job for this long ends and frees its workers.
+  - `warm_hosts`: per base model, how many hosts stay up with no job (never idle-ended).
+  - `step_timeout_seconds`: a host with jobs but no step for this long counts as hung.
+
+Events: each job's events form one list on the host; each event carries `seq`, its index in
+that list, and `data.time` (a float, wall-clock seconds) so sub-second latencies can be read.
+`poll` takes, per job, the cursor (the next `seq` the caller wants) and returns the events
+from there: a poll that sees a terminal state has also seen every event of that job.
+
+Torch-free and Ray-free: imported by the API side, the scheduler and the workers alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypedDict
+
+from core.objectstore import ObjectStoreConfig
+from core.run_states import STOP_ALL, RunJobState
+from core.spec import JobSpec
+
+SchedulingMode = Literal["hosts", "window", "solo"]
+HOST_PREFIX = "lorafleet-host-"
+
+
+def host_actor_name(host_id: str) -> str:
+    return f"{HOST_PREFIX}{host_id}"
+
+
+@dataclass(frozen=True)
+class HostShape:
+    """What jobs must share to train on the same host: the base and the run's shape."""
+
+    base_model: str  # catalog name
+    base_model_uri: str  # local folder or s3:// URI of the Hugging Face model + tokenizer
+    num_workers: int
+    use_gpu: bool
+    precision: str  # "bf16" | "fp32"
+
+    @property
+    def key(self) -> str:
+        """A stable text form, for grouping hosts and jobs by shape."""
+        gpu = "gpu" if self.use_gpu else "cpu"
+        return f"{self.base_model}/{self.num_workers}x{gpu}/{self.precision}"
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """Everything a host needs to start; frozen for the host's life (membership is not here)."""
+
+    host_id: str
+    shape: HostShape
+    object_store: ObjectStoreConfig
+    model_cache_dir: Path
+    storage_path: Path  # Ray Train's run folder (shared across nodes)
+    max_slots: int = 8  # jobs training at once
+    idle_seconds: float = 60.0  # 0 with `warm`: never idle-ends
+    warm: bool = False  # a warm host stays up with no job
+    step_timeout_seconds: float = 600.0
+    zero3_param_persistence_threshold: int = 100_000
+    checkpoint_every_steps: int = 50
+    checkpoint_keep_last: int = 3
+    max_job_restarts: int = 2  # worker failures each job survives (per job, not per host)
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """A job the scheduler asks a host to take. `job.attempt` fences stale reports."""
+
+    job: JobSpec
+    priority: int = 0
+    memory_bytes: int = 0  # the scheduler's estimate of what the job adds per rank
+    max_runtime_seconds: float | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempt
+
+
+@dataclass(frozen=True)
+class AdmissionResult:
+    admitted: bool
+    # Why not, in words: "full", "ending", "already admitted", "shape mismatch", …
+    reason: str | None = None
+
+
+class HostEvent(TypedDict):
+    seq: int  # index in the job's own event list on the host
+    type: str  # "message" | "metrics" | "checkpoint" | "published" | "job_failed" | …
+    message: str
+    data: dict[str, Any] | None  # always holds "time" (float seconds since the epoch)
+
+
+class JobReport(TypedDict):
+    attempt: int
+    state: RunJobState
+    events: list[HostEvent]
+    cursor: int  # the next seq to ask for
+    error: str | None
+    error_code: str | None  # "training_error" | "infrastructure" | "timeout" | "invalid_file"
+
+
+class HostMemory(TypedDict):
+    base_bytes_per_rank: int  # the base's shard held by each rank (largest rank)
+    peak_bytes_per_rank: int  # peak since the last membership change (largest rank)
+    slot_bytes: dict[str, int]  # job id -> its LoRA weights, grads and Adam moments
+
+
+class HostReport(TypedDict):
+    host_id: str
+    shape: HostShape
+    alive: bool  # False once the host has ended (idle, stopped or failed)
+    ending: bool  # no longer admits (idle timeout reached or stop requested)
+    step: int  # host steps so far (all jobs)
+    last_step_at: float | None  # wall-clock time of the last step
+    started_at: float
+    slots_in_use: int
+    max_slots: int
+    worker_pids: list[int]  # per rank, gathered by rank 0
+    worker_starts: int  # how many times the worker group (re)started
+    memory: HostMemory
+    jobs: dict[str, JobReport]  # every job admitted and not yet released
+
+
+class PackHosts(Protocol):
+    """The scheduler's view of pack hosts; every call is cheap (no training on the caller)."""
+
+    def list_hosts(self) -> list[str]:
+        """Host ids alive now (a restarted scheduler adopts them)."""
+        ...
+
+    def start_host(self, spec: HostSpec) -> None:
+        """Starts a host (its workers load the base); returns once the host accepts `admit`."""
+        ...
+
+    def admit(self, host_id: str, request: AdmissionRequest) -> AdmissionResult:
+        """Asks the host to take a job at its next step boundary. The host arbitrates: a job
+        already on it, a full or ending host answers `admitted=False` (no double admit)."""
+        ...
+
+    def release(self, host_id: str, job_id: str) -> None:
+        """Forgets a job whose terminal state the scheduler has stored (frees its record)."""
+        ...
+
+    def poll(self, host_id: str, cursors: dict[str, int]) -> HostReport | None:
+        """One call per host: its figures and each job's state and events from its cursor
+        (jobs absent from `cursors` start at 0). None if the host no longer exists."""
+        ...
+
+    def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
+        """Cancels a job at the next step boundary; `STOP_ALL` ends the host (jobs cancelled)."""
+        ...
+
+    def kill(self, host_id: str) -> None:
+        """Ends a host now (hung or unwanted); its unfinished jobs fail with `infrastructure`."""
+        ...
+
+
+__all__ = [
+    "HOST_PREFIX",
+    "STOP_ALL",
+    "AdmissionRequest",
+    "AdmissionResult",
+    "HostEvent",
+    "HostMemory",
+    "HostReport",
+    "HostShape",
+    "HostSpec",
+    "JobReport",
+    "PackHosts",
+    "SchedulingMode",
+    "host_actor_name",
+]
