@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep
@@ -125,26 +125,35 @@ def events(
     after: str | None = None,
     limit: Limit = 20,
     stream: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> ListPage[FineTuningJobEvent] | StreamingResponse:
     """Newest first, paged; with `stream=true`, every event as server-sent events, oldest
-    first, until the job ends."""
+    first, until the job ends. Each carries `id:`; a reconnect with `Last-Event-ID` (or
+    `after`) resumes after that event, without replaying what the client has."""
     if stream:
         services.store.get_job(tenant, job_id)
         return StreamingResponse(
-            _live_events(services, tenant, job_id), media_type="text/event-stream"
+            _live_events(services, tenant, job_id, last_event_id or after),
+            media_type="text/event-stream",
         )
     rows, has_more = services.store.list_events(tenant, job_id, after, limit)
     return ListPage[FineTuningJobEvent](data=[event_object(r) for r in rows], has_more=has_more)
 
 
-async def _live_events(services: Services, tenant: str, job_id: str) -> AsyncIterator[str]:
+async def _live_events(
+    services: Services, tenant: str, job_id: str, resume_after: str | None = None
+) -> AsyncIterator[str]:
     seen = 0
+    if resume_after:
+        # Event ids are opaque to clients; their order is the table's sequence number.
+        past = await asyncio.to_thread(services.store.events_since, job_id, 0)
+        seen = next((row.seq for row in past if row.id == resume_after), 0)
     while True:
         # Read the status before the events: a job seen terminal has all its events stored.
         terminal = JobStatus(services.store.get_job(tenant, job_id).status).is_terminal()
         for row in await asyncio.to_thread(services.store.events_since, job_id, seen):
             seen = row.seq
-            yield f"data: {event_object(row).model_dump_json()}\n\n"
+            yield f"id: {row.id}\ndata: {event_object(row).model_dump_json()}\n\n"
         if terminal:
             yield "data: [DONE]\n\n"
             return
