@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,21 @@ class Settings(BaseSettings):
     max_pack_size: int = Field(default=8, ge=1, description="Most jobs trained in one run.")
     pack_window_seconds: float = Field(
         default=2.0, ge=0, description="How long a queued job waits for others to pack with."
+    )
+    # Pack hosts (issue 11; the protocol and these names: core/host_protocol.py).
+    scheduling_mode: Literal["hosts", "window", "solo"] = Field(
+        default="window",
+        description="hosts: jobs join warm pack hosts; window: a pack per arrival window; "
+        "solo: one run per job.",
+    )
+    host_idle_seconds: float = Field(
+        default=60.0, ge=0, description="A pack host with no job for this long ends."
+    )
+    warm_hosts: int = Field(
+        default=0, ge=0, description="Per base model, hosts kept up with no job (no cold start)."
+    )
+    step_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="A host with jobs but no step for this long is hung."
     )
     checkpoint_every_steps: int = Field(
         default=50, ge=0, description="Checkpoint each job every N steps (and at epoch ends)."
