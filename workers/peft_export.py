@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from core.spec import JobSpec
@@ -15,6 +16,14 @@ from workers.packed_lora import slot_state_dict, target_module_names
 
 
 def export_peft_adapter(model: nn.Module, job: JobSpec, paths: list[str], folder: Path) -> None:
+    write_peft_adapter(slot_state_dict(model, job.job_id), job, paths, folder)
+
+
+def write_peft_adapter(
+    state: dict[str, torch.Tensor], job: JobSpec, paths: list[str], folder: Path
+) -> None:
+    """Writes a slot's factors taken earlier (`slot_state_dict`): a pack host takes them at
+    the step boundary and writes them off the training path, while training goes on."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -32,7 +41,7 @@ def export_peft_adapter(model: nn.Module, job: JobSpec, paths: list[str], folder
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file(
-        slot_state_dict(model, job.job_id),
+        state,
         str(folder / "adapter_model.safetensors"),
         metadata={"format": "pt"},
     )
