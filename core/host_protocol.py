@@ -121,6 +121,7 @@ class HostMemory(TypedDict):
     base_bytes_per_rank: int  # the base's shard held by each rank (largest rank)
     peak_bytes_per_rank: int  # peak since the last membership change (largest rank)
     slot_bytes: dict[str, int]  # job id -> its LoRA weights, grads and Adam moments
+    lora_bytes_held: int  # LoRA factors really held by the model now (0 once all left)
 
 
 class HostReport(TypedDict):
