@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.routers import files, jobs, metrics, models
+from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
 from orchestrator.api_keys import ApiKeys
 from orchestrator.db import make_engine, migrate
@@ -18,9 +19,23 @@ from orchestrator.settings import Settings
 from orchestrator.store import JobStore
 
 
+class ServeRefused(SystemExit):
+    """The server must not start (e.g. a catalog entry has no model folder): exits with the
+    message and no traceback, since the operator's configuration, not the code, is wrong."""
+
+
 def create_app(settings: Settings | None = None, *, run_scheduler: bool = False) -> FastAPI:
-    """The API; with `run_scheduler`, the scheduler loop runs in the same process."""
+    """The API; with `run_scheduler`, the scheduler loop runs in the same process.
+
+    Refuses to start (ServeRefused) when a base-model catalog entry has no model folder:
+    otherwise every job on it would be accepted and fail only once it trains.
+    """
     settings = settings or Settings()
+    catalog = BaseModelCatalog(settings.base_models, settings.object_store_config)
+    try:
+        catalog.check_all()
+    except CatalogError as exc:
+        raise ServeRefused(f"lorafleet: not starting: LORAFLEET_BASE_MODELS: {exc}") from exc
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -34,6 +49,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             objects=objects,
             keys=ApiKeys(engine),
             idempotency=IdempotencyKeys(engine),
+            catalog=catalog,
         )
         scheduler = None
         if run_scheduler:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from core.base_catalog import BaseModelCatalog
 from core.objectstore import ObjectStore
 from orchestrator.api_keys import ApiKeys
 from orchestrator.idempotency import IdempotencyKeys
@@ -21,6 +22,7 @@ class Services:
     objects: ObjectStore
     keys: ApiKeys
     idempotency: IdempotencyKeys
+    catalog: BaseModelCatalog
 
 
 def get_services(request: Request) -> Services:

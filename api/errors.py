@@ -10,8 +10,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.base_catalog import CatalogError
 from orchestrator.errors import (
     Conflict,
     IdempotencyMismatch,
@@ -90,13 +93,67 @@ async def _idempotency(_: Request, exc: IdempotencyMismatch) -> JSONResponse:
     return error_response(422, exc.message, "Idempotency-Key", "idempotency_key_reused")
 
 
+DATABASE_RETRY_AFTER_S = 5
+
+
+async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+    """The database is away (down, restarting, unreachable): 503 with Retry-After, so clients
+    retry instead of treating it as a bug; any other database error stays a 500."""
+    if not (exc.connection_invalidated or _is_connection_error(exc)):
+        log.error("database error", exc_info=exc)
+        return error_response(500, "internal error; the server log has the details")
+    log.warning("database unavailable: %s", exc.orig or exc)
+    response = error_response(
+        503, "the database is unavailable; retry shortly", None, "service_unavailable"
+    )
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+    return response
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    # OperationalError covers a refused or dropped connection on psycopg and SQLite alike;
+    # InterfaceError a connection closed under the driver.
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
 async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail))
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal error; the server log has the details")
+async def _catalog(_: Request, exc: CatalogError) -> JSONResponse:
+    return error_response(400, exc.message, exc.param, "invalid_value")
+
+
+class UnexpectedErrors:
+    """Logs an unhandled exception with its traceback once and answers 500 in the envelope.
+
+    An `Exception` handler is not enough: Starlette calls it and then re-raises, so the
+    server logs the same traceback a second time ("Exception in ASGI application").
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return  # the status line is out; the client sees the body cut short
+            response = error_response(500, "internal error; the server log has the details")
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -109,4 +166,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RateLimited, _rate_limited)  # type: ignore[arg-type]
     app.add_exception_handler(IdempotencyMismatch, _idempotency)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(DBAPIError, _database)  # type: ignore[arg-type]
+    app.add_exception_handler(CatalogError, _catalog)  # type: ignore[arg-type]
+    app.add_middleware(UnexpectedErrors)

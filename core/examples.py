@@ -147,6 +147,10 @@ def parse_jsonl(data: bytes, max_line_bytes: int = 1 << 20) -> list[Example]:
         except json.JSONDecodeError as exc:
             report(LineProblem(number, "line", f"is not valid JSON ({exc.msg})"))
             continue
+        except RecursionError:
+            # The decoder recurses per nesting level; a hostile line exhausts the stack.
+            report(LineProblem(number, "line", "is nested too deeply to be a training example"))
+            continue
         parsed = parse_record(record, number)
         if isinstance(parsed, LineProblem):
             report(parsed)

@@ -48,6 +48,11 @@ def create(
         if body.method and body.method.supervised and body.method.supervised.hyperparameters
         else body.hyperparameters
     )
+    if body.model in services.catalog.entries:
+        # Checked now, not when it trains: a missing folder or a target module the base does
+        # not have would otherwise be accepted and fail minutes later.
+        services.catalog.check_exists(body.model)
+        services.catalog.check_target_modules(body.model, body.lora.target_modules)
     training = body.training.model_dump(exclude_none=True, exclude={"packing"})
     request = NewJob(
         model=body.model,
@@ -150,7 +155,9 @@ async def _live_events(
         seen = next((row.seq for row in past if row.id == resume_after), 0)
     while True:
         # Read the status before the events: a job seen terminal has all its events stored.
-        terminal = JobStatus(services.store.get_job(tenant, job_id).status).is_terminal()
+        # Store calls block: in a thread, so open streams never stall other requests.
+        job = await asyncio.to_thread(services.store.get_job, tenant, job_id)
+        terminal = JobStatus(job.status).is_terminal()
         for row in await asyncio.to_thread(services.store.events_since, job_id, seen):
             seen = row.seq
             yield f"id: {row.id}\ndata: {event_object(row).model_dump_json()}\n\n"
@@ -176,7 +183,7 @@ def adapter(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
     job = services.store.get_job(tenant, job_id)
     if job.status != JobStatus.SUCCEEDED.value:
         raise Conflict(f"job {job_id} is {job.status}; its adapter exists once it has succeeded")
-    key = adapter_key(job.tenant, job.id, ARCHIVE)
+    key = adapter_key(job.tenant, job.id, job.attempt, ARCHIVE)  # the attempt that succeeded
     url = services.objects.presigned_url(key, expires_s=300)
     if url is not None:
         return RedirectResponse(url, status_code=307)
@@ -215,7 +222,8 @@ def checkpoints(
         )
     steps += [
         (c.step, c.created_at, c.metrics)
-        for c in list_checkpoints(services.objects, job.tenant, job.id)
+        for c in list_checkpoints(services.objects, job.tenant, job.id, job.attempt)
+        if c.attempt == job.attempt  # the ids from_checkpoint resolves (orchestrator/jobs.py)
     ]
     name = job.fine_tuned_model or fine_tuned_model_name(job)
     found = [
