@@ -1,6 +1,10 @@
 """Where a job's checkpoints are and which are complete: read by the API and by workers.
 
-    runs/{tenant}/{job_id}/checkpoints/step-{n}/…   (manifest.json written last)
+    runs/{tenant}/{job_id}/attempt-{n}/checkpoints/step-{s}/…   (manifest.json written last)
+
+An attempt resumes from the newest checkpoint by (attempt, step) among attempts up to its
+own, so a stale attempt's later checkpoints are never picked up by an earlier one, and a
+stale attempt never sees (or prunes) a newer attempt's checkpoints.
 
 Torch-free on purpose: listing checkpoints must not pull tensor code into the API.
 """
@@ -8,15 +12,13 @@ Torch-free on purpose: listing checkpoints must not pull tensor code into the AP
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from core.layout import checkpoint_prefix
+from core.layout import CHECKPOINT_KEY, checkpoints_root
 from core.objectstore import ObjectNotFound, ObjectStore
 
 MANIFEST = "manifest.json"
-_STEP = re.compile(r"checkpoints/step-(\d+)/")
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,21 @@ class CheckpointInfo:
     prefix: str
     metrics: dict[str, Any]
     created_at: int
+    attempt: int = 0
 
 
-def list_checkpoints(store: ObjectStore, tenant: str, job_id: str) -> list[CheckpointInfo]:
-    """Complete checkpoints (manifest present), newest first."""
-    root = checkpoint_prefix(tenant, job_id, 0).rsplit("step-", 1)[0]
+def list_checkpoints(
+    store: ObjectStore, tenant: str, job_id: str, up_to_attempt: int | None = None
+) -> list[CheckpointInfo]:
+    """Complete checkpoints (manifest present) of attempts ≤ `up_to_attempt` (all when
+    None), newest first by (attempt, step)."""
     found = []
-    for key in store.list(root):
-        match = _STEP.search(key)
+    for key in store.list(checkpoints_root(tenant, job_id)):
+        match = CHECKPOINT_KEY.search(key)
         if not match or not key.endswith("/" + MANIFEST):
+            continue
+        attempt, step = int(match.group(1)), int(match.group(2))
+        if up_to_attempt is not None and attempt > up_to_attempt:
             continue
         try:
             manifest = json.loads(store.get_bytes(key))
@@ -41,19 +49,23 @@ def list_checkpoints(store: ObjectStore, tenant: str, job_id: str) -> list[Check
             continue
         found.append(
             CheckpointInfo(
-                int(match.group(1)),
+                step,
                 key.removesuffix(MANIFEST),
                 manifest.get("metrics", {}),
                 manifest.get("created_at", 0),
+                attempt,
             )
         )
-    return sorted(found, key=lambda c: c.step, reverse=True)
+    return sorted(found, key=lambda c: (c.attempt, c.step), reverse=True)
 
 
-def prune_checkpoints(store: ObjectStore, tenant: str, job_id: str, keep_last: int) -> None:
-    """Removes all but the newest `keep_last` checkpoints; the manifest goes first, so a
-    half-deleted checkpoint is never taken for a complete one."""
-    for info in list_checkpoints(store, tenant, job_id)[keep_last:]:
+def prune_checkpoints(
+    store: ObjectStore, tenant: str, job_id: str, attempt: int, keep_last: int
+) -> None:
+    """Removes all but the newest `keep_last` checkpoints of attempts ≤ `attempt` (never a
+    newer attempt's); the manifest goes first, so a half-deleted checkpoint is never taken
+    for a complete one."""
+    for info in list_checkpoints(store, tenant, job_id, up_to_attempt=attempt)[keep_last:]:
         store.delete(info.prefix + MANIFEST)
         for key in store.list(info.prefix):
             store.delete(key)

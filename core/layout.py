@@ -1,25 +1,41 @@
-"""The object-store key layout: the one place that says where every object lives."""
+"""The object-store key layout: the one place that says where every object lives.
+
+A job's adapters and checkpoints live under its attempt number, so a stale run (an older
+attempt still alive after a requeue) writes beside the current attempt, never over it:
+
+    adapters/{tenant}/{job_id}/attempt-{n}/…
+    runs/{tenant}/{job_id}/attempt-{n}/checkpoints/step-{s}/…
+"""
 
 from __future__ import annotations
+
+import re
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
 ARCHIVE = "adapter.tar.gz"  # the folder above plus its manifest, for one-request downloads
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# (attempt, step) of a checkpoint key under checkpoints_root().
+CHECKPOINT_KEY = re.compile(r"attempt-(\d+)/checkpoints/step-(\d+)/")
 
 
 def file_key(tenant: str, file_id: str) -> str:
     return f"files/{tenant}/{file_id}.jsonl"
 
 
-def adapter_prefix(tenant: str, job_id: str) -> str:
-    return f"adapters/{tenant}/{job_id}/"
+def adapter_prefix(tenant: str, job_id: str, attempt: int) -> str:
+    return f"adapters/{tenant}/{job_id}/attempt-{attempt}/"
 
 
-def adapter_key(tenant: str, job_id: str, name: str) -> str:
-    return adapter_prefix(tenant, job_id) + name
+def adapter_key(tenant: str, job_id: str, attempt: int, name: str) -> str:
+    return adapter_prefix(tenant, job_id, attempt) + name
 
 
-def checkpoint_prefix(tenant: str, job_id: str, step: int) -> str:
-    return f"runs/{tenant}/{job_id}/checkpoints/step-{step}/"
+def checkpoints_root(tenant: str, job_id: str) -> str:
+    """Above every attempt's checkpoints of a job."""
+    return f"runs/{tenant}/{job_id}/"
+
+
+def checkpoint_prefix(tenant: str, job_id: str, attempt: int, step: int) -> str:
+    return f"{checkpoints_root(tenant, job_id)}attempt-{attempt}/checkpoints/step-{step}/"

@@ -2,6 +2,8 @@
 
 The manifest (sha256 and size of every file) is written last: its presence means every
 file it names was stored whole, and a reader checks the checksums before trusting them.
+Each attempt of a job publishes under its own prefix (core/layout.py): a late publish by a
+stale attempt can never replace what the current attempt published.
 """
 
 from __future__ import annotations
@@ -37,28 +39,31 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def publish_adapter(store: ObjectStore, tenant: str, job_id: str, folder: Path) -> Manifest:
+def publish_adapter(
+    store: ObjectStore, tenant: str, job_id: str, attempt: int, folder: Path
+) -> Manifest:
     files: dict[str, dict[str, int | str]] = {}
     for name in ADAPTER_FILES:
         data = (folder / name).read_bytes()
         files[name] = {"sha256": sha256_hex(data), "size": len(data)}
-        store.put_file(adapter_key(tenant, job_id, name), folder / name)
+        store.put_file(adapter_key(tenant, job_id, attempt, name), folder / name)
     manifest = Manifest(files=files)
-    store.put_bytes(adapter_key(tenant, job_id, MANIFEST), manifest.to_json())
+    store.put_bytes(adapter_key(tenant, job_id, attempt, MANIFEST), manifest.to_json())
     return manifest
 
 
-def verify_adapter(store: ObjectStore, tenant: str, job_id: str) -> Manifest:
+def verify_adapter(store: ObjectStore, tenant: str, job_id: str, attempt: int) -> Manifest:
     """Reads the manifest and checks every file against it; raises PublishError if not whole."""
     try:
-        manifest = Manifest.from_json(store.get_bytes(adapter_key(tenant, job_id, MANIFEST)))
+        raw = store.get_bytes(adapter_key(tenant, job_id, attempt, MANIFEST))
+        manifest = Manifest.from_json(raw)
     except ObjectNotFound as exc:
         raise PublishError(f"adapter of {job_id} has no manifest") from exc
     if set(manifest.files) != set(ADAPTER_FILES):
         raise PublishError(f"manifest of {job_id} lists {sorted(manifest.files)}")
     for name, expected in manifest.files.items():
         try:
-            data = store.get_bytes(adapter_key(tenant, job_id, name))
+            data = store.get_bytes(adapter_key(tenant, job_id, attempt, name))
         except ObjectNotFound as exc:
             raise PublishError(f"{name} of {job_id} is missing") from exc
         if len(data) != expected["size"] or sha256_hex(data) != expected["sha256"]:
@@ -66,12 +71,14 @@ def verify_adapter(store: ObjectStore, tenant: str, job_id: str) -> Manifest:
     return manifest
 
 
-def build_adapter_archive(store: ObjectStore, tenant: str, job_id: str, mtime: int = 0) -> bytes:
+def build_adapter_archive(
+    store: ObjectStore, tenant: str, job_id: str, attempt: int, mtime: int = 0
+) -> bytes:
     """A .tar.gz of the PEFT folder and its manifest, as users download it."""
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
         for name in (*ADAPTER_FILES, MANIFEST):
-            data = store.get_bytes(adapter_key(tenant, job_id, name))
+            data = store.get_bytes(adapter_key(tenant, job_id, attempt, name))
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = mtime
@@ -79,7 +86,10 @@ def build_adapter_archive(store: ObjectStore, tenant: str, job_id: str, mtime: i
     return archive.getvalue()
 
 
-def store_adapter_archive(store: ObjectStore, tenant: str, job_id: str, mtime: int = 0) -> None:
+def store_adapter_archive(
+    store: ObjectStore, tenant: str, job_id: str, attempt: int, mtime: int = 0
+) -> None:
     store.put_bytes(
-        adapter_key(tenant, job_id, ARCHIVE), build_adapter_archive(store, tenant, job_id, mtime)
+        adapter_key(tenant, job_id, attempt, ARCHIVE),
+        build_adapter_archive(store, tenant, job_id, attempt, mtime),
     )

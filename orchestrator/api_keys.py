@@ -1,16 +1,16 @@
-"""API keys: each belongs to one tenant; stored hashed; the only writer of the api_keys table."""
+"""API keys: each belongs to one tenant; stored hashed. Reads here; writes through JobStore."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
-from orchestrator.errors import NotFound, Unauthorized
+from orchestrator.errors import Unauthorized
 from orchestrator.models import ApiKeyRow
-from orchestrator.store import new_id, now
+from orchestrator.store import JobStore, new_id, now
 
 KEY_PREFIX = "lf-"
 OPEN_TENANT = "default"  # the one tenant while no key exists (embedded, loopback only)
@@ -23,6 +23,7 @@ def _hash(key: str) -> str:
 class ApiKeys:
     def __init__(self, engine: Engine) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.store = JobStore(engine)
 
     def create(self, tenant: str) -> tuple[ApiKeyRow, str]:
         """A new key for `tenant`; the plain key is returned once and never stored."""
@@ -40,20 +41,10 @@ class ApiKeys:
             key_prefix=key[:8],
             created_at=now(),
         )
-        with self.sessions.begin() as session:
-            session.add(row)
-        return row, key
+        return self.store.add_api_key(row), key
 
     def revoke(self, key_or_id: str) -> ApiKeyRow:
-        match = or_(ApiKeyRow.id == key_or_id, ApiKeyRow.key_hash == _hash(key_or_id))
-        with self.sessions.begin() as session:
-            row = session.scalar(select(ApiKeyRow).where(match))
-            if row is None:
-                raise NotFound("API key", key_or_id)
-            session.execute(
-                update(ApiKeyRow).where(ApiKeyRow.id == row.id).values(revoked_at=now())
-            )
-        return row
+        return self.store.revoke_api_key(key_or_id, _hash(key_or_id))
 
     def list(self) -> list[ApiKeyRow]:
         with self.sessions() as session:

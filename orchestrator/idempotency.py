@@ -3,7 +3,7 @@
 The record of a key is written in the same transaction as the object it created, so a
 crash leaves either both or neither, and of concurrent duplicates exactly one commits
 (the key is the primary key); the others then read its response. The same key with a
-different body is refused.
+different body is refused. JobStore writes the record; this module reads it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from orchestrator.errors import IdempotencyMismatch
 from orchestrator.models import IdempotencyRow
-from orchestrator.store import DuplicateIdempotencyKey, now
+from orchestrator.store import DuplicateIdempotencyKey
 
 __all__ = ["DuplicateIdempotencyKey", "Idempotency", "IdempotencyKeys", "request_hash"]
 
@@ -42,20 +42,6 @@ class Idempotency:
     key: str
     request_hash: str
     render: Callable[[Any], dict[str, Any]]
-
-    def record(self, session: Session, created: Any) -> None:
-        """Adds the key's record to the transaction that creates `created`."""
-        session.add(
-            IdempotencyRow(
-                tenant=self.tenant,
-                endpoint=self.endpoint,
-                key=self.key,
-                request_hash=self.request_hash,
-                status_code=200,
-                response=self.render(created),
-                created_at=now(),
-            )
-        )
 
 
 class IdempotencyKeys:

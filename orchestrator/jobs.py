@@ -46,10 +46,13 @@ class NewJob:
     lora_given: bool = False
 
 
-def resolve_settings(request: NewJob, default_num_workers: int) -> dict[str, Any]:
+def resolve_settings(
+    request: NewJob, default_num_workers: int, precision: str | None = None
+) -> dict[str, Any]:
     multiplier = request.learning_rate_multiplier or 1.0
     training = dict(request.training)
     training.setdefault("learning_rate", BASE_LEARNING_RATE * multiplier)
+    training.setdefault("precision", precision)
     training = asdict(
         TrainingSettings(
             n_epochs=request.n_epochs or DEFAULT_EPOCHS,
@@ -111,7 +114,7 @@ def create_job(
             raise InvalidRequest(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
-    resolved = resolve_settings(request, settings.default_num_workers)
+    resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
     if request.from_checkpoint:
         source, start = _checkpoint_source(store, tenant, request.from_checkpoint)
         if request.lora_given and resolved["lora"] != source.settings["lora"]:
@@ -160,10 +163,12 @@ def _checkpoint_source(
             f"from_checkpoint {checkpoint_id!r} is not a checkpoint id", param="from_checkpoint"
         )
     final = store.last_metrics(source.id) or {}
+    # The source's current attempt wrote both (a checkpoint of an older attempt is not
+    # found, and the scheduler then fails the new job with invalid_checkpoint).
     if source.status == JobStatus.SUCCEEDED.value and int(final.get("step", -1)) == int(step):
-        prefix = adapter_prefix(source.tenant, source.id)
+        prefix = adapter_prefix(source.tenant, source.id, source.attempt)
     else:
-        prefix = checkpoint_prefix(source.tenant, source.id, int(step))
+        prefix = checkpoint_prefix(source.tenant, source.id, source.attempt, int(step))
     return source, {"checkpoint": checkpoint_id, "adapter_prefix": prefix}
 
 
@@ -172,9 +177,9 @@ def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:
     job = store.get_job(tenant, job_id)
     status = JobStatus(job.status)
     if status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
-        return store.transition(job_id, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
+        return store.cancel(job_id)
     if status == JobStatus.RUNNING:
-        return store.transition(job_id, JobStatus.CANCELLING, "Cancellation requested")
+        return store.request_cancel(job_id)
     if status == JobStatus.CANCELLING:
         return job
     raise Conflict(f"job {job_id} is already {status.value} and cannot be cancelled")
@@ -217,4 +222,7 @@ def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: b
         checkpoint_every_steps=settings.checkpoint_every_steps,
         checkpoint_keep_last=settings.checkpoint_keep_last,
         max_worker_restarts=settings.max_worker_restarts,
+        # The pack key includes it, so every job of the pack agrees; None: by device.
+        precision=jobs[0].settings["training"].get("precision") or "",
+        setup_timeout_seconds=settings.setup_timeout_seconds,
     )

@@ -1,33 +1,41 @@
 """Training runs on Ray, as the scheduler sees them: launch, poll, stop, reap.
 
-Each run is a detached actor named `lorafleet-run-{run_id}`; nothing here is kept in
-memory, so a restarted scheduler finds every run again by name.
+Each run is a detached actor named `lorafleet-run-{run_id}` in the namespace
+`settings.ray_namespace`; nothing here is kept in memory, so a restarted scheduler finds
+every run again by name.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from core.spec import RunSpec
 from orchestrator.settings import Settings
-from workers.run_actor import NAMESPACE, STOP_ALL, RunActor, run_actor_name
+from workers.run_actor import STOP_ALL, RunActor, run_actor_name
 
-POLL_TIMEOUT_S = 30
+START_TIMEOUT_S = 30
 RUN_PREFIX = run_actor_name("")
+UNRESPONSIVE: Literal["unresponsive"] = "unresponsive"
+# What a poll found: the job's state and new events; None: the run is gone; UNRESPONSIVE:
+# the run did not answer in time (it may be busy or hung; the scheduler decides).
+Polled = dict[str, Any] | None | Literal["unresponsive"]
 
 
 class RayRuns:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.namespace = settings.ray_namespace
 
     def connect(self) -> None:
         if ray.is_initialized():
             return
         address = self.settings.ray_address or os.environ.get("RAY_ADDRESS")
-        options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+        options: dict[str, Any] = {"namespace": self.namespace, "log_to_driver": False}
         if address:
             ray.init(address=address, **options)
         else:
@@ -44,36 +52,61 @@ class RayRuns:
 
     def _actor(self, run_id: str) -> Any | None:
         try:
-            return ray.get_actor(run_actor_name(run_id), namespace=NAMESPACE)
+            return ray.get_actor(run_actor_name(run_id), namespace=self.namespace)
         except ValueError:
             return None
 
     def launch(self, spec: RunSpec) -> None:
         actor = RunActor.options(  # type: ignore[attr-defined]
-            name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached"
+            name=run_actor_name(spec.run_id), namespace=self.namespace, lifetime="detached"
         ).remote(spec)
-        ray.get(actor.start.remote(), timeout=POLL_TIMEOUT_S)
+        ray.get(actor.start.remote(), timeout=START_TIMEOUT_S)
 
-    def poll(self, run_id: str, job_id: str, cursor: int) -> dict[str, Any] | None:
-        """A job's state and new events in its run, or None if the run no longer exists."""
-        actor = self._actor(run_id)
-        if actor is None:
-            return None
-        try:
-            result: dict[str, Any] = ray.get(
-                actor.poll.remote(job_id, cursor), timeout=POLL_TIMEOUT_S
+    def poll(self, run_id: str, job_id: str, cursor: int) -> Polled:
+        return self.poll_all([(run_id, job_id, cursor)])[job_id]
+
+    def poll_all(self, jobs: Sequence[tuple[str, str, int]]) -> dict[str, Polled]:
+        """Polls every (run id, job id, cursor) at once and waits for all of them together,
+        at most `run_poll_timeout_seconds`: a slow or hung run costs its own jobs only (they
+        come back UNRESPONSIVE), never the others, and never more than one wait per tick."""
+        found: dict[str, Polled] = {}
+        pending: dict[Any, str] = {}
+        for run_id, job_id, cursor in jobs:
+            actor = self._actor(run_id)
+            if actor is None:
+                found[job_id] = None
+            else:
+                pending[actor.poll.remote(job_id, cursor)] = job_id
+        if pending:
+            ready, _ = ray.wait(
+                list(pending),
+                num_returns=len(pending),
+                timeout=self.settings.run_poll_timeout_seconds,
             )
-        except ray.exceptions.RayActorError:
-            return None
-        return result
+            for ref in ready:
+                try:
+                    found[pending[ref]] = ray.get(ref)
+                except RayActorError:  # the actor died between lookup and answer
+                    found[pending[ref]] = None
+            for job_id in pending.values():
+                if job_id not in found:
+                    found[job_id] = UNRESPONSIVE
+        return found
 
     def stop(self, run_id: str, job_id: str = STOP_ALL) -> None:
         actor = self._actor(run_id)
         if actor is not None:
             actor.stop.remote(job_id)
 
+    def kill(self, run_id: str) -> None:
+        """Ends a run that stopped answering (its jobs were requeued; it is fenced out)."""
+        actor = self._actor(run_id)
+        if actor is not None:
+            ray.kill(actor)
+
     def reap(self, live_run_ids: set[str]) -> list[str]:
-        """Removes run actors no live job needs once their fit() has returned."""
+        """Removes run actors no live job needs once their fit() has returned (or once
+        they no longer answer)."""
         reaped = []
         for name in ray.util.list_named_actors():
             if not name.startswith(RUN_PREFIX):
@@ -83,8 +116,10 @@ class RayRuns:
             if run_id in live_run_ids or actor is None:
                 continue
             try:
-                finished = ray.get(actor.finished.remote(), timeout=POLL_TIMEOUT_S)
-            except ray.exceptions.RayActorError:
+                finished = ray.get(
+                    actor.finished.remote(), timeout=self.settings.run_poll_timeout_seconds
+                )
+            except (RayActorError, GetTimeoutError):
                 finished = True
             if finished:
                 ray.kill(actor)

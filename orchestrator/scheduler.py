@@ -10,9 +10,11 @@ import fcntl
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from core.layout import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore
@@ -20,9 +22,10 @@ from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
+from orchestrator.metrics import RUN_POLL_TIMEOUTS
 from orchestrator.models import JobRow
 from orchestrator.packing import plan_packs
-from orchestrator.runs import RayRuns
+from orchestrator.runs import UNRESPONSIVE, RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id, now
@@ -60,6 +63,10 @@ class Scheduler:
         self.runs = runs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Polls in a row each (job, attempt) went unanswered; in memory on purpose: a
+        # restarted scheduler gives a slow run a fresh allowance.
+        self._missed_polls: dict[tuple[str, int], int] = {}
+        self._database_away = False
 
     # ---- the loop ----
     def tick(self) -> None:
@@ -69,13 +76,29 @@ class Scheduler:
 
     def run_forever(self) -> None:
         while not self._stop.is_set():
-            try:
-                # Inside the loop: Ray may not be up yet, or may come back after a restart.
-                self.runs.connect()
-                self.tick()
-            except Exception:  # one bad tick must not end the loop; the next one retries
-                log.exception("scheduler tick failed")
+            self.tick_safely()
             self._stop.wait(self.settings.scheduler_poll_seconds)
+
+    def tick_safely(self) -> bool:
+        """One tick that never raises: the loop goes on and the next tick retries. Every
+        change a tick makes is its own committed transaction, so a tick cut short by the
+        database going away loses nothing already acknowledged. Returns whether it ran whole."""
+        try:
+            # Inside the loop: Ray may not be up yet, or may come back after a restart.
+            self.runs.connect()
+            self.tick()
+        except DBAPIError as exc:
+            if not self._database_away:  # logged once per outage, not once per tick
+                log.error("database unavailable, retrying each tick: %s", exc.orig or exc)
+            self._database_away = True
+            return False
+        except Exception:  # one bad tick must not end the loop; the next one retries
+            log.exception("scheduler tick failed")
+            return False
+        if self._database_away:
+            log.warning("database available again")
+            self._database_away = False
+        return True
 
     def start(self) -> None:
         self._lock = hold_single_scheduler_lock(self.settings.database_url)
@@ -101,7 +124,7 @@ class Scheduler:
                 message = f"from_checkpoint: {start['checkpoint']} is no longer stored"
                 self._fail(job, "invalid_checkpoint", message, param="from_checkpoint")
                 continue
-            self._move(job, JobStatus.QUEUED, "Files validated; job queued")
+            self._guarded(self.store.queue, job.id, "Files validated; job queued")
 
     # ---- queued → running ----
     def _launch_queued(self) -> None:
@@ -122,16 +145,12 @@ class Scheduler:
         for job in pack:
             try:
                 started.append(
-                    self.store.transition(
+                    self.store.claim(
                         job.id,
-                        JobStatus.RUNNING,
+                        job.attempt,
+                        run_id,
                         f"Fine-tuning job started (attempt {job.attempt + 1}, run {run_id}, "
                         f"{len(pack)} job(s) in the pack)",
-                        expected_attempt=job.attempt,
-                        attempt=JobRow.attempt + 1,
-                        run_id=run_id,
-                        started_at=now(),
-                        event_cursor=0,
                     )
                 )
             except InvalidTransition:
@@ -155,46 +174,79 @@ class Scheduler:
             assert job.run_id is not None
             if job.status == JobStatus.CANCELLING.value:
                 self.runs.stop(job.run_id, job.id)
-            polled = self.runs.poll(job.run_id, job.id, job.event_cursor)
+        polls = self.runs.poll_all([(j.run_id or "", j.id, j.event_cursor) for j in active])
+        for job in active:
+            polled = polls[job.id]
+            if polled == UNRESPONSIVE:
+                self._run_unresponsive(job)
+                continue
+            self._missed_polls.pop((job.id, job.attempt), None)
             if polled is None:
                 self._run_vanished(job)
                 continue
+            assert isinstance(polled, dict)
             if not self._store_events(job, polled):
                 continue
             state = polled["state"]
             if state == RunJobState.SUCCEEDED:
                 self._succeed(job)
             elif state == RunJobState.CANCELLED:
-                self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
+                self._guarded(self.store.cancel, job.id, attempt=job.attempt)
             elif state == RunJobState.FAILED:
                 code = polled.get("error_code") or "training_error"
                 self._fail(job, code, polled["error"] or "training failed")
         live = {j.run_id for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if j.run_id}
         self.runs.reap(live)
 
+    def _run_unresponsive(self, job: JobRow) -> None:
+        """A run that did not answer this tick: its jobs stay running (it may only be busy),
+        a warning lands once per stall, and after `max_run_poll_timeouts` polls in a row
+        the run counts as lost to the infrastructure."""
+        RUN_POLL_TIMEOUTS.inc()
+        key = (job.id, job.attempt)
+        missed = self._missed_polls.get(key, 0) + 1
+        self._missed_polls[key] = missed
+        limit = self.settings.max_run_poll_timeouts
+        if missed == 1:
+            self._guarded(
+                self.store.warn,
+                job.id,
+                job.attempt,
+                f"Run {job.run_id} did not answer within "
+                f"{self.settings.run_poll_timeout_seconds:g} s; waiting for it "
+                f"(requeued after {limit} missed polls in a row)",
+                {"run_id": job.run_id, "missed_polls": missed},
+            )
+        if missed >= limit:
+            del self._missed_polls[key]
+            assert job.run_id is not None
+            self.runs.kill(job.run_id)
+            self._retry_or_fail(job, f"its run did not answer {missed} polls in a row")
+
     def _store_events(self, job: JobRow, polled: dict[str, Any]) -> bool:
-        values: dict[str, Any] = {}
+        tokens = None
         for event in polled["events"]:
-            tokens = (event.get("data") or {}).get("trained_tokens")
-            if event.get("type") == "metrics" and tokens is not None:
-                values["trained_tokens"] = tokens
+            count = (event.get("data") or {}).get("trained_tokens")
+            if event.get("type") == "metrics" and count is not None:
+                tokens = count
         return self.store.record_run_events(
-            job.id, job.attempt, polled["events"], polled["cursor"], **values
+            job.id, job.attempt, polled["events"], polled["cursor"], trained_tokens=tokens
         )
 
     def _succeed(self, job: JobRow) -> None:
+        # Only the current attempt's adapter counts: a stale attempt wrote elsewhere.
         try:
-            verify_adapter(self.objects, job.tenant, job.id)
-            store_adapter_archive(self.objects, job.tenant, job.id, mtime=now())
+            verify_adapter(self.objects, job.tenant, job.id, job.attempt)
+            store_adapter_archive(self.objects, job.tenant, job.id, job.attempt, mtime=now())
         except PublishError as exc:
             self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
             return
-        self._move(
-            job,
-            JobStatus.SUCCEEDED,
+        self._guarded(
+            self.store.succeed,
+            job.id,
+            job.attempt,
+            fine_tuned_model_name(job),
             "The job has successfully completed",
-            finished_at=now(),
-            fine_tuned_model=fine_tuned_model_name(job),
         )
 
     def _run_vanished(self, job: JobRow) -> None:
@@ -202,31 +254,24 @@ class Scheduler:
         if job.started_at and time.time() - job.started_at < self.settings.run_start_grace_seconds:
             return
         if job.status == JobStatus.CANCELLING.value:
-            self._move(job, JobStatus.CANCELLED, "Job cancelled", finished_at=now())
+            self._guarded(self.store.cancel, job.id, attempt=job.attempt)
             return
         self._retry_or_fail(job, "its run disappeared from the Ray cluster")
 
     def _retry_or_fail(self, job: JobRow, reason: str) -> None:
-        if job.attempt < self.settings.max_attempts:
-            self._move(job, JobStatus.QUEUED, f"Run lost ({reason}); job requeued", level="warn")
+        if job.status == JobStatus.CANCELLING.value:  # asked to stop anyway
+            self._guarded(self.store.cancel, job.id, attempt=job.attempt)
+        elif job.attempt < self.settings.max_attempts:
+            self._guarded(self.store.requeue, job.id, job.attempt, reason)
         else:
             self._fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
 
-    # ---- guarded moves (a job that moved on meanwhile is left alone) ----
-    def _move(self, job: JobRow, target: JobStatus, message: str, **values: Any) -> None:
+    # ---- guarded changes (a job that moved on meanwhile is left alone) ----
+    def _guarded(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
-            self.store.transition(job.id, target, message, expected_attempt=job.attempt, **values)
+            operation(*args, **kwargs)
         except InvalidTransition as exc:
             log.info("skipped: %s", exc)
 
     def _fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
-        self._move(
-            job,
-            JobStatus.FAILED,
-            f"Job failed: {message}",
-            level="error",
-            finished_at=now(),
-            error_code=code,
-            error_message=message,
-            error_param=param,
-        )
+        self._guarded(self.store.fail, job.id, code, message, param=param, attempt=job.attempt)

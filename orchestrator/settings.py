@@ -36,7 +36,15 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         default=None, description="Ray cluster to use; unset means RAY_ADDRESS or a local one."
     )
-    ray_namespace: str = "lorafleet"
+    ray_namespace: str = Field(
+        default="lorafleet", description="Ray namespace of the run actors (and of this driver)."
+    )
+    run_poll_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long one scheduler tick waits for runs to answer."
+    )
+    max_run_poll_timeouts: int = Field(
+        default=3, ge=1, description="Polls in a row a run may miss before its jobs requeue."
+    )
     ray_storage_path: Path | None = Field(
         default=None,
         description="Ray Train's run folder; shared by every node on a cluster. "
@@ -56,6 +64,14 @@ class Settings(BaseSettings):
         default=100, gt=0, description="Jobs not yet finished, per tenant (429 above it)."
     )
     max_concurrent_runs: int = Field(default=2, ge=1)
+    precision: Literal["bf16", "fp32"] | None = Field(
+        default=None,
+        description="A job's training precision when it names none; unset: bf16 on a GPU, "
+        "fp32 on CPU.",
+    )
+    setup_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Per setup phase of a run; past it the run fails."
+    )
     default_num_workers: int = Field(default=2, ge=1)
     max_pack_size: int = Field(default=8, ge=1, description="Most jobs trained in one run.")
     pack_window_seconds: float = Field(

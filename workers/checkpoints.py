@@ -3,17 +3,22 @@
     runs/{tenant}/{job_id}/checkpoints/step-{n}/adapter_config.json
                                                /adapter_model.safetensors
                                                /training_state.pt   (optimizer, schedule,
-                                                                     step, tokens, RNG)
+                                                                     step, tokens, RNG;
+                                                                     plain data only)
                                                /manifest.json       (written last)
 
 A checkpoint without a manifest (a writer that died half-way) is never used. A job resumes
 from its newest complete checkpoint whatever pack it trains in, so each can resume alone.
+The training state is read with `weights_only=True` (tensors, lists, dicts, numbers,
+strings): whoever can write to the bucket must not run code on every worker. It is loaded
+onto the CPU, so a state written on `cuda:0` resumes on any rank, GPU or not.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,10 @@ from core.publish import sha256_hex
 STATE = "training_state.pt"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint's training state holds objects other than tensors and plain data."""
+
+
 def write_checkpoint(
     store: ObjectStore,
     tenant: str,
@@ -36,8 +45,10 @@ def write_checkpoint(
     state: dict[str, Any],
     metrics: dict[str, Any],
     created_at: int,
+    *,
+    attempt: int,
 ) -> CheckpointInfo:
-    prefix = checkpoint_prefix(tenant, job_id, step)
+    prefix = checkpoint_prefix(tenant, job_id, attempt, step)
     files: dict[str, dict[str, Any]] = {}
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -49,7 +60,7 @@ def write_checkpoint(
         files[name] = {"sha256": sha256_hex(data), "size": len(data)}
     manifest = {"step": step, "files": files, "metrics": metrics, "created_at": created_at}
     store.put_bytes(prefix + MANIFEST, json.dumps(manifest, sort_keys=True).encode())
-    return CheckpointInfo(step, prefix, metrics, created_at)
+    return CheckpointInfo(step, prefix, metrics, created_at, attempt)
 
 
 def read_checkpoint(
@@ -65,5 +76,11 @@ def read_checkpoint(
         if sha256_hex(data) != expected["sha256"]:
             raise ValueError(f"checkpoint {info.prefix}{name} does not match its manifest")
         blobs[name] = data
-    state = torch.load(io.BytesIO(blobs[STATE]), weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(blobs[STATE]), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"checkpoint {info.prefix}{STATE} holds objects other than tensors and plain data;"
+            f" refusing to load it: {str(exc).splitlines()[0]}"
+        ) from exc
     return load(blobs["adapter_model.safetensors"]), state

@@ -313,7 +313,9 @@ class PackTrainingRecipe:
             with tempfile.TemporaryDirectory() as folder:
                 export_peft_adapter(self.model, slot.spec, self.paths[slot.job_id], Path(folder))
                 store = open_object_store(self.spec.object_store)
-                manifest = publish_adapter(store, slot.spec.tenant, slot.job_id, Path(folder))
+                manifest = publish_adapter(
+                    store, slot.spec.tenant, slot.job_id, slot.spec.attempt, Path(folder)
+                )
         # Every rank takes part: the gather is a collective.
         partitioning = self._partitioning()
         if self.rank == 0:
@@ -347,8 +349,11 @@ class PackTrainingRecipe:
                 state,
                 metrics,
                 created_at=int(time.time()),
+                attempt=slot.spec.attempt,
             )
-        prune_checkpoints(store, slot.spec.tenant, slot.job_id, self.spec.checkpoint_keep_last)
+        prune_checkpoints(
+            store, slot.spec.tenant, slot.job_id, slot.spec.attempt, self.spec.checkpoint_keep_last
+        )
         self._report(
             slot.job_id,
             "checkpoint",
@@ -359,7 +364,9 @@ class PackTrainingRecipe:
     def _resume(self, slot: JobSlot) -> None:
         """Continues a job from its newest complete checkpoint, if it has one."""
         store = open_object_store(self.spec.object_store)
-        saved = list_checkpoints(store, slot.spec.tenant, slot.job_id)
+        saved = list_checkpoints(
+            store, slot.spec.tenant, slot.job_id, up_to_attempt=slot.spec.attempt
+        )
         if not saved:
             if slot.spec.start_from:  # a new job forked from another job's checkpoint
                 from safetensors.torch import load

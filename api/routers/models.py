@@ -7,7 +7,6 @@ from fastapi import APIRouter
 from api.deps import ServicesDep, TenantDep
 from api.schemas import ErrorResponse, ListPage, ModelObject
 from orchestrator.errors import NotFound
-from orchestrator.states import JobStatus
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -17,11 +16,11 @@ def _models(services: ServicesDep, tenant: str) -> list[ModelObject]:
         ModelObject(id=name, created=0, owned_by="lorafleet")
         for name in sorted(services.settings.base_models)
     ]
-    for job in services.store.jobs_with_status([JobStatus.SUCCEEDED]):
-        if job.tenant == tenant and job.fine_tuned_model:
-            models.append(
-                ModelObject(id=job.fine_tuned_model, created=job.finished_at or 0, owned_by=tenant)
-            )
+    for job in services.store.fine_tuned_models(tenant):
+        assert job.fine_tuned_model is not None
+        models.append(
+            ModelObject(id=job.fine_tuned_model, created=job.finished_at or 0, owned_by=tenant)
+        )
     return models
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from orchestrator.db import make_engine, migrate
 from orchestrator.errors import InvalidTransition, NotFound
@@ -50,9 +51,12 @@ def statuses_in_events(store: JobStore, job_id: str) -> list[str]:
 
 def test_transitions_follow_the_table_and_each_appends_an_event(store: JobStore) -> None:
     job = add_job(store)
-    for target in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED):
-        row = store.transition(job.id, target, f"to {target.value}")
-        assert row.status == target.value
+    assert store.queue(job.id, "queued").status == "queued"
+    running = store.claim(job.id, 0, "run-1", "started")
+    assert (running.status, running.attempt, running.run_id) == ("running", 1, "run-1")
+    done = store.succeed(job.id, 1, "ft:tiny::x", "done")
+    assert (done.status, done.fine_tuned_model) == ("succeeded", "ft:tiny::x")
+    assert done.finished_at is not None
     assert statuses_in_events(store, job.id) == [
         "validating_files",
         "queued",
@@ -61,55 +65,111 @@ def test_transitions_follow_the_table_and_each_appends_an_event(store: JobStore)
     ]
 
 
-def test_a_transition_not_in_the_table_raises_and_changes_nothing(store: JobStore) -> None:
+def test_an_operation_from_the_wrong_status_raises_and_changes_nothing(store: JobStore) -> None:
     job = add_job(store)
     with pytest.raises(InvalidTransition) as raised:
-        store.transition(job.id, JobStatus.SUCCEEDED, "skip ahead", finished_at=123)
+        store.succeed(job.id, 0, "ft:tiny::x", "skip ahead")
     assert raised.value.current == "validating_files"
+    with pytest.raises(InvalidTransition):
+        store.claim(job.id, 0, "run-1", "not queued yet")
+    with pytest.raises(InvalidTransition):
+        store.request_cancel(job.id)  # only a running job is asked to stop
+    with pytest.raises(InvalidTransition):
+        store.requeue(job.id, 0, "not running")
     row = store.job(job.id)
-    assert row.status == "validating_files" and row.finished_at is None
+    assert (row.status, row.finished_at, row.fine_tuned_model, row.run_id) == (
+        "validating_files",
+        None,
+        None,
+        None,
+    )
     assert statuses_in_events(store, job.id) == ["validating_files"]
+
+
+def test_each_operation_writes_only_its_own_columns(store: JobStore) -> None:
+    job = add_job(store)
+    store.queue(job.id, "queued")
+    store.claim(job.id, 0, "run-1", "started")
+    before = store.job(job.id)
+    store.request_cancel(job.id)
+    after = store.job(job.id)
+    assert after.status == "cancelling"
+    assert (after.attempt, after.run_id, after.started_at, after.finished_at) == (
+        before.attempt,
+        before.run_id,
+        before.started_at,
+        None,
+    )
+    failed = store.fail(job.id, "training_error", "loss is nan", attempt=1)
+    assert (failed.error_code, failed.error_message, failed.error_param) == (
+        "training_error",
+        "loss is nan",
+        None,
+    )
+    assert failed.fine_tuned_model is None and failed.run_id == "run-1"
+
+
+def test_the_store_offers_no_generic_column_writer() -> None:
+    # The old `transition(**values)` let any caller write any column; only named operations.
+    assert not hasattr(JobStore, "transition")
+    with pytest.raises(TypeError):
+        JobStore.record_run_events(None, "j", 0, [], 0, status="succeeded")  # type: ignore[arg-type,call-arg]
 
 
 def test_a_terminal_job_never_changes_again(store: JobStore) -> None:
     job = add_job(store)
-    store.transition(job.id, JobStatus.CANCELLED, "cancelled")
-    for target in JobStatus:
+    store.cancel(job.id)
+    attempts = [
+        lambda: store.queue(job.id, "again"),
+        lambda: store.claim(job.id, 0, "run-1", "again"),
+        lambda: store.succeed(job.id, 0, "m", "again"),
+        lambda: store.fail(job.id, "x", "again"),
+        lambda: store.cancel(job.id),
+        lambda: store.request_cancel(job.id),
+        lambda: store.requeue(job.id, 0, "again"),
+    ]
+    for attempt in attempts:
         with pytest.raises(InvalidTransition):
-            store.transition(job.id, target, "again")
+            attempt()
     assert store.job(job.id).status == "cancelled"
     assert statuses_in_events(store, job.id) == ["validating_files", "cancelled"]
 
 
 def test_a_stale_attempt_cannot_move_the_job(store: JobStore) -> None:
     job = add_job(store)
-    store.transition(job.id, JobStatus.QUEUED, "queued")
-    store.transition(
-        job.id, JobStatus.RUNNING, "run 1", expected_attempt=0, attempt=JobRow.attempt + 1
-    )
-    store.transition(job.id, JobStatus.QUEUED, "lost", expected_attempt=1)
-    store.transition(
-        job.id, JobStatus.RUNNING, "run 2", expected_attempt=1, attempt=JobRow.attempt + 1
-    )
+    store.queue(job.id, "queued")
+    store.claim(job.id, 0, "run-1", "run 1")
+    store.requeue(job.id, 1, "lost")
+    store.claim(job.id, 1, "run-2", "run 2")
     with pytest.raises(InvalidTransition):
-        store.transition(job.id, JobStatus.SUCCEEDED, "from run 1", expected_attempt=1)
+        store.succeed(job.id, 1, "m", "from run 1")
+    with pytest.raises(InvalidTransition):
+        store.fail(job.id, "training_error", "from run 1", attempt=1)
     assert not store.record_run_events(job.id, 1, [{"message": "stale"}], cursor=5)
+    assert not store.warn(job.id, 1, "stale warning", {})
     row = store.job(job.id)
-    assert (row.status, row.attempt, row.event_cursor) == ("running", 2, 0)
+    assert (row.status, row.attempt, row.event_cursor, row.run_id) == ("running", 2, 0, "run-2")
+
+
+def test_the_started_event_names_its_run(store: JobStore) -> None:
+    job = add_job(store)
+    store.queue(job.id, "queued")
+    store.claim(job.id, 0, "run-7", "started")
+    started = [e for e in store.events_since(job.id, 0) if (e.data or {}).get("run_id")]
+    assert [(e.data or {}).get("attempt") for e in started] == [1]
+    assert (started[0].data or {})["run_id"] == "run-7"
 
 
 def test_concurrent_claims_let_exactly_one_win(store: JobStore) -> None:
     job = add_job(store)
-    store.transition(job.id, JobStatus.QUEUED, "queued")
+    store.queue(job.id, "queued")
     wins, losses = [], []
     barrier = threading.Barrier(8)
 
     def claim() -> None:
         barrier.wait()
         try:
-            store.transition(
-                job.id, JobStatus.RUNNING, "claimed", expected_attempt=0, attempt=JobRow.attempt + 1
-            )
+            store.claim(job.id, 0, "run-x", "claimed")
             wins.append(1)
         except InvalidTransition:
             losses.append(1)
@@ -154,3 +214,61 @@ def test_two_schedulers_storing_the_same_run_events_store_them_once(store: JobSt
     assert store.record_run_events(job.id, 0, events, cursor=1)
     assert not store.record_run_events(job.id, 0, events, cursor=1)  # the slower one
     assert [e.message for e in store.events_since(job.id, 0)] == ["Created", "step 1"]
+
+
+def add_job_with_metadata(store: JobStore, metadata: dict[str, str], tenant: str = "t1") -> JobRow:
+    row = JobRow(
+        id=new_id("ftjob"),
+        tenant=tenant,
+        model="tiny",
+        training_file="file-x",
+        seed=1,
+        status=JobStatus.VALIDATING_FILES.value,
+        attempt=0,
+        created_at=now(),
+        settings={},
+        user_metadata=metadata,
+        event_cursor=0,
+    )
+    return store.add_job(row, "Created")
+
+
+def selects_on_jobs(store: JobStore) -> list[str]:
+    """Every SELECT on the jobs table the engine sends from now on."""
+    seen: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM jobs" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+def test_a_metadata_filter_and_its_limit_are_applied_in_sql(store: JobStore) -> None:
+    wanted = [add_job_with_metadata(store, {"team": "a", "run": str(i)}).id for i in range(4)]
+    for i in range(6):
+        add_job_with_metadata(store, {"team": "b", "run": str(i)})
+    add_job_with_metadata(store, {"team": "a"}, tenant="t2")
+    add_job(store)  # no metadata at all
+    statements = selects_on_jobs(store)
+    page, has_more = store.list_jobs("t1", after=None, limit=2, metadata={"team": "a"})
+    assert [r.id for r in page] == [wanted[3], wanted[2]] and has_more
+    assert len(statements) == 1 and "LIMIT" in statements[0].upper()
+    page, has_more = store.list_jobs("t1", None, 10, metadata={"team": "a", "run": "1"})
+    assert [r.id for r in page] == [wanted[1]] and not has_more
+    assert store.list_jobs("t1", None, 10, metadata={"team": "c"}) == ([], False)
+
+
+def test_fine_tuned_models_are_selected_for_the_tenant_in_sql(store: JobStore) -> None:
+    mine = add_job(store)
+    theirs = add_job(store, tenant="t2")
+    unfinished = add_job(store)
+    for job in (mine, theirs):
+        store.queue(job.id, "q")
+        store.claim(job.id, 0, "run-1", "s")
+        store.succeed(job.id, 1, f"ft:tiny::{job.id}", "done")
+    store.queue(unfinished.id, "q")
+    statements = selects_on_jobs(store)
+    assert [j.id for j in store.fine_tuned_models("t1")] == [mine.id]
+    assert len(statements) == 1 and "tenant" in statements[0] and "status" in statements[0]

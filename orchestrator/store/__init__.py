@@ -1,14 +1,14 @@
-"""JobStore: the only code that writes to the database.
+"""JobStore: the one package that writes to the database (jobs, their events, files, API
+keys and idempotency records); other modules only read.
 
-Every job state change is one guarded `UPDATE … WHERE id = :id AND status IN (:sources)`
-that must touch exactly one row, and appends its event in the same transaction.
+Every job state change is a named operation (`store/transitions.py`): one guarded
+`UPDATE … WHERE id = :id AND status IN (:sources)` that must touch exactly one row, and
+appends its event in the same transaction.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -16,28 +16,24 @@ from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.errors import InvalidTransition, NotFound
-from orchestrator.models import FileRow, JobEventRow, JobRow
-from orchestrator.states import JobStatus, sources_of
+from orchestrator.errors import NotFound
+from orchestrator.models import ApiKeyRow, FileRow, IdempotencyRow, JobEventRow, JobRow
+from orchestrator.states import JobStatus
+from orchestrator.store.rows import event_row as _event
+from orchestrator.store.rows import new_id, now
+from orchestrator.store.transitions import JobTransitions
 
 if TYPE_CHECKING:
     from orchestrator.idempotency import Idempotency
+
+__all__ = ["DuplicateIdempotencyKey", "JobStore", "new_id", "now"]
 
 
 class DuplicateIdempotencyKey(Exception):
     """Another request with the same Idempotency-Key committed first."""
 
 
-def new_id(prefix: str) -> str:
-    """Ids sort in creation order (microseconds first), so lists page stably by id."""
-    return f"{prefix}-{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class JobStore:
+class JobStore(JobTransitions):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
@@ -47,7 +43,7 @@ class JobStore:
         with self._creating(idempotency) as session:
             session.add(row)
             if idempotency:
-                idempotency.record(session, row)
+                _record(session, idempotency, row)
         return row
 
     def get_file(self, tenant: str, file_id: str, param: str | None = None) -> FileRow:
@@ -77,7 +73,7 @@ class JobStore:
             session.flush()
             session.add(_event(row.id, message, data={"status": row.status}))
             if idempotency:
-                idempotency.record(session, row)
+                _record(session, idempotency, row)
         return row
 
     @contextmanager
@@ -119,18 +115,28 @@ class JobStore:
                     and_(JobRow.created_at == anchor.created_at, JobRow.id < anchor.id),
                 )
             )
-        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc())
-        if not metadata:
-            query = query.limit(limit + 1)
+        # Filtered and limited in SQL (a JSON field compared as text on SQLite and PostgreSQL
+        # alike): a page never loads more than limit + 1 rows.
+        for name, value in (metadata or {}).items():
+            query = query.where(JobRow.user_metadata[name].as_string() == value)
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
         with self.sessions() as session:
             rows = list(session.scalars(query))
-        if metadata:
-            rows = [
-                r
-                for r in rows
-                if all((r.user_metadata or {}).get(k) == v for k, v in metadata.items())
-            ]
         return rows[:limit], len(rows) > limit
+
+    def fine_tuned_models(self, tenant: str) -> list[JobRow]:
+        """The tenant's succeeded jobs that named a fine-tuned model, oldest first."""
+        query = (
+            select(JobRow)
+            .where(
+                JobRow.tenant == tenant,
+                JobRow.status == JobStatus.SUCCEEDED.value,
+                JobRow.fine_tuned_model.is_not(None),
+            )
+            .order_by(JobRow.created_at, JobRow.id)
+        )
+        with self.sessions() as session:
+            return list(session.scalars(query))
 
     def count_jobs_by_status(self) -> dict[str, int]:
         query = select(JobRow.status, func.count()).group_by(JobRow.status)
@@ -152,77 +158,6 @@ class JobStore:
         )
         with self.sessions() as session:
             return list(session.scalars(query))
-
-    def transition(
-        self,
-        job_id: str,
-        target: JobStatus,
-        message: str,
-        *,
-        level: str = "info",
-        data: dict[str, Any] | None = None,
-        expected_attempt: int | None = None,
-        **values: Any,
-    ) -> JobRow:
-        """Moves a job to `target` if the table allows it from the job's current status.
-
-        `expected_attempt` fences a run: a stale run (an older attempt) can never move the job.
-        Raises InvalidTransition, changing nothing, when no row matched.
-        """
-        guard = [JobRow.id == job_id, JobRow.status.in_([s.value for s in sources_of(target)])]
-        if expected_attempt is not None:
-            guard.append(JobRow.attempt == expected_attempt)
-        with self.sessions.begin() as session:
-            result = session.execute(
-                update(JobRow).where(*guard).values(status=target.value, **values)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                current = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
-                raise InvalidTransition(job_id, target.value, current)
-            session.add(
-                _event(job_id, message, level=level, data={**(data or {}), "status": target.value})
-            )
-            row = session.get(JobRow, job_id, populate_existing=True)
-            assert row is not None
-            return row
-
-    def record_run_events(
-        self,
-        job_id: str,
-        attempt: int,
-        events: Sequence[dict[str, Any]],
-        cursor: int,
-        **values: Any,
-    ) -> bool:
-        """Stores a run's new events and moves the job's cursor from where they started,
-        fenced by attempt and by that cursor.
-
-        Returns False (storing nothing) if the job has moved on to another attempt, or if
-        another scheduler already stored these events.
-        """
-        with self.sessions.begin() as session:
-            result = session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == job_id,
-                    JobRow.attempt == attempt,
-                    JobRow.event_cursor == cursor - len(events),
-                )
-                .values(event_cursor=cursor, **values)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return False
-            for event in events:
-                session.add(
-                    _event(
-                        job_id,
-                        event.get("message", ""),
-                        level=event.get("level", "info"),
-                        type_="metrics" if event.get("type") == "metrics" else "message",
-                        data=event.get("data"),
-                    )
-                )
-        return True
 
     def list_events(
         self, tenant: str, job_id: str, after: str | None, limit: int
@@ -261,21 +196,34 @@ class JobStore:
         with self.sessions() as session:
             return list(session.scalars(query))
 
+    # ---- API keys (the rules, hashing and lookups, are in orchestrator/api_keys.py) ----
+    def add_api_key(self, row: ApiKeyRow) -> ApiKeyRow:
+        with self.sessions.begin() as session:
+            session.add(row)
+        return row
 
-def _event(
-    job_id: str,
-    message: str,
-    *,
-    level: str = "info",
-    type_: str = "message",
-    data: dict[str, Any] | None = None,
-) -> JobEventRow:
-    return JobEventRow(
-        id=new_id("ftevent"),
-        job_id=job_id,
-        created_at=now(),
-        level=level,
-        type=type_,
-        message=message,
-        data=data,
+    def revoke_api_key(self, key_or_id: str, key_hash: str) -> ApiKeyRow:
+        """Revokes the key whose id is `key_or_id`, or whose hash is `key_hash`."""
+        match = or_(ApiKeyRow.id == key_or_id, ApiKeyRow.key_hash == key_hash)
+        with self.sessions.begin() as session:
+            row = session.scalar(select(ApiKeyRow).where(match))
+            if row is None:
+                raise NotFound("API key", key_or_id)
+            session.execute(
+                update(ApiKeyRow).where(ApiKeyRow.id == row.id).values(revoked_at=now())
+            )
+        return row
+
+
+def _record(session: Session, idempotency: Idempotency, created: Any) -> None:
+    """Adds the key's first response to the transaction that creates `created`."""
+    session.add(
+        IdempotencyRow(
+            tenant=idempotency.tenant,
+            endpoint=idempotency.endpoint,
+            key=idempotency.key,
+            request_hash=idempotency.request_hash,
+            response=idempotency.render(created),
+            created_at=now(),
+        )
     )

@@ -1,0 +1,199 @@
+"""Every change of a job's row, as named operations: each starts from the statuses the
+transition table allows for it, writes only its own columns, and appends its event in the
+same transaction (one guarded `UPDATE … WHERE id AND status IN (…) [AND attempt = …]` that
+must touch exactly one row)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.errors import InvalidTransition
+from orchestrator.models import JobRow
+from orchestrator.states import JobStatus, is_allowed, sources_of
+from orchestrator.store.rows import event_row as _event
+from orchestrator.store.rows import now
+
+
+class JobTransitions:
+    """The job-row half of JobStore (which supplies `sessions`)."""
+
+    sessions: sessionmaker[Session]
+
+    def queue(self, job_id: str, message: str) -> JobRow:
+        """validating_files → queued: the job's files were found."""
+        return self._move(job_id, (JobStatus.VALIDATING_FILES,), JobStatus.QUEUED, message)
+
+    def claim(self, job_id: str, attempt: int, run_id: str, message: str) -> JobRow:
+        """queued → running as the next attempt, in run `run_id`; `attempt` is the attempt
+        the caller saw, so of two schedulers claiming the same job exactly one wins."""
+        return self._move(
+            job_id,
+            (JobStatus.QUEUED,),
+            JobStatus.RUNNING,
+            message,
+            expected_attempt=attempt,
+            data={"run_id": run_id, "attempt": attempt + 1},
+            values={
+                "attempt": JobRow.attempt + 1,
+                "run_id": run_id,
+                "started_at": now(),
+                "event_cursor": 0,
+            },
+        )
+
+    def succeed(self, job_id: str, attempt: int, fine_tuned_model: str, message: str) -> JobRow:
+        """running|cancelling → succeeded, once attempt `attempt` published its adapter."""
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING, JobStatus.CANCELLING),
+            JobStatus.SUCCEEDED,
+            message,
+            expected_attempt=attempt,
+            data={"attempt": attempt},
+            values={"finished_at": now(), "fine_tuned_model": fine_tuned_model},
+        )
+
+    def fail(
+        self,
+        job_id: str,
+        code: str,
+        reason: str,
+        *,
+        param: str | None = None,
+        attempt: int | None = None,
+    ) -> JobRow:
+        """Any unfinished status → failed, with the error's code, message and param."""
+        return self._move(
+            job_id,
+            sources_of(JobStatus.FAILED),
+            JobStatus.FAILED,
+            f"Job failed: {reason}",
+            level="error",
+            expected_attempt=attempt,
+            values={
+                "finished_at": now(),
+                "error_code": code,
+                "error_message": reason,
+                "error_param": param,
+            },
+        )
+
+    def cancel(self, job_id: str, *, attempt: int | None = None) -> JobRow:
+        """A job not yet running, or one whose run stopped (cancelling) → cancelled."""
+        return self._move(
+            job_id,
+            (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.CANCELLING),
+            JobStatus.CANCELLED,
+            "Job cancelled",
+            expected_attempt=attempt,
+            values={"finished_at": now()},
+        )
+
+    def request_cancel(self, job_id: str) -> JobRow:
+        """running → cancelling: the run is asked to stop; the scheduler finishes the move."""
+        return self._move(
+            job_id, (JobStatus.RUNNING,), JobStatus.CANCELLING, "Cancellation requested"
+        )
+
+    def requeue(self, job_id: str, attempt: int, reason: str) -> JobRow:
+        """running → queued: attempt `attempt` was lost to the infrastructure; the job runs
+        again (from its last checkpoint) as a new attempt."""
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.QUEUED,
+            f"Run lost ({reason}); job requeued",
+            level="warn",
+            expected_attempt=attempt,
+        )
+
+    def warn(self, job_id: str, attempt: int, message: str, data: dict[str, Any]) -> bool:
+        """Appends a warning to a job still in attempt `attempt` (no state change); False if
+        the job moved on."""
+        with self.sessions.begin() as session:
+            current = session.scalar(
+                select(JobRow.id).where(JobRow.id == job_id, JobRow.attempt == attempt)
+            )
+            if current is None:
+                return False
+            session.add(_event(job_id, message, level="warn", data=data))
+        return True
+
+    def _move(
+        self,
+        job_id: str,
+        sources: tuple[JobStatus, ...],
+        target: JobStatus,
+        message: str,
+        *,
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+        expected_attempt: int | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> JobRow:
+        """The one guarded UPDATE: moves the job to `target` if it is in one of `sources`
+        (and, when given, still in `expected_attempt`, which fences stale runs out), and
+        appends the event in the same transaction. Raises InvalidTransition, changing
+        nothing, when no row matched."""
+        assert all(is_allowed(s, target) for s in sources), (sources, target)
+        guard = [JobRow.id == job_id, JobRow.status.in_([s.value for s in sources])]
+        if expected_attempt is not None:
+            guard.append(JobRow.attempt == expected_attempt)
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(JobRow).where(*guard).values(status=target.value, **(values or {}))
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                current = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+                raise InvalidTransition(job_id, target.value, current)
+            session.add(
+                _event(job_id, message, level=level, data={**(data or {}), "status": target.value})
+            )
+            row = session.get(JobRow, job_id, populate_existing=True)
+            assert row is not None
+            return row
+
+    def record_run_events(
+        self,
+        job_id: str,
+        attempt: int,
+        events: Sequence[dict[str, Any]],
+        cursor: int,
+        trained_tokens: int | None = None,
+    ) -> bool:
+        """Stores a run's new events and moves the job's cursor from where they started,
+        fenced by attempt and by that cursor; `trained_tokens` is the newest count, if any.
+
+        Returns False (storing nothing) if the job has moved on to another attempt, or if
+        another scheduler already stored these events.
+        """
+        values: dict[str, Any] = {"event_cursor": cursor}
+        if trained_tokens is not None:
+            values["trained_tokens"] = trained_tokens
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.attempt == attempt,
+                    JobRow.event_cursor == cursor - len(events),
+                )
+                .values(**values)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            for event in events:
+                session.add(
+                    _event(
+                        job_id,
+                        event.get("message", ""),
+                        level=event.get("level", "info"),
+                        type_="metrics" if event.get("type") == "metrics" else "message",
+                        data=event.get("data"),
+                    )
+                )
+        return True
