@@ -1,0 +1,150 @@
+"""Which queued job goes to which pack host (pure): join a hot host, start one, or wait.
+
+The order among waiting jobs: `priority` first (higher first); within a priority, fair
+across tenants: the tenant with the fewest jobs running (counting those placed in this
+plan) goes next, ties to the tenant whose oldest job waited longest. So one tenant's 100
+queued jobs do not starve another tenant's one.
+
+Then, in that order, a job goes to a host of its shape (base model and run shape) with a
+free slot whose memory estimate still fits with the job added, preferring the busiest
+such host (idle hosts stay free to end); else a new host of its shape if the cluster has
+room for one; else it waits. A job that waits holds its shape's line: later jobs of the
+same shape do not overtake it (a small job slipping into the last bytes of a host would
+starve a big one). A host with no jobs counts as capacity for its shape; an idle host
+that is not warm may be retired to make room for a job of another shape.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from orchestrator.memory_estimate import SlotDemand
+
+# Whether these slots fit together on one host of that shape (the memory estimate).
+Fits = Callable[[str, Sequence[SlotDemand]], bool]
+
+
+@dataclass(frozen=True)
+class WaitingJob:
+    job_id: str
+    tenant: str
+    shape: str  # HostShape.key
+    created_at: float
+    priority: int = 0
+    demand: SlotDemand = field(default_factory=lambda: SlotDemand(1, 1, 1))
+
+
+@dataclass
+class HostRoom:
+    """What admission knows of a live host (from its last poll)."""
+
+    host_id: str
+    shape: str
+    max_slots: int
+    demands: list[SlotDemand] = field(default_factory=list)  # its jobs' demands
+    ending: bool = False
+    warm: bool = False
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self.demands)
+
+
+@dataclass(frozen=True)
+class Join:
+    job_id: str
+    host_id: str
+
+
+@dataclass(frozen=True)
+class StartHost:
+    host_id: str
+    shape: str
+
+
+@dataclass
+class AdmissionPlan:
+    starts: list[StartHost] = field(default_factory=list)  # start these first, in order
+    joins: list[Join] = field(default_factory=list)  # then admit these, in order
+    retire: list[str] = field(default_factory=list)  # idle hosts to end (room for others)
+    never_fit: list[str] = field(default_factory=list)  # too big even for an empty host
+    waiting: list[str] = field(default_factory=list)
+
+
+def fair_order(waiting: Iterable[WaitingJob], running: dict[str, int]) -> list[WaitingJob]:
+    """Priority first; within a priority, round-robin across tenants, fewest running first."""
+    by_priority: dict[int, dict[str, list[WaitingJob]]] = defaultdict(lambda: defaultdict(list))
+    for job in sorted(waiting, key=lambda j: (j.created_at, j.job_id)):
+        by_priority[job.priority][job.tenant].append(job)
+    counts = dict(running)
+    order: list[WaitingJob] = []
+    for priority in sorted(by_priority, reverse=True):
+        queues = {tenant: list(reversed(jobs)) for tenant, jobs in by_priority[priority].items()}
+        heap = [(counts.get(t, 0), q[-1].created_at, q[-1].job_id, t) for t, q in queues.items()]
+        heapq.heapify(heap)
+        while heap:
+            _, _, _, tenant = heapq.heappop(heap)
+            order.append(queues[tenant].pop())
+            counts[tenant] = counts.get(tenant, 0) + 1
+            if queues[tenant]:
+                head = queues[tenant][-1]
+                heapq.heappush(heap, (counts[tenant], head.created_at, head.job_id, tenant))
+    return order
+
+
+def plan_admissions(
+    waiting: Iterable[WaitingJob],
+    hosts: Sequence[HostRoom],
+    *,
+    running_per_tenant: dict[str, int],
+    free_host_starts: int,
+    max_slots: int,
+    fits: Fits,
+    new_host_id: Callable[[], str],
+) -> AdmissionPlan:
+    """Places waiting jobs on hosts (see the module's docstring). `free_host_starts`: how
+    many more hosts the cluster has resources for now."""
+    plan = AdmissionPlan()
+    rooms = [replace(h, demands=list(h.demands)) for h in hosts if not h.ending]
+    blocked: set[str] = set()  # shapes whose first waiting job could not be placed
+    for job in fair_order(waiting, running_per_tenant):
+        if job.shape in blocked:
+            plan.waiting.append(job.job_id)
+            continue
+        if not fits(job.shape, [job.demand]):
+            plan.never_fit.append(job.job_id)
+            continue
+        candidates = [
+            h
+            for h in rooms
+            if h.shape == job.shape
+            and h.slots_in_use < h.max_slots
+            and fits(job.shape, [*h.demands, job.demand])
+        ]
+        if candidates:
+            host = max(candidates, key=lambda h: (h.slots_in_use, h.host_id))
+        elif free_host_starts > 0:
+            free_host_starts -= 1
+            host = HostRoom(new_host_id(), job.shape, max_slots)
+            rooms.append(host)
+            plan.starts.append(StartHost(host.host_id, job.shape))
+        else:
+            blocked.add(job.shape)
+            plan.waiting.append(job.job_id)
+            continue
+        host.demands.append(job.demand)
+        plan.joins.append(Join(job.job_id, host.host_id))
+    # An idle host of another shape holds resources a blocked shape could use: end one per
+    # blocked shape (its workers are free by a later tick). A warm host is never retired.
+    idle = sorted(
+        (h for h in rooms if not h.demands and not h.warm), key=lambda h: h.host_id, reverse=True
+    )
+    for shape in sorted(blocked):
+        other = [h for h in idle if h.shape != shape]
+        if other:
+            plan.retire.append(other[-1].host_id)
+            idle.remove(other[-1])
+    return plan
