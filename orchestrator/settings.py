@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     step_timeout_seconds: float = Field(
         default=600.0, gt=0, description="A host with jobs but no step for this long is hung."
     )
+    max_slots_per_host: int = Field(default=8, ge=1, description="Jobs training on one host.")
+    host_memory_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Memory per rank that admission fills (the memory estimate); 0: no check.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward (less memory per job)."
+    )
+    loss_chunk_tokens: int = Field(
+        default=4096, ge=1, description="Tokens per chunk of the loss (its fp32 logits)."
+    )
     checkpoint_every_steps: int = Field(
         default=50, ge=0, description="Checkpoint each job every N steps (and at epoch ends)."
     )
