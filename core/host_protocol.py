@@ -74,6 +74,8 @@ class HostSpec:
     checkpoint_every_steps: int = 50
     checkpoint_keep_last: int = 3
     max_job_restarts: int = 2  # worker failures each job survives (per job, not per host)
+    loss_chunk_tokens: int = 4096  # the loss's fp32 logits are made this many tokens at a time
+    gradient_checkpointing: bool = False  # recompute the base's activations in backward
 
 
 @dataclass(frozen=True)
