@@ -45,4 +45,5 @@ test-quick: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check core orchestrator workers api tests bench
 	$(BIN)/ruff format --check core orchestrator workers api tests bench
+	$(BIN)/lint-imports  # contracts in pyproject.toml: api replica and core load no torch/Ray
 	$(BIN)/mypy
