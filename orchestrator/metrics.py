@@ -6,7 +6,10 @@ one process do not collide; GET /metrics adds this registry to what it exposes.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 REGISTRY = CollectorRegistry()
 
@@ -15,3 +18,55 @@ RUN_POLL_TIMEOUTS = Counter(
     "Polls of a job's run that got no answer within run_poll_timeout_seconds.",
     registry=REGISTRY,
 )
+
+# ---- webhooks, training progress, publishing and the API (dashboard/webhooks engineer) ----
+# No per-job labels: job ids would leak across tenants and grow without bound; per-job
+# figures stay in each job's events.
+WEBHOOK_DELIVERIES = Counter(
+    "lorafleet_webhook_deliveries",
+    "Webhook delivery attempts by outcome (delivered, retrying, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+STEP_SECONDS = Histogram(
+    "lorafleet_step_seconds",
+    "Seconds per training step, from the jobs' metrics events as the scheduler stores them.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+    registry=REGISTRY,
+)
+FIRST_STEP_SECONDS = Histogram(
+    "lorafleet_submit_to_first_step_seconds",
+    "Seconds from a job's creation to its first stored training step.",
+    buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600),
+    registry=REGISTRY,
+)
+TOKENS_PER_SECOND = Histogram(
+    "lorafleet_tokens_per_second",
+    "Training tokens per second of a job's step.",
+    buckets=(10, 100, 1_000, 10_000, 100_000, 1_000_000),
+    registry=REGISTRY,
+)
+TRAINED_STEPS = Counter(
+    "lorafleet_trained_steps", "Training steps stored, all jobs.", registry=REGISTRY
+)
+API_SECONDS = Histogram(
+    "lorafleet_api_request_seconds",
+    "API latency by route template (never by raw path: ids stay out of labels).",
+    ["method", "route"],
+    registry=REGISTRY,
+)
+
+
+def observe_training(job_created_at: int, events: list[dict[str, Any]]) -> None:
+    """Adds a job's newly stored metrics events to the training histograms."""
+    for event in events:
+        data = event.get("data") or {}
+        if event.get("type") != "metrics" or "step" not in data:
+            continue
+        TRAINED_STEPS.inc()
+        if data.get("step_seconds") is not None:
+            STEP_SECONDS.observe(data["step_seconds"])
+        if data.get("tokens_per_second") is not None:
+            TOKENS_PER_SECOND.observe(data["tokens_per_second"])
+        if data["step"] == 1:
+            FIRST_STEP_SECONDS.observe(max(0.0, time.time() - job_created_at))

@@ -22,7 +22,7 @@ from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
-from orchestrator.metrics import RUN_POLL_TIMEOUTS
+from orchestrator.metrics import RUN_POLL_TIMEOUTS, observe_training
 from orchestrator.models import JobRow
 from orchestrator.packing import plan_packs
 from orchestrator.runs import UNRESPONSIVE, RayRuns
@@ -229,9 +229,12 @@ class Scheduler:
             count = (event.get("data") or {}).get("trained_tokens")
             if event.get("type") == "metrics" and count is not None:
                 tokens = count
-        return self.store.record_run_events(
+        stored = self.store.record_run_events(
             job.id, job.attempt, polled["events"], polled["cursor"], trained_tokens=tokens
         )
+        if stored:  # counted once: a fenced-off (stale) batch is not stored, nor counted
+            observe_training(job.created_at, polled["events"])
+        return stored
 
     def _succeed(self, job: JobRow) -> None:
         # Only the current attempt's adapter counts: a stale attempt wrote elsewhere.

@@ -118,6 +118,14 @@ class Settings(BaseSettings):
     )
     # DeepSpeed keeps parameters smaller than this whole on every rank; 0 partitions all.
     zero3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0, description="Webhook worker tick.")
+    webhook_retry_seconds: float = Field(
+        default=5.0, gt=0, description="First retry wait of a failed delivery (then doubling)."
+    )
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    metrics_token: str | None = Field(
+        default=None, description="When set, GET /metrics needs `Authorization: Bearer <it>`."
+    )
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
