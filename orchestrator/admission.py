@@ -2,8 +2,8 @@
 
 The order among waiting jobs: `priority` first (higher first); within a priority, fair
 across tenants: the tenant with the fewest jobs running (counting those placed in this
-plan) goes next, ties to the tenant whose oldest job waited longest. So one tenant's 100
-queued jobs do not starve another tenant's one.
+plan) goes next, ties to the tenant whose last job started longest ago, then to the oldest
+job. So one tenant's 100 queued jobs do not starve another tenant's one.
 
 Then, in that order, a job goes to a host of its shape (base model and run shape) with a
 free slot whose memory estimate still fits with the job added, preferring the busiest
@@ -74,8 +74,16 @@ class AdmissionPlan:
     waiting: list[str] = field(default_factory=list)
 
 
-def fair_order(waiting: Iterable[WaitingJob], running: dict[str, int]) -> list[WaitingJob]:
-    """Priority first; within a priority, round-robin across tenants, fewest running first."""
+def fair_order(
+    waiting: Iterable[WaitingJob],
+    running: dict[str, int],
+    last_started: dict[str, float] | None = None,
+) -> list[WaitingJob]:
+    """Priority first; within a priority, round-robin across tenants: fewest running first,
+    then the tenant whose last job started longest ago (never: first), then the oldest job.
+    With one slot nobody has a job running when it frees, so the last start is what turns
+    the tenants in round-robin."""
+    since = last_started or {}
     by_priority: dict[int, dict[str, list[WaitingJob]]] = defaultdict(lambda: defaultdict(list))
     for job in sorted(waiting, key=lambda j: (j.created_at, j.job_id)):
         by_priority[job.priority][job.tenant].append(job)
@@ -83,15 +91,19 @@ def fair_order(waiting: Iterable[WaitingJob], running: dict[str, int]) -> list[W
     order: list[WaitingJob] = []
     for priority in sorted(by_priority, reverse=True):
         queues = {tenant: list(reversed(jobs)) for tenant, jobs in by_priority[priority].items()}
-        heap = [(counts.get(t, 0), q[-1].created_at, q[-1].job_id, t) for t, q in queues.items()]
+        heap = [
+            (counts.get(t, 0), since.get(t, float("-inf")), q[-1].created_at, q[-1].job_id, t)
+            for t, q in queues.items()
+        ]
         heapq.heapify(heap)
         while heap:
-            _, _, _, tenant = heapq.heappop(heap)
+            *_, tenant = heapq.heappop(heap)
             order.append(queues[tenant].pop())
             counts[tenant] = counts.get(tenant, 0) + 1
             if queues[tenant]:
                 head = queues[tenant][-1]
-                heapq.heappush(heap, (counts[tenant], head.created_at, head.job_id, tenant))
+                last = float("inf")  # just now, in this plan
+                heapq.heappush(heap, (counts[tenant], last, head.created_at, head.job_id, tenant))
     return order
 
 
@@ -100,6 +112,7 @@ def plan_admissions(
     hosts: Sequence[HostRoom],
     *,
     running_per_tenant: dict[str, int],
+    last_started: dict[str, float] | None = None,
     free_host_starts: int,
     max_slots: int,
     fits: Fits,
@@ -110,7 +123,7 @@ def plan_admissions(
     plan = AdmissionPlan()
     rooms = [replace(h, demands=list(h.demands)) for h in hosts if not h.ending]
     blocked: set[str] = set()  # shapes whose first waiting job could not be placed
-    for job in fair_order(waiting, running_per_tenant):
+    for job in fair_order(waiting, running_per_tenant, last_started):
         if job.shape in blocked:
             plan.waiting.append(job.job_id)
             continue

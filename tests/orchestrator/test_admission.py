@@ -150,3 +150,11 @@ def test_the_plan_does_not_change_the_hosts_it_was_given() -> None:
     host = HostRoom("h", SHAPE, 4)
     plan([job("a")], [host])
     assert host.demands == []
+
+
+def test_with_nobody_running_the_tenant_that_started_longest_ago_goes_next() -> None:
+    waiting = [job("a1", "alice", at=1), job("a2", "alice", at=2), job("b0", "bob", at=5)]
+    order = fair_order(waiting, {}, last_started={"alice": 100.0})
+    assert [j.job_id for j in order] == ["b0", "a1", "a2"]
+    order = fair_order(waiting, {}, last_started={"alice": 100.0, "bob": 200.0})
+    assert [j.job_id for j in order] == ["a1", "b0", "a2"]

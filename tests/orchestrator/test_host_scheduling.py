@@ -1,0 +1,338 @@
+"""The scheduler's host mode on in-memory pack hosts and a real SQLite store: admission,
+joining, fencing, cancel, retries and the watchdog, each in milliseconds."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.objectstore import ObjectStore, ObjectStoreConfig, open_object_store
+from orchestrator.db import make_engine, migrate
+from orchestrator.host_scheduling import HostScheduling
+from orchestrator.in_memory_hosts import InMemoryHosts
+from orchestrator.jobs import NewJob, cancel_job, resolve_settings
+from orchestrator.memory_estimate import BaseShape, RunShape, SlotDemand, estimate_rank_bytes
+from orchestrator.models import JobRow
+from orchestrator.settings import Settings
+from orchestrator.states import JobStatus
+from orchestrator.store import JobStore, new_id
+
+BASE_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 512,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
+
+
+class Clock:
+    """Wall time plus whatever a test fast-forwards."""
+
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.shift
+
+
+@dataclass
+class World:
+    settings: Settings
+    store: JobStore
+    objects: ObjectStore
+    hosts: InMemoryHosts
+    clock: Clock
+    scheduling: HostScheduling
+
+    def tick(self, scheduling: HostScheduling | None = None) -> None:
+        one = scheduling or self.scheduling
+        one.watch()
+        one.launch()
+
+    def submit(self, tenant: str = "t1", **training: Any) -> str:
+        batch = training.pop("batch_size", 4)
+        settings = resolve_settings(
+            NewJob(model="tiny", training_file="file-x", batch_size=batch, training=training), 2
+        )
+        job = JobRow(
+            id=new_id("ftjob"),
+            tenant=tenant,
+            model="tiny",
+            training_file="file-x",
+            seed=1,
+            status=JobStatus.QUEUED.value,
+            attempt=0,
+            created_at=int(self.clock()),
+            settings=settings,
+            event_cursor=0,
+        )
+        return self.store.add_job(job, "created").id
+
+    def job(self, job_id: str) -> JobRow:
+        return self.store.job(job_id)
+
+    def events(self, job_id: str) -> list[Any]:
+        return self.store.events_since(job_id, 0)
+
+    def other_scheduler(self) -> HostScheduling:
+        return HostScheduling(self.settings, self.store, self.objects, self.hosts, clock=self.clock)
+
+
+def make_world(tmp_path: Path, **overrides: Any) -> World:
+    base = tmp_path / "tiny"
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text(json.dumps(BASE_CONFIG))
+    settings = Settings(
+        data_dir=tmp_path / "state",
+        base_models={"tiny": str(base)},
+        **{"max_concurrent_runs": 2, "max_slots_per_host": 4, **overrides},
+    )
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    store = JobStore(engine)
+    objects = open_object_store(ObjectStoreConfig(url=str(tmp_path / "objects")))
+    clock = Clock()
+    hosts = InMemoryHosts(objects, clock=clock)
+    return World(
+        settings,
+        store,
+        objects,
+        hosts,
+        clock,
+        HostScheduling(settings, store, objects, hosts, clock=clock),
+    )
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> Iterator[World]:
+    yield make_world(tmp_path)
+
+
+def run_until_done(world: World, job_ids: list[str], ticks: int = 30) -> None:
+    for _ in range(ticks):
+        world.tick()
+        if all(JobStatus(world.job(j).status).is_terminal() for j in job_ids):
+            return
+        world.hosts.step()
+    raise AssertionError({j: world.job(j).status for j in job_ids})
+
+
+def test_a_queued_job_starts_a_host_trains_and_succeeds(world: World) -> None:
+    job_id = world.submit()
+    world.tick()
+    job = world.job(job_id)
+    assert job.status == "running" and job.attempt == 1
+    assert job.run_id in world.hosts.list_hosts()
+    run_until_done(world, [job_id])
+    job = world.job(job_id)
+    assert job.status == "succeeded" and job.trained_tokens == 30
+    steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
+    assert steps == [1, 2, 3]
+    assert all(
+        isinstance(e.data["time"], float) for e in world.events(job_id) if e.type == "metrics"
+    )
+    world.tick()
+    assert world.hosts.hosts[job.run_id].members == {}  # released once stored
+
+
+def test_a_second_job_joins_the_running_host_and_the_pack_goes_1_2_1(world: World) -> None:
+    world.hosts.job_steps = {}
+    a = world.submit()
+    world.hosts.steps_per_job = 4
+    world.tick()
+    world.hosts.step()
+    world.tick()
+    world.hosts.steps_per_job = 2
+    b = world.submit()
+    world.tick()
+    assert world.job(b).run_id == world.job(a).run_id
+    assert len(world.hosts.started) == 1  # no second host: B joined A's
+    run_until_done(world, [a, b])
+    sizes = [e.data["pack_size"] for e in world.events(a) if e.type == "metrics"]
+    assert sizes == [1, 2, 2, 1]
+
+
+def test_one_poll_per_host_per_tick_not_per_job(world: World) -> None:
+    jobs = [world.submit() for _ in range(6)]  # 4 slots per host: two hosts
+    world.tick()
+    assert {world.job(j).status for j in jobs} == {"running"}
+    assert len(world.hosts.list_hosts()) == 2
+    world.hosts.calls.clear()
+    world.tick()
+    polls = [host for call, host in world.hosts.calls if call == "poll"]
+    assert sorted(polls) == world.hosts.list_hosts()
+
+
+def test_no_room_and_no_free_host_means_the_job_waits(tmp_path: Path) -> None:
+    world = make_world(tmp_path, max_concurrent_runs=1, max_slots_per_host=2)
+    jobs = [world.submit() for _ in range(3)]
+    world.tick()
+    assert [world.job(j).status for j in jobs] == ["running", "running", "queued"]
+    run_until_done(world, jobs)
+    assert len(world.hosts.started) == 1
+
+
+def test_tenant_fairness_on_one_slot(tmp_path: Path) -> None:
+    world = make_world(tmp_path, max_concurrent_runs=1, max_slots_per_host=1)
+    flood = [world.submit("alice") for _ in range(5)]
+    world.clock.shift += 1
+    late = world.submit("bob")
+    order: list[str] = []
+    for _ in range(60):
+        world.tick()
+        order += [j for j in [*flood, late] if world.job(j).status == "running" and j not in order]
+        world.hosts.step()
+    # One slot, so one job at a time, and when it frees nobody has a job running: the turn
+    # goes to the tenant whose last job started longest ago. Alice's oldest job first, then
+    # bob's one, not after alice's other four.
+    assert order == [flood[0], late, *flood[1:]]
+
+
+def test_jobs_are_admitted_until_the_memory_estimate_says_full(tmp_path: Path) -> None:
+    base, run = BaseShape.from_config(BASE_CONFIG), RunShape(2, logits_chunk_tokens=4096)
+    demand = SlotDemand(2, 1024, 8)
+    two = estimate_rank_bytes(base, run, [demand] * 2).total
+    world = make_world(tmp_path, host_memory_bytes=two, max_concurrent_runs=1)
+    jobs = [world.submit() for _ in range(3)]
+    world.tick()
+    assert [world.job(j).status for j in jobs] == ["running", "running", "queued"]
+    member = world.hosts.hosts[world.job(jobs[0]).run_id].members[jobs[0]]
+    assert member.request.memory_bytes > 0  # the scheduler tells the host what it estimated
+
+
+def test_a_job_too_big_for_any_host_fails_instead_of_waiting_forever(tmp_path: Path) -> None:
+    world = make_world(tmp_path, host_memory_bytes=1000)
+    job_id = world.submit()
+    world.tick()
+    job = world.job(job_id)
+    assert job.status == "failed" and job.error_code == "insufficient_memory"
+
+
+def test_cancel_stops_the_job_at_the_next_step(world: World) -> None:
+    world.hosts.steps_per_job = 10
+    job_id = world.submit()
+    world.tick()
+    world.hosts.step()
+    cancel_job(world.store, "t1", job_id)
+    run_until_done(world, [job_id])
+    assert world.job(job_id).status == "cancelled"
+
+
+def test_a_failed_job_fails_with_the_hosts_code_and_the_others_go_on(world: World) -> None:
+    a, b = world.submit(), world.submit()
+    world.tick()
+    world.hosts.fail_job(a, "loss became nan", "training_error")
+    run_until_done(world, [a, b])
+    assert world.job(a).status == "failed" and world.job(a).error_code == "training_error"
+    assert world.job(b).status == "succeeded"
+
+
+def test_a_hung_host_is_ended_and_its_jobs_resume_on_a_new_one(world: World) -> None:
+    job_id = world.submit()
+    world.tick()
+    hung = world.job(job_id).run_id
+    world.hosts.step()
+    world.hosts.hang(hung)
+    world.tick()
+    assert world.job(job_id).status == "running"  # not yet: within the step timeout
+    world.clock.shift += world.settings.step_timeout_seconds + 1
+    world.tick()
+    assert hung not in world.hosts.list_hosts()
+    job = world.job(job_id)
+    assert job.run_id != hung and job.attempt == 2 and job.status == "running"
+    messages = [e.message for e in world.events(job_id)]
+    assert any("made no step" in m and "requeued" in m for m in messages)
+    run_until_done(world, [job_id])
+    assert world.job(job_id).status == "succeeded"
+
+
+def test_a_lost_host_requeues_its_jobs_after_the_start_grace(world: World) -> None:
+    job_id = world.submit()
+    world.tick()
+    world.hosts.lose(world.job(job_id).run_id or "")
+    world.scheduling.watch()
+    assert world.job(job_id).status == "running"  # claimed a moment ago: grace
+    world.clock.shift += world.settings.run_start_grace_seconds + 1
+    world.scheduling.watch()
+    assert world.job(job_id).status == "queued"
+    run_until_done(world, [job_id])
+    assert world.job(job_id).attempt == 2
+
+
+def test_a_restarted_scheduler_adopts_the_hosts(world: World) -> None:
+    world.hosts.steps_per_job = 4
+    job_id = world.submit()
+    world.tick()
+    world.hosts.step()
+    world.scheduling = world.other_scheduler()  # the first one is gone
+    run_until_done(world, [job_id])
+    job = world.job(job_id)
+    assert job.status == "succeeded" and job.attempt == 1
+    assert len(world.hosts.started) == 1
+    steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
+    assert steps == [1, 2, 3, 4]  # every event stored once
+
+
+def test_two_schedulers_admit_a_job_once_on_the_same_host(world: World) -> None:
+    first, second = world.scheduling, world.other_scheduler()
+    other = world.submit()
+    world.tick(first)  # a host, so both see it
+    job_id = world.submit()
+    stale = world.job(job_id)  # both read the queue before either claims
+    first.watch()
+    second.watch()
+    host = next(iter(first.reports))
+    first.join(stale, host)
+    second.join(stale, host)  # refused by the host: already admitted
+    job = world.job(job_id)
+    assert job.attempt == 1 and job.run_id == host
+    assert world.hosts.job_host(job_id) == host
+    admits = [call for call in world.hosts.calls if call == ("admit", host)]
+    assert len(admits) == 3 and len(world.hosts.hosts[host].members) == 2
+    run_until_done(world, [job_id, other])
+    assert world.job(job_id).status == "succeeded"
+
+
+def test_two_schedulers_on_different_hosts_the_loser_withdraws(tmp_path: Path) -> None:
+    world = make_world(tmp_path, max_slots_per_host=1)
+    world.hosts.steps_per_job = 2
+    first, second = world.scheduling, world.other_scheduler()
+    busy = [world.submit(), world.submit()]
+    world.tick(first)  # two hosts, one job each
+    run_until_done(world, busy)
+    job_id = world.submit()
+    stale = world.job(job_id)
+    first.watch()
+    second.watch()
+    one, two = sorted(first.reports)
+    first.join(stale, one)
+    second.join(stale, two)  # admitted on `two`, but the claim is lost: withdrawn
+    assert world.job(job_id).run_id == one
+    assert world.hosts.hosts[two].members[job_id].stopping
+    run_until_done(world, [job_id])
+    world.hosts.step()
+    world.clock.shift += world.settings.run_start_grace_seconds + 1
+    world.tick()
+    assert world.job(job_id).status == "succeeded" and world.job(job_id).attempt == 1
+    assert job_id not in world.hosts.hosts[two].members  # cancelled there, then released
+
+
+def test_warm_hosts_stay_up_with_no_job(tmp_path: Path) -> None:
+    world = make_world(tmp_path, warm_hosts=1, host_idle_seconds=0)
+    world.tick()
+    (host,) = world.hosts.list_hosts()
+    assert world.hosts.started[0].warm
+    for _ in range(3):
+        world.hosts.step()
+        world.tick()
+    assert world.hosts.list_hosts() == [host]  # neither idle-ended nor a second one
+    job_id = world.submit()
+    world.tick()
+    assert world.job(job_id).run_id == host  # and it is capacity: the job joins it
