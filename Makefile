@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
 # Debian packages of the real services the tests start (S3: Ceph radosgw; PostgreSQL).
-SYSTEM_PACKAGES := ceph-mon ceph-osd radosgw postgresql
+SYSTEM_PACKAGES := ceph-mon ceph-osd radosgw postgresql chromium
 
 .PHONY: install system-packages demo test test-quick lint
 
@@ -36,8 +36,10 @@ system-packages:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo
 
+# The browser stage (the dashboard in Debian's chromium) runs after the main suite.
 test: $(STAMP) system-packages
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m browser
 
 test-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
