@@ -63,6 +63,11 @@ class TrainingOptions(Strict):
     gradient_clip: float | None = Field(default=None, ge=0, description="0 turns clipping off.")
     weight_decay: float | None = Field(default=None, ge=0)
     packing: bool = Field(default=True, description="May share a run with other jobs.")
+    precision: Literal["bf16", "fp32"] | None = Field(
+        default=None,
+        description="Training precision; unset: LORAFLEET_PRECISION, else bf16 on a GPU, "
+        "fp32 on CPU.",
+    )
 
 
 class ResourceOptions(Strict):

@@ -26,6 +26,8 @@ class TrainingSettings:
     max_seq_len: int = 1024
     weight_decay: float = 0.0
     seed: int = 0
+    # "bf16" | "fp32"; None: the run's default (bf16 on a GPU, fp32 on CPU).
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,16 @@ class RunSpec:
     checkpoint_every_steps: int = 50  # and at the end of every epoch; 0: epochs only
     checkpoint_keep_last: int = 3
     max_worker_restarts: int = 2  # Ray Train restarts the workers up to this many times
+    # "bf16" | "fp32"; "" picks by device: bf16 on a GPU, fp32 on CPU. Explicit, so that bf16
+    # runs on CPU in tests and fp32 on a GPU for debugging.
+    precision: str = ""
+    setup_timeout_seconds: float = 600.0  # per setup phase; past it the run fails, naming it
 
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.use_gpu else "fp32"
+    def __post_init__(self) -> None:
+        if not self.precision:
+            object.__setattr__(self, "precision", "bf16" if self.use_gpu else "fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+
+
+PRECISIONS = ("bf16", "fp32")

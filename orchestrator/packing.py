@@ -17,11 +17,13 @@ class PackKey:
     model: str
     num_workers: int
     use_gpu: bool | None
+    precision: str | None = None  # None: by device (bf16 on a GPU, fp32 on CPU)
 
 
 def pack_key(job: Any) -> PackKey:
     resources = job.settings["resources"]
-    return PackKey(job.model, resources["num_workers"], resources["use_gpu"])
+    precision = job.settings.get("training", {}).get("precision")
+    return PackKey(job.model, resources["num_workers"], resources["use_gpu"], precision)
 
 
 def wants_packing(job: Any) -> bool:

@@ -31,16 +31,22 @@ class SlotConfig:
         return self.alpha / self.r
 
 
+# The route of rows that must see the bare base (e.g. preference tuning's reference pass).
+NO_ADAPTER = "<no adapter>"
+
+
 class Routing:
     """Which rows of the current batch belong to which slot, shared by every packed layer.
 
-    Set once per step: `blocks` is [(slot name, number of rows)] in batch order, and covers
-    every row.
+    Set once per forward: `blocks` is [(slot name, number of rows)] in batch order, and
+    covers every row. A name must be a slot added to some layer, or `NO_ADAPTER`: a typo or
+    a slot already removed is an error, never a silent zero delta.
     """
 
     def __init__(self) -> None:
         self.blocks: list[tuple[str, int]] = []
         self.generators: dict[str, torch.Generator] = {}
+        self.slots: set[str] = set()  # every slot added to any layer (and not removed)
 
 
 class PackedLoraLinear(nn.Module):
@@ -63,14 +69,19 @@ class PackedLoraLinear(nn.Module):
             torch.zeros(self.out_features, slot.r, dtype=torch.float32, device=device)
         )
         self.slots[slot.name] = slot
+        self.routing.slots.add(slot.name)
 
     def remove_slot(self, name: str) -> None:
         if name in self.slots:
             del self.lora_A[name], self.lora_B[name], self.slots[name]
+            self.routing.slots.discard(name)  # a host removes it from every layer at once
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         slot = self.slots.get(name)
-        if slot is None:  # this job does not adapt this layer
+        if slot is None:
+            if name != NO_ADAPTER and name not in self.routing.slots:
+                raise KeyError(f"routing names {name!r}, which is no slot of this pack")
+            # NO_ADAPTER, or a job of the pack that does not adapt this layer.
             return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
         x = x.to(torch.float32)
         if slot.dropout > 0 and self.training:
@@ -89,7 +100,9 @@ class PackedLoraLinear(nn.Module):
             start += rows
         if start != x.shape[0]:
             raise ValueError(f"routing covers {start} rows but the batch has {x.shape[0]}")
-        return result + torch.cat(deltas).to(result.dtype)
+        # Added in fp32 and rounded once, as peft does: rounding the delta to bf16 first and
+        # adding in bf16 rounds twice (1 output in 10 one bf16 step off peft's).
+        return (result.to(torch.float32) + torch.cat(deltas)).to(result.dtype)
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:

@@ -13,35 +13,28 @@ stay whole on every rank, outside DeepSpeed, so each job keeps an optimizer of i
 
 from __future__ import annotations
 
-import math
-import tempfile
-import time
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from core.checkpoint_index import list_checkpoints, prune_checkpoints
 from core.objectstore import open_object_store
-from core.publish import publish_adapter
 from core.spec import RunSpec
 from workers.base_models import resolve_base_model
-from workers.checkpoints import read_checkpoint, write_checkpoint
-from workers.data_parallel import average_gradients
 from workers.deepspeed_config import build_deepspeed_config
+from workers.deepspeed_ops import use_prebuilt_ops
 from workers.job_slot import JobSlot, SlotState, load_job_slot
-from workers.memory_report import rank_memory_report
+from workers.pack_step import PackContext, fail_slot, report_job_failure, train_step
 from workers.packed_lora import (
     Routing,
-    load_slot_state,
     matching_linear_layers,
     slot_parameters,
     wrap_linear_layers,
 )
-from workers.peft_export import export_peft_adapter
-from workers.tokenization import IGNORE_INDEX, collate
+from workers.run_events import EventNumbering
+from workers.setup_guard import SetupPhases
+from workers.slot_io import checkpoint_slot, publish_slot, resume_slot
 
 DROPOUT_STREAM, INIT_STREAM = 1, 2
 
@@ -55,23 +48,40 @@ class PackTrainingRecipe:
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
-        self._setup_distributed()
-        self._setup_jobs()
-        self._setup_base()
-        self._setup_slots()
+        """Each phase under the setup time limit: past it the run fails, naming the phase."""
+        phases = SetupPhases(self.spec.setup_timeout_seconds, self._setup_timed_out)
+        with phases.phase("distributed"):
+            self._setup_distributed()
+        with phases.phase("jobs"):
+            self._setup_jobs()
+        if not self.slots:  # every job ended already (e.g. a restart after they all failed)
+            return
+        with phases.phase("base_model"):
+            self._setup_base()
+        with phases.phase("slots"):
+            self._setup_slots()
+
+    def _setup_timed_out(self, phase: str, error: str) -> None:
+        import ray
+
+        # Any rank may be the stuck one: each tells the actor (it keeps the first word).
+        ray.get(self.reporter.fail_setup.remote(phase, error), timeout=30)
 
     def _setup_distributed(self) -> None:
         import deepspeed
         import ray.train
+        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        if self.spec.use_gpu:
-            self.device = torch.device("cuda", context.get_local_rank())
+        # Ray Train's own device assignment: `cuda:<local_rank>` is wrong when the GPUs a
+        # node lends are not numbered from 0 in rank order (two ranks would share one).
+        self.device = ray.train.torch.get_device() if self.spec.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        # Never compile or wait on a build lock here (workers/deepspeed_ops.py).
+        self.shm_comm = use_prebuilt_ops()
         # Ray Train already created the process group; DeepSpeed adopts it as it is.
         deepspeed.init_distributed(dist_backend="nccl" if self.spec.use_gpu else "gloo")
         self.dtype = torch.bfloat16 if self.spec.precision == "bf16" else torch.float32
@@ -94,6 +104,8 @@ class PackTrainingRecipe:
         box: list[Any] = [ray.get(self.reporter.begin_attempt.remote()) if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         self.restart, running = box[0]["restart"], set(box[0]["running"])
+        self.numbering = EventNumbering(self.restart)
+        self._register_workers()
         if self.restart:
             self._report(
                 None,
@@ -156,7 +168,7 @@ class PackTrainingRecipe:
             slot.setup_optimizer(slot_parameters(self.model, slot.job_id))
             if slot.spec.lora.dropout > 0:
                 self.routing.generators[slot.job_id] = slot.generator(DROPOUT_STREAM, self.device)
-            self._resume(slot)
+            resume_slot(self.ctx, slot, self.spec.object_store)
             self._report(
                 slot.job_id,
                 "message",
@@ -167,30 +179,56 @@ class PackTrainingRecipe:
                     "total_steps": slot.total_steps,
                     "workers": self.world_size,
                     "pack_size": len(self.slots),
+                    "precision": self.spec.precision,
+                    "device": self.device.type,
                 },
             )
         self.paths = wanted
+
+    def _register_workers(self) -> None:
+        """Every rank's pid and node, kept by the run's actor (`RunActor.workers`)."""
+        import ray
+
+        mine = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+        processes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(processes, mine)
+        if self.rank == 0:
+            ray.get(self.reporter.register_workers.remote(processes))
 
     # ---- reporting ---------------------------------------------------------------------
     def _report(
         self, job_id: str | None, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None:
         if self.rank == 0:
+            # Numbered: the actor applies events in this order whatever order Ray runs them.
             self.reporter.record.remote(
-                {"job_id": job_id, "type": kind, "message": message, "data": data}
+                self.numbering.stamp(
+                    {"job_id": job_id, "type": kind, "message": message, "data": data}
+                )
             )
 
     def _report_job_failure(self, job_id: str, exc: BaseException) -> None:
-        self._report(
-            job_id,
-            "job_failed",
-            f"Training failed: {type(exc).__name__}: {exc}",
-            {"error": str(exc)},
-        )
+        report_job_failure(self.ctx, job_id, exc)
 
     def _fail_slot(self, slot: JobSlot, exc: BaseException) -> None:
-        slot.state = SlotState.FAILED
-        self._report_job_failure(slot.job_id, exc)
+        fail_slot(self.ctx, slot, exc)
+
+    @property
+    def ctx(self) -> PackContext:
+        """The explicit view of this run that the shared step/slot functions take."""
+        return PackContext(
+            model=getattr(self, "model", None),  # type: ignore[arg-type]
+            routing=self.routing,
+            pad_token_id=self.tokenizer.pad_token_id if hasattr(self, "tokenizer") else 0,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            report=self._report,
+        )
 
     # ---- train -------------------------------------------------------------------------
     def _stop_requests(self) -> set[str]:
@@ -207,7 +245,10 @@ class PackTrainingRecipe:
         return [s for s in self.slots if s.state is SlotState.TRAINING]
 
     def train(self) -> None:
+        if not self.slots:
+            return
         self.model.train()
+        ctx = self.ctx
         while True:
             stop = self._stop_requests()
             for slot in self.active():
@@ -217,191 +258,24 @@ class PackTrainingRecipe:
             active = self.active()
             if not active:
                 break
-            self._step(active)
+            train_step(ctx, active)
             for slot in active:
                 if slot.state is not SlotState.TRAINING:
                     continue
                 if slot.step == slot.total_steps:
-                    self._finish(slot)
+                    publish_slot(ctx, slot, self.paths[slot.job_id], self.spec.object_store)
                 elif slot.checkpoint_due(self.spec.checkpoint_every_steps):
-                    self._checkpoint(slot)
-
-    def _step(self, active: list[JobSlot]) -> None:
-        started = time.perf_counter()
-        shards = [slot.next_micro_batch(self.rank, self.world_size) for slot in active]
-        self.routing.blocks = [
-            (slot.job_id, len(shard)) for slot, shard in zip(active, shards, strict=True)
-        ]
-        batch = collate([e for shard in shards for e in shard], self.tokenizer.pad_token_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        # The module itself, not the engine: the engine's forward/backward are built around an
-        # optimizer it owns; ZeRO-3's gather/release hooks live on the module and still run.
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        # Each job's own mean loss over its own tokens; their sum keeps gradients apart.
-        losses, start = [], 0
-        for _, rows in self.routing.blocks:
-            block = slice(start, start + rows)
-            losses.append(
-                F.cross_entropy(
-                    logits[block, :-1].float().flatten(0, 1),
-                    batch["labels"][block, 1:].flatten(),
-                    ignore_index=IGNORE_INDEX,
-                )
-            )
-            start += rows
-        forward_done = time.perf_counter()
-        torch.stack(losses).sum().backward()
-        backward_done = time.perf_counter()
-        average_gradients([p for slot in active for p in slot.params], self.world_size)
-        sync_done = time.perf_counter()
-        norms = [slot.apply_gradients() for slot in active]
-        elapsed = time.perf_counter() - started
-        phases = {
-            "forward": forward_done - started,
-            "backward": backward_done - forward_done,
-            "gradient_sync": sync_done - backward_done,
-            "optimizer": elapsed - (sync_done - started),
-        }
-        tokens = [float(batch["attention_mask"][b : b + n].sum()) for b, n in self._offsets()]
-        totals = torch.tensor(
-            [[loss.item(), t] for loss, t in zip(losses, tokens, strict=True)], device=self.device
-        )
-        dist.all_reduce(totals)
-        pack_tokens = float(totals[:, 1].sum())
-        for slot, (loss_sum, slot_tokens), norm in zip(active, totals.tolist(), norms, strict=True):
-            mean_loss = loss_sum / self.world_size
-            slot.trained_tokens += int(slot_tokens)
-            slot.last_loss = mean_loss
-            if not math.isfinite(mean_loss):
-                self._fail_slot(
-                    slot,
-                    FloatingPointError(f"training loss became {mean_loss} at step {slot.step}"),
-                )
-                continue
-            self._report(
-                slot.job_id,
-                "metrics",
-                f"Step {slot.step}/{slot.total_steps}: training loss={mean_loss:.4f}",
-                {
-                    "step": slot.step,
-                    "total_steps": slot.total_steps,
-                    "train_loss": mean_loss,
-                    "learning_rate": slot.learning_rate,
-                    "grad_norm": norm,
-                    "tokens_per_second": slot_tokens / elapsed,
-                    "pack_tokens_per_second": pack_tokens / elapsed,
-                    "pack_size": len(active),
-                    "step_seconds": elapsed,
-                    "phase_seconds": phases,
-                    "trained_tokens": slot.trained_tokens,
-                },
-            )
-
-    def _offsets(self) -> list[tuple[int, int]]:
-        offsets, start = [], 0
-        for _, rows in self.routing.blocks:
-            offsets.append((start, rows))
-            start += rows
-        return offsets
-
-    def _finish(self, slot: JobSlot) -> None:
-        """Publishes the job's adapter from rank 0 and takes it out of the pack."""
-        slot.state = SlotState.DONE
-        if self.rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                export_peft_adapter(self.model, slot.spec, self.paths[slot.job_id], Path(folder))
-                store = open_object_store(self.spec.object_store)
-                manifest = publish_adapter(
-                    store, slot.spec.tenant, slot.job_id, slot.spec.attempt, Path(folder)
-                )
-        # Every rank takes part: the gather is a collective.
-        partitioning = self._partitioning()
-        if self.rank == 0:
-            self._report(
-                slot.job_id,
-                "published",
-                "Adapter published; frozen base bytes held per rank: "
-                + ", ".join(f"rank {p['rank']} {p['base_bytes_held']}" for p in partitioning),
-                {"files": manifest.files, "partitioning": partitioning},
-            )
-        dist.barrier()
-
-    def _checkpoint(self, slot: JobSlot) -> None:
-        """Saves the job's factors and training state; rank 0 writes, every rank's RNG is kept."""
-        generator = self.routing.generators.get(slot.job_id)
-        rng: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng, generator.get_state() if generator is not None else None)
-        if self.rank != 0:
-            return
-        state = slot.training_state(dropout_rng=rng)
-        metrics = {"step": slot.step, "train_loss": slot.last_loss}
-        store = open_object_store(self.spec.object_store)
-        with tempfile.TemporaryDirectory() as folder:
-            export_peft_adapter(self.model, slot.spec, self.paths[slot.job_id], Path(folder))
-            info = write_checkpoint(
-                store,
-                slot.spec.tenant,
-                slot.job_id,
-                slot.step,
-                Path(folder),
-                state,
-                metrics,
-                created_at=int(time.time()),
-                attempt=slot.spec.attempt,
-            )
-        prune_checkpoints(
-            store, slot.spec.tenant, slot.job_id, slot.spec.attempt, self.spec.checkpoint_keep_last
-        )
-        self._report(
-            slot.job_id,
-            "checkpoint",
-            f"Checkpoint saved at step {slot.step}",
-            {"step": info.step, "metrics": metrics},
-        )
-
-    def _resume(self, slot: JobSlot) -> None:
-        """Continues a job from its newest complete checkpoint, if it has one."""
-        store = open_object_store(self.spec.object_store)
-        saved = list_checkpoints(
-            store, slot.spec.tenant, slot.job_id, up_to_attempt=slot.spec.attempt
-        )
-        if not saved:
-            if slot.spec.start_from:  # a new job forked from another job's checkpoint
-                from safetensors.torch import load
-
-                weights = store.get_bytes(slot.spec.start_from + "adapter_model.safetensors")
-                load_slot_state(self.model, slot.job_id, load(weights))
-                self._report(
-                    slot.job_id,
-                    "message",
-                    f"Started from checkpoint {slot.spec.start_from_name}",
-                    {"start_from": slot.spec.start_from_name},
-                )
-            return
-        tensors, state = read_checkpoint(store, saved[0])
-        load_slot_state(self.model, slot.job_id, tensors)
-        slot.restore(state)
-        generator = self.routing.generators.get(slot.job_id)
-        if generator is not None and state["dropout_rng"][self.rank] is not None:
-            generator.set_state(state["dropout_rng"][self.rank])
-        self._report(
-            slot.job_id,
-            "message",
-            f"Resumed from the checkpoint at step {slot.step} of {slot.total_steps}",
-            {"resumed_from_step": slot.step},
-        )
-
-    def _partitioning(self) -> list[dict[str, Any]]:
-        """What every rank holds of the frozen base, and its memory (a collective)."""
-        mine = rank_memory_report(self.model, self.rank)
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        return gathered
+                    checkpoint_slot(
+                        ctx,
+                        slot,
+                        self.paths[slot.job_id],
+                        self.spec.object_store,
+                        self.spec.checkpoint_keep_last,
+                    )
 
     def cleanup(self) -> None:
-        del self.engine, self.model, self._hf_deepspeed_config
+        for name in ("engine", "model", "_hf_deepspeed_config"):
+            self.__dict__.pop(name, None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ events (a growing list read with a cursor), each job's state, and the stop reque
 
 from __future__ import annotations
 
+import logging
 import threading
 import traceback
 from typing import Any
@@ -15,6 +16,10 @@ import ray
 
 from core.run_states import NAMESPACE, STOP_ALL, RunJobState, run_actor_name
 from core.spec import RunSpec
+from workers.run_events import EventOrder
+
+# Ray writes an actor's logging to its log files, where operators look.
+logger = logging.getLogger("lorafleet.run")
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     RunJobState.RUNNING,
@@ -55,7 +60,10 @@ class RunActor:
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
         self.events: dict[str, list[dict[str, Any]]] = {job.job_id: [] for job in spec.jobs}
-        self.states = dict.fromkeys(self.events, RUNNING)
+        self.states: dict[str, RunJobState] = dict.fromkeys(self.events, RUNNING)
+        self.order = EventOrder()
+        self.refused: list[dict[str, Any]] = []  # events for a job that had already ended
+        self.worker_processes: list[dict[str, Any]] = []
         self.errors: dict[str, str] = {}
         self.stopping: set[str] = set()
         self.error_codes: dict[str, str] = {}
@@ -97,10 +105,16 @@ class RunActor:
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the jobs
             cause = _root_cause(exc)
             error = f"{type(cause).__name__}: {cause}".strip()
-            self._end_unfinished(FAILED, error, traceback=traceback.format_exception(exc)[-5:])
+            logger.exception("run %s failed: %s", spec.run_id, error)
+            self._end_unfinished(
+                FAILED,
+                error,
+                _failure_code(cause, exc),
+                traceback=traceback.format_exception(exc)[-5:],
+            )
 
     def _end_unfinished(
-        self, state: str, error: str, code: str = "training_error", **data: Any
+        self, state: RunJobState, error: str, code: str = "training_error", **data: Any
     ) -> None:
         with self._lock:
             for job_id, current in self.states.items():
@@ -128,25 +142,66 @@ class RunActor:
 
     # ---- called by rank 0 ----
     def record(self, event: dict[str, Any]) -> None:
-        """An event for one job, or (job_id None) for every job of the pack."""
+        """An event for one job, or (job_id None) for every job of the pack, numbered by
+        the sender (`workers.run_events`): applied in send order whatever order Ray runs
+        the calls in."""
         with self._lock:
-            job_id = event.get("job_id")
-            for target in [job_id] if job_id else list(self.events):
-                if self.states[target] != RUNNING and job_id is None:
-                    continue
-                self._append(target, event)
-            ending = _JOB_ENDINGS.get(event.get("type", ""))
-            if job_id and ending:
-                self.states[job_id] = ending
-                if ending == FAILED:
-                    self.errors[job_id] = (event.get("data") or {}).get("error", event["message"])
+            for ready in self.order.accept(event):
+                self._apply(ready)
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        job_id = event.get("job_id")
+        if job_id and self.states[job_id].is_terminal():
+            # The job ended: the scheduler may have finalised it already. Never reopen it.
+            self.refused.append(event)
+            logger.warning("event for ended job %s refused: %s", job_id, event.get("type"))
+            return
+        for target in [job_id] if job_id else list(self.events):
+            if self.states[target].is_terminal():
+                continue
+            self._append(target, event)
+        ending = _JOB_ENDINGS.get(event.get("type", ""))
+        if job_id and ending:
+            self.states[job_id] = ending
+            if ending == FAILED:
+                self.errors[job_id] = (event.get("data") or {}).get("error", event["message"])
 
     def begin_attempt(self) -> dict[str, Any]:
         """Called by rank 0 as the workers start: the restart count and the jobs still on."""
         with self._lock:
             self.attempts += 1
+            # A dead group's events held behind a gap will never be completed: apply them.
+            for ready in self.order.flush_before(self.attempts - 1):
+                self._apply(ready)
             running = [job_id for job_id, state in self.states.items() if state == RUNNING]
             return {"restart": self.attempts - 1, "running": running}
+
+    def fail_setup(self, phase: str, error: str) -> None:
+        """A rank's setup passed the time limit: every job still running fails, naming the
+        phase (a restarted group then finds no job to train and ends at once)."""
+        with self._lock:
+            for job_id, state in self.states.items():
+                if state.is_terminal():
+                    continue
+                self._append(
+                    job_id,
+                    {"type": "message", "level": "error", "message": f"Training failed: {error}"},
+                )
+                self.errors[job_id] = error
+                self.error_codes[job_id] = "setup_timeout"
+                self.states[job_id] = FAILED
+        logger.error("run %s: %s", self.spec.run_id, error)
+
+    def register_workers(self, processes: list[dict[str, Any]]) -> None:
+        """Rank 0 reports every rank's process (pid, node) as the group starts."""
+        with self._lock:
+            self.worker_processes = processes
+
+    def workers(self) -> list[dict[str, Any]]:
+        """This run's current worker processes: [{"rank", "pid", "node_id"}] in rank order,
+        so that tests and operators act on exactly this run's workers and no one else's."""
+        with self._lock:
+            return list(self.worker_processes)
 
     def stop_requests(self) -> list[str]:
         return sorted(self.stopping)

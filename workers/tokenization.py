@@ -83,9 +83,16 @@ def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int) -> Toke
     return TokenizedExample(input_ids[:max_seq_len], labels[:max_seq_len])
 
 
-def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads a micro-batch; padding is masked out of attention and loss."""
-    width = max(len(example.input_ids) for example in batch)
+def collate(
+    batch: list[TokenizedExample], pad_token_id: int, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pads a micro-batch to `width` (default: its longest row); padding is masked out
+    of attention and loss. The width changes bf16 numerics, so packing fixes it per job."""
+    longest = max(len(example.input_ids) for example in batch)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"cannot pad rows of {longest} tokens to width {width}")
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

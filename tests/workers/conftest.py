@@ -82,6 +82,7 @@ def spec_for(
     store: ObjectStoreConfig,
     tmp: Path,
     tenant: str,
+    precision: str = "fp32",
 ) -> RunSpec:
     return RunSpec(
         run_id=run_id,
@@ -92,13 +93,16 @@ def spec_for(
         model_cache_dir=tmp / "cache",
         storage_path=tmp / "ray",
         zero3_param_persistence_threshold=0,
+        precision=precision,
     )
 
 
-def adapter(store: ObjectStoreConfig, tenant: str, job_id: str) -> dict[str, torch.Tensor]:
+def adapter(
+    store: ObjectStoreConfig, tenant: str, job_id: str, attempt: int = 1
+) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     raw = open_object_store(store).get_bytes(
-        adapter_key(tenant, job_id, "adapter_model.safetensors")
+        adapter_key(tenant, job_id, attempt, "adapter_model.safetensors")
     )
     return load(raw)

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from workers.packed_lora import (
+    NO_ADAPTER,
     PackedLoraLinear,
     Routing,
     SlotConfig,
@@ -128,7 +129,7 @@ def test_a_layer_a_job_does_not_adapt_leaves_its_rows_unchanged(base: torch.nn.M
         layer.add_slot(JOBS[0], torch.Generator().manual_seed(0), torch.device("cpu"))
         torch.nn.init.normal_(layer.lora_B["job-a"])
     inputs = batch(4, seed=3)
-    routing.blocks = [("job-a", 2), ("job-none", 2)]
+    routing.blocks = [("job-a", 2), (NO_ADAPTER, 2)]
     packed = model(inputs).logits
     plain = base(inputs).logits
     assert torch.allclose(packed[2:], plain[2:], atol=1e-6)
@@ -137,9 +138,49 @@ def test_a_layer_a_job_does_not_adapt_leaves_its_rows_unchanged(base: torch.nn.M
 
 def test_routing_must_cover_the_batch(base: torch.nn.Module) -> None:
     layer = PackedLoraLinear(torch.nn.Linear(4, 4), Routing())
-    layer.routing.blocks = [("a", 1)]
+    layer.routing.blocks = [(NO_ADAPTER, 1)]
     with pytest.raises(ValueError, match="covers 1 rows"):
         layer(torch.zeros(2, 4))
+
+
+def test_routing_to_an_unknown_slot_is_an_error_not_a_zero_delta() -> None:
+    layer = PackedLoraLinear(torch.nn.Linear(4, 4), Routing())
+    layer.add_slot(JOBS[0], torch.Generator().manual_seed(0), torch.device("cpu"))
+    layer.routing.blocks = [("job-a", 1), ("job-typo", 1)]
+    with pytest.raises(KeyError, match="job-typo"):
+        layer(torch.zeros(2, 4))
+    layer.remove_slot("job-a")
+    layer.routing.blocks = [("job-a", 2)]
+    with pytest.raises(KeyError, match="job-a"):
+        layer(torch.zeros(2, 4))
+
+
+def test_bf16_layer_equals_peft_bit_for_bit() -> None:
+    """The delta is added in fp32 and rounded once, as peft does (bf16 base, fp32 factors)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base_layer = torch.nn.Sequential()
+    base_layer.add_module("proj", torch.nn.Linear(256, 256, bias=False).to(torch.bfloat16))
+    slot = SlotConfig("job-a", r=8, alpha=16.0)
+    reference = get_peft_model(
+        copy.deepcopy(base_layer), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])
+    )
+    ref_layer = reference.base_model.model.proj
+    assert ref_layer.lora_A["default"].weight.dtype == torch.float32  # peft's own upcast
+    torch.nn.init.normal_(ref_layer.lora_B["default"].weight, std=0.05)
+    routing = Routing()
+    ours = PackedLoraLinear(copy.deepcopy(base_layer.proj), routing)
+    ours.add_slot(slot, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        ours.lora_A["job-a"].copy_(ref_layer.lora_A["default"].weight)
+        ours.lora_B["job-a"].copy_(ref_layer.lora_B["default"].weight)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    routing.blocks = [("job-a", 64)]
+    mine, theirs = ours(x), reference(x)
+    assert mine.dtype == theirs.dtype == torch.bfloat16
+    differing = (mine != theirs).float().mean().item()
+    assert differing == 0.0, f"{differing:.1%} of outputs differ from peft"
 
 
 def test_all_linear_leaves_out_the_output_layer(base: torch.nn.Module) -> None:

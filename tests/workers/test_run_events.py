@@ -1,0 +1,95 @@
+"""Event order between rank 0 and the run's actor: numbered at the sender, applied in that
+order by the (threaded) actor whatever order Ray runs the calls in; an ended job takes no
+more events; a failed job's traceback reaches the worker's log."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from core.objectstore import ObjectStoreConfig
+from core.spec import JobSpec, RunSpec
+from workers.pack_step import PackContext, report_job_failure
+from workers.packed_lora import Routing
+from workers.run_actor import NAMESPACE, RUNNING, SUCCEEDED, RunActor, run_actor_name
+from workers.run_events import EventNumbering, EventOrder
+
+
+def event(numbering: EventNumbering, kind: str, job_id: str = "job-1") -> dict[str, Any]:
+    return numbering.stamp({"job_id": job_id, "type": kind, "message": kind, "data": {}})
+
+
+def test_events_come_out_in_send_order_whatever_order_they_arrive_in() -> None:
+    sender, order = EventNumbering(attempt=0), EventOrder()
+    sent = [event(sender, f"metrics-{i}") for i in range(5)]
+    assert order.accept(sent[2]) == [] and order.accept(sent[1]) == []
+    assert [e["type"] for e in order.accept(sent[0])] == ["metrics-0", "metrics-1", "metrics-2"]
+    assert order.accept(sent[4]) == [] and order.held() == 1
+    # A restarted group numbers from 0 again; the dead group's held events are flushed.
+    restarted = EventNumbering(attempt=1)
+    assert [e["type"] for e in order.accept(event(restarted, "message"))] == ["message"]
+    assert [e["type"] for e in order.flush_before(1)] == ["metrics-4"] and order.held() == 0
+
+
+def spec(tmp_path: Path) -> RunSpec:
+    job = JobSpec("job-1", "t", 1, "tiny", "", "files/x.jsonl")
+    return RunSpec(
+        run_id="events-order",
+        jobs=(job,),
+        num_workers=1,
+        use_gpu=False,
+        object_store=ObjectStoreConfig(url=str(tmp_path)),
+        model_cache_dir=tmp_path,
+        storage_path=tmp_path,
+    )
+
+
+def test_the_actor_never_ends_a_job_before_its_earlier_events(
+    ray_address: str, tmp_path: Path
+) -> None:
+    import ray
+
+    actor = RunActor.options(  # type: ignore[attr-defined]
+        name=run_actor_name("events-order"), namespace=NAMESPACE
+    ).remote(spec(tmp_path))
+    try:
+        sender = EventNumbering(attempt=0)
+        metrics, published = event(sender, "metrics"), event(sender, "published")
+        late = event(sender, "metrics")
+        ray.get(actor.record.remote(published))  # Ray ran the later call first
+        polled = ray.get(actor.poll.remote("job-1", 0))
+        assert polled["state"] == RUNNING and polled["events"] == []
+        ray.get(actor.record.remote(metrics))
+        polled = ray.get(actor.poll.remote("job-1", 0))
+        assert polled["state"] == SUCCEEDED
+        assert [e["type"] for e in polled["events"]] == ["metrics", "published"]
+        ray.get(actor.record.remote(late))  # after the end: refused, not appended
+        assert ray.get(actor.poll.remote("job-1", 2))["events"] == []
+    finally:
+        ray.kill(actor)
+
+
+def test_a_job_failure_logs_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    sent: list[tuple[Any, ...]] = []
+    ctx = PackContext(
+        model=torch.nn.Linear(1, 1),
+        routing=Routing(),
+        pad_token_id=0,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        report=lambda *args: sent.append(args),
+    )
+    try:
+        raise ValueError("bad data in line 3")
+    except ValueError as exc:
+        with caplog.at_level(logging.ERROR, logger="lorafleet.worker"):
+            report_job_failure(ctx, "job-1", exc)
+    [record] = caplog.records
+    assert record.exc_info is not None and "bad data in line 3" in caplog.text
+    assert "Traceback" in caplog.text and "test_a_job_failure_logs_its_traceback" in caplog.text
+    assert sent[0][:2] == ("job-1", "job_failed")

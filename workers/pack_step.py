@@ -1,0 +1,217 @@
+"""One training step of a pack: every active job's rows through the shared base at once.
+
+Free functions over an explicit `PackContext` (model, routing, rank, world size, how to
+report) so that a one-shot run (`workers.recipe`) and a long-lived pack host share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from workers.data_parallel import average_gradients
+from workers.job_slot import JobSlot, SlotState
+from workers.packed_lora import Routing
+from workers.tokenization import IGNORE_INDEX, collate
+
+# Ray writes a worker's logging to its log files, where operators look for tracebacks.
+logger = logging.getLogger("lorafleet.worker")
+
+# (job_id or None for the whole pack, event type, message, data); a no-op off rank 0.
+Report = Callable[[str | None, str, str, dict[str, Any] | None], None]
+
+
+@dataclass
+class PackContext:
+    """What the step, publishing and checkpointing need to know about the running pack."""
+
+    model: nn.Module
+    routing: Routing
+    pad_token_id: int
+    device: torch.device
+    rank: int
+    world_size: int
+    report: Report
+
+
+def report_job_failure(ctx: PackContext, job_id: str, exc: BaseException) -> None:
+    """One job of the pack failed: its traceback goes to the worker's log, its error to
+    the job's events; the rest of the pack trains on."""
+    logger.error(
+        "job %s failed on rank %d: %s",
+        job_id,
+        ctx.rank,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    ctx.report(
+        job_id,
+        "job_failed",
+        f"Training failed: {type(exc).__name__}: {exc}",
+        {"error": str(exc)},
+    )
+
+
+def fail_slot(ctx: PackContext, slot: JobSlot, exc: BaseException) -> None:
+    slot.state = SlotState.FAILED
+    report_job_failure(ctx, slot.job_id, exc)
+
+
+def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
+    """Forward of all active slots' rows, per-job losses, backward, gradient sync, each
+    slot's own optimizer step, then each job's metrics event (a non-finite loss fails it).
+
+    Rows are padded per job, never to a pack-mate's width: slots are grouped by width and
+    each group goes through the base in its own forward and backward, so a job's numerics
+    (bf16 included) are the same packed as alone.
+    """
+    started = time.perf_counter()
+    forward_s = backward_s = 0.0
+    losses: dict[str, torch.Tensor] = {}
+    tokens: dict[str, float] = {}
+    for group in width_groups(active):
+        group_started = time.perf_counter()
+        width = width_of(group[0])
+        shards = [slot.next_micro_batch(ctx.rank, ctx.world_size) for slot in group]
+        ctx.routing.blocks = [
+            (slot.job_id, len(shard)) for slot, shard in zip(group, shards, strict=True)
+        ]
+        batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        # The module itself, not the engine: the engine's forward/backward are built around
+        # an optimizer it owns; ZeRO-3's gather/release hooks live on the module and run.
+        logits = ctx.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        # Each job's own mean loss over its own tokens; their sum keeps gradients apart.
+        group_losses = []
+        for slot, (start, rows) in zip(group, block_offsets(ctx.routing), strict=True):
+            block = slice(start, start + rows)
+            group_losses.append(
+                F.cross_entropy(
+                    logits[block, :-1].float().flatten(0, 1),
+                    batch["labels"][block, 1:].flatten(),
+                    ignore_index=IGNORE_INDEX,
+                )
+            )
+            losses[slot.job_id] = group_losses[-1]
+            tokens[slot.job_id] = float(batch["attention_mask"][block].sum())
+        forward_done = time.perf_counter()
+        torch.stack(group_losses).sum().backward()
+        forward_s += forward_done - group_started
+        backward_s += time.perf_counter() - forward_done
+    ctx.routing.blocks = []
+    backward_done = time.perf_counter()
+    average_gradients([p for slot in active for p in slot.params], ctx.world_size)
+    sync_done = time.perf_counter()
+    first = {
+        slot.job_id: dtypes_of(ctx, slot, losses[slot.job_id]) for slot in active if slot.step == 0
+    }
+    norms = [slot.apply_gradients() for slot in active]
+    elapsed = time.perf_counter() - started
+    phases = {
+        "forward": forward_s,
+        "backward": backward_s,
+        "gradient_sync": sync_done - backward_done,
+        "optimizer": elapsed - (sync_done - started),
+    }
+    totals = torch.tensor(
+        [[losses[s.job_id].item(), tokens[s.job_id]] for s in active], device=ctx.device
+    )
+    dist.all_reduce(totals)
+    pack_tokens = float(totals[:, 1].sum())
+    for slot, (loss_sum, slot_tokens), norm in zip(active, totals.tolist(), norms, strict=True):
+        mean_loss = loss_sum / ctx.world_size
+        slot.trained_tokens += int(slot_tokens)
+        slot.last_loss = mean_loss
+        if not math.isfinite(mean_loss):
+            fail_slot(
+                ctx,
+                slot,
+                FloatingPointError(f"training loss became {mean_loss} at step {slot.step}"),
+            )
+            continue
+        ctx.report(
+            slot.job_id,
+            "metrics",
+            f"Step {slot.step}/{slot.total_steps}: training loss={mean_loss:.4f}",
+            {
+                "step": slot.step,
+                "total_steps": slot.total_steps,
+                "train_loss": mean_loss,
+                "learning_rate": slot.learning_rate,
+                "grad_norm": norm,
+                "tokens_per_second": slot_tokens / elapsed,
+                "pack_tokens_per_second": pack_tokens / elapsed,
+                "pack_size": len(active),
+                "step_seconds": elapsed,
+                "phase_seconds": phases,
+                "trained_tokens": slot.trained_tokens,
+                **(
+                    {"dtypes": _with_adam(first[slot.job_id], slot)} if slot.job_id in first else {}
+                ),
+            },
+        )
+
+
+def dtypes_of(ctx: PackContext, slot: JobSlot, loss: torch.Tensor) -> dict[str, str]:
+    """What the job really trains in (reported with its first step): the frozen base in the
+    run's precision; its LoRA factors, their gradients, Adam's state and the loss in fp32."""
+    base = next(p for name, p in ctx.model.named_parameters() if ".lora_" not in name)
+    factor = slot.params[0]
+    return {
+        "base": str(base.dtype).removeprefix("torch."),
+        "lora": str(factor.dtype).removeprefix("torch."),
+        "lora_grad": str(factor.grad.dtype).removeprefix("torch.")
+        if factor.grad is not None
+        else "none",
+        "loss": str(loss.dtype).removeprefix("torch."),
+    }
+
+
+def _with_adam(dtypes: dict[str, str], slot: JobSlot) -> dict[str, str]:
+    assert slot.optimizer is not None
+    state = slot.optimizer.state.get(slot.params[0], {})
+    moment = state.get("exp_avg")
+    return {
+        **dtypes,
+        "adam_state": str(moment.dtype).removeprefix("torch.") if moment is not None else "none",
+    }
+
+
+def block_offsets(routing: Routing) -> list[tuple[int, int]]:
+    """(first row, number of rows) of each slot's block, in batch order."""
+    offsets, start = [], 0
+    for _, rows in routing.blocks:
+        offsets.append((start, rows))
+        start += rows
+    return offsets
+
+
+# Widths are rounded up to a multiple of this, so jobs of similar lengths share a forward.
+WIDTH_BUCKET = 16
+
+
+def width_of(slot: JobSlot, bucket: int = WIDTH_BUCKET) -> int:
+    """The padded width of a job's rows at its current step: from the job's own global batch
+    only (the same on every rank, and the same alone or packed), rounded up to a bucket so
+    that jobs of similar lengths share a forward."""
+    longest = max(len(slot.examples[i].input_ids) for i in slot.batches[slot.step])
+    return -(-longest // bucket) * bucket
+
+
+def width_groups(active: list[JobSlot]) -> list[list[JobSlot]]:
+    """Active slots grouped by width, narrowest first (a fixed order on every rank)."""
+    groups: dict[int, list[JobSlot]] = {}
+    for slot in active:
+        groups.setdefault(width_of(slot), []).append(slot)
+    return [groups[width] for width in sorted(groups)]

@@ -1,0 +1,60 @@
+"""A time limit per setup phase of a run, so that setup can fail but never hang.
+
+Setup can block in places we do not own (seen: DeepSpeed waiting forever on a build lock
+left by a killed compile). Each phase runs under a timer; past the limit the timer raises
+`SetupTimeoutError` inside the training thread (an asynchronous exception: it lands at the
+thread's next Python bytecode, which covers the lock-polling loops that hang), and the run's
+actor is told, so every job of the run fails with an error naming the phase.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger("lorafleet.worker")
+
+
+class SetupTimeoutError(TimeoutError):
+    """A setup phase of a run took longer than the setup time limit."""
+
+
+class SetupPhases:
+    def __init__(self, limit_s: float, on_timeout: Callable[[str, str], None]) -> None:
+        self.limit_s = limit_s
+        self.on_timeout = on_timeout  # (phase, error) → tells the run's actor
+        self.current: str | None = None
+        self.timed_out: str | None = None
+
+    def _message(self, phase: str) -> str:
+        return f"setup phase {phase!r} took longer than {self.limit_s:g} s (setup time limit)"
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.current = name
+        thread_id = threading.get_ident()
+
+        def expire() -> None:
+            self.timed_out = name
+            error = self._message(name)
+            logger.error("%s; failing the run", error)
+            try:
+                self.on_timeout(name, error)
+            finally:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(thread_id), ctypes.py_object(SetupTimeoutError)
+                )
+
+        timer = threading.Timer(self.limit_s, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except SetupTimeoutError as exc:
+            raise SetupTimeoutError(self._message(name)) from exc
+        finally:
+            timer.cancel()
+            self.current = None
