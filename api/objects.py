@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fastapi.responses import Response
+
 from api.schemas import (
     FileObject,
     FineTuningJob,
@@ -53,6 +55,8 @@ def job_object(row: JobRow) -> FineTuningJob:
         training=row.settings["training"],
         resources=row.settings["resources"],
         from_checkpoint=(row.settings.get("from_checkpoint") or {}).get("checkpoint"),
+        priority=row.priority or 0,
+        max_runtime=row.max_runtime,
     )
 
 
@@ -65,3 +69,9 @@ def event_object(row: JobEventRow) -> FineTuningJobEvent:
         type=row.type,
         data=row.data,
     )
+
+
+def json_response(body: bytes) -> Response:
+    """A body serialized once, by the route, from a model it built and validated itself:
+    FastAPI's response_model pass would validate and serialize the same object again."""
+    return Response(body, media_type="application/json")

@@ -100,6 +100,12 @@ class FineTuningJobCreate(Strict):
     lora: LoraOptions = Field(default_factory=LoraOptions)
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     resources: ResourceOptions = Field(default_factory=ResourceOptions)
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="Among waiting jobs, higher goes first."
+    )
+    max_runtime: int | None = Field(
+        default=None, gt=0, le=30 * 86400, description="Seconds; past it the job fails (timeout)."
+    )
 
 
 # ---- responses ----
@@ -174,6 +180,8 @@ class FineTuningJob(BaseModel):
     training: dict[str, Any]
     resources: dict[str, Any]
     from_checkpoint: str | None = None
+    priority: int = 0
+    max_runtime: int | None = None
 
 
 class FineTuningJobEvent(BaseModel):

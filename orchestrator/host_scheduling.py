@@ -357,12 +357,11 @@ def _on_host(job: JobRow) -> bool:
 
 
 def _priority(job: JobRow) -> int:
-    return int(getattr(job, "priority", 0) or 0)
+    return job.priority or 0
 
 
 def _max_runtime(job: JobRow) -> float | None:
-    limit = getattr(job, "max_runtime", None)
-    return float(limit) if limit else None
+    return float(job.max_runtime) if job.max_runtime else None
 
 
 def _event(event: Any) -> dict[str, Any]:

@@ -44,6 +44,8 @@ class NewJob:
     packing: bool = True
     from_checkpoint: str | None = None
     lora_given: bool = False
+    priority: int = 0  # among waiting jobs, higher first
+    max_runtime: int | None = None  # seconds; past it the job fails with `timeout`
 
 
 def resolve_settings(
@@ -143,6 +145,8 @@ def create_job(
         settings=resolved,
         user_metadata=request.metadata,
         event_cursor=0,
+        priority=request.priority,
+        max_runtime=request.max_runtime,
     )
     return store.add_job(job, f"Created fine-tuning job: {job.id}", idempotency)
 

@@ -53,6 +53,10 @@ class JobRow(Base):
     run_id: Mapped[str | None] = mapped_column(String(64), index=True)
     # How many of its run's events were already stored: a restarted scheduler resumes here.
     event_cursor: Mapped[int] = mapped_column(Integer, default=0)
+    # Admission order among waiting jobs: higher first (then fair across tenants).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Seconds the job may run before it fails with `timeout`; None: no limit.
+    max_runtime: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobEventRow(Base):

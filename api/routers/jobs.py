@@ -9,9 +9,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep
-from api.objects import event_object, job_object
+from api.objects import event_object, job_object, json_response
 from api.schemas import (
     ErrorResponse,
     FineTuningJob,
@@ -71,6 +72,8 @@ def create(
         resources=body.resources.model_dump(exclude_none=True),
         packing=body.training.packing,
         from_checkpoint=body.from_checkpoint,
+        priority=body.priority,
+        max_runtime=body.max_runtime,
         lora_given="lora" in body.model_fields_set,
     )
 
@@ -91,26 +94,34 @@ def create(
 
 
 @router.get("", response_model=ListPage[FineTuningJob], responses=ERRORS)
-def list_jobs(
+async def list_jobs(
     request: Request,
     services: ServicesDep,
     tenant: TenantDep,
     after: str | None = None,
     limit: Limit = 20,
-) -> ListPage[FineTuningJob]:
+) -> Response:
     """Newest first. Filter by metadata as OpenAI does: `?metadata[key]=value`."""
     metadata = {
         match.group(1): value
         for name, value in request.query_params.multi_items()
         if (match := METADATA_FILTER.fullmatch(name))
     }
-    rows, has_more = services.store.list_jobs(tenant, after, limit, metadata or None)
-    return ListPage[FineTuningJob](data=[job_object(r) for r in rows], has_more=has_more)
+
+    def page() -> bytes:
+        rows, has_more = services.store.list_jobs(tenant, after, limit, metadata or None)
+        listed = ListPage[FineTuningJob](data=[job_object(r) for r in rows], has_more=has_more)
+        return listed.model_dump_json().encode()
+
+    return json_response(await run_in_threadpool(page))
 
 
 @router.get("/{job_id}", response_model=FineTuningJob, responses=ERRORS)
-def retrieve(services: ServicesDep, tenant: TenantDep, job_id: str) -> FineTuningJob:
-    return job_object(services.store.get_job(tenant, job_id))
+async def retrieve(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
+    def job() -> bytes:
+        return job_object(services.store.get_job(tenant, job_id)).model_dump_json().encode()
+
+    return json_response(await run_in_threadpool(job))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=ERRORS)

@@ -56,7 +56,9 @@ class World:
         one.watch()
         one.launch()
 
-    def submit(self, tenant: str = "t1", **training: Any) -> str:
+    def submit(
+        self, tenant: str = "t1", priority: int = 0, max_runtime: int | None = None, **training: Any
+    ) -> str:
         batch = training.pop("batch_size", 4)
         settings = resolve_settings(
             NewJob(model="tiny", training_file="file-x", batch_size=batch, training=training), 2
@@ -72,6 +74,8 @@ class World:
             created_at=int(self.clock()),
             settings=settings,
             event_cursor=0,
+            priority=priority,
+            max_runtime=max_runtime,
         )
         return self.store.add_job(job, "created").id
 
@@ -336,3 +340,43 @@ def test_warm_hosts_stay_up_with_no_job(tmp_path: Path) -> None:
     job_id = world.submit()
     world.tick()
     assert world.job(job_id).run_id == host  # and it is capacity: the job joins it
+
+
+def test_a_higher_priority_job_goes_first(tmp_path: Path) -> None:
+    world = make_world(tmp_path, max_concurrent_runs=1, max_slots_per_host=1)
+    low = world.submit("alice")
+    world.clock.shift += 5
+    high = world.submit("bob", priority=5)
+    world.tick()
+    assert world.job(high).status == "running" and world.job(low).status == "queued"
+
+
+def test_a_job_past_its_max_runtime_fails_with_timeout_and_leaves_the_host(world: World) -> None:
+    world.hosts.steps_per_job = 100
+    slow, other = world.submit(max_runtime=30), world.submit()
+    world.tick()
+    host = world.job(slow).run_id or ""
+    world.hosts.step()
+    world.tick()
+    assert world.job(slow).status == "running"
+    world.clock.shift += 31
+    world.tick()
+    job = world.job(slow)
+    assert job.status == "failed" and job.error_code == "timeout"
+    assert "max_runtime" in (job.error_message or "")
+    world.hosts.step()  # the host drops it at the next step boundary …
+    world.tick()
+    assert slow not in world.hosts.hosts[host].members  # … and it is released
+    assert world.job(other).status == "running"  # the other job goes on
+
+
+def test_priority_and_max_runtime_come_from_the_request() -> None:
+    from pydantic import ValidationError
+
+    from api.schemas import FineTuningJobCreate
+
+    body = FineTuningJobCreate(model="m", training_file="f", priority=3, max_runtime=60)
+    assert (body.priority, body.max_runtime) == (3, 60)
+    assert FineTuningJobCreate(model="m", training_file="f").priority == 0
+    with pytest.raises(ValidationError):
+        FineTuningJobCreate(model="m", training_file="f", max_runtime=0)
