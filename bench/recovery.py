@@ -73,10 +73,9 @@ def worker_kill(folder: Path, base: Path) -> tuple[float, int]:
             data = event.get("data") or {}
             # Mid-way between checkpoints (every 20 steps): 10 steps are expected to be redone.
             if event["type"] == "metrics" and killed_at is None and data["step"] == 50:
-                pids = subprocess.run(
-                    ["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True
-                )
-                os.kill(int(pids.stdout.split()[-1]), signal.SIGKILL)
+                # Exactly this run's last rank (never other people's training by name).
+                workers = ray.get(actor.workers.remote())
+                os.kill(int(workers[-1]["pid"]), signal.SIGKILL)
                 killed_at = time.perf_counter()
                 kill_step = max(e["data"]["step"] for e in events if e["type"] == "metrics")
             if "resumed_from_step" in data:
