@@ -7,16 +7,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.deps import Services
+from api.deps import CachedApiKeys, Services
 from api.errors import install_error_handlers
-from api.routers import files, jobs, metrics, models
+from api.request_timing import time_requests
+from api.routers import dashboard, files, jobs, metrics, models, webhooks
 from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
-from orchestrator.api_keys import ApiKeys
 from orchestrator.db import make_engine, migrate
 from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
+from orchestrator.webhooks import WebhookDeliverer
 
 
 class ServeRefused(SystemExit):
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             settings=settings,
             store=store,
             objects=objects,
-            keys=ApiKeys(engine),
+            keys=CachedApiKeys(engine),
             idempotency=IdempotencyKeys(engine),
             catalog=catalog,
         )
@@ -59,9 +60,15 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
 
             scheduler = Scheduler(settings, store, objects, RayRuns(settings))
             scheduler.start()
+        # Webhooks go out from their own thread wherever a scheduler runs; never from it.
+        deliverer = WebhookDeliverer(settings, engine) if run_scheduler else None
+        if deliverer is not None:
+            deliverer.start()
         try:
             yield
         finally:
+            if deliverer is not None:
+                deliverer.stop()
             if scheduler is not None:
                 scheduler.stop()
             engine.dispose()
@@ -78,6 +85,9 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
+    app.include_router(webhooks.router)
+    app.include_router(dashboard.router)
+    app.middleware("http")(time_requests)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
