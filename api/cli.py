@@ -1,4 +1,5 @@
-"""The `lorafleet` command: `serve` (API + scheduler) and `demo` (trains two real adapters)."""
+"""The `lorafleet` command: `serve` (API + scheduler), `scheduler`, `keys`, `files`, `jobs`
+(the REST API from a terminal) and `demo` (trains two real adapters)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from pathlib import Path
 
 import typer
 
+from api.cli_jobs import files, jobs
+
 app = typer.Typer(help="lorafleet: LoRA adapter-training jobs on Ray.", no_args_is_help=True)
 keys = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
 app.add_typer(keys, name="keys")
+app.add_typer(files, name="files")
+app.add_typer(jobs, name="jobs")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

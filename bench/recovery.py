@@ -15,17 +15,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import ray
 
+from api.client import LorafleetClient
+from api.server_process import ServerProcess
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
@@ -95,81 +93,40 @@ def worker_kill(folder: Path, base: Path) -> tuple[float, int]:
 
 
 def control_plane_kill(folder: Path, base: Path, ray_address: str) -> tuple[float, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "LORAFLEET_DATA_DIR": str(folder / "state"),
-        "LORAFLEET_BASE_MODELS": json.dumps({"tiny": str(base)}),
-        "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
-        "RAY_ADDRESS": ray_address,
-    }
-    log = open(folder / "server.log", "ab")  # noqa: SIM115 - lives as long as the benchmark
+    server = ServerProcess.with_settings(
+        folder / "server.log",
+        data_dir=str(folder / "state"),
+        base_models=json.dumps({"tiny": str(base)}),
+        scheduler_poll_seconds="0.2",
+    )
+    server.env["RAY_ADDRESS"] = ray_address
 
-    def start() -> subprocess.Popen[bytes]:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    return server
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise SystemExit("server did not start")
+    def steps(api: LorafleetClient, job_id: str) -> list[int]:
+        return [e["data"]["step"] for e in api.events(job_id) if e["type"] == "metrics"]
 
-    def steps(client: httpx.Client, job_id: str) -> list[int]:
-        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()[
-            "data"
-        ]
-        return [e["data"]["step"] for e in page if e["type"] == "metrics"]
-
-    server = start()
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    body = "\n".join(map(json.dumps, DATA)).encode()
-    file_id = client.post(
-        "/v1/files", files={"file": ("d.jsonl", body)}, data={"purpose": "fine-tune"}
-    ).json()["id"]
-    job = client.post(
-        "/v1/fine_tuning/jobs",
-        json={"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 60}},
-    ).json()
-    while len(steps(client, job["id"])) < 20:
+    server.start()
+    api = server.api()
+    file_id = api.upload_records("d.jsonl", DATA)["id"]
+    job = api.create_job(
+        {"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 60}}
+    )
+    while len(steps(api, job["id"])) < 20:
         time.sleep(0.1)
-    server.send_signal(signal.SIGKILL)
-    server.wait()
+    server.kill()
     killed_at = time.perf_counter()
-    server = start()
+    server.start(same_port=True)
     before = None
     while True:
-        current = steps(client, job["id"])
+        current = steps(api, job["id"])
         if before is None:
             before = max(current)
         elif max(current) > before:
             adopted_s = time.perf_counter() - killed_at
             break
         time.sleep(0.05)
-    while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] not in (
-        "succeeded",
-        "failed",
-    ):
-        time.sleep(0.2)
-    all_events = []
-    after = None
-    while True:
-        params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
-        page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params=params).json()
-        all_events += page["data"]
-        if not page["has_more"]:
-            break
-        after = page["data"][-1]["id"]
-    recorded = sorted(e["data"]["step"] for e in all_events if e["type"] == "metrics")
-    server.terminate()
-    server.wait()
+    api.wait(job["id"])
+    recorded = sorted(steps(api, job["id"]))
+    server.stop()
     lost = recorded[-1] - len(set(recorded)) if recorded else 0  # steps with no metrics
     return adopted_s, lost
 

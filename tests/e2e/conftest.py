@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,76 +13,19 @@ from typing import Any
 import httpx
 import pytest
 
+from api.server_process import ServerProcess
 from tests.conftest import wait_for_condition
 from tests.services.radosgw import RadosGW
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
-class LorafleetServer:
-    env: dict[str, str]
-    log: Path
-    bucket: str
-    s3: RadosGW
-    process: subprocess.Popen[bytes] | None = None
-    port: int = 0
-    extra_args: tuple[str, ...] = ()
+class LorafleetServer(ServerProcess):
+    """api.server_process.ServerProcess (the one way to start a server) on radosgw."""
 
-    def start(self, same_port: bool = False) -> None:
-        self.port = self.port if same_port and self.port else free_port()
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "api.cli",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    *self.extra_args,
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for_condition(self._healthy, timeout=120, what=f"the server (log: {self.log})")
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"server exited:\n{self.log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as when a machine or container dies."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+    bucket: str = ""
+    s3: RadosGW | None = None
 
     def wait_until_terminal(
         self, client: httpx.Client, job_id: str, timeout: float = 400
