@@ -143,7 +143,7 @@ def test_a_queued_job_starts_a_host_trains_and_succeeds(world: World) -> None:
         isinstance(e.data["time"], float) for e in world.events(job_id) if e.type == "metrics"
     )
     world.tick()
-    assert world.hosts.hosts[job.run_id].members == {}  # released once stored
+    assert world.hosts.hosts[job.run_id or ""].members == {}  # released once stored
 
 
 def test_a_second_job_joins_the_running_host_and_the_pack_goes_1_2_1(world: World) -> None:
@@ -207,7 +207,7 @@ def test_jobs_are_admitted_until_the_memory_estimate_says_full(tmp_path: Path) -
     jobs = [world.submit() for _ in range(3)]
     world.tick()
     assert [world.job(j).status for j in jobs] == ["running", "running", "queued"]
-    member = world.hosts.hosts[world.job(jobs[0]).run_id].members[jobs[0]]
+    member = world.hosts.hosts[world.job(jobs[0]).run_id or ""].members[jobs[0]]
     assert member.request.memory_bytes > 0  # the scheduler tells the host what it estimated
 
 
@@ -241,7 +241,7 @@ def test_a_failed_job_fails_with_the_hosts_code_and_the_others_go_on(world: Worl
 def test_a_hung_host_is_ended_and_its_jobs_resume_on_a_new_one(world: World) -> None:
     job_id = world.submit()
     world.tick()
-    hung = world.job(job_id).run_id
+    hung = world.job(job_id).run_id or ""
     world.hosts.step()
     world.hosts.hang(hung)
     world.tick()

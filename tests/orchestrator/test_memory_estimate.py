@@ -21,7 +21,7 @@ from orchestrator.memory_estimate import (
     padded_tokens,
 )
 
-LLAMA_CONFIG = {
+LLAMA_CONFIG: dict[str, Any] = {
     "hidden_size": 192,
     "num_hidden_layers": 3,
     "vocab_size": 1024,
@@ -167,7 +167,10 @@ class LiveTensorBytes:
         self.live[key] = storage.nbytes()
         self.current += self.live[key]
         self.peak = max(self.peak, self.current)
-        self.refs[key] = weakref.ref(storage, lambda _ref, k=key: self.forget(k))
+        self.refs[key] = weakref.ref(storage, self._forgetter(key))
+
+    def _forgetter(self, key: int) -> Any:
+        return lambda _ref: self.forget(key)
 
     def forget(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
