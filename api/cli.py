@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import typer
 
 from api.cli_jobs import files, jobs
+from api.ops import configure_logging, serve_metrics
 
 app = typer.Typer(help="lorafleet: LoRA adapter-training jobs on Ray.", no_args_is_help=True)
 keys = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
@@ -49,16 +49,19 @@ def serve(
             param_hint="--host",
         )
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     uvicorn.run(create_app(run_scheduler=scheduler), host=host, port=port, log_level="info")
 
 
 @app.command("scheduler")
-def run_scheduler() -> None:
+def run_scheduler(
+    metrics_port: int = typer.Option(
+        0, help="Serve this scheduler's Prometheus /metrics on this port (0: off)."
+    ),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address for --metrics-port."),
+) -> None:
     """Run the scheduler alone (production: next to `serve --no-scheduler` replicas; on
-    PostgreSQL several schedulers may run at once)."""
+    PostgreSQL several schedulers may run at once). Webhooks are delivered from here too."""
     import signal
     import threading
 
@@ -68,20 +71,25 @@ def run_scheduler() -> None:
     from orchestrator.scheduler import Scheduler
     from orchestrator.settings import Settings
     from orchestrator.store import JobStore
+    from orchestrator.webhooks import WebhookDeliverer
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     settings = Settings()
     engine = make_engine(settings.database_url)
     migrate(engine)
     objects = open_object_store(settings.object_store_config)
-    loop = Scheduler(settings, JobStore(engine), objects, RayRuns(settings))
+    store = JobStore(engine)
+    loop = Scheduler(settings, store, objects, RayRuns(settings))
+    deliverer = WebhookDeliverer(settings, engine)
+    if metrics_port:
+        serve_metrics(store, metrics_host, metrics_port, settings.metrics_token)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     loop.start()
+    deliverer.start()
     stopped.wait()
+    deliverer.stop()
     loop.stop()
 
 

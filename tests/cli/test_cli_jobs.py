@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.layout import file_key
 from orchestrator.api_keys import OPEN_TENANT
@@ -51,6 +53,24 @@ def test_create_watch_succeeds_and_the_download_loads_in_peft(
         json.loads(out)
     code, out = lorafleet(server, "files", "upload", str(training_file), "--json")
     assert code == 0 and json.loads(out)["id"].startswith("file-")
+
+    # The server's scheduler counted exactly the steps its jobs' events show (this module's
+    # server has trained nothing else yet).
+    with server.api() as api:
+        events = [e for j in api.list_jobs(100) for e in api.events(j["id"])]
+    stored = [e for e in events if e["type"] == "metrics"]
+    found = {
+        s.name: s.value
+        for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+        for s in family.samples
+        if not s.labels
+    }
+    assert found["lorafleet_trained_steps_total"] == len(stored) == len(steps)
+    assert found["lorafleet_step_seconds_count"] == len(stored)
+    assert found["lorafleet_step_seconds_sum"] == pytest.approx(
+        sum(e["data"]["step_seconds"] for e in stored)
+    )
+    assert found["lorafleet_submit_to_first_step_seconds_count"] == 1
 
 
 def test_exit_codes_for_failed_cancelled_and_bad_input(
