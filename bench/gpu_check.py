@@ -73,9 +73,9 @@ def build_base(size: str, device: torch.device, dtype: torch.dtype) -> torch.nn.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**SIZES[size], max_position_embeddings=1024)
+    config = LlamaConfig(**SIZES[size], max_position_embeddings=1024)  # type: ignore[arg-type]
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = LlamaForCausalLM(config).to(dtype)  # type: ignore[arg-type]
     model.requires_grad_(False)
     return model
 

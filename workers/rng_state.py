@@ -8,14 +8,15 @@ seed, the step and the rank, so a requeued job still trains (and reproducibly so
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 
-def saved_dropout_rng(states: list[torch.Tensor | None], device_type: str) -> dict[str, Any]:
+def saved_dropout_rng(states: Sequence[torch.Tensor | None], device_type: str) -> dict[str, Any]:
     """What a checkpoint keeps: each rank's state (gathered in rank order) and where from."""
-    return {"device_type": device_type, "world_size": len(states), "states": states}
+    return {"device_type": device_type, "world_size": len(states), "states": list(states)}
 
 
 def restore_dropout_rng(
