@@ -215,7 +215,7 @@ class WebhookStore:
                     WebhookDeliveryRow.next_attempt_at == delivery.next_attempt_at,
                 )
                 .values(next_attempt_at=time.time() + lease_s)
-            ).rowcount
+            ).rowcount  # type: ignore[attr-defined]
         return bool(touched == 1)
 
     def record_attempt(
