@@ -8,8 +8,10 @@ memory report) can be compared term by term:
     base shard        all base parameters / world size              (ZeRO-3 partitions)
     live parameters   the largest module gathered whole, plus the prefetch bucket,
                       plus the parameters too small to partition (persistence threshold)
-    activations       what autograd keeps for backward, per token of the pack's padded
-                      batch (collate pads to the widest row; the forward is one batch)
+    activations       what autograd keeps for backward, per padded token of the step
+                      (each job's rows are padded to its own width; jobs of different
+                      widths take separate forward/backward passes, so the step's peak
+                      is at most every job's rows × width together)
     logits            the output layer's logits and the fp32 loss, whole or per chunk
     LoRA state        each slot's factors, grads and two Adam moments, in fp32
 """
@@ -145,11 +147,11 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
-def padded_tokens(slots: Sequence[SlotDemand]) -> tuple[int, int]:
-    """(rows, width) of the pack's one forward batch on a rank."""
-    rows = sum(s.rows_per_rank for s in slots)
-    width = max((s.seq_len for s in slots), default=0)
-    return rows, width
+def padded_tokens(slots: Sequence[SlotDemand]) -> int:
+    """Padded tokens of a step on a rank: each job's rows at its own width. Jobs of one
+    width share a forward, other widths come one after another, so this bounds the tokens
+    live in one forward and backward from above (equal when all share a width)."""
+    return sum(s.rows_per_rank * s.seq_len for s in slots)
 
 
 def estimate_rank_bytes(
@@ -165,8 +167,7 @@ def estimate_rank_bytes(
         live_parameters = (min(live + persistent, base.parameter_count)) * e
     else:
         shard, live_parameters = base.parameter_count, 0
-    rows, width = padded_tokens(slots)
-    tokens = rows * width
+    tokens = padded_tokens(slots)
     h, i, kv = base.hidden_size, base.intermediate_size, base.kv_size
     per_token_layer = (
         ACTIVATION_PER_HIDDEN * h + ACTIVATION_PER_INTERMEDIATE * i + ACTIVATION_PER_KV * kv

@@ -89,12 +89,12 @@ def test_bf16_halves_the_base_but_not_the_lora_state() -> None:
         estimate_rank_bytes(BASE, RunShape(2, precision="fp8"), slots)
 
 
-def test_the_pack_pads_to_its_widest_row_and_sums_its_rows() -> None:
+def test_each_job_is_padded_to_its_own_width() -> None:
     slots = [SlotDemand(2, 64, 8), SlotDemand(3, 512, 8)]
-    assert padded_tokens(slots) == (5, 512)
+    assert padded_tokens(slots) == 2 * 64 + 3 * 512
     alone = estimate_rank_bytes(BASE, RunShape(2), [SlotDemand(2, 64, 8)]).parts["activations"]
     packed = estimate_rank_bytes(BASE, RunShape(2), slots).parts["activations"]
-    assert packed == alone * 5 * 512 // (2 * 64)
+    assert packed == alone * (2 * 64 + 3 * 512) // (2 * 64)
 
 
 def test_chunked_loss_and_gradient_checkpointing_take_less() -> None:
