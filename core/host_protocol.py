@@ -175,6 +175,10 @@ class PackHosts(Protocol):
         """Ends a host now (hung or unwanted); its unfinished jobs fail with `infrastructure`."""
         ...
 
+    def reap(self) -> list[str]:
+        """Removes the hosts that have ended (idle, stopped or failed); returns their ids."""
+        ...
+
 
 __all__ = [
     "HOST_PREFIX",

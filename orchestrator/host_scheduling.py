@@ -93,9 +93,7 @@ class HostScheduling:
             for job in jobs:
                 self._watch_job(host_id, job, report)
             self._tidy(host_id, report, {j.id for j in jobs})
-        reap = getattr(self.hosts, "reap", None)
-        if callable(reap):
-            reap()
+        self.hosts.reap()
 
     def _watch_job(self, host_id: str, job: JobRow, report: HostReport) -> None:
         polled = report["jobs"].get(job.id)
