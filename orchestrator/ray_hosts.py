@@ -1,0 +1,103 @@
+"""Pack hosts on Ray, as the scheduler sees them (`core.host_protocol.PackHosts`).
+
+Each host is a detached, named actor `lorafleet-host-{host_id}` (`workers.pack_host`):
+nothing is kept here, so a restarted scheduler adopts every host by listing the names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from core.host_protocol import (
+    HOST_PREFIX,
+    AdmissionRequest,
+    AdmissionResult,
+    HostReport,
+    HostSpec,
+    host_actor_name,
+)
+from core.run_states import NAMESPACE, STOP_ALL
+
+CALL_TIMEOUT_S = 30
+START_TIMEOUT_S = 60
+
+
+class RayHosts:
+    """Needs a connected Ray (`orchestrator.runs.RayRuns.connect`)."""
+
+    def _actor(self, host_id: str) -> Any | None:
+        try:
+            return ray.get_actor(host_actor_name(host_id), namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    def list_hosts(self) -> list[str]:
+        names = ray.util.list_named_actors(all_namespaces=True)
+        return sorted(
+            entry["name"].removeprefix(HOST_PREFIX)
+            for entry in names
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(HOST_PREFIX)
+        )
+
+    def start_host(self, spec: HostSpec) -> None:
+        from workers.pack_host import PackHost
+
+        actor = PackHost.options(  # type: ignore[attr-defined]
+            name=host_actor_name(spec.host_id), namespace=NAMESPACE, lifetime="detached"
+        ).remote(spec)
+        ray.get(actor.start.remote(), timeout=START_TIMEOUT_S)
+
+    def admit(self, host_id: str, request: AdmissionRequest) -> AdmissionResult:
+        actor = self._actor(host_id)
+        if actor is None:
+            return AdmissionResult(False, "no such host")
+        try:
+            result: AdmissionResult = ray.get(actor.admit.remote(request), timeout=CALL_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return AdmissionResult(False, "host unreachable")
+        return result
+
+    def release(self, host_id: str, job_id: str) -> None:
+        actor = self._actor(host_id)
+        if actor is not None:
+            actor.release.remote(job_id)
+
+    def poll(self, host_id: str, cursors: dict[str, int]) -> HostReport | None:
+        actor = self._actor(host_id)
+        if actor is None:
+            return None
+        try:
+            report: HostReport = ray.get(actor.poll.remote(cursors), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.RayActorError:
+            return None
+        return report
+
+    def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
+        actor = self._actor(host_id)
+        if actor is not None:
+            actor.stop.remote(job_id)
+
+    def kill(self, host_id: str) -> None:
+        actor = self._actor(host_id)
+        if actor is not None:
+            ray.kill(actor)
+
+    def reap(self) -> list[str]:
+        """Removes host actors whose workers have ended (idle, stopped or failed)."""
+        reaped = []
+        for host_id in self.list_hosts():
+            actor = self._actor(host_id)
+            if actor is None:
+                continue
+            try:
+                finished = ray.get(actor.finished.remote(), timeout=CALL_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                finished = True
+            except ray.exceptions.GetTimeoutError:
+                continue
+            if finished:
+                ray.kill(actor)
+                reaped.append(host_id)
+        return reaped
