@@ -108,10 +108,11 @@ class RayRuns:
         """Removes run actors no live job needs once their fit() has returned (or once
         they no longer answer)."""
         reaped = []
-        for name in ray.util.list_named_actors():
-            if not name.startswith(RUN_PREFIX):
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            # Whatever namespace this driver joined with, only ours, and only runs.
+            if entry["namespace"] != self.namespace or not entry["name"].startswith(RUN_PREFIX):
                 continue
-            run_id = name.removeprefix(RUN_PREFIX)
+            run_id = entry["name"].removeprefix(RUN_PREFIX)
             actor = self._actor(run_id)
             if run_id in live_run_ids or actor is None:
                 continue

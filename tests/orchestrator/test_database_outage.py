@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -50,11 +51,9 @@ def start_again(server: postgres_service.Postgres) -> None:
     pg_ctl(server, "-l", str(server.basedir / "postgres.log"), "-o", options, "start")
 
 
-def upload(client: TestClient, name: str) -> dict:  # type: ignore[type-arg]
+def upload(client: TestClient, name: str) -> httpx.Response:
     body = b'{"prompt": "1+1=", "completion": "2"}\n'
-    return client.post(  # type: ignore[no-any-return]
-        "/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"}
-    )
+    return client.post("/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"})
 
 
 @pytest.mark.slow

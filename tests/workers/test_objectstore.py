@@ -79,12 +79,12 @@ def write_adapter(folder: Path) -> Path:
 def test_publish_writes_the_manifest_last_and_verify_catches_tampering(
     store: ObjectStore, tmp_path: Path
 ) -> None:
-    manifest = publish_adapter(store, "t", "ftjob-1", write_adapter(tmp_path / "a"))
+    manifest = publish_adapter(store, "t", "ftjob-1", 1, write_adapter(tmp_path / "a"))
     assert manifest.files["adapter_model.safetensors"]["size"] == 1000
-    assert verify_adapter(store, "t", "ftjob-1") == manifest
-    store.put_bytes(adapter_key("t", "ftjob-1", "adapter_model.safetensors"), b"\0" * 999)
+    assert verify_adapter(store, "t", "ftjob-1", 1) == manifest
+    store.put_bytes(adapter_key("t", "ftjob-1", 1, "adapter_model.safetensors"), b"\0" * 999)
     with pytest.raises(PublishError, match="does not match"):
-        verify_adapter(store, "t", "ftjob-1")
-    store.delete(adapter_key("t", "ftjob-1", MANIFEST))
+        verify_adapter(store, "t", "ftjob-1", 1)
+    store.delete(adapter_key("t", "ftjob-1", 1, MANIFEST))
     with pytest.raises(PublishError, match="no manifest"):
-        verify_adapter(store, "t", "ftjob-1")
+        verify_adapter(store, "t", "ftjob-1", 1)
