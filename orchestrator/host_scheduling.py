@@ -33,6 +33,7 @@ from orchestrator.host_sizing import HostSizing, demand_of
 from orchestrator.jobs import fine_tuned_model_name, job_spec_for
 from orchestrator.memory_estimate import SlotDemand
 from orchestrator.models import JobRow
+from orchestrator.packing import wants_packing
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id, now
@@ -68,7 +69,7 @@ class HostScheduling:
 
     # ---- watch: one poll per host ----
     def watch(self) -> None:
-        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if _on_host(j)]
+        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if on_host(j)]
         by_host: dict[str, list[JobRow]] = defaultdict(list)
         for job in active:
             by_host[job.run_id or ""].append(job)
@@ -171,8 +172,9 @@ class HostScheduling:
 
     # ---- launch: place queued jobs ----
     def launch(self) -> None:
-        queued = self.store.jobs_with_status([JobStatus.QUEUED])
-        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if _on_host(j)]
+        # `packing: false` jobs are trained alone, each in a run of its own (the scheduler's).
+        queued = [j for j in self.store.jobs_with_status([JobStatus.QUEUED]) if wants_packing(j)]
+        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if on_host(j)]
         shapes: dict[str, HostShape] = {}
         waiting = []
         for job in queued:
@@ -350,7 +352,7 @@ class HostScheduling:
             return None
 
 
-def _on_host(job: JobRow) -> bool:
+def on_host(job: JobRow) -> bool:
     return bool(job.run_id and job.run_id.startswith(HOST_ID_PREFIX))
 
 

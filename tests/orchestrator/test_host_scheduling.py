@@ -380,3 +380,13 @@ def test_priority_and_max_runtime_come_from_the_request() -> None:
     assert FineTuningJobCreate(model="m", training_file="f").priority == 0
     with pytest.raises(ValidationError):
         FineTuningJobCreate(model="m", training_file="f", max_runtime=0)
+
+
+def test_a_job_that_asks_not_to_be_packed_is_left_to_a_run_of_its_own(world: World) -> None:
+    job_id = world.submit()
+    with world.store.sessions.begin() as session:
+        row = session.get(JobRow, job_id)
+        assert row is not None
+        row.settings = {**row.settings, "packing": False}
+    world.tick()
+    assert world.job(job_id).status == "queued" and world.hosts.started == []
