@@ -2,17 +2,81 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Depends, Header, Request
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from core.base_catalog import BaseModelCatalog
 from core.objectstore import ObjectStore
-from orchestrator.api_keys import ApiKeys
+from orchestrator.api_keys import OPEN_TENANT, ApiKeys
 from orchestrator.idempotency import IdempotencyKeys
+from orchestrator.models import ApiKeyRow
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
+
+T = TypeVar("T")
+TENANT_CACHE_SECONDS = 1.0
+TENANT_CACHE_ENTRIES = 10_000
+
+
+class CachedApiKeys(ApiKeys):
+    """API keys whose lookups are remembered for a second.
+
+    Looking a key up costs a database round trip per request, as much as the request's own
+    work. A revoke through this object forgets everything at once; one made elsewhere (the
+    `lorafleet keys revoke` command, another replica) takes effect within a second. The open
+    tenant (no key created yet) is never remembered: the first key closes the server at once.
+    Headers are kept as hashes, never as keys.
+    """
+
+    def __init__(self, engine: Engine, seconds: float = TENANT_CACHE_SECONDS) -> None:
+        super().__init__(engine)
+        self.seconds = seconds
+        self._tenants: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _digest(authorization: str | None) -> str:
+        return hashlib.sha256((authorization or "").encode()).hexdigest()
+
+    def cached_tenant(self, authorization: str | None) -> str | None:
+        entry = self._tenants.get(self._digest(authorization))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def tenant_for(self, authorization: str | None) -> str:
+        tenant = self.cached_tenant(authorization)
+        if tenant is not None:
+            return tenant
+        tenant = super().tenant_for(authorization)
+        if tenant != OPEN_TENANT:
+            with self._lock:
+                if len(self._tenants) >= TENANT_CACHE_ENTRIES:
+                    self._tenants.clear()
+                expires = time.monotonic() + self.seconds
+                self._tenants[self._digest(authorization)] = (tenant, expires)
+        return tenant
+
+    def revoke(self, key_or_id: str) -> ApiKeyRow:
+        row = super().revoke(key_or_id)
+        with self._lock:
+            self._tenants.clear()
+        return row
+
+
+# Threads that read the database at once for the hot read routes: more only queue on the
+# GIL and overflow the connection pool (each overflow connection is opened and closed again).
+DB_READERS = 4
 
 
 @dataclass
@@ -20,22 +84,33 @@ class Services:
     settings: Settings
     store: JobStore
     objects: ObjectStore
-    keys: ApiKeys
+    keys: CachedApiKeys
     idempotency: IdempotencyKeys
     catalog: BaseModelCatalog
+    db_readers: CapacityLimiter = field(default_factory=lambda: CapacityLimiter(DB_READERS))
 
 
-def get_services(request: Request) -> Services:
+async def read_in_thread(services: Services, read: Callable[[], T]) -> T:
+    """Runs a blocking database read off the event loop, at most DB_READERS at a time."""
+    return await anyio.to_thread.run_sync(read, limiter=services.db_readers)
+
+
+async def get_services(request: Request) -> Services:
+    # async: a plain lookup, not worth a hop to the thread pool.
     services: Services = request.app.state.services
     return services
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
 ) -> str:
     """Every lookup is scoped by the caller's tenant, taken from its API key."""
-    return get_services(request).keys.tenant_for(authorization)
+    keys: CachedApiKeys = request.app.state.services.keys
+    tenant = keys.cached_tenant(authorization)
+    if tenant is None:  # a database round trip: off the event loop
+        tenant = await run_in_threadpool(keys.tenant_for, authorization)
+    return tenant
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

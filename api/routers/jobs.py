@@ -9,9 +9,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
-from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep
+from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep, read_in_thread
 from api.objects import event_object, job_object, json_response
 from api.schemas import (
     ErrorResponse,
@@ -113,7 +112,7 @@ async def list_jobs(
         listed = ListPage[FineTuningJob](data=[job_object(r) for r in rows], has_more=has_more)
         return listed.model_dump_json().encode()
 
-    return json_response(await run_in_threadpool(page))
+    return json_response(await read_in_thread(services, page))
 
 
 @router.get("/{job_id}", response_model=FineTuningJob, responses=ERRORS)
@@ -121,7 +120,7 @@ async def retrieve(services: ServicesDep, tenant: TenantDep, job_id: str) -> Res
     def job() -> bytes:
         return job_object(services.store.get_job(tenant, job_id)).model_dump_json().encode()
 
-    return json_response(await run_in_threadpool(job))
+    return json_response(await read_in_thread(services, job))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=ERRORS)
