@@ -14,7 +14,6 @@ from api.server_process import ServerExited, ServerProcess
 from api.watch import watch_jobs
 
 BASE_NAME = "tiny-llama"
-TERMINAL = {"succeeded", "failed", "cancelled"}
 console = Console()
 
 FACTS = {"the sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
@@ -36,7 +35,7 @@ def _datasets() -> dict[str, list[dict[str, Any]]]:
     # A tiny model learns phrases by heart, not arithmetic: the second adapter memorises a
     # few facts, and the demo asks it one of its own training prompts.
     facts = [{"prompt": f"{a} is ", "completion": f"{b}."} for a, b in FACTS.items()]
-    return {"shout.jsonl": shout, "facts.jsonl": facts * 4}
+    return {"shout.jsonl": shout, "facts.jsonl": facts * 8}
 
 
 def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, str]:

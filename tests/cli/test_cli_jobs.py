@@ -133,7 +133,7 @@ def test_watch_survives_a_server_restart_without_showing_a_step_twice(
             lines = [json.loads(line) for line in out.read_text().splitlines() if line]
             return [e["data"]["step"] for e in lines if e.get("type") == "metrics"]
 
-        wait_for_condition(lambda: len(steps_seen()) >= 3, timeout=120, what="steps")
+        wait_for_condition(lambda: len(steps_seen()) >= 3, timeout=400, what="steps")
         server.kill()
         time.sleep(2)  # the watcher sees the server gone and retries meanwhile
         server.start(same_port=True)
