@@ -3,7 +3,6 @@ while the others still train, and cancelling one leaves the other running to the
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
-from tests.e2e.test_training_job import DATA, submit, upload
+from tests.e2e.test_training_job import DATA, started, submit, upload
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +20,7 @@ def status(client: httpx.Client, job_id: str) -> str:
 
 
 def run_of(server: LorafleetServer, client: httpx.Client, job_id: str) -> str:
-    started = [e for e in server.all_events(client, job_id) if "started" in e["message"]]
-    match = re.search(r"run (run-[0-9a-f]+)", started[0]["message"])
-    assert match, started
-    return match.group(1)
+    return str(started(server, client, job_id)["run_id"])
 
 
 def test_jobs_submitted_together_share_a_run_and_leave_it_one_by_one(

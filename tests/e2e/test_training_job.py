@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from core.layout import adapter_key
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 
@@ -36,6 +37,13 @@ def submit(client: httpx.Client, **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/fine_tuning/jobs", json=fields)
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+def started(server: LorafleetServer, client: httpx.Client, job_id: str) -> dict[str, Any]:
+    """The data of the job's newest "started" event: its run id and attempt number."""
+    runs = [e["data"] for e in server.all_events(client, job_id) if "run_id" in (e["data"] or {})]
+    assert runs, f"{job_id} never started"
+    return dict(runs[-1])
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -93,7 +101,9 @@ def test_a_job_trains_a_real_adapter_end_to_end(
         # From S3 the download is a redirect to a short-lived presigned URL on the store.
         redirect = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter")
         assert redirect.status_code == 307
+        assert server.s3 is not None
         assert redirect.headers["location"].startswith(server.s3.endpoint_url)
+        attempt = started(server, client, job["id"])["attempt"]
         archive = client.get(f"/v1/fine_tuning/jobs/{job['id']}/adapter", follow_redirects=True)
         assert archive.status_code == 200 and archive.content[:2] == b"\x1f\x8b"  # gzip
     adapter = tmp_path / "adapter"
@@ -106,9 +116,8 @@ def test_a_job_trains_a_real_adapter_end_to_end(
     s3 = server.s3.client()
     for name, entry in manifest.items():
         local = (adapter / name).read_bytes()
-        stored = s3.get_object(
-            Bucket=server.bucket, Key=f"lorafleet/adapters/default/{job['id']}/{name}"
-        )["Body"].read()
+        key = "lorafleet/" + adapter_key("default", job["id"], attempt, name)
+        stored = s3.get_object(Bucket=server.bucket, Key=key)["Body"].read()
         for data in (local, stored):
             assert hashlib.sha256(data).hexdigest() == entry["sha256"]
             assert len(data) == entry["size"]
@@ -158,15 +167,24 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
             return any(e["type"] == "metrics" for e in page)
 
         wait_for_condition(training, timeout=300, interval=0.5, what="the first training step")
+        # Actors are named by run, not by job: find the job's run from its "started" event.
+        run_name = f"lorafleet-run-{started(server, client, job_id)['run_id']}"
+        assert ray.get_actor(run_name, namespace="lorafleet")  # alive while it trains
         cancelling = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
         assert cancelling.status_code == 200
         assert cancelling.json()["status"] in ("cancelling", "cancelled")
         job = server.wait_until_terminal(client, job_id, timeout=120)
         assert job["status"] == "cancelled"
 
-        # The run is gone from Ray and gave its CPUs back.
-        with pytest.raises(ValueError):
-            ray.get_actor(f"lorafleet-run-{job_id}", namespace="lorafleet")
+        # The run is gone from Ray (reaped once its fit() returned) and gave its CPUs back.
+        def run_gone() -> bool:
+            try:
+                ray.get_actor(run_name, namespace="lorafleet")
+            except ValueError:
+                return True
+            return False
+
+        wait_for_condition(run_gone, timeout=60, what=f"{run_name} to be reaped")
         wait_for_condition(
             lambda: ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"],
             timeout=60,
@@ -183,6 +201,7 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
         assert again.status_code == 409
         assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json() == job
         assert client.get(f"/v1/fine_tuning/jobs/{job_id}/adapter").status_code == 409
+    assert server.s3 is not None
     listed = server.s3.client().list_objects_v2(
         Bucket=server.bucket, Prefix=f"lorafleet/adapters/default/{job_id}/"
     )
