@@ -47,11 +47,23 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _failure_code(cause: BaseException, exc: BaseException) -> str:
-    """`infrastructure` when workers died (beyond the restart budget), else `training_error`."""
+    """`infrastructure` when workers died (beyond the restart budget), else `training_error`.
+
+    Every rank's failure counts: when one worker is killed, the others fail too (a gloo
+    "Connection closed by peer"), and any of them may be the one reported first.
+    """
     died = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ConnectionError)
-    text = f"{exc} {cause}"
-    if isinstance(cause, died) or "Connection closed by peer" in text or "died" in text.lower():
-        return "infrastructure"
+    failures = [exc, cause, *(getattr(exc, "worker_failures", None) or {}).values()]
+    for failure in failures:
+        text = str(failure)
+        if (
+            isinstance(failure, died)
+            or type(failure).__name__ == "WorkerHealthCheckFailedError"
+            or isinstance(getattr(failure, "health_check_failure", None), died)
+            or "Connection closed by peer" in text
+            or "died" in text.lower()
+        ):
+            return "infrastructure"
     return "training_error"
 
 
