@@ -1,0 +1,37 @@
+"""Key lookups are remembered for a second on a replica: a revoke made elsewhere (the CLI,
+another replica) takes effect within that second; one made through the app at once."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.testclient import TestClient
+
+from api.deps import TENANT_CACHE_SECONDS
+from orchestrator.api_keys import ApiKeys
+from tests.conftest import wait_for_condition
+
+
+def test_a_key_revoked_by_another_process_stops_working_within_a_second(
+    client: TestClient,
+) -> None:
+    app_keys = client.app.state.services.keys  # type: ignore[attr-defined]
+    _, key = app_keys.create("acme")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/fine_tuning/jobs", headers=headers).status_code == 200
+    # What `lorafleet keys revoke` does: its own ApiKeys on the same database.
+    ApiKeys(app_keys.sessions.kw["bind"]).revoke(key)
+    revoked_at = time.monotonic()
+    wait_for_condition(
+        lambda: client.get("/v1/fine_tuning/jobs", headers=headers).status_code == 401,
+        timeout=TENANT_CACHE_SECONDS + 2,
+        interval=0.05,
+        what="the revoked key to be refused",
+    )
+    assert time.monotonic() - revoked_at < TENANT_CACHE_SECONDS + 0.5
+
+
+def test_the_first_key_closes_an_open_server_at_once(client: TestClient) -> None:
+    assert client.get("/v1/fine_tuning/jobs").status_code == 200
+    client.app.state.services.keys.create("acme")  # type: ignore[attr-defined]
+    assert client.get("/v1/fine_tuning/jobs").status_code == 401
