@@ -1,10 +1,12 @@
 """The object store stops answering while a job trains and publishes (the S3 server is
-killed, then started again): the job waits, succeeds once the store is back, and no
-manifest ever points at an incomplete adapter."""
+killed, then started again): a checkpoint or the adapter falls due during the outage, its
+write is retried, the job succeeds once the store is back, and no manifest ever points at
+an incomplete adapter."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -12,21 +14,29 @@ from core.objectstore import ObjectStoreConfig, open_object_store
 from core.publish import PublishError, verify_adapter
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
-from tests.e2e.test_training_job import DATA, submit, upload
+from tests.e2e.test_training_job import DATA, started, submit, upload
 
 pytestmark = pytest.mark.slow
 OUTAGE_S = 8
+EPOCHS, BATCH = 8, 4
+TOTAL_STEPS = EPOCHS * len(DATA) // BATCH  # checkpoints at each epoch's end, publish at the last
+
+
+def last_step(events: list[dict[str, Any]]) -> int:
+    return max((e["data"]["step"] for e in events if e["type"] == "metrics"), default=0)
 
 
 def test_a_store_outage_delays_a_job_but_never_publishes_half_an_adapter(
     server: LorafleetServer,
 ) -> None:
+    s3 = server.s3
+    assert s3 is not None
     store = open_object_store(
         ObjectStoreConfig(
             url=f"s3://{server.bucket}/lorafleet",
-            endpoint_url=server.s3.endpoint_url,
-            access_key_id=server.s3.access_key_id,
-            secret_access_key=server.s3.secret_access_key,
+            endpoint_url=s3.endpoint_url,
+            access_key_id=s3.access_key_id,
+            secret_access_key=s3.secret_access_key,
         )
     )
     with server.client() as client:
@@ -34,7 +44,7 @@ def test_a_store_outage_delays_a_job_but_never_publishes_half_an_adapter(
             client,
             model="tiny-llama",
             training_file=upload(client, DATA),
-            hyperparameters={"n_epochs": 8, "batch_size": 4},
+            hyperparameters={"n_epochs": EPOCHS, "batch_size": BATCH},
             resources={"num_workers": 2},
         )
 
@@ -43,13 +53,25 @@ def test_a_store_outage_delays_a_job_but_never_publishes_half_an_adapter(
             return any(e["type"] == "metrics" for e in page)
 
         wait_for_condition(training, timeout=300, interval=0.2, what="the first training step")
-        server.s3.stop_gateway()
-        time.sleep(OUTAGE_S)
-        server.s3.start_gateway()
+        attempt = started(server, client, job["id"])["attempt"]
+        s3.stop_gateway()
+        time.sleep(2)  # every step taken before the stop has reached the events by now
+        before = last_step(server.all_events(client, job["id"]))
+        time.sleep(OUTAGE_S - 2)
+        during = last_step(server.all_events(client, job["id"]))
+        s3.start_gateway()
+        restarted_at = int(time.time())
+        # Some write fell due while the store was away: an epoch-end checkpoint, or the
+        # adapter itself (after the last step); steps went on (or stopped at that write).
+        steps_per_epoch = len(DATA) // BATCH
+        # (Stuck since before the stop at a write that fell due then counts too.)
+        first = before + 1 if during > before else before
+        due = [s for s in range(first, during + 1) if s % steps_per_epoch == 0]
+        assert due, f"no checkpoint or publish fell in steps {before + 1}..{during}"
 
         def succeeded_and_whole() -> bool:
             try:  # whenever a manifest is visible, the files must match it
-                verify_adapter(store, "default", job["id"])
+                verify_adapter(store, "default", job["id"], attempt)
             except PublishError as exc:
                 assert "no manifest" in str(exc), exc
             return client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] in (
@@ -60,4 +82,16 @@ def test_a_store_outage_delays_a_job_but_never_publishes_half_an_adapter(
         wait_for_condition(succeeded_and_whole, timeout=300, interval=0.2, what="the job to end")
         final = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
         assert final["status"] == "succeeded", final
-        verify_adapter(store, "default", job["id"])
+        verify_adapter(store, "default", job["id"], attempt)
+        # A write that fell due in the outage landed only after the store came back: the
+        # outage hit it (and it was retried), rather than happening beside it.
+        events = server.all_events(client, job["id"])
+        landed_after = [
+            e["data"]["step"]
+            for e in events
+            if e["message"].startswith("Checkpoint saved")
+            and e["data"]["step"] in due
+            and e["created_at"] >= restarted_at
+        ]
+        published_after = TOTAL_STEPS in due and final["finished_at"] >= restarted_at
+        assert landed_after or published_after, (due, restarted_at, events)

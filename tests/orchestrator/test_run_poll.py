@@ -126,3 +126,34 @@ def test_a_hung_run_costs_only_its_own_jobs(ray_address: str, tmp_path: Path) ->
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def test_runs_are_found_and_reaped_in_the_configured_namespace(
+    ray_address: str, tmp_path: Path
+) -> None:
+    namespace = f"lf-test-{uuid.uuid4().hex[:8]}"
+    run_id = f"run-ns-{uuid.uuid4().hex[:8]}"
+
+    @ray.remote(num_cpus=0)
+    class FinishedRun:
+        def poll(self, job_id: str, cursor: int) -> dict[str, Any]:
+            return {"state": "succeeded", "events": [], "cursor": cursor}
+
+        def finished(self) -> bool:
+            return True
+
+    actor = FinishedRun.options(name=run_actor_name(run_id), namespace=namespace).remote()  # type: ignore[attr-defined]
+    ray.get(actor.finished.remote())
+    try:
+        ours = RayRuns(
+            Settings(data_dir=tmp_path, ray_address=ray_address, ray_namespace=namespace)
+        )
+        default = RayRuns(Settings(data_dir=tmp_path, ray_address=ray_address))
+        assert default.poll(run_id, "ftjob-x", 0) is None  # not in the default namespace
+        assert run_id not in default.reap(set())
+        assert ours.poll(run_id, "ftjob-x", 0) == {"state": "succeeded", "events": [], "cursor": 0}
+        assert ours.reap({run_id}) == []  # a live job still needs it
+        assert ours.reap(set()) == [run_id]
+        assert ours.poll(run_id, "ftjob-x", 0) is None
+    finally:
+        ray.kill(actor)
