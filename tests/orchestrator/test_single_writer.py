@@ -26,9 +26,21 @@ def writes_in(path: Path) -> list[str]:
     return found
 
 
+# Known exceptions, each with the reason; the entry goes when the module moves into
+# orchestrator/store/. webhook_store.py (webhook endpoints and deliveries, its own tables)
+# arrived beside the store on 2026-11-29; moving it in is its owner's call.
+KNOWN_OTHER_WRITERS = {"webhook_store.py"}
+
+
 def modules_outside_the_store() -> list[Path]:
     paths = [*(ROOT / "orchestrator").glob("*.py"), *(ROOT / "api").rglob("*.py")]
-    return sorted(p for p in paths if p.name != "db.py")
+    return sorted(p for p in paths if p.name != "db.py" and p.name not in KNOWN_OTHER_WRITERS)
+
+
+def test_every_known_exception_still_exists_and_still_writes() -> None:
+    for name in KNOWN_OTHER_WRITERS:
+        path = ROOT / "orchestrator" / name
+        assert path.exists() and writes_in(path), f"drop {name} from KNOWN_OTHER_WRITERS"
 
 
 @pytest.mark.parametrize("path", modules_outside_the_store(), ids=lambda p: p.name)
