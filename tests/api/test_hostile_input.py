@@ -51,7 +51,7 @@ def test_a_job_body_nested_too_deeply_is_a_400(client: TestClient) -> None:
 
 
 def _create(client: TestClient, **fields: Any) -> Any:
-    file_id = upload(client, GOOD_RECORDS)["id"]
+    file_id = upload(client, GOOD_RECORDS)["id"]  # type: ignore[arg-type]
     return client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id, **fields}
     )
@@ -91,7 +91,7 @@ def test_a_catalog_entry_whose_folder_is_gone_is_refused_at_submission(
     moved = _copy_of(tiny_base, tmp_path / "moved-base")
     settings.base_models = {**settings.base_models, "moved": str(moved)}
     with TestClient(create_app(settings)) as client:
-        file_id = upload(client, GOOD_RECORDS)["id"]
+        file_id = upload(client, GOOD_RECORDS)["id"]  # type: ignore[arg-type]
         shutil.rmtree(moved)
         response = client.post(
             "/v1/fine_tuning/jobs", json={"model": "moved", "training_file": file_id}
