@@ -28,6 +28,7 @@ from core.spec import JobSpec
 from workers.base_models import resolve_base_model
 from workers.checkpoints import read_checkpoint
 from workers.deepspeed_config import build_deepspeed_config
+from workers.deepspeed_ops import use_prebuilt_ops
 from workers.job_slot import JobSlot, SlotState, load_job_slot
 from workers.memory_report import rank_memory_report
 from workers.pack_step import PackContext, train_step
@@ -41,6 +42,7 @@ from workers.packed_lora import (
     wrap_linear_layers,
 )
 from workers.recipe import DROPOUT_STREAM, INIT_STREAM
+from workers.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
 from workers.slot_writer import SlotWriter
 
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
@@ -95,15 +97,17 @@ class HostWorker:
     def _setup_distributed(self) -> None:
         import deepspeed
         import ray.train
+        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         shape = self.spec.shape
-        if shape.use_gpu:
-            self.device = torch.device("cuda", context.get_local_rank())
+        # Ray Train's own device assignment (GPUs a node lends need not be numbered 0…).
+        self.device = ray.train.torch.get_device() if shape.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        # Never compile or wait on a build lock here (workers/deepspeed_ops.py).
+        use_prebuilt_ops()
         # Ray Train already created the process group; DeepSpeed adopts it as it is.
         deepspeed.init_distributed(dist_backend="nccl" if shape.use_gpu else "gloo")
         self.dtype = torch.bfloat16 if shape.precision == "bf16" else torch.float32
@@ -323,9 +327,11 @@ class HostWorker:
             load_slot_state(self.model, slot.job_id, tensors)
             slot.restore(state)
             generator = self.routing.generators.get(slot.job_id)
-            rng = state.get("dropout_rng")
-            if generator is not None and rng and rng[self.rank] is not None:
-                generator.set_state(rng[self.rank])
+            if generator is not None:  # the same format as a one-shot run's checkpoints
+                reseed = reseed_for(slot.spec.training.seed, slot.step, self.rank)
+                restore_dropout_rng(
+                    generator, state.get("dropout_rng"), self.rank, self.world_size, reseed
+                )
             return slot.step
         if pending.start_weights is not None:
             load_slot_state(self.model, slot.job_id, pending.start_weights)
@@ -364,11 +370,12 @@ class HostWorker:
         rng: list[Any] = [None] * self.world_size
         dist.all_gather_object(rng, generator.get_state() if generator is not None else None)
         if self.writer is not None:
+            device_type = generator.device.type if generator is not None else self.device.type
             self.writer.checkpoint(
                 slot.spec,
                 self.paths[slot.job_id],
                 slot_state_dict(self.model, slot.job_id),
-                slot.training_state(dropout_rng=rng),
+                slot.training_state(dropout_rng=saved_dropout_rng(rng, device_type)),
                 {"step": slot.step, "train_loss": slot.last_loss},
             )
 
