@@ -79,8 +79,13 @@ def test_the_dashboard_creates_follows_and_cancels_jobs(
     page.goto(f"{server.url}/jobs/{second['id']}")
     page.wait_for_selector("#job-status")
     page.click("#cancel")
+    # A running job shows `cancelling` at once, then `cancelled` once its run has stopped
+    # (which waits for the run's workers on a loaded machine).
     page.wait_for_function(
-        "document.getElementById('job-status')?.textContent === 'cancelled'", timeout=60_000
+        "['cancelling', 'cancelled'].includes(document.getElementById('job-status')?.textContent)"
+    )
+    page.wait_for_function(
+        "document.getElementById('job-status')?.textContent === 'cancelled'", timeout=400_000
     )
     page.goto(server.url + "/")
     page.wait_for_selector(f"#jobs tr[data-job-id='{second['id']}'] .status-cancelled")
