@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,13 @@ def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, 
     with torch.no_grad():
         before = model(**inputs).logits
         plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        tuned = PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings():
+            # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` while
+            # wrapping the model; only that FutureWarning is muted, only here.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            tuned = PeftModel.from_pretrained(model, adapter)
         after = tuned(**inputs).logits
         adapted = tuned.generate(**inputs, max_new_tokens=8, do_sample=False)
     n = inputs["input_ids"].shape[1]
