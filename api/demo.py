@@ -55,7 +55,7 @@ def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, 
             # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` while
             # wrapping the model; only that FutureWarning is muted, only here.
             warnings.filterwarnings(
-                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+                "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
             )
             tuned = PeftModel.from_pretrained(model, adapter)
         after = tuned(**inputs).logits
