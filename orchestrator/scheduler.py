@@ -16,15 +16,17 @@ from typing import IO, Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from core.host_protocol import PackHosts
 from core.layout import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore
 from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
+from orchestrator.host_scheduling import HostScheduling, on_host
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, observe_training
 from orchestrator.models import JobRow
-from orchestrator.packing import plan_packs
+from orchestrator.packing import plan_packs, wants_packing
 from orchestrator.runs import UNRESPONSIVE, RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
@@ -55,12 +57,24 @@ def hold_single_scheduler_lock(database_url: str) -> IO[str] | None:
 
 class Scheduler:
     def __init__(
-        self, settings: Settings, store: JobStore, objects: ObjectStore, runs: RayRuns
+        self,
+        settings: Settings,
+        store: JobStore,
+        objects: ObjectStore,
+        runs: RayRuns,
+        hosts: PackHosts | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.objects = objects
         self.runs = runs
+        # scheduling_mode "hosts": jobs join warm pack hosts (orchestrator/host_scheduling.py);
+        # "window": a run per pack of jobs arriving together; "solo": a run per job.
+        self.host_mode: HostScheduling | None = None
+        if settings.scheduling_mode == "hosts":
+            self.host_mode = HostScheduling(
+                settings, store, objects, hosts or _ray_hosts(), gpu_available=runs.gpu_available
+            )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Polls in a row each (job, attempt) went unanswered; in memory on purpose: a
@@ -71,7 +85,11 @@ class Scheduler:
     # ---- the loop ----
     def tick(self) -> None:
         self._watch_runs()
+        if self.host_mode is not None:
+            self.host_mode.watch()
         self._validate_new_jobs()
+        if self.host_mode is not None:
+            self.host_mode.launch()
         self._launch_queued()
 
     def run_forever(self) -> None:
@@ -129,12 +147,16 @@ class Scheduler:
     # ---- queued → running ----
     def _launch_queued(self) -> None:
         active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
+        queued = self.store.jobs_with_status([JobStatus.QUEUED])
+        if self.host_mode is not None:  # hosts take the rest; these train alone
+            queued = [j for j in queued if not wants_packing(j)]
+        max_pack_size, window_s = pack_limits(self.settings)
         packs = plan_packs(
-            self.store.jobs_with_status([JobStatus.QUEUED]),
-            max_pack_size=self.settings.max_pack_size,
+            queued,
+            max_pack_size=max_pack_size,
             free_runs=self.settings.max_concurrent_runs - len({j.run_id for j in active}),
             now=time.time(),
-            window_s=self.settings.pack_window_seconds,
+            window_s=window_s,
         )
         for pack in packs:
             self._launch(pack)
@@ -170,6 +192,8 @@ class Scheduler:
     # ---- running → terminal ----
     def _watch_runs(self) -> None:
         active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
+        if self.host_mode is not None:  # jobs on pack hosts are the host mode's to watch
+            active = [j for j in active if not on_host(j)]
         for job in active:
             assert job.run_id is not None
             if job.status == JobStatus.CANCELLING.value:
@@ -278,3 +302,17 @@ class Scheduler:
 
     def _fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
         self._guarded(self.store.fail, job.id, code, message, param=param, attempt=job.attempt)
+
+
+def pack_limits(settings: Settings) -> tuple[int, float]:
+    """(most jobs per run, seconds a queued job waits for company) in this scheduling mode:
+    "solo" runs every job alone at once; "window" (and the rare run beside hosts) packs."""
+    if settings.scheduling_mode == "solo":
+        return 1, 0.0
+    return settings.max_pack_size, settings.pack_window_seconds
+
+
+def _ray_hosts() -> PackHosts:
+    from orchestrator.ray_hosts import RayHosts  # imported only in host mode
+
+    return RayHosts()
