@@ -9,8 +9,8 @@ import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -51,7 +51,7 @@ def start_again(server: postgres_service.Postgres) -> None:
     pg_ctl(server, "-l", str(server.basedir / "postgres.log"), "-o", options, "start")
 
 
-def upload(client: TestClient, name: str) -> httpx.Response:
+def upload(client: TestClient, name: str) -> Any:  # TestClient's response type
     body = b'{"prompt": "1+1=", "completion": "2"}\n'
     return client.post("/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"})
 
