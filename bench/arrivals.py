@@ -1,0 +1,294 @@
+"""Arrivals benchmark: short jobs of mixed sizes arriving as a Poisson stream, trained three
+ways side by side in one run, on the same local Ray cluster (2 workers per run, ZeRO-3, the
+tiny Llama):
+
+  hosts   warm pack hosts: jobs join a running host at a step boundary (workers.pack_host)
+  window  a pack per arrival window: queued jobs wait `--window` s for others, one run each
+  solo    one run per job
+
+The dispatch rules are the scheduler's, reduced to what the comparison needs (no database,
+no API): at most `--runs` runs (or hosts) at once, the same for every mode. Times are seen by
+the driver when it polls (every 0.1 s): submit → first training step, submit → published.
+
+    .venv/bin/python bench/arrivals.py [--jobs 24] [--gap 2] [--seed 0]
+
+Last line: `arrivals jobs=N first_step_p50=<s, hosts> makespan_speedup=<solo/hosts>
+p95_speedup=<solo/hosts, submit→succeeded> p95_vs_window=<window/hosts>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from core.host_protocol import AdmissionRequest, HostShape, HostSpec
+from core.objectstore import ObjectStoreConfig, open_object_store
+from core.run_states import NAMESPACE, RunJobState
+from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
+from orchestrator.ray_hosts import RayHosts
+from workers.run_actor import RunActor, run_actor_name
+from workers.tiny_base import build_tiny_base
+
+console = Console(width=150)
+WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music"]
+EPOCHS = (1, 2, 4)  # mixed sizes: 4, 8 or 16 steps of 4 examples
+
+
+@dataclass
+class Timing:
+    submitted: float
+    first_step: float | None = None
+    done: float | None = None
+
+
+@dataclass
+class ModeResult:
+    timings: dict[str, Timing] = field(default_factory=dict)
+    worker_groups: int = 0
+
+    def figures(self) -> dict[str, float]:
+        first = [t.first_step - t.submitted for t in self.timings.values() if t.first_step]
+        done = [t.done - t.submitted for t in self.timings.values() if t.done]
+        start = min(t.submitted for t in self.timings.values())
+        end = max(t.done or 0.0 for t in self.timings.values())
+        return {
+            "makespan": end - start,
+            "first_p50": percentile(first, 50),
+            "first_p95": percentile(first, 95),
+            "done_p50": percentile(done, 50),
+            "done_p95": percentile(done, 95),
+            "groups": float(self.worker_groups),
+        }
+
+
+def percentile(values: list[float], q: int) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def dataset() -> bytes:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"say {a} {b}"},
+                {"role": "assistant", "content": f"{a.upper()} {b.upper()}"},
+            ]
+        }
+        for a in WORDS
+        for b in WORDS[:2]
+    ]
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
+        self.args = args
+        self.folder = folder
+        self.base = build_tiny_base(folder / "base")
+        self.store = ObjectStoreConfig(url=str(folder / "objects"))
+        open_object_store(self.store).put_bytes("files/bench/data.jsonl", dataset())
+        rng = random.Random(args.seed)
+        self.arrivals: list[tuple[float, int]] = []  # (offset s, epochs)
+        offset = 0.0
+        for _ in range(args.jobs):
+            self.arrivals.append((offset, rng.choice(EPOCHS)))
+            offset += rng.expovariate(1 / args.gap)
+
+    def job(self, mode: str, index: int, epochs: int) -> JobSpec:
+        return JobSpec(
+            job_id=f"{mode}-{index:02d}",
+            tenant="bench",
+            attempt=1,
+            base_model="tiny-llama",
+            base_model_uri=str(self.base),
+            training_file_key="files/bench/data.jsonl",
+            lora=LoraSettings(r=8, alpha=16),
+            training=TrainingSettings(
+                n_epochs=epochs, batch_size=4, max_seq_len=64, learning_rate=1e-3, seed=index
+            ),
+        )
+
+    def run_spec(self, run_id: str, jobs: list[JobSpec]) -> RunSpec:
+        return RunSpec(
+            run_id=run_id,
+            jobs=tuple(jobs),
+            num_workers=2,
+            use_gpu=False,
+            object_store=self.store,
+            model_cache_dir=self.folder / "cache",
+            storage_path=self.folder / "ray",
+            zero3_param_persistence_threshold=0,
+        )
+
+    # ---- the driver loop shared by every mode ------------------------------------------
+    def drive(self, mode: str) -> ModeResult:
+        result = ModeResult()
+        queue: list[JobSpec] = []
+        runs: dict[str, Any] = {}  # run/host id -> actor (or host id)
+        cursors: dict[str, int] = {}
+        where: dict[str, str] = {}  # job id -> run/host id
+        hosts = RayHosts()
+        start = time.monotonic()
+        pending = list(enumerate(self.arrivals))
+        while pending or queue or any(t.done is None for t in result.timings.values()):
+            now = time.monotonic()
+            while pending and pending[0][1][0] <= now - start:
+                index, (_, epochs) = pending.pop(0)
+                job = self.job(mode, index, epochs)
+                queue.append(job)
+                result.timings[job.job_id] = Timing(submitted=now)
+            if mode == "solo":
+                while queue and len(runs) < self.args.runs:
+                    job = queue.pop(0)
+                    runs[job.job_id] = self.launch(job.job_id, [job])
+                    where[job.job_id] = job.job_id
+                    result.worker_groups += 1
+            elif mode == "window":
+                oldest = result.timings[queue[0].job_id].submitted if queue else now
+                if queue and now - oldest >= self.args.window and len(runs) < self.args.runs:
+                    pack, queue = queue[:8], queue[8:]
+                    run_id = f"window-run-{result.worker_groups}"
+                    runs[run_id] = self.launch(run_id, pack)
+                    where.update({j.job_id: run_id for j in pack})
+                    result.worker_groups += 1
+            else:
+                if queue and not runs:
+                    host_id = f"bench-{int(time.time())}"
+                    hosts.start_host(self.host_spec(host_id))
+                    runs[host_id] = host_id
+                for host_id in list(runs):
+                    while queue and hosts.admit(host_id, AdmissionRequest(queue[0])).admitted:
+                        where[queue.pop(0).job_id] = host_id
+            self.observe(mode, runs, where, cursors, result, hosts)
+            time.sleep(0.1)
+        if mode == "hosts":
+            for host_id in runs:
+                report = hosts.poll(host_id, {})
+                result.worker_groups += report["worker_starts"] if report else 1
+                hosts.kill(host_id)
+        return result
+
+    def launch(self, run_id: str, jobs: list[JobSpec]) -> Any:
+        actor = RunActor.options(  # type: ignore[attr-defined]
+            name=run_actor_name(run_id), namespace=NAMESPACE, lifetime="detached"
+        ).remote(self.run_spec(run_id, jobs))
+        ray.get(actor.start.remote())
+        return actor
+
+    def host_spec(self, host_id: str) -> HostSpec:
+        return HostSpec(
+            host_id=host_id,
+            shape=HostShape("tiny-llama", str(self.base), 2, False, "fp32"),
+            object_store=self.store,
+            model_cache_dir=self.folder / "cache",
+            storage_path=self.folder / "ray",
+            idle_seconds=60,
+            zero3_param_persistence_threshold=0,
+        )
+
+    def observe(
+        self,
+        mode: str,
+        runs: dict[str, Any],
+        where: dict[str, str],
+        cursors: dict[str, int],
+        result: ModeResult,
+        hosts: RayHosts,
+    ) -> None:
+        now = time.monotonic()
+
+        def seen(job_id: str, events: list[Any], state: Any) -> None:
+            timing = result.timings[job_id]
+            if timing.first_step is None and any(e["type"] == "metrics" for e in events):
+                timing.first_step = now
+            if timing.done is None and state != RunJobState.RUNNING:
+                timing.done = now
+                if state != RunJobState.SUCCEEDED:
+                    console.print(f"[red]{job_id} ended {state}")
+
+        if mode == "hosts":
+            for host_id in runs:
+                mine = {j: c for j, c in cursors.items() if where.get(j) == host_id}
+                report = hosts.poll(host_id, mine)
+                for job_id, job in (report or {"jobs": {}})["jobs"].items():
+                    cursors[job_id] = job["cursor"]
+                    seen(job_id, job["events"], job["state"])
+            return
+        for run_id, actor in list(runs.items()):
+            jobs = [j for j, r in where.items() if r == run_id]
+            for job_id in jobs:
+                polled = ray.get(actor.poll.remote(job_id, cursors.get(job_id, 0)))
+                cursors[job_id] = polled["cursor"]
+                seen(job_id, polled["events"], polled["state"])
+            if all(result.timings[j].done for j in jobs) and ray.get(actor.finished.remote()):
+                ray.kill(actor)
+                del runs[run_id]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=24)
+    parser.add_argument("--gap", type=float, default=2.0, help="mean seconds between arrivals")
+    parser.add_argument("--window", type=float, default=2.0, help="pack window (window mode)")
+    parser.add_argument("--runs", type=int, default=2, help="runs or hosts at once")
+    parser.add_argument("--modes", default="hosts,window,solo")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    bench = Bench(args, Path(tempfile.mkdtemp(prefix="lorafleet-arrivals-")))
+    ray.init(
+        address="local",
+        num_cpus=2 * args.runs,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        log_to_driver=False,
+    )
+    console.print("warm-up run (first DeepSpeed use compiles its ops)…")
+    warm = bench.launch("warmup", [bench.job("warmup", 0, 1)])
+    while not ray.get(warm.finished.remote()):
+        time.sleep(0.5)
+    ray.kill(warm)
+
+    figures = {}
+    for mode in args.modes.split(","):
+        console.print(f"{mode}: {args.jobs} jobs, mean gap {args.gap} s…")
+        figures[mode] = bench.drive(mode).figures()
+    table = Table("mode", "makespan s", "first step p50/p95 s", "done p50/p95 s", "worker groups")
+    for mode, f in figures.items():
+        table.add_row(
+            mode,
+            f"{f['makespan']:.1f}",
+            f"{f['first_p50']:.2f} / {f['first_p95']:.2f}",
+            f"{f['done_p50']:.1f} / {f['done_p95']:.1f}",
+            f"{f['groups']:.0f}",
+        )
+    console.print(table)
+    hosts, solo = figures.get("hosts"), figures.get("solo")
+    window = figures.get("window")
+    nan = float("nan")
+    print(
+        f"arrivals jobs={args.jobs} "
+        f"first_step_p50={hosts['first_p50'] if hosts else nan:.2f} "
+        f"makespan_speedup={solo['makespan'] / hosts['makespan'] if hosts and solo else nan:.2f} "
+        f"p95_speedup={solo['done_p95'] / hosts['done_p95'] if hosts and solo else nan:.2f} "
+        f"p95_vs_window="
+        f"{window['done_p95'] / hosts['done_p95'] if hosts and window else nan:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
