@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -73,16 +72,15 @@ def test_a_metrics_token_is_required_when_set(settings: Settings) -> None:
         assert samples(ok.text)[("lorafleet_queue_depth", ())] == 0
 
 
-@pytest.mark.slow
-def test_a_scheduler_serves_its_own_metrics(
-    settings: Settings, ray_address: str, tmp_path: Path
-) -> None:
+def test_a_scheduler_serves_its_own_metrics(settings: Settings, tmp_path: Path) -> None:
+    """The endpoint runs on its own thread: it answers even while the scheduler's loop has
+    no Ray cluster to reach (none is given here; what it trains is tested elsewhere)."""
     port = free_port()
     env = {
         **os.environ,
         "LORAFLEET_DATA_DIR": str(settings.data_dir),
         "LORAFLEET_METRICS_TOKEN": "tok",
-        "RAY_ADDRESS": ray_address,
+        "RAY_ADDRESS": f"127.0.0.1:{free_port()}",
     }
     with open(tmp_path / "scheduler.log", "wb") as log:
         process = subprocess.Popen(
@@ -108,4 +106,8 @@ def test_a_scheduler_serves_its_own_metrics(
         assert ("lorafleet_step_seconds_count", ()) in found
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
