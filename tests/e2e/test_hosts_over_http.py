@@ -1,0 +1,99 @@
+"""Warm pack hosts through the public API (`LORAFLEET_SCHEDULING_MODE=hosts`): a second job
+joins the pack host the first is training on, while it trains; the first job's pack size
+goes 1 → 2 → 1; both succeed on one host; a job past its max_runtime fails with timeout."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for_condition
+from tests.e2e.conftest import LorafleetServer
+from tests.e2e.test_training_job import DATA, submit, upload
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hosts_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, ray_address: str
+) -> Iterator[LorafleetServer]:
+    folder = tmp_path_factory.mktemp("hosts-server")
+    server = LorafleetServer(
+        env={
+            **LorafleetServer.with_settings(
+                folder / "server.log",
+                data_dir=str(folder / "state"),
+                base_models=json.dumps({"tiny-llama": str(tiny_base)}),
+                scheduling_mode="hosts",
+                scheduler_poll_seconds="0.2",
+                host_idle_seconds="30",
+                max_concurrent_runs="1",
+            ).env,
+            "RAY_ADDRESS": ray_address,
+        },
+        log=folder / "server.log",
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def metrics(server: LorafleetServer, client: Any, job_id: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in server.all_events(client, job_id) if e["type"] == "metrics"]
+
+
+def test_a_second_job_joins_the_running_host(hosts_server: LorafleetServer) -> None:
+    server = hosts_server
+    with server.client() as client:
+        file_id = upload(client, DATA)
+        common: dict[str, Any] = {
+            "model": "tiny-llama",
+            "training_file": file_id,
+            "resources": {"num_workers": 2},
+        }
+        a = submit(client, **common, seed=1, hyperparameters={"n_epochs": 30, "batch_size": 4})
+        wait_for_condition(
+            lambda: any(m["step"] > 0 for m in metrics(server, client, a["id"])),
+            timeout=300,
+            interval=0.3,
+            what="job A's first step",
+        )
+        submitted = time.time()
+        b = submit(client, **common, seed=2, hyperparameters={"n_epochs": 2, "batch_size": 4})
+        assert server.wait_until_terminal(client, b["id"])["status"] == "succeeded"
+        first_step = min(m["time"] for m in metrics(server, client, b["id"]))
+        print(f"job B: submit -> first step {first_step - submitted:.2f} s (joined a warm host)")
+        assert server.wait_until_terminal(client, a["id"])["status"] == "succeeded"
+        sizes = [m["pack_size"] for m in metrics(server, client, a["id"])]
+        # A trained alone, then with B, then alone again: B joined a running pack.
+        collapsed = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
+        assert collapsed == [1, 2, 1], sizes
+        hosts = {
+            e["data"]["run_id"]
+            for job in (a, b)
+            for e in server.all_events(client, job["id"])
+            if "run_id" in (e["data"] or {})
+        }
+        assert len(hosts) == 1 and next(iter(hosts)).startswith("host-")
+
+
+def test_a_job_past_its_max_runtime_fails_with_timeout(hosts_server: LorafleetServer) -> None:
+    server = hosts_server
+    with server.client() as client:
+        file_id = upload(client, DATA)
+        job = submit(
+            client,
+            model="tiny-llama",
+            training_file=file_id,
+            resources={"num_workers": 2},
+            hyperparameters={"n_epochs": 100},
+            max_runtime=5,
+        )
+        ended = server.wait_until_terminal(client, job["id"], timeout=300)
+        assert ended["status"] == "failed" and ended["error"]["code"] == "timeout"
