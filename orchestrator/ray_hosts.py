@@ -18,7 +18,8 @@ from core.host_protocol import (
     HostSpec,
     host_actor_name,
 )
-from core.run_states import NAMESPACE, STOP_ALL
+from core.run_states import STOP_ALL
+from orchestrator.settings import Settings
 
 CALL_TIMEOUT_S = 30
 START_TIMEOUT_S = 60
@@ -27,9 +28,14 @@ START_TIMEOUT_S = 60
 class RayHosts:
     """Needs a connected Ray (`orchestrator.runs.RayRuns.connect`)."""
 
+    def __init__(self, settings: Settings | None = None) -> None:
+        # The configured namespace, as for runs (orchestrator/runs.py): two deployments on
+        # one Ray cluster never adopt each other's hosts.
+        self.namespace = (settings or Settings()).ray_namespace
+
     def _actor(self, host_id: str) -> Any | None:
         try:
-            return ray.get_actor(host_actor_name(host_id), namespace=NAMESPACE)
+            return ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         except ValueError:
             return None
 
@@ -38,14 +44,14 @@ class RayHosts:
         return sorted(
             entry["name"].removeprefix(HOST_PREFIX)
             for entry in names
-            if entry["namespace"] == NAMESPACE and entry["name"].startswith(HOST_PREFIX)
+            if entry["namespace"] == self.namespace and entry["name"].startswith(HOST_PREFIX)
         )
 
     def start_host(self, spec: HostSpec) -> None:
         from workers.pack_host import PackHost
 
         actor = PackHost.options(  # type: ignore[attr-defined]
-            name=host_actor_name(spec.host_id), namespace=NAMESPACE, lifetime="detached"
+            name=host_actor_name(spec.host_id), namespace=self.namespace, lifetime="detached"
         ).remote(spec)
         ray.get(actor.start.remote(), timeout=START_TIMEOUT_S)
 

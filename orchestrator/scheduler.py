@@ -73,7 +73,11 @@ class Scheduler:
         self.host_mode: HostScheduling | None = None
         if settings.scheduling_mode == "hosts":
             self.host_mode = HostScheduling(
-                settings, store, objects, hosts or _ray_hosts(), gpu_available=runs.gpu_available
+                settings,
+                store,
+                objects,
+                hosts or _ray_hosts(settings),
+                gpu_available=runs.gpu_available,
             )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -312,7 +316,7 @@ def pack_limits(settings: Settings) -> tuple[int, float]:
     return settings.max_pack_size, settings.pack_window_seconds
 
 
-def _ray_hosts() -> PackHosts:
+def _ray_hosts(settings: Settings) -> PackHosts:
     from orchestrator.ray_hosts import RayHosts  # imported only in host mode
 
-    return RayHosts()
+    return RayHosts(settings)
