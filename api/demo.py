@@ -68,7 +68,7 @@ def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, 
     return float((after - before).abs().mean()), decode(plain), decode(adapted)
 
 
-def _quiet_accelerator() -> None:
+def _quiet_noise() -> None:
     """DeepSpeed warns when it guesses the CPU accelerator, which a newcomer reads as an
     error: name it explicitly on a machine without CUDA (the server's Ray workers inherit
     this environment)."""
@@ -76,6 +76,10 @@ def _quiet_accelerator() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # transformers' per-file progress bars (writing and loading a 1 MB model) are noise here.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _job_body(name: str, file_id: str) -> dict[str, Any]:
@@ -96,7 +100,7 @@ def _job_body(name: str, file_id: str) -> dict[str, Any]:
 def run_demo(folder: Path, port: int) -> None:
     from workers.tiny_base import build_tiny_base
 
-    _quiet_accelerator()
+    _quiet_noise()
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / "base-model"
