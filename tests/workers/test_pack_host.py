@@ -1,0 +1,246 @@
+"""A pack host on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3, fp32), driven
+directly through `orchestrator.ray_hosts.RayHosts` (no scheduler): job A trains, job B joins
+while A's step > 0 and leaves first; B's adapter equals B trained alone and A's equals A
+trained alone; a job whose data cannot load fails alone; a released slot frees its tensors;
+an idle host ends. Then recovery: a worker killed after a late join brings every member
+back from its own checkpoint, and both adapters still equal the ones trained alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from core.host_protocol import AdmissionRequest, HostReport, HostShape, HostSpec
+from core.objectstore import ObjectStoreConfig
+from core.run_states import RunJobState
+from core.spec import JobSpec, LoraSettings, TrainingSettings
+from orchestrator.ray_hosts import RayHosts
+from tests.workers.conftest import adapter, run, spec_for
+
+pytestmark = pytest.mark.slow
+SUCCEEDED, FAILED, RUNNING = RunJobState.SUCCEEDED, RunJobState.FAILED, RunJobState.RUNNING
+
+
+def job(job_id: str, data: int, lora: LoraSettings, **training: Any) -> JobSpec:
+    return JobSpec(
+        job_id=job_id,
+        tenant="",  # set per use
+        attempt=1,
+        base_model="tiny-llama",
+        base_model_uri="",  # the tiny base's folder, set per use
+        training_file_key=f"files/shared/data-{data}.jsonl",
+        lora=lora,
+        training=TrainingSettings(**{"batch_size": 4, "max_seq_len": 48, **training}),
+    )
+
+
+# A: long (24 steps), dropout on so its own random stream must survive the join and resume.
+JOB_A = job(
+    "job-a", 1, LoraSettings(r=8, alpha=16, dropout=0.1), n_epochs=6, learning_rate=5e-3, seed=2
+)
+# B: short (12 steps), a tight clip, a subset of the layers: joins late, leaves first.
+JOB_B = job(
+    "job-b",
+    0,
+    LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")),
+    n_epochs=2,
+    learning_rate=1e-2,
+    gradient_clip=0.05,
+    warmup_steps=1,
+    seed=1,
+)
+
+
+def for_tenant(spec: JobSpec, tenant: str, tiny_base: Path) -> JobSpec:
+    return replace(spec, tenant=tenant, base_model_uri=str(tiny_base))
+
+
+def host_spec(tiny_base: Path, store: ObjectStoreConfig, tmp: Path, **options: Any) -> HostSpec:
+    return HostSpec(
+        host_id=f"test-{uuid.uuid4().hex[:8]}",
+        shape=HostShape(
+            "tiny-llama", str(tiny_base), num_workers=2, use_gpu=False, precision="fp32"
+        ),
+        object_store=store,
+        model_cache_dir=tmp / "cache",
+        storage_path=tmp / "ray",
+        zero3_param_persistence_threshold=0,
+        **{"idle_seconds": 3.0, "checkpoint_every_steps": 4, **options},
+    )
+
+
+class Watch:
+    """Polls one host until every job it was given has ended, keeping each job's events."""
+
+    def __init__(self, hosts: RayHosts, host_id: str) -> None:
+        self.hosts, self.host_id = hosts, host_id
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.report: HostReport | None = None
+
+    def poll(self) -> HostReport:
+        cursors = {job_id: len(seen) for job_id, seen in self.events.items()}
+        report = self.hosts.poll(self.host_id, cursors)
+        assert report is not None, "the host disappeared"
+        for job_id, polled in report["jobs"].items():
+            seen = self.events.setdefault(job_id, [])
+            assert [e["seq"] for e in polled["events"]] == list(
+                range(len(seen), len(seen) + len(polled["events"]))
+            )
+            seen.extend(dict(e) for e in polled["events"])
+        self.report = report
+        return report
+
+    def until(self, condition: Callable[[HostReport], bool], timeout: float = 300) -> HostReport:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            report = self.poll()
+            if condition(report):
+                return report
+            time.sleep(0.1)
+        raise AssertionError(f"timed out; last report: {self.report}")
+
+    def steps(self, job_id: str) -> list[int]:
+        return [e["data"]["step"] for e in self.events.get(job_id, []) if e["type"] == "metrics"]
+
+
+def states(report: HostReport) -> dict[str, RunJobState]:
+    return {job_id: job["state"] for job_id, job in report["jobs"].items()}
+
+
+def all_ended(report: HostReport) -> bool:
+    return bool(report["jobs"]) and all(j["state"] != RUNNING for j in report["jobs"].values())
+
+
+def free_placement_groups() -> None:
+    """Removes placement groups left by ended runs of this session's own cluster: with the
+    dashboard off, Ray Train's cleaner cannot remove them (it fails to find "the" cluster
+    when several run on the machine), and their CPUs would keep a new host from starting."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    for pg_id, info in placement_group_table().items():
+        if info["state"] == "CREATED":
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+
+
+def worst_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    assert ours.keys() == reference.keys() and ours
+    return max((ours[k] - reference[k]).abs().max().item() for k in ours)
+
+
+@pytest.fixture(scope="module")
+def alone(
+    ray_address: str,
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A and B, each trained alone in a one-job run (the run actor's path)."""
+    tmp = tmp_path_factory.mktemp("alone")
+    adapters = {}
+    for spec in (JOB_A, JOB_B):
+        result = run(
+            spec_for(f"alone-{spec.job_id}", [spec], tiny_base, store_config, tmp, "alone")
+        )
+        assert result["states"] == {spec.job_id: SUCCEEDED}
+        adapters[spec.job_id] = adapter(store_config, "alone", spec.job_id)
+        free_placement_groups()
+    return adapters
+
+
+def test_a_job_joins_a_running_pack_and_both_train_exactly_as_alone(
+    ray_address: str,
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path: Path,
+    alone: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    hosts = RayHosts()
+    spec = host_spec(tiny_base, store_config, tmp_path)
+    hosts.start_host(spec)
+    watch = Watch(hosts, spec.host_id)
+    a, b = for_tenant(JOB_A, "host", tiny_base), for_tenant(JOB_B, "host", tiny_base)
+    broken = replace(a, job_id="job-broken", training_file_key="files/shared/missing.jsonl")
+    assert hosts.admit(spec.host_id, AdmissionRequest(a)).admitted
+    assert not hosts.admit(spec.host_id, AdmissionRequest(a)).admitted  # no double admit
+    watch.until(lambda r: len(watch.steps("job-a")) >= 3)
+    assert hosts.admit(spec.host_id, AdmissionRequest(b)).admitted
+    assert hosts.admit(spec.host_id, AdmissionRequest(broken)).admitted
+    report = watch.until(all_ended)
+
+    assert states(report) == {"job-a": SUCCEEDED, "job-b": SUCCEEDED, "job-broken": FAILED}
+    assert report["jobs"]["job-a"]["error"] is None
+    assert "missing.jsonl" in (report["jobs"]["job-broken"]["error"] or "")
+    # B joined while A trained, and left first: A's pack went 1 → 2 → 1.
+    sizes = [e["data"]["pack_size"] for e in watch.events["job-a"] if e["type"] == "metrics"]
+    assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [1, 2, 1], sizes
+    [b_started] = [e for e in watch.events["job-b"] if e["message"].startswith("Training started")]
+    assert b_started["data"]["host_step"] >= 3
+    assert watch.steps("job-a") == list(range(1, 25))
+    assert watch.steps("job-b") == list(range(1, 13))
+
+    for j in (a, b):
+        worst = worst_difference(adapter(store_config, "host", j.job_id), alone[j.job_id])
+        assert worst <= 1e-5, f"{j.job_id}: on the host differs from alone by {worst}"
+    assert any(t.abs().max() > 1e-4 for k, t in alone["job-b"].items() if "lora_B" in k)
+
+    # Every departed slot's factors and optimizer are gone; the host then idles out.
+    assert report["memory"]["slot_bytes"] == {} or watch.poll()["memory"]["slot_bytes"] == {}
+    assert watch.poll()["memory"]["lora_bytes_held"] == 0
+    assert len(report["worker_pids"]) == 2 and report["worker_starts"] == 1
+    for job_id in list(report["jobs"]):
+        hosts.release(spec.host_id, job_id)
+    final = watch.until(lambda r: not r["alive"], timeout=60)
+    assert final["jobs"] == {} and final["ending"]
+    assert not hosts.admit(spec.host_id, AdmissionRequest(replace(b, job_id="late"))).admitted
+    assert spec.host_id in hosts.reap()
+    free_placement_groups()
+
+
+def test_a_worker_killed_after_a_late_join_brings_every_member_back(
+    ray_address: str,
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path: Path,
+    alone: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    hosts = RayHosts()
+    spec = host_spec(tiny_base, store_config, tmp_path, checkpoint_every_steps=2)
+    hosts.start_host(spec)
+    watch = Watch(hosts, spec.host_id)
+    a, b = for_tenant(JOB_A, "host-kill", tiny_base), for_tenant(JOB_B, "host-kill", tiny_base)
+    assert hosts.admit(spec.host_id, AdmissionRequest(a)).admitted
+    watch.until(lambda r: len(watch.steps("job-a")) >= 3)
+    assert hosts.admit(spec.host_id, AdmissionRequest(b)).admitted
+
+    def b_checkpointed(report: HostReport) -> bool:
+        return any(e["type"] == "checkpoint" for e in watch.events.get("job-b", []))
+
+    report = watch.until(b_checkpointed)
+    os.kill(report["worker_pids"][1], signal.SIGKILL)
+    report = watch.until(all_ended)
+
+    assert states(report) == {"job-a": SUCCEEDED, "job-b": SUCCEEDED}
+    assert report["worker_starts"] == 2
+    for j in (a, b):
+        resumed = [
+            e["data"].get("resumed_from_step")
+            for e in watch.events[j.job_id]
+            if e["message"].startswith("Training started")
+        ]
+        assert len(resumed) == 2 and resumed[0] is None and resumed[1], (j.job_id, resumed)
+        restarted = [e for e in watch.events[j.job_id] if "Workers restarted" in e["message"]]
+        assert len(restarted) == 1
+        worst = worst_difference(adapter(store_config, "host-kill", j.job_id), alone[j.job_id])
+        assert worst <= 1e-5, f"{j.job_id}: after the kill differs from alone by {worst}"
+    hosts.kill(spec.host_id)
+    free_placement_groups()
