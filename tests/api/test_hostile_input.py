@@ -58,7 +58,8 @@ def _create(client: TestClient, **fields: Any) -> Any:
 
 
 @pytest.mark.parametrize(
-    "targets", [["__class__"], ["q_proj", "embed_tokens"], ["lm_head"], ["layers"]]
+    "targets",
+    [["no_such_proj"], ["__class__"], ["q_proj", "embed_tokens"], ["lm_head"], ["layers"]],
 )
 def test_target_modules_that_are_not_linear_layers_of_the_base_are_refused(
     client: TestClient, targets: list[str]
