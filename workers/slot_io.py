@@ -31,12 +31,14 @@ def publish_slot(
     """Publishes the job's adapter from rank 0 and takes it out of the pack."""
     slot.state = SlotState.DONE
     if ctx.rank == 0:
+        started = time.monotonic()  # publish_seconds: the scheduler's histogram
         with tempfile.TemporaryDirectory() as folder:
             export_peft_adapter(ctx.model, slot.spec, paths, Path(folder))
             store = open_object_store(store_config)
             manifest = publish_adapter(
                 store, slot.spec.tenant, slot.job_id, slot.spec.attempt, Path(folder)
             )
+        publish_seconds = time.monotonic() - started
     # Every rank takes part: the gather is a collective.
     held = partitioning(ctx)
     if ctx.rank == 0:
@@ -45,7 +47,7 @@ def publish_slot(
             "published",
             "Adapter published; frozen base bytes held per rank: "
             + ", ".join(f"rank {p['rank']} {p['base_bytes_held']}" for p in held),
-            {"files": manifest.files, "partitioning": held},
+            {"files": manifest.files, "partitioning": held, "publish_seconds": publish_seconds},
         )
     dist.barrier()
 

@@ -48,6 +48,7 @@ class SlotWriter:
         """Publishes a finished job's adapter from a copy of its factors."""
 
         def work() -> None:
+            started = time.monotonic()  # publish_seconds: the scheduler's histogram
             try:
                 with tempfile.TemporaryDirectory() as folder:
                     write_peft_adapter(factors, job, paths, Path(folder))
@@ -63,7 +64,10 @@ class SlotWriter:
                 )
                 return
             self.report(
-                job.job_id, "published", "Adapter published", {"files": manifest.files, **extra}
+                job.job_id,
+                "published",
+                "Adapter published",
+                {"files": manifest.files, "publish_seconds": time.monotonic() - started, **extra},
             )
 
         self._queue.put(work)
