@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 
 from orchestrator.metrics import WEBHOOK_DELIVERIES
 from orchestrator.settings import Settings
-from orchestrator.webhook_store import WebhookDeliveryRow, WebhookEndpointRow, WebhookStore
+from orchestrator.store.webhooks import WebhookDeliveryRow, WebhookEndpointRow, WebhookStore
 
 log = logging.getLogger(__name__)
 ATTEMPT_TIMEOUT_S = 10.0

@@ -9,7 +9,7 @@ from pydantic import AnyHttpUrl, BaseModel
 
 from api.deps import TenantDep
 from api.schemas import ErrorResponse, ListPage
-from orchestrator.webhook_store import WebhookDeliveryRow, WebhookEndpointRow, WebhookStore
+from orchestrator.store.webhooks import WebhookDeliveryRow, WebhookEndpointRow, WebhookStore
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ERRORS: dict[int | str, dict[str, object]] = {

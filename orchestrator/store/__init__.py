@@ -1,5 +1,6 @@
 """JobStore: the one package that writes to the database (jobs, their events, files, API
-keys and idempotency records); other modules only read.
+keys and idempotency records; webhook endpoints and deliveries in `store/webhooks.py`);
+other modules only read.
 
 Every job state change is a named operation (`store/transitions.py`): one guarded
 `UPDATE … WHERE id = :id AND status IN (:sources)` that must touch exactly one row, and

@@ -1,4 +1,5 @@
-"""Webhook endpoints and deliveries in the database: the only code that reads or writes them.
+"""Webhook endpoints and deliveries in the database (part of the store, the one DB writer):
+the only code that reads or writes them.
 
 A delivery is one job's end announced to one endpoint; it is created once (unique per
 endpoint and job), claimed by a guarded update before each attempt (so two delivery
