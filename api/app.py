@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api.deps import CachedApiKeys, Services
 from api.errors import install_error_handlers
-from api.request_timing import time_requests
+from api.request_timing import RequestTiming
 from api.routers import dashboard, files, jobs, metrics, models, webhooks
 from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
     app.include_router(metrics.router)
     app.include_router(webhooks.router)
     app.include_router(dashboard.router)
-    app.middleware("http")(time_requests)
+    app.add_middleware(RequestTiming)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
