@@ -18,6 +18,23 @@ from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
+# Called with (outcome, error) on every transport failure of a store call: outcome is
+# "retried" or "gave_up". A hook rather than a metric here: core stays free of any metrics
+# library (orchestrator/metrics.py registers one that counts them).
+ErrorListener = Callable[[str, Exception], None]
+_error_listeners: list[ErrorListener] = []
+
+
+def on_store_error(listener: ErrorListener) -> None:
+    """Registers a listener for object-store transport failures (process-wide)."""
+    if listener not in _error_listeners:
+        _error_listeners.append(listener)
+
+
+def _store_error(outcome: str, error: Exception) -> None:
+    for listener in list(_error_listeners):
+        listener(outcome, error)
+
 
 class ObjectNotFound(KeyError):
     """The key does not exist in the store."""
@@ -166,9 +183,11 @@ class S3ObjectStore:
         for attempt in range(self.retries):
             try:
                 return call()
-            except (BotoConnectionError, EndpointConnectionError):
+            except (BotoConnectionError, EndpointConnectionError) as exc:
                 if attempt == self.retries - 1:
+                    _store_error("gave_up", exc)
                     raise
+                _store_error("retried", exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")

@@ -32,6 +32,7 @@ from orchestrator.errors import InvalidTransition
 from orchestrator.host_sizing import HostSizing, demand_of
 from orchestrator.jobs import fine_tuned_model_name, job_spec_for
 from orchestrator.memory_estimate import SlotDemand
+from orchestrator.metrics import Capacity, observe_training
 from orchestrator.models import JobRow
 from orchestrator.packing import wants_packing
 from orchestrator.settings import Settings
@@ -116,6 +117,7 @@ class HostScheduling:
         )
         if not stored:
             return
+        observe_training(job.created_at, events)  # counted once: a fenced-off batch is not
         if state is RunJobState.SUCCEEDED:
             self._succeed(job)
         elif state is RunJobState.CANCELLED:
@@ -147,6 +149,11 @@ class HostScheduling:
             if current is None or current.run_id != host_id or current.attempt != polled["attempt"]:
                 self.hosts.stop(host_id, job_id)
 
+    def capacity(self) -> Capacity:
+        """Pack hosts by state and the slots they report in use, from this tick's poll."""
+        hosts = Counter(("hosts", _host_state(r)) for r in self.reports.values())
+        return Capacity(dict(hosts), sum(r["slots_in_use"] for r in self.reports.values()))
+
     def _hung(self, host_id: str, report: HostReport) -> bool:
         if not report["slots_in_use"]:
             return False
@@ -160,7 +167,12 @@ class HostScheduling:
 
     def _restart_hung(self, host_id: str, jobs: list[JobRow]) -> None:
         timeout = self.settings.step_timeout_seconds
-        log.warning("pack host %s made no step for %s s; ending it", host_id, timeout)
+        log.warning(
+            "pack host %s made no step for %s s; ending it",
+            host_id,
+            timeout,
+            extra={"host_id": host_id, "run_id": host_id},
+        )
         self.hosts.kill(host_id)
         for job in jobs:
             self._retry_or_fail(job, f"pack host {host_id} made no step for {timeout:g} s")
@@ -199,7 +211,11 @@ class HostScheduling:
             new_host_id=lambda: new_id("host"),
         )
         for host_id in plan.retire:
-            log.info("ending idle pack host %s to make room", host_id)
+            log.info(
+                "ending idle pack host %s to make room",
+                host_id,
+                extra={"host_id": host_id, "run_id": host_id},
+            )
             self.hosts.stop(host_id)
         by_id = {job.id: job for job in queued}
         for job_id in plan.never_fit:
@@ -257,8 +273,14 @@ class HostScheduling:
         try:
             self.hosts.start_host(spec)
         except Exception:
-            log.exception("starting pack host %s (%s) failed", host_id, shape.key)
+            log.exception(
+                "starting pack host %s (%s) failed",
+                host_id,
+                shape.key,
+                extra={"host_id": host_id, "run_id": host_id},
+            )
             return False
+        log.info("started pack host %s (%s)", host_id, shape.key, extra={"host_id": host_id})
         if warm:
             self._warm.add(host_id)
         return True
@@ -275,7 +297,13 @@ class HostScheduling:
         )
         result = self.hosts.admit(host_id, request)
         if not result.admitted and result.reason != "already admitted":
-            log.info("pack host %s did not admit %s: %s", host_id, job.id, result.reason)
+            log.info(
+                "pack host %s did not admit %s: %s",
+                host_id,
+                job.id,
+                result.reason,
+                extra=_context(job, host_id, attempt),
+            )
             return
         self._admitted_at[host_id] = self._last_started[job.tenant] = self.clock()
         try:
@@ -284,6 +312,9 @@ class HostScheduling:
                 job.attempt,
                 host_id,
                 f"Fine-tuning job started (attempt {attempt}, pack host {host_id})",
+            )
+            log.info(
+                "job %s joined pack host %s", job.id, host_id, extra=_context(job, host_id, attempt)
             )
         except InvalidTransition:
             current = self._row(job.id)
@@ -314,6 +345,7 @@ class HostScheduling:
         except PublishError as exc:
             self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
             return
+        log.info("job %s succeeded", job.id, extra=_context(job))
         self._guarded(
             self.store.succeed,
             job.id,
@@ -332,11 +364,13 @@ class HostScheduling:
         if job.status == JobStatus.CANCELLING.value:
             self._guarded(self.store.cancel, job.id, attempt=job.attempt)
         elif job.attempt < self.settings.max_attempts:
+            log.warning("job %s requeued: %s", job.id, reason, extra=_context(job))
             self._guarded(self.store.requeue, job.id, job.attempt, reason)
         else:
             self._fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
 
     def _fail(self, job: JobRow, code: str, message: str) -> None:
+        log.warning("job %s failed (%s): %s", job.id, code, message, extra=_context(job))
         self._guarded(self.store.fail, job.id, code, message, attempt=job.attempt)
 
     def _guarded(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -354,6 +388,24 @@ class HostScheduling:
 
 def on_host(job: JobRow) -> bool:
     return bool(job.run_id and job.run_id.startswith(HOST_ID_PREFIX))
+
+
+def _context(job: JobRow, host_id: str | None = None, attempt: int | None = None) -> dict[str, Any]:
+    """`extra=` of a log call about a job on a pack host (a host id is the job's run id)."""
+    host = host_id or job.run_id
+    return {
+        "job_id": job.id,
+        "host_id": host,
+        "run_id": host,
+        "attempt": job.attempt if attempt is None else attempt,
+        "tenant": job.tenant,
+    }
+
+
+def _host_state(report: HostReport) -> str:
+    if report["ending"] or not report["alive"]:
+        return "ending"
+    return "busy" if report["slots_in_use"] else "idle"
 
 
 def _priority(job: JobRow) -> int:

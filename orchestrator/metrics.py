@@ -7,9 +7,13 @@ one process do not collide; GET /metrics adds this registry to what it exposes.
 from __future__ import annotations
 
 import time
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from core.objectstore import on_store_error
 
 REGISTRY = CollectorRegistry()
 
@@ -57,10 +61,51 @@ API_SECONDS = Histogram(
 )
 
 
+PUBLISH_SECONDS = Histogram(
+    "lorafleet_publish_seconds",
+    "Seconds to export and publish a finished job's adapter (the worker's published event).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+OBJECT_STORE_ERRORS = Counter(
+    "lorafleet_object_store_errors",
+    "Object-store transport failures in this process: retried, or gave_up after the retries.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in ("retried", "gave_up"):  # both series exist from the start, at 0
+    OBJECT_STORE_ERRORS.labels(outcome=_outcome)
+on_store_error(lambda outcome, _error: OBJECT_STORE_ERRORS.labels(outcome=outcome).inc())
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the scheduler saw at its last tick: pack hosts and runs by (mode, state), and
+    the slots they report training a job."""
+
+    hosts: dict[tuple[str, str], int] = field(default_factory=dict)
+    slots_in_use: int = 0
+
+
+# Keyed by the job store the scheduler shares with the API in one process (`lorafleet
+# serve`), so an API replica without a scheduler, or another app in a test, sees none.
+_capacity: weakref.WeakKeyDictionary[object, Capacity] = weakref.WeakKeyDictionary()
+
+
+def record_capacity(store: object, capacity: Capacity) -> None:
+    _capacity[store] = capacity
+
+
+def last_capacity(store: object) -> Capacity | None:
+    return _capacity.get(store)
+
+
 def observe_training(job_created_at: int, events: list[dict[str, Any]]) -> None:
     """Adds a job's newly stored metrics events to the training histograms."""
     for event in events:
         data = event.get("data") or {}
+        if event.get("type") == "published" and data.get("publish_seconds") is not None:
+            PUBLISH_SECONDS.observe(data["publish_seconds"])
         if event.get("type") != "metrics" or "step" not in data:
             continue
         TRAINED_STEPS.inc()

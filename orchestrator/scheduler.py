@@ -24,7 +24,7 @@ from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.host_scheduling import HostScheduling, on_host
 from orchestrator.jobs import fine_tuned_model_name, run_spec_for
-from orchestrator.metrics import RUN_POLL_TIMEOUTS, observe_training
+from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training, record_capacity
 from orchestrator.models import JobRow
 from orchestrator.packing import plan_packs, wants_packing
 from orchestrator.runs import UNRESPONSIVE, RayRuns
@@ -85,12 +85,15 @@ class Scheduler:
         # restarted scheduler gives a slow run a fresh allowance.
         self._missed_polls: dict[tuple[str, int], int] = {}
         self._database_away = False
+        # run id -> its jobs' polled states (or UNRESPONSIVE), from this tick's watch
+        self._runs_seen: dict[str, list[Any]] = {}
 
     # ---- the loop ----
     def tick(self) -> None:
         self._watch_runs()
         if self.host_mode is not None:
             self.host_mode.watch()
+        record_capacity(self.store, self.capacity())
         self._validate_new_jobs()
         if self.host_mode is not None:
             self.host_mode.launch()
@@ -183,13 +186,15 @@ class Scheduler:
                 continue  # cancelled meanwhile, or another scheduler took it
         if not started:
             return
+        for job in started:
+            log.info("job %s started in run %s", job.id, run_id, extra=job_context(job))
         use_gpu = started[0].settings["resources"]["use_gpu"]
         if use_gpu is None:
             use_gpu = self.runs.gpu_available()
         try:
             self.runs.launch(run_spec_for(run_id, started, self.settings, use_gpu))
         except Exception as exc:
-            log.exception("launching run %s failed", run_id)
+            log.exception("launching run %s failed", run_id, extra={"run_id": run_id})
             for job in started:
                 self._retry_or_fail(job, f"could not start the run: {exc}")
 
@@ -203,6 +208,12 @@ class Scheduler:
             if job.status == JobStatus.CANCELLING.value:
                 self.runs.stop(job.run_id, job.id)
         polls = self.runs.poll_all([(j.run_id or "", j.id, j.event_cursor) for j in active])
+        self._runs_seen = {}
+        for job in active:
+            polled = polls[job.id]
+            if polled is not None:
+                state = polled if isinstance(polled, str) else polled["state"]
+                self._runs_seen.setdefault(job.run_id or "", []).append(state)
         for job in active:
             polled = polls[job.id]
             if polled == UNRESPONSIVE:
@@ -226,6 +237,22 @@ class Scheduler:
         live = {j.run_id for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if j.run_id}
         self.runs.reap(live)
 
+    def capacity(self) -> Capacity:
+        """Runs (and pack hosts) by state, and the slots training a job, from this tick."""
+        mode = "window" if self.settings.scheduling_mode == "window" else "solo"
+        hosts: dict[tuple[str, str], int] = {}
+        slots = 0
+        for states in self._runs_seen.values():
+            # A run that did not answer keeps its jobs' slots: it may only be busy.
+            key = (mode, "unresponsive" if UNRESPONSIVE in states else "running")
+            hosts[key] = hosts.get(key, 0) + 1
+            slots += sum(s in (UNRESPONSIVE, RunJobState.RUNNING) for s in states)
+        if self.host_mode is not None:
+            on_hosts = self.host_mode.capacity()
+            hosts.update(on_hosts.hosts)
+            slots += on_hosts.slots_in_use
+        return Capacity(hosts, slots)
+
     def _run_unresponsive(self, job: JobRow) -> None:
         """A run that did not answer this tick: its jobs stay running (it may only be busy),
         a warning lands once per stall, and after `max_run_poll_timeouts` polls in a row
@@ -236,6 +263,7 @@ class Scheduler:
         self._missed_polls[key] = missed
         limit = self.settings.max_run_poll_timeouts
         if missed == 1:
+            log.warning("run %s did not answer a poll", job.run_id, extra=job_context(job))
             self._guarded(
                 self.store.warn,
                 job.id,
@@ -272,6 +300,7 @@ class Scheduler:
         except PublishError as exc:
             self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
             return
+        log.info("job %s succeeded", job.id, extra=job_context(job))
         self._guarded(
             self.store.succeed,
             job.id,
@@ -293,6 +322,7 @@ class Scheduler:
         if job.status == JobStatus.CANCELLING.value:  # asked to stop anyway
             self._guarded(self.store.cancel, job.id, attempt=job.attempt)
         elif job.attempt < self.settings.max_attempts:
+            log.warning("job %s requeued: %s", job.id, reason, extra=job_context(job))
             self._guarded(self.store.requeue, job.id, job.attempt, reason)
         else:
             self._fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
@@ -305,7 +335,13 @@ class Scheduler:
             log.info("skipped: %s", exc)
 
     def _fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
+        log.warning("job %s failed (%s): %s", job.id, code, message, extra=job_context(job))
         self._guarded(self.store.fail, job.id, code, message, param=param, attempt=job.attempt)
+
+
+def job_context(job: JobRow) -> dict[str, Any]:
+    """`extra=` of a log call about one job (LORAFLEET_LOG_FORMAT=json prints these fields)."""
+    return {"job_id": job.id, "run_id": job.run_id, "attempt": job.attempt, "tenant": job.tenant}
 
 
 def pack_limits(settings: Settings) -> tuple[int, float]:

@@ -13,11 +13,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api.deps import ServicesDep
 from orchestrator.errors import Unauthorized
-from orchestrator.metrics import REGISTRY
+from orchestrator.metrics import REGISTRY, last_capacity
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
 
 router = APIRouter(tags=["operations"])
+# Series shown at 0 when nothing is in that state, so dashboards see them from the start.
+HOST_SERIES = [("hosts", "busy"), ("hosts", "idle"), ("hosts", "ending")]
 
 
 def job_gauges(store: JobStore) -> bytes:
@@ -30,9 +32,23 @@ def job_gauges(store: JobStore) -> bytes:
     Gauge("lorafleet_queue_depth", "Jobs waiting for a run (queued).", registry=registry).set(
         counts.get(JobStatus.QUEUED.value, 0)
     )
-    Gauge("lorafleet_slots_in_use", "Jobs training now, one slot each.", registry=registry).set(
-        counts.get(JobStatus.RUNNING.value, 0)
-    )
+    capacity = last_capacity(store)
+    Gauge(
+        "lorafleet_slots_in_use",
+        "Slots training a job, as the hosts and runs reported them at the scheduler's last "
+        "tick (in a process without a scheduler: jobs running).",
+        registry=registry,
+    ).set(capacity.slots_in_use if capacity else counts.get(JobStatus.RUNNING.value, 0))
+    if capacity is not None:  # only a process that runs the scheduler has seen the hosts
+        hosts = Gauge(
+            "lorafleet_hosts",
+            "Pack hosts (mode hosts: busy, idle, ending) and runs (window or solo: running, "
+            "unresponsive) up at the scheduler's last tick.",
+            ["mode", "state"],
+            registry=registry,
+        )
+        for mode, state in sorted(set(HOST_SERIES) | set(capacity.hosts)):
+            hosts.labels(mode=mode, state=state).set(capacity.hosts.get((mode, state), 0))
     return generate_latest(registry)
 
 
