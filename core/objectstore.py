@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
+CHUNK_BYTES = 1024 * 1024  # an object streamed through a server is read this much at a time
 
 # Called with (outcome, error) on every transport failure of a store call: outcome is
 # "retried" or "gave_up". A hook rather than a metric here: core stays free of any metrics
@@ -64,6 +65,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None: ...
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]: ...
 
 
 def open_object_store(config: ObjectStoreConfig) -> ObjectStore:
@@ -135,6 +137,20 @@ class LocalObjectStore:
 
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None:
         return None  # a local folder has no URL to hand out; callers stream the bytes
+
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """The object in chunks; opened now, so a missing key raises before the first one."""
+        try:
+            handle = self._path(key).open("rb")
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+
+        def chunks() -> Iterator[bytes]:
+            with handle:
+                while chunk := handle.read(chunk_bytes):
+                    yield chunk
+
+        return chunks()
 
 
 class S3ObjectStore:
@@ -261,6 +277,21 @@ class S3ObjectStore:
         self._with_backoff(
             lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         )
+
+    def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """The object in chunks; requested now, so a missing key raises before the first one."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._with_backoff(
+                lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            )
+        except ClientError as exc:
+            if self._is_missing(exc):
+                raise ObjectNotFound(key) from exc
+            raise
+        chunks: Iterator[bytes] = response["Body"].iter_chunks(chunk_bytes)
+        return chunks
 
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None:
         url: str = self.client.generate_presigned_url(

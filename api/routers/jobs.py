@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
@@ -182,23 +182,41 @@ async def _live_events(
     responses={
         **ERRORS,
         200: {"content": {"application/gzip": {}}},
-        307: {"description": "Redirect to a short-lived presigned URL of the archive (S3)"},
+        307: {
+            "description": "Redirect to a short-lived presigned URL of the archive (S3, "
+            "download=redirect)"
+        },
     },
     response_class=Response,
 )
-def adapter(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
+def adapter(
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: str,
+    download: Annotated[
+        Literal["redirect", "stream"],
+        Query(
+            description="redirect: on S3, a 307 to a presigned URL (the default; clients that "
+            "follow redirects download from S3 directly). stream: the archive through the "
+            "API itself, for a browser's fetch() with an Authorization header, which a "
+            "cross-origin redirect to S3 fails on CORS."
+        ),
+    ] = "redirect",
+) -> Response:
     """The trained adapter as a .tar.gz of its PEFT folder (adapter_config.json,
-    adapter_model.safetensors) and its manifest.json: on S3 a redirect to a presigned URL
-    valid for 5 minutes, from a local store the bytes themselves."""
+    adapter_model.safetensors) and its manifest.json. On S3, by default a redirect to a
+    presigned URL valid for 5 minutes; with `?download=stream` (and always from a local
+    store) the bytes themselves, streamed through the API in chunks."""
     job = services.store.get_job(tenant, job_id)
     if job.status != JobStatus.SUCCEEDED.value:
         raise Conflict(f"job {job_id} is {job.status}; its adapter exists once it has succeeded")
     key = adapter_key(job.tenant, job.id, job.attempt, ARCHIVE)  # the attempt that succeeded
-    url = services.objects.presigned_url(key, expires_s=300)
-    if url is not None:
-        return RedirectResponse(url, status_code=307)
-    return Response(
-        services.objects.get_bytes(key),
+    if download == "redirect":
+        url = services.objects.presigned_url(key, expires_s=300)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    return StreamingResponse(
+        services.objects.iter_chunks(key),  # opened here: a missing archive fails before 200
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-adapter.tar.gz"'},
     )

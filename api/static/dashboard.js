@@ -188,8 +188,11 @@ async function followEvents(jobId) {
   }
 }
 
+// download=stream: the archive through the API. The default on S3, a redirect to a presigned
+// URL, fails here: fetch() follows it across origins with the Authorization header (CORS).
 async function download(jobId) {
-  const blob = await (await api(`/v1/fine_tuning/jobs/${jobId}/adapter`)).blob();
+  const response = await api(`/v1/fine_tuning/jobs/${jobId}/adapter?download=stream`);
+  const blob = await response.blob();
   const link = document.createElement("a");
   link.href = URL.createObjectURL(blob);
   link.download = `${jobId}-adapter.tar.gz`;
