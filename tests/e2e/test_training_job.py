@@ -21,7 +21,8 @@ from tests.e2e.conftest import LorafleetServer
 
 pytestmark = pytest.mark.slow
 
-DATA = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(6) for b in range(4)]
+DATA_PAIRS = [(a, b) for a in range(6) for b in range(4)]
+DATA = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a, b in DATA_PAIRS]
 
 
 def upload(client: httpx.Client, records: list[dict[str, Any]]) -> str:
@@ -209,19 +210,33 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
 
 
 def test_a_training_error_fails_only_that_job_with_its_reason(server: LorafleetServer) -> None:
+    # Valid JSONL whose every prompt is longer than max_seq_len: the completion is cut off,
+    # so no example has a token to train on. Only the worker, which tokenizes with the
+    # base's tokenizer, can see that; submission accepts it (unlike a bad target module).
+    long_prompt = " ".join(str(n) for n in range(64))
+    cut_off = [
+        {"prompt": f"{long_prompt} {a}+{b}=", "completion": f"{a + b}"} for a, b in DATA_PAIRS
+    ]
+    common = {
+        "model": "tiny-llama",
+        "resources": {"num_workers": 2},
+        "training": {"max_seq_len": 16},
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4},
+    }
     with server.client() as client:
-        job = submit(
-            client,
-            model="tiny-llama",
-            training_file=upload(client, DATA[:4]),
-            lora={"target_modules": ["no_such_proj"]},
-            resources={"num_workers": 2},
-        )
-        job = server.wait_until_terminal(client, job["id"])
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "training_error"
-    assert "no_such_proj" in job["error"]["message"]
-    assert job["fine_tuned_model"] is None
+        broken = submit(client, training_file=upload(client, cut_off), **common)
+        healthy = submit(client, training_file=upload(client, DATA), **common)
+        broken = server.wait_until_terminal(client, broken["id"])
+        healthy = server.wait_until_terminal(client, healthy["id"])
+        runs = {started(server, client, job["id"])["run_id"] for job in (broken, healthy)}
+    assert len(runs) == 1, "both jobs trained in one pack"
+    assert broken["status"] == "failed", broken
+    assert broken["error"]["code"] == "training_error"
+    assert "no example has a trained token within max_seq_len=16" in broken["error"]["message"]
+    assert broken["fine_tuned_model"] is None
+    # The other job of the pack trained on, to its own adapter.
+    assert healthy["status"] == "succeeded", healthy
+    assert healthy["fine_tuned_model"] and healthy["error"] is None
 
 
 def test_a_job_can_start_from_another_jobs_checkpoint(server: LorafleetServer) -> None:
