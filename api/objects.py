@@ -13,6 +13,7 @@ from api.schemas import (
     JobMethod,
 )
 from orchestrator.models import FileRow, JobEventRow, JobRow
+from orchestrator.store import JobFields
 
 
 def file_object(row: FileRow) -> FileObject:
@@ -25,7 +26,8 @@ def file_object(row: FileRow) -> FileObject:
     )
 
 
-def job_object(row: JobRow) -> FineTuningJob:
+def job_object(row: JobRow | JobFields) -> FineTuningJob:
+    """From a JobRow, or from the same job read as plain columns (the list and GET path)."""
     hyperparameters = JobHyperparameters(**row.settings["hyperparameters"])
     error = (
         JobError(code=row.error_code, message=row.error_message or "", param=row.error_param)

@@ -118,7 +118,8 @@ async def list_jobs(
 @router.get("/{job_id}", response_model=FineTuningJob, responses=ERRORS)
 async def retrieve(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
     def job() -> bytes:
-        return job_object(services.store.get_job(tenant, job_id)).model_dump_json().encode()
+        job = services.store.get_job_fields(tenant, job_id)
+        return job_object(job).model_dump_json().encode()
 
     return json_response(await read_in_thread(services, job))
 

