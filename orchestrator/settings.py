@@ -79,9 +79,9 @@ class Settings(BaseSettings):
     )
     # Pack hosts (issue 11; the protocol and these names: core/host_protocol.py).
     scheduling_mode: Literal["hosts", "window", "solo"] = Field(
-        default="window",
-        description="hosts: jobs join warm pack hosts; window: a pack per arrival window; "
-        "solo: one run per job.",
+        default="hosts",
+        description="hosts (default): jobs join warm pack hosts; window: a pack per arrival "
+        "window; solo: one run per job. `training.packing: false` always trains alone.",
     )
     host_idle_seconds: float = Field(
         default=60.0, ge=0, description="A pack host with no job for this long ends."
