@@ -314,6 +314,7 @@ class HostWorker:
             {
                 "total_steps": slot.total_steps,
                 "workers": self.world_size,
+                "precision": self.spec.shape.precision,
                 "pack_size": len(self.slots),
                 "host_step": self.steps,
                 "resumed_from_step": resumed,
