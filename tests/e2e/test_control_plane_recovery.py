@@ -1,6 +1,7 @@
 """Control-plane failure: `lorafleet serve` killed with SIGKILL mid-run and started again.
-The running job is adopted (not restarted) and succeeds, a job acknowledged just before the
-kill is still there and runs, and nothing is duplicated."""
+The running job's pack host (the default scheduling mode) lives on in Ray and is adopted by
+the restarted serve, not restarted: the job succeeds, a job acknowledged just before the kill
+is still there and runs, and nothing is duplicated."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
-from tests.e2e.test_training_job import DATA, submit, upload
+from tests.e2e.test_training_job import DATA, started, submit, upload
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,7 @@ def test_a_killed_control_plane_loses_nothing(server: LorafleetServer) -> None:
         events = server.all_events(client, running["id"])
         starts = [e for e in events if e["message"].startswith("Fine-tuning job started")]
         assert len(starts) == 1, "the running job was started again instead of adopted"
+        assert started(server, client, running["id"])["run_id"].startswith("host-")
         steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
         assert steps == list(range(1, steps[-1] + 1)), "metrics were lost or stored twice"
 

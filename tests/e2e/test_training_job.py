@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from core.host_protocol import host_actor_name
 from core.layout import adapter_key
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
@@ -42,6 +43,7 @@ def submit(client: httpx.Client, **fields: Any) -> dict[str, Any]:
 
 def started(server: LorafleetServer, client: httpx.Client, job_id: str) -> dict[str, Any]:
     """The data of the job's newest "started" event: its run id and attempt number."""
+    # In the default mode a run id is a pack host's id ("host-…"), else a run's ("run-…").
     runs = [e["data"] for e in server.all_events(client, job_id) if "run_id" in (e["data"] or {})]
     assert runs, f"{job_id} never started"
     return dict(runs[-1])
@@ -168,16 +170,25 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
             return any(e["type"] == "metrics" for e in page)
 
         wait_for_condition(training, timeout=300, interval=0.5, what="the first training step")
-        # Actors are named by run, not by job: find the job's run from its "started" event.
-        run_name = f"lorafleet-run-{started(server, client, job_id)['run_id']}"
-        assert ray.get_actor(run_name, namespace="lorafleet")  # alive while it trains
+        # Actors are named by pack host, not by job: the job's host is the run id of its
+        # "started" event (the default scheduling mode trains on warm pack hosts).
+        host_id = started(server, client, job_id)["run_id"]
+        assert host_id.startswith("host-"), host_id
+        run_name = host_actor_name(host_id)
+        host = ray.get_actor(run_name, namespace="lorafleet")  # alive while it trains
+        assert job_id in ray.get(host.poll.remote({}))["jobs"]
         cancelling = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
         assert cancelling.status_code == 200
         assert cancelling.json()["status"] in ("cancelling", "cancelled")
         job = server.wait_until_terminal(client, job_id, timeout=120)
         assert job["status"] == "cancelled"
 
-        # The run is gone from Ray (reaped once its fit() returned) and gave its CPUs back.
+        # The job's slot is released; the host, left with no job, ends after its idle time
+        # (5 s in this fixture), is reaped and gives its CPUs back.
+        wait_for_condition(
+            lambda: host_gone_or_without(host, job_id), timeout=60, what="the slot's release"
+        )
+
         def run_gone() -> bool:
             try:
                 ray.get_actor(run_name, namespace="lorafleet")
@@ -207,6 +218,15 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
         Bucket=server.bucket, Prefix=f"lorafleet/adapters/default/{job_id}/"
     )
     assert listed.get("KeyCount", 0) == 0
+
+
+def host_gone_or_without(host: Any, job_id: str) -> bool:
+    import ray
+
+    try:
+        return job_id not in ray.get(host.poll.remote({}), timeout=10)["jobs"]
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
 
 
 def test_a_training_error_fails_only_that_job_with_its_reason(server: LorafleetServer) -> None:
