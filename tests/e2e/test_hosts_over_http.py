@@ -1,6 +1,7 @@
 """Warm pack hosts through the public API (`LORAFLEET_SCHEDULING_MODE=hosts`): a second job
 joins the pack host the first is training on, while it trains; the first job's pack size
-goes 1 → 2 → 1; both succeed on one host; a job past its max_runtime fails with timeout."""
+goes 1 → 2 → 1; both succeed on one host, and each adapter equals the same job trained
+alone in a run of its own (fp32, ≤ 1e-5); a job past its max_runtime fails with timeout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
+from tests.e2e.test_bf16_packing_over_http import adapter_tensors
 from tests.e2e.test_training_job import DATA, submit, upload
 
 pytestmark = pytest.mark.slow
@@ -44,6 +46,11 @@ def hosts_server(
     server.stop()
 
 
+FP32 = {"precision": "fp32"}
+A_SPEC: dict[str, Any] = {"seed": 1, "hyperparameters": {"n_epochs": 30, "batch_size": 4}}
+B_SPEC: dict[str, Any] = {"seed": 2, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}
+
+
 def metrics(server: LorafleetServer, client: Any, job_id: str) -> list[dict[str, Any]]:
     return [e["data"] for e in server.all_events(client, job_id) if e["type"] == "metrics"]
 
@@ -57,7 +64,7 @@ def test_a_second_job_joins_the_running_host(hosts_server: LorafleetServer) -> N
             "training_file": file_id,
             "resources": {"num_workers": 2},
         }
-        a = submit(client, **common, seed=1, hyperparameters={"n_epochs": 30, "batch_size": 4})
+        a = submit(client, **common, training=FP32, **A_SPEC)
         wait_for_condition(
             lambda: any(m["step"] > 0 for m in metrics(server, client, a["id"])),
             timeout=300,
@@ -65,7 +72,7 @@ def test_a_second_job_joins_the_running_host(hosts_server: LorafleetServer) -> N
             what="job A's first step",
         )
         submitted = time.time()
-        b = submit(client, **common, seed=2, hyperparameters={"n_epochs": 2, "batch_size": 4})
+        b = submit(client, **common, training=FP32, **B_SPEC)
         assert server.wait_until_terminal(client, b["id"])["status"] == "succeeded"
         first_step = min(m["time"] for m in metrics(server, client, b["id"]))
         print(f"job B: submit -> first step {first_step - submitted:.2f} s (joined a warm host)")
@@ -81,6 +88,30 @@ def test_a_second_job_joins_the_running_host(hosts_server: LorafleetServer) -> N
             if "run_id" in (e["data"] or {})
         }
         assert len(hosts) == 1 and next(iter(hosts)).startswith("host-")
+
+        # Exactness (fp32): each job equals the same job trained alone, in a run of its own
+        # (`packing: false`): B is not changed by joining, A not by B's join and leave.
+        alone = {
+            job["id"]: submit(client, **{**common, "training": {**FP32, "packing": False}}, **spec)
+            for job, spec in ((a, A_SPEC), (b, B_SPEC))
+        }
+        for packed_id, own in alone.items():
+            assert server.wait_until_terminal(client, own["id"])["status"] == "succeeded"
+            own_run = {
+                e["data"]["run_id"]
+                for e in server.all_events(client, own["id"])
+                if "run_id" in (e["data"] or {})
+            }
+            assert own_run and not next(iter(own_run)).startswith("host-"), own_run
+            mine, reference = (
+                adapter_tensors(client, packed_id),
+                adapter_tensors(client, own["id"]),
+            )
+            assert mine.keys() == reference.keys() and mine
+            worst = max((mine[k] - reference[k]).abs().max().item() for k in mine)
+            print(f"{packed_id}: largest difference from training alone {worst:.2e}")
+            assert worst <= 1e-5, f"{packed_id}: differs from training alone by {worst}"
+            assert any(t.abs().max() > 0 for k, t in mine.items() if "lora_B" in k)
 
 
 def test_a_job_past_its_max_runtime_fails_with_timeout(hosts_server: LorafleetServer) -> None:
