@@ -1,5 +1,7 @@
 """/metrics: parsed with prometheus_client's own parser; job gauges, API latency by route
-template (no job id in any label), the optional token, and a scheduler's own endpoint."""
+template (no job id in any label), the optional token, a scheduler's own endpoint, pack
+hosts and slots as the hosts report them, publish seconds from the workers' published
+events, and object-store errors."""
 
 from __future__ import annotations
 
@@ -7,19 +9,28 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
+from api.routers.metrics import exposition
 from api.server_process import free_port
+from core.objectstore import ObjectStoreConfig, S3ObjectStore
+from orchestrator.runs import RayRuns
+from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from tests.api.conftest import GOOD_RECORDS, upload
 from tests.conftest import wait_for_condition
+from tests.orchestrator.test_host_scheduling import make_world
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def samples(text: str) -> Samples:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -111,3 +122,125 @@ def test_a_scheduler_serves_its_own_metrics(settings: Settings, tmp_path: Path) 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+
+
+def hosts(found: Samples, mode: str, state: str) -> float:
+    return found.get(("lorafleet_hosts", (("mode", mode), ("state", state))), 0.0)
+
+
+def test_hosts_and_slots_in_use_are_what_the_pack_hosts_report(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """A scheduler in host mode on in-memory pack hosts (Ray only for its run side); the
+    figures are read through the same exposition GET /metrics serves for this store."""
+    world = make_world(tmp_path, scheduling_mode="hosts", max_slots_per_host=4)
+    scheduler = Scheduler(
+        world.settings, world.store, world.objects, RayRuns(world.settings), hosts=world.hosts
+    )
+    steps_before = samples(exposition(world.store).decode())[("lorafleet_trained_steps_total", ())]
+    first, second = world.submit(), world.submit(tenant="t2")
+    scheduler.tick()  # both join one new host
+    scheduler.tick()  # the host's poll reports both slots
+    found = samples(exposition(world.store).decode())
+    (host_id,) = world.hosts.list_hosts()
+    assert world.hosts.hosts[host_id].members.keys() == {first, second}
+    assert hosts(found, "hosts", "busy") == 1 and hosts(found, "hosts", "idle") == 0
+    assert found[("lorafleet_slots_in_use", ())] == 2
+    for _ in range(20):
+        world.hosts.step()
+        scheduler.tick()
+        if all(world.job(j).status == "succeeded" for j in (first, second)):
+            break
+    scheduler.tick()  # the ended jobs' slots were released at the last poll
+    found = samples(exposition(world.store).decode())
+    assert hosts(found, "hosts", "busy") == 0 and hosts(found, "hosts", "idle") == 1
+    assert found[("lorafleet_slots_in_use", ())] == 0
+    stored_steps = sum(1 for j in (first, second) for e in world.events(j) if e.type == "metrics")
+    assert stored_steps == 6
+    assert found[("lorafleet_trained_steps_total", ())] == steps_before + stored_steps
+    text = exposition(world.store).decode()
+    assert first not in text and second not in text and host_id not in text
+
+
+def test_object_store_errors_are_counted_by_outcome() -> None:
+    def errors() -> tuple[float, float]:
+        found = samples(exposition_of_registry())
+        return (
+            found[("lorafleet_object_store_errors_total", (("outcome", "retried"),))],
+            found[("lorafleet_object_store_errors_total", (("outcome", "gave_up"),))],
+        )
+
+    before = errors()
+    nobody_there = f"http://127.0.0.1:{free_port()}"
+    store = S3ObjectStore(
+        ObjectStoreConfig("s3://bucket/p", nobody_there, "key", "secret"), retries=3
+    )
+    try:
+        store.exists("files/t/file-1.jsonl")
+    except Exception as exc:  # noqa: BLE001 - which transport error boto3 raises varies
+        assert "Could not connect" in str(exc), exc
+    else:
+        raise AssertionError("a store with no server answered")
+    retried, gave_up = errors()
+    assert (retried - before[0], gave_up - before[1]) == (2, 1)
+
+
+def exposition_of_registry() -> str:
+    from prometheus_client import generate_latest
+
+    from orchestrator.metrics import REGISTRY
+
+    return generate_latest(REGISTRY).decode()
+
+
+@pytest.mark.slow
+def test_a_trained_job_shows_in_runs_slots_steps_and_publish_seconds(
+    settings: Settings, ray_address: str
+) -> None:
+    """One real job (Ray Train + DeepSpeed, window mode) through the API with its scheduler:
+    while it trains, one run and one slot; once published, the publish histogram holds the
+    seconds its worker put in the published event, and every stored step was counted."""
+    on_ray = settings.model_copy(update={"scheduler_poll_seconds": 0.2, "pack_window_seconds": 0.0})
+    with TestClient(create_app(on_ray, run_scheduler=True)) as client:
+        before = samples(client.get("/metrics").text)
+        file_id = upload(client, GOOD_RECORDS * 8)["id"]
+        job_id = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 2}},
+        ).json()["id"]
+        seen_training: list[Samples] = []
+
+        def done() -> bool:
+            found = samples(client.get("/metrics").text)
+            if found[("lorafleet_slots_in_use", ())] == 1:
+                seen_training.append(found)
+            status = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+            assert status not in ("failed", "cancelled"), status
+            return bool(status == "succeeded")
+
+        wait_for_condition(done, timeout=300, interval=0.2, what=f"{job_id} to succeed")
+        after = samples(client.get("/metrics").text)
+        data: list[dict[str, Any]] = []
+        page = {"has_more": True, "data": [{"id": None}]}
+        while page["has_more"]:
+            after = {"after": page["data"][-1]["id"]} if data else {}
+            page = client.get(
+                f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, **after}
+            ).json()
+            data += page["data"]
+    # Stored as a "message" (OpenAI's event types); the worker's data is kept as it sent it.
+    published = [e["data"] for e in data if "publish_seconds" in (e["data"] or {})]
+    assert len(published) == 1, [e["message"] for e in data]
+    steps = [e for e in data if e["type"] == "metrics" and "step" in (e["data"] or {})]
+    assert seen_training, "never saw the job's slot in use"
+    assert hosts(seen_training[-1], "window", "running") == 1
+    assert after[("lorafleet_slots_in_use", ())] == 0
+
+    def delta(name: str) -> float:
+        return after[(name, ())] - before[(name, ())]
+
+    assert delta("lorafleet_publish_seconds_count") == 1
+    assert delta("lorafleet_publish_seconds_sum") == pytest.approx(published[0]["publish_seconds"])
+    assert 0 < published[0]["publish_seconds"] < 60
+    assert delta("lorafleet_trained_steps_total") == len(steps) > 0
+    assert delta("lorafleet_step_seconds_count") == len(steps)
