@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from core.checkpoint_index import list_checkpoints
-from core.host_protocol import HostSpec
+from core.host_protocol import HostSpec, host_actor_name
 from core.objectstore import open_object_store
 from core.spec import JobSpec
 from workers.base_models import resolve_base_model
@@ -31,7 +31,7 @@ from workers.deepspeed_config import build_deepspeed_config
 from workers.deepspeed_ops import use_prebuilt_ops
 from workers.job_slot import JobSlot, SlotState, load_job_slot
 from workers.memory_report import rank_memory_report
-from workers.pack_step import PackContext, train_step
+from workers.pack_step import PackContext, train_step, use_gradient_checkpointing
 from workers.packed_lora import (
     Routing,
     load_slot_state,
@@ -41,6 +41,7 @@ from workers.packed_lora import (
     slot_state_dict,
     wrap_linear_layers,
 )
+from workers.placement_groups import record_placement_group
 from workers.recipe import DROPOUT_STREAM, INIT_STREAM
 from workers.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
 from workers.slot_writer import SlotWriter
@@ -90,6 +91,8 @@ class HostWorker:
         if self.rank == 0:
             import ray
 
+            # So that the scheduler can free it should Ray not (workers/placement_groups.py).
+            record_placement_group(host_actor_name(self.spec.host_id))
             box[0] = ray.get(self.host.begin_attempt.remote(pids))
         dist.broadcast_object_list(box, src=0)
         return not box[0]["end"]
@@ -134,6 +137,8 @@ class HostWorker:
         base.requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=base, config=ds_config)
         self.model = self.engine.module
+        if self.spec.gradient_checkpointing:
+            use_gradient_checkpointing(self.model, self.routing)
         # Every layer a job may target, wrapped once: a slot only gets factors where asked.
         self.layers = wrap_linear_layers(
             self.model, matching_linear_layers(self.model, "all-linear"), self.routing
@@ -147,6 +152,7 @@ class HostWorker:
             rank=self.rank,
             world_size=self.world_size,
             report=self._report,
+            loss_chunk_tokens=self.spec.loss_chunk_tokens,
         )
 
     # ---- reporting: events wait in the outbox for the next step boundary -----------------

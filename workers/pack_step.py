@@ -6,22 +6,23 @@ report) so that a one-shot run (`workers.recipe`) and a long-lived pack host sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from workers.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_next_token_loss
 from workers.data_parallel import average_gradients
 from workers.job_slot import JobSlot, SlotState
 from workers.packed_lora import Routing
-from workers.tokenization import IGNORE_INDEX, collate
+from workers.tokenization import collate
 
 # Ray writes a worker's logging to its log files, where operators look for tracebacks.
 logger = logging.getLogger("lorafleet.worker")
@@ -41,6 +42,42 @@ class PackContext:
     rank: int
     world_size: int
     report: Report
+    # Tokens whose fp32 logits the loss makes at a time (HostSpec.loss_chunk_tokens).
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+
+def use_gradient_checkpointing(model: nn.Module, routing: Routing) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (less
+    memory per job, one more forward per layer). Non-reentrant: ZeRO-3's module hooks gather
+    the layer's shards again for the recompute. Each job's LoRA dropout draws from its own
+    generator, which torch's checkpoint does not rewind: the recompute replays the draws of
+    the forward, so the masks (and gradients) are those of a step without checkpointing."""
+    model.activation_checkpointing_enable(  # type: ignore[operator]
+        activation_checkpointing_kwargs={
+            "use_reentrant": False,
+            "context_fn": lambda: _replay_dropout(routing.generators),
+        }
+    )
+
+
+def _replay_dropout(
+    generators: dict[str, torch.Generator],
+) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    """(forward context, recompute context) of one checkpointed layer call."""
+    before = {name: g.get_state() for name, g in generators.items()}
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        after = {name: g.get_state() for name, g in generators.items()}
+        for name, state in before.items():
+            generators[name].set_state(state)
+        try:
+            yield
+        finally:
+            for name, state in after.items():
+                generators[name].set_state(state)
+
+    return contextlib.nullcontext(), recompute()
 
 
 def report_job_failure(ctx: PackContext, job_id: str, exc: BaseException) -> None:
@@ -77,7 +114,7 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     started = time.perf_counter()
     forward_s = backward_s = 0.0
     losses: dict[str, torch.Tensor] = {}
-    tokens: dict[str, float] = {}
+    tokens: dict[str, torch.Tensor] = {}
     for group in width_groups(active):
         group_started = time.perf_counter()
         width = width_of(group[0])
@@ -92,19 +129,19 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
         logits = ctx.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits
-        # Each job's own mean loss over its own tokens; their sum keeps gradients apart.
+        # Each job's own mean loss over its own tokens, in chunks of tokens (no fp32 copy of
+        # the whole vocabulary's logits); their sum keeps gradients apart. The chunks are cut
+        # within each job's own block, so a job's loss is the same packed as alone.
         group_losses = []
         for slot, (start, rows) in zip(group, block_offsets(ctx.routing), strict=True):
             block = slice(start, start + rows)
             group_losses.append(
-                F.cross_entropy(
-                    logits[block, :-1].float().flatten(0, 1),
-                    batch["labels"][block, 1:].flatten(),
-                    ignore_index=IGNORE_INDEX,
+                chunked_next_token_loss(
+                    logits[block], batch["labels"][block], ctx.loss_chunk_tokens
                 )
             )
             losses[slot.job_id] = group_losses[-1]
-            tokens[slot.job_id] = float(batch["attention_mask"][block].sum())
+            tokens[slot.job_id] = batch["attention_mask"][block].sum()
         forward_done = time.perf_counter()
         torch.stack(group_losses).sum().backward()
         forward_s += forward_done - group_started
@@ -124,12 +161,14 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
         "gradient_sync": sync_done - backward_done,
         "optimizer": elapsed - (sync_done - started),
     }
-    totals = torch.tensor(
-        [[losses[s.job_id].item(), tokens[s.job_id]] for s in active], device=ctx.device
+    # Every job's loss and tokens in one tensor: one all-reduce and one sync for the metrics.
+    totals = torch.stack(
+        [torch.stack([losses[s.job_id].detach().float(), tokens[s.job_id].float()]) for s in active]
     )
     dist.all_reduce(totals)
-    pack_tokens = float(totals[:, 1].sum())
-    for slot, (loss_sum, slot_tokens), norm in zip(active, totals.tolist(), norms, strict=True):
+    reduced = totals.tolist()
+    pack_tokens = sum(slot_tokens for _, slot_tokens in reduced)
+    for slot, (loss_sum, slot_tokens), norm in zip(active, reduced, norms, strict=True):
         mean_loss = loss_sum / ctx.world_size
         slot.trained_tokens += int(slot_tokens)
         slot.last_loss = mean_loss

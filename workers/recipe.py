@@ -20,18 +20,27 @@ import torch
 import torch.distributed as dist
 
 from core.objectstore import open_object_store
+from core.run_states import run_actor_name
 from core.spec import RunSpec
 from workers.base_models import resolve_base_model
+from workers.chunked_loss import DEFAULT_CHUNK_TOKENS
 from workers.deepspeed_config import build_deepspeed_config
 from workers.deepspeed_ops import use_prebuilt_ops
 from workers.job_slot import JobSlot, SlotState, load_job_slot
-from workers.pack_step import PackContext, fail_slot, report_job_failure, train_step
+from workers.pack_step import (
+    PackContext,
+    fail_slot,
+    report_job_failure,
+    train_step,
+    use_gradient_checkpointing,
+)
 from workers.packed_lora import (
     Routing,
     matching_linear_layers,
     slot_parameters,
     wrap_linear_layers,
 )
+from workers.placement_groups import record_placement_group
 from workers.run_events import EventNumbering
 from workers.setup_guard import SetupPhases
 from workers.slot_io import checkpoint_slot, publish_slot, resume_slot
@@ -140,6 +149,9 @@ class PackTrainingRecipe:
         # No optimizer: DeepSpeed only partitions the frozen base and gathers it on use.
         self.engine, *_ = deepspeed.initialize(model=base, config=self.ds_config)
         self.model = self.engine.module
+        # A run spec carries these where its builder sets them (a pack host's spec does).
+        if getattr(self.spec, "gradient_checkpointing", False):
+            use_gradient_checkpointing(self.model, self.routing)
 
     def _setup_slots(self) -> None:
         """Wraps the union of the jobs' target layers; each job gets factors where it asked."""
@@ -198,6 +210,8 @@ class PackTrainingRecipe:
         dist.all_gather_object(processes, mine)
         if self.rank == 0:
             ray.get(self.reporter.register_workers.remote(processes))
+            # So that the scheduler can free it should Ray not (workers/placement_groups.py).
+            record_placement_group(run_actor_name(self.spec.run_id))
 
     # ---- reporting ---------------------------------------------------------------------
     def _report(
@@ -228,6 +242,7 @@ class PackTrainingRecipe:
             rank=self.rank,
             world_size=self.world_size,
             report=self._report,
+            loss_chunk_tokens=getattr(self.spec, "loss_chunk_tokens", DEFAULT_CHUNK_TOKENS),
         )
 
     # ---- train -------------------------------------------------------------------------

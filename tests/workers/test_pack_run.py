@@ -8,6 +8,8 @@ build leaves it): setup must not wait on it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +200,133 @@ def _base_parameters(path: Path) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     return list(AutoModelForCausalLM.from_pretrained(path).parameters())
+
+
+GRADIENT_CHECKPOINTED_JOB = job(
+    "job-gc",
+    1,
+    LoraSettings(r=4, alpha=8, dropout=0.2),  # dropout: the recompute must redraw the same masks
+    n_epochs=1,
+    learning_rate=2e-2,
+    seed=5,
+)
+
+
+def test_gradient_checkpointing_trains_as_without_it(
+    tiny_base: Path, store_config: ObjectStoreConfig, tmp_path: Path
+) -> None:
+    """Three steps of a job (LoRA dropout on) on the real step under ZeRO-3, once keeping the
+    activations and once recomputing them in backward: same losses and factors (fp32, 1e-6),
+    and the recompute really happened (a decoder layer's attention ran twice per step)."""
+    results = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"checkpointing-{checkpointing}.pt"
+        code = (
+            "import sys; from tests.workers.test_pack_run import steps_in_one_rank; "
+            "steps_in_one_rank(sys.argv[1], sys.argv[2], sys.argv[3] == 'True', sys.argv[4])"
+        )
+        args = [str(tiny_base), store_config.url, str(checkpointing), str(out)]
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            cwd=Path(__file__).parents[2],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[checkpointing] = torch.load(out)
+    plain, recomputed = results[False], results[True]
+    assert plain["layer_calls"] == [1, 1, 1] and recomputed["layer_calls"] == [2, 2, 2]
+    assert len(plain["losses"]) == 3
+    for ours, reference in zip(recomputed["losses"], plain["losses"], strict=True):
+        assert abs(ours - reference) <= 1e-6, (recomputed["losses"], plain["losses"])
+    factors = plain["factors"]
+    worst = max((recomputed["factors"][k] - factors[k]).abs().max().item() for k in factors)
+    assert worst <= 1e-6, f"gradient checkpointing changed the factors by {worst}"
+    assert any(t.abs().max() > 1e-4 for k, t in factors.items() if "lora_B" in k)
+
+
+def steps_in_one_rank(base: str, store_url: str, checkpointing: bool, out: str) -> None:
+    """Runs in a process of its own (a one-rank gloo group, DeepSpeed ZeRO-3): three steps of
+    GRADIENT_CHECKPOINTED_JOB through `train_step`, saved to `out`."""
+    import os
+    import socket
+    from dataclasses import replace
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from workers.deepspeed_config import build_deepspeed_config
+    from workers.deepspeed_ops import use_prebuilt_ops
+    from workers.job_slot import load_job_slot
+    from workers.pack_step import PackContext, train_step, use_gradient_checkpointing
+    from workers.packed_lora import (
+        Routing,
+        matching_linear_layers,
+        slot_parameters,
+        slot_state_dict,
+        wrap_linear_layers,
+    )
+    from workers.recipe import DROPOUT_STREAM, INIT_STREAM
+
+    use_prebuilt_ops()
+    deepspeed.init_distributed(dist_backend="gloo")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    ds_config = build_deepspeed_config(
+        micro_batch_per_rank=1, precision="fp32", param_persistence_threshold=0
+    )
+    keep_zero_init = HfDeepSpeedConfig(ds_config)  # noqa: F841 - zero.Init while it lives
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    model = engine.module
+    routing = Routing()
+    if checkpointing:
+        use_gradient_checkpointing(model, routing)
+    layers = wrap_linear_layers(model, matching_linear_layers(model, "all-linear"), routing)
+    job_spec = replace(GRADIENT_CHECKPOINTED_JOB, base_model_uri=base)
+    slot = load_job_slot(
+        job_spec, open_object_store(ObjectStoreConfig(url=store_url)), tokenizer, 1
+    )
+    init = slot.generator(INIT_STREAM)
+    for path in sorted(layers):
+        layers[path].add_slot(slot.config, init, torch.device("cpu"))
+    slot.setup_optimizer(slot_parameters(model, slot.job_id))
+    routing.generators[slot.job_id] = slot.generator(DROPOUT_STREAM)
+    calls = [0]
+    # A pre-hook: torch stops a recompute early, once it has what backward needs.
+    attention = model.model.layers[0].self_attn
+    attention.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    events: list[tuple[Any, ...]] = []
+    ctx = PackContext(
+        model=model,
+        routing=routing,
+        pad_token_id=tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        report=lambda *event: events.append(event),
+    )
+    model.train()
+    layer_calls = []
+    for _ in range(3):
+        calls[0] = 0
+        train_step(ctx, [slot])
+        layer_calls.append(calls[0])
+    losses = [e[3]["train_loss"] for e in events if e[1] == "metrics"]
+    torch.save(
+        {
+            "losses": losses,
+            "layer_calls": layer_calls,
+            "factors": slot_state_dict(model, slot.job_id),
+        },
+        out,
+    )
