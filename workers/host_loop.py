@@ -44,6 +44,7 @@ from workers.packed_lora import (
 from workers.placement_groups import record_placement_group
 from workers.recipe import DROPOUT_STREAM, INIT_STREAM
 from workers.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
+from workers.slot_io import partitioning
 from workers.slot_writer import SlotWriter
 
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
@@ -366,9 +367,12 @@ class HostWorker:
 
     def _publish(self, slot: JobSlot) -> None:
         slot.state = SlotState.DONE
+        # What each rank holds of the frozen base (ZeRO-3), shown with the published adapter
+        # as a run shows it; every rank takes part (a collective), once per job.
+        held = partitioning(self.ctx)
         if self.writer is not None:
             factors = slot_state_dict(self.model, slot.job_id)  # copies, taken now
-            extra = {"steps": slot.step, "pack_size": len(self.slots)}
+            extra = {"steps": slot.step, "pack_size": len(self.slots), "partitioning": held}
             self.writer.publish(slot.spec, self.paths[slot.job_id], factors, extra)
         self._leave(slot)
 
