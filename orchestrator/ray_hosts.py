@@ -20,6 +20,7 @@ from core.host_protocol import (
 )
 from core.run_states import STOP_ALL
 from orchestrator.settings import Settings
+from workers.placement_groups import release_orphaned_placement_groups
 
 CALL_TIMEOUT_S = 30
 START_TIMEOUT_S = 60
@@ -91,7 +92,8 @@ class RayHosts:
             ray.kill(actor)
 
     def reap(self) -> list[str]:
-        """Removes host actors whose workers have ended (idle, stopped or failed)."""
+        """Removes host actors whose workers have ended (idle, stopped or failed), then the
+        placement groups of hosts and runs that are gone (`workers.placement_groups`)."""
         reaped = []
         for host_id in self.list_hosts():
             actor = self._actor(host_id)
@@ -106,4 +108,5 @@ class RayHosts:
             if finished:
                 ray.kill(actor)
                 reaped.append(host_id)
+        release_orphaned_placement_groups(self.namespace)
         return reaped

@@ -16,6 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from core.spec import RunSpec
 from orchestrator.settings import Settings
+from workers.placement_groups import release_orphaned_placement_groups
 from workers.run_actor import STOP_ALL, RunActor, run_actor_name
 
 START_TIMEOUT_S = 30
@@ -106,7 +107,8 @@ class RayRuns:
 
     def reap(self, live_run_ids: set[str]) -> list[str]:
         """Removes run actors no live job needs once their fit() has returned (or once
-        they no longer answer)."""
+        they no longer answer), then the placement groups of runs and hosts that are gone
+        (`workers.placement_groups`: Ray may leave them reserved)."""
         reaped = []
         for entry in ray.util.list_named_actors(all_namespaces=True):
             # Whatever namespace this driver joined with, only ours, and only runs.
@@ -125,4 +127,5 @@ class RayRuns:
             if finished:
                 ray.kill(actor)
                 reaped.append(run_id)
+        release_orphaned_placement_groups(self.namespace)
         return reaped
