@@ -269,6 +269,8 @@ class HostScheduling:
             checkpoint_every_steps=settings.checkpoint_every_steps,
             checkpoint_keep_last=settings.checkpoint_keep_last,
             max_job_restarts=settings.max_worker_restarts,
+            loss_chunk_tokens=settings.loss_chunk_tokens,
+            gradient_checkpointing=settings.gradient_checkpointing,
         )
         try:
             self.hosts.start_host(spec)
