@@ -40,7 +40,8 @@ demo: $(STAMP)
 
 # The browser stage (the dashboard in Debian's chromium) runs after the main suite.
 test: $(STAMP) system-packages
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not faults and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "faults and not browser"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m browser
 
 test-quick: $(STAMP)

@@ -11,7 +11,7 @@ from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, started, submit, upload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 def test_a_killed_control_plane_loses_nothing(server: LorafleetServer) -> None:

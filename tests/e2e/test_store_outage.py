@@ -16,7 +16,7 @@ from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, started, submit, upload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 OUTAGE_S = 8
 EPOCHS, BATCH = 8, 4
 TOTAL_STEPS = EPOCHS * len(DATA) // BATCH  # checkpoints at each epoch's end, publish at the last

@@ -18,7 +18,7 @@ import pytest
 from tests.e2e.conftest import LorafleetServer
 from tests.services.radosgw import RadosGW
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 CLIENTS, PER_CLIENT, RESTARTS = 8, 25, 3
 
 

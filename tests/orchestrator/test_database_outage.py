@@ -57,6 +57,7 @@ def upload(client: TestClient, name: str) -> Any:  # TestClient's response type
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_the_api_answers_503_and_the_scheduler_rides_out_a_database_outage(
     own_postgres: postgres_service.Postgres,
     ray_address: str,

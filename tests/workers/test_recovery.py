@@ -20,7 +20,7 @@ from core.spec import JobSpec, LoraSettings, TrainingSettings
 from tests.workers.conftest import adapter, run, spec_for
 from workers.run_actor import FAILED, SUCCEEDED
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 JOB = JobSpec(
     job_id="job-r",
