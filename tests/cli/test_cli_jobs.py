@@ -109,6 +109,7 @@ def test_exit_codes_for_failed_cancelled_and_bad_input(
     assert lorafleet(server, "jobs", "get", "ftjob-nope")[0] == 2
 
 
+@pytest.mark.faults
 def test_watch_survives_a_server_restart_without_showing_a_step_twice(
     server: LorafleetServer, training_file: Path, tmp_path: Path
 ) -> None:

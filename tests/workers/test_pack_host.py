@@ -206,6 +206,7 @@ def test_a_job_joins_a_running_pack_and_both_train_exactly_as_alone(
     free_placement_groups()
 
 
+@pytest.mark.faults
 def test_a_worker_killed_after_a_late_join_brings_every_member_back(
     ray_address: str,
     tiny_base: Path,
