@@ -1,5 +1,6 @@
-"""Packing as a user sees it: jobs submitted together share one run, a short one succeeds
-while the others still train, and cancelling one leaves the other running to the end."""
+"""Packing as a user sees it (the default mode, warm pack hosts): jobs submitted together
+share one pack host and train in one pack, a short one succeeds while the others still
+train, and cancelling one leaves the other running to the end."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_jobs_submitted_together_share_a_run_and_leave_it_one_by_one(
         )
         assert status(client, long["id"]) == "running"
         assert status(client, doomed["id"]) == "running"
-        assert len({run_of(server, client, i) for i in ids}) == 1
+        hosts = {run_of(server, client, i) for i in ids}
+        assert len(hosts) == 1 and next(iter(hosts)).startswith("host-"), hosts
         first = next(e for e in server.all_events(client, short["id"]) if e["type"] == "metrics")
         assert first["data"]["pack_size"] == 3
         adapter = client.get(f"/v1/fine_tuning/jobs/{short['id']}/adapter", follow_redirects=True)
