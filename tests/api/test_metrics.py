@@ -194,13 +194,24 @@ def exposition_of_registry() -> str:
 
 
 @pytest.mark.slow
-def test_a_trained_job_shows_in_runs_slots_steps_and_publish_seconds(
-    settings: Settings, ray_address: str
+@pytest.mark.parametrize(
+    ("mode", "busy"), [("hosts", ("hosts", "busy")), ("window", ("window", "running"))]
+)
+def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
+    settings: Settings, ray_address: str, mode: str, busy: tuple[str, str]
 ) -> None:
-    """One real job (Ray Train + DeepSpeed, window mode) through the API with its scheduler:
-    while it trains, one run and one slot; once published, the publish histogram holds the
-    seconds its worker put in the published event, and every stored step was counted."""
-    on_ray = settings.model_copy(update={"scheduler_poll_seconds": 0.2, "pack_window_seconds": 0.0})
+    """One real job (Ray Train + DeepSpeed, on a pack host or in a run of its own) through
+    the API with its scheduler: while it trains, one busy host or run and one slot; once
+    published, the publish histogram holds the seconds its worker put in the published
+    event (each mode has its own publish path), and every stored step was counted."""
+    on_ray = settings.model_copy(
+        update={
+            "scheduling_mode": mode,
+            "scheduler_poll_seconds": 0.2,
+            "pack_window_seconds": 0.0,
+            "host_idle_seconds": 2.0,  # the host leaves the session's Ray soon after
+        }
+    )
     with TestClient(create_app(on_ray, run_scheduler=True)) as client:
         before = samples(client.get("/metrics").text)
         file_id = upload(client, GOOD_RECORDS * 8)["id"]
@@ -223,9 +234,9 @@ def test_a_trained_job_shows_in_runs_slots_steps_and_publish_seconds(
         data: list[dict[str, Any]] = []
         page = {"has_more": True, "data": [{"id": None}]}
         while page["has_more"]:
-            after = {"after": page["data"][-1]["id"]} if data else {}
+            cursor = {"after": page["data"][-1]["id"]} if data else {}
             page = client.get(
-                f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, **after}
+                f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, **cursor}
             ).json()
             data += page["data"]
     # Stored as a "message" (OpenAI's event types); the worker's data is kept as it sent it.
@@ -233,7 +244,7 @@ def test_a_trained_job_shows_in_runs_slots_steps_and_publish_seconds(
     assert len(published) == 1, [e["message"] for e in data]
     steps = [e for e in data if e["type"] == "metrics" and "step" in (e["data"] or {})]
     assert seen_training, "never saw the job's slot in use"
-    assert hosts(seen_training[-1], "window", "running") == 1
+    assert hosts(seen_training[-1], *busy) == 1
     assert after[("lorafleet_slots_in_use", ())] == 0
 
     def delta(name: str) -> float:
