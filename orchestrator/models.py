@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -28,6 +28,8 @@ class FileRow(Base):
 
 class JobRow(Base):
     __tablename__ = "jobs"
+    # A list page walks this index newest first and stops after limit + 1 rows.
+    __table_args__ = (Index("ix_jobs_tenant_newest", "tenant", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128), index=True)
