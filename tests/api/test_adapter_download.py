@@ -41,7 +41,7 @@ def succeeded_job(client: TestClient, folder: Path) -> tuple[str, dict[str, byte
     """A job taken to succeeded through the store's own transitions, its adapter published
     (and archived) by the same code the scheduler uses."""
     services = client.app.state.services  # type: ignore[attr-defined]
-    file_id = upload(client, GOOD_RECORDS)["id"]
+    file_id = upload(client, GOOD_RECORDS)["id"]  # type: ignore[arg-type]
     job_id = client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]

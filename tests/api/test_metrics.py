@@ -39,7 +39,7 @@ def samples(text: str) -> Samples:
 
 
 def test_metrics_count_jobs_by_status(client: TestClient) -> None:
-    file_id = upload(client, GOOD_RECORDS)["id"]
+    file_id = upload(client, GOOD_RECORDS)["id"]  # type: ignore[arg-type]
     for _ in range(2):
         client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id})
     job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id})
@@ -53,7 +53,7 @@ def test_metrics_count_jobs_by_status(client: TestClient) -> None:
 
 
 def test_api_latency_is_labelled_by_route_template_never_by_job_id(client: TestClient) -> None:
-    file_id = upload(client, GOOD_RECORDS)["id"]
+    file_id = upload(client, GOOD_RECORDS)["id"]  # type: ignore[arg-type]
     job_id = client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]
@@ -214,7 +214,7 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
     )
     with TestClient(create_app(on_ray, run_scheduler=True)) as client:
         before = samples(client.get("/metrics").text)
-        file_id = upload(client, GOOD_RECORDS * 8)["id"]
+        file_id = upload(client, GOOD_RECORDS * 8)["id"]  # type: ignore[arg-type]
         job_id = client.post(
             "/v1/fine_tuning/jobs",
             json={"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 2}},
@@ -232,7 +232,7 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
         wait_for_condition(done, timeout=300, interval=0.2, what=f"{job_id} to succeed")
         after = samples(client.get("/metrics").text)
         data: list[dict[str, Any]] = []
-        page = {"has_more": True, "data": [{"id": None}]}
+        page: dict[str, Any] = {"has_more": True, "data": [{"id": None}]}
         while page["has_more"]:
             cursor = {"after": page["data"][-1]["id"]} if data else {}
             page = client.get(
