@@ -54,6 +54,8 @@ class PackTrainingRecipe:
         self.reporter = reporter  # the run's actor; only rank 0 talks to it
         self.slots: list[JobSlot] = []
         self.routing = Routing()
+        self._stops: set[str] = set()  # rank 0: the jobs to stop, as last heard
+        self._stop_asked: Any = None  # rank 0: the stop request in flight
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -247,12 +249,17 @@ class PackTrainingRecipe:
 
     # ---- train -------------------------------------------------------------------------
     def _stop_requests(self) -> set[str]:
-        """Rank 0 asks the run's actor which jobs to stop; every rank must agree on it."""
+        """Which jobs to stop, the same on every rank. Rank 0 never waits for the run's actor
+        on the step's path: it takes the answer to the request sent at an earlier boundary
+        if it has arrived (else the stops it knew), and sends the next request."""
         import ray
 
-        box: list[Any] = [
-            sorted(ray.get(self.reporter.stop_requests.remote())) if self.rank == 0 else None
-        ]
+        if self.rank == 0:
+            ready, _ = ray.wait([self._stop_asked], timeout=0)
+            if ready:
+                self._stops = set(ray.get(ready[0]))
+                self._stop_asked = self.reporter.stop_requests.remote()
+        box: list[Any] = [sorted(self._stops) if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return set(box[0])
 
@@ -264,6 +271,8 @@ class PackTrainingRecipe:
             return
         self.model.train()
         ctx = self.ctx
+        if self.rank == 0:
+            self._stop_asked = self.reporter.stop_requests.remote()
         while True:
             stop = self._stop_requests()
             for slot in self.active():
