@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from api.server_process import ServerProcess
+from core.host_protocol import HOST_PREFIX
 from tests.conftest import wait_for_condition
 from tests.services.radosgw import RadosGW
 
@@ -27,6 +28,11 @@ class LorafleetServer(ServerProcess):
 
     bucket: str = ""
     s3: RadosGW | None = None
+
+    @property
+    def namespace(self) -> str:
+        """The Ray namespace of this server's pack hosts and runs."""
+        return self.env.get("LORAFLEET_RAY_NAMESPACE", "lorafleet")
 
     def wait_until_terminal(
         self, client: httpx.Client, job_id: str, timeout: float = 400
@@ -90,9 +96,22 @@ def server(
         # The default scheduling mode (warm pack hosts); a host with no job ends after a few
         # seconds here, so a test can see it end and give its CPUs back.
         "LORAFLEET_HOST_IDLE_SECONDS": "5",
+        # Its own Ray namespace: pack hosts outlive a serve (detached, by design), and a
+        # later module's serve on the same Ray cluster must not adopt this one's hosts.
+        "LORAFLEET_RAY_NAMESPACE": bucket,
         "RAY_ADDRESS": ray_address,
     }
     server = LorafleetServer(env=env, log=folder / "server.log", bucket=bucket, s3=radosgw)
     server.start()
     yield server
     server.stop()
+    end_pack_hosts(bucket)
+
+
+def end_pack_hosts(namespace: str) -> None:
+    """Ends the pack hosts a test's serve left in its namespace (they outlive the serve)."""
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace and entry["name"].startswith(HOST_PREFIX):
+            ray.kill(ray.get_actor(entry["name"], namespace=namespace))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for_condition
-from tests.e2e.conftest import LorafleetServer
+from tests.e2e.conftest import LorafleetServer, end_pack_hosts
 from tests.e2e.test_bf16_packing_over_http import adapter_tensors
 from tests.e2e.test_training_job import DATA, submit, upload
 
@@ -36,6 +36,7 @@ def hosts_server(
                 scheduler_poll_seconds="0.2",
                 host_idle_seconds="30",
                 max_concurrent_runs="1",
+                ray_namespace=folder.name,  # its own hosts only (see tests/e2e/conftest.py)
             ).env,
             "RAY_ADDRESS": ray_address,
         },
@@ -44,6 +45,7 @@ def hosts_server(
     server.start()
     yield server
     server.stop()
+    end_pack_hosts(server.namespace)
 
 
 FP32 = {"precision": "fp32"}

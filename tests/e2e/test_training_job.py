@@ -175,7 +175,7 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
         host_id = started(server, client, job_id)["run_id"]
         assert host_id.startswith("host-"), host_id
         run_name = host_actor_name(host_id)
-        host: Any = ray.get_actor(run_name, namespace="lorafleet")  # alive while it trains
+        host: Any = ray.get_actor(run_name, namespace=server.namespace)  # alive while it trains
         report: dict[str, Any] = ray.get(host.poll.remote({}))
         assert job_id in report["jobs"]
         cancelling = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
@@ -192,7 +192,7 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
 
         def run_gone() -> bool:
             try:
-                ray.get_actor(run_name, namespace="lorafleet")
+                ray.get_actor(run_name, namespace=server.namespace)
             except ValueError:
                 return True
             return False
