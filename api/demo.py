@@ -11,10 +11,12 @@ from typing import Any
 
 from rich.console import Console
 
+from api.client import LorafleetClient
 from api.server_process import ServerExited, ServerProcess
 from api.watch import watch_jobs
 
 BASE_NAME = "tiny-llama"
+JOIN_AFTER_S = 3.0  # the second job arrives this long after the first one's first step
 console = Console()
 
 FACTS = {"the sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
@@ -82,7 +84,7 @@ def _quiet_noise() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _job_body(name: str, file_id: str) -> dict[str, Any]:
+def _job_body(name: str, file_id: str, epochs: int) -> dict[str, Any]:
     return {
         "model": BASE_NAME,
         "training_file": file_id,
@@ -90,11 +92,53 @@ def _job_body(name: str, file_id: str) -> dict[str, Any]:
         "seed": 7,
         "method": {
             "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 8}},
+            "supervised": {"hyperparameters": {"n_epochs": epochs, "batch_size": 8}},
         },
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
         "training": {"learning_rate": 1e-2, "max_seq_len": 64},
     }
+
+
+def _first_step(api: LorafleetClient, job_id: str, timeout: float = 600) -> dict[str, Any]:
+    """The data of the job's first metrics event (it is training), polled over the API."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [e["data"] for e in api.events(job_id) if e["type"] == "metrics"]
+        if steps:
+            return steps[0]
+        if api.get_job(job_id)["status"] in ("succeeded", "failed", "cancelled"):
+            raise SystemExit(f"{job_id} ended before its first step: {api.get_job(job_id)}")
+        time.sleep(0.3)
+    raise SystemExit(f"{job_id} made no training step in {timeout:.0f} s")
+
+
+def _print_join(api: LorafleetClient, job_ids: dict[str, str], submitted: float) -> None:
+    """What the API shows about the join: each job's pack host (its "started" event), the
+    pack size the second job joined at, and the first job's pack size over its steps."""
+    events = {name: api.events(job_id) for name, job_id in job_ids.items()}
+    hosts = {
+        name: next((e["data"]["run_id"] for e in found if "run_id" in (e["data"] or {})), "?")
+        for name, found in events.items()
+    }
+    joined: dict[str, Any] = next(
+        (
+            e["data"]
+            for e in events["facts"]
+            if "pack_size" in (e["data"] or {}) and e["type"] != "metrics"
+        ),
+        {},
+    )
+    steps = [e["data"] for e in events["facts"] if e["type"] == "metrics"]
+    first_step = f"{steps[0]['time'] - submitted:.1f} s" if steps and "time" in steps[0] else "?"
+    sizes = [e["data"]["pack_size"] for e in events["shout"] if e["type"] == "metrics"]
+    changes = [str(s) for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
+    same = "the running" if hosts["facts"] == hosts["shout"] else "another"
+    console.print(
+        f"facts joined {same} pack host {hosts['facts']} (shout's: {hosts['shout']}) at host "
+        f"step {joined.get('host_step', '?')}, in a pack of {joined.get('pack_size', '?')}; "
+        f"submit → first step {first_step}\n"
+        f"shout's pack size over its steps: {' → '.join(changes)}"
+    )
 
 
 def run_demo(folder: Path, port: int) -> None:
@@ -124,13 +168,24 @@ def run_demo(folder: Path, port: int) -> None:
             console.print(
                 f"Server up on {server.url} (dashboard: {server.url}/, log: {server.log})"
             )
-            job_ids = {}
-            for name, rows in _datasets().items():
-                file_id = api.upload_records(name, rows)["id"]
-                name = name.removesuffix(".jsonl")
-                job_ids[name] = api.create_job(_job_body(name, file_id))["id"]
-            console.print(f"Submitted {len(job_ids)} jobs: {', '.join(job_ids.values())}")
+            files = {
+                name.removesuffix(".jsonl"): api.upload_records(name, rows)["id"]
+                for name, rows in _datasets().items()
+            }
+            # The first job starts a pack host (cold: worker group, model load, DeepSpeed);
+            # the second arrives while it trains and joins that warm host at a step boundary.
+            job_ids = {"shout": api.create_job(_job_body("shout", files["shout"], 30))["id"]}
+            console.print(f"Submitted shout ({job_ids['shout']}); a pack host starts for it")
+            step = _first_step(api, job_ids["shout"])
+            console.print(
+                f"shout is training (step {step['step']}/{step['total_steps']}); "
+                f"submitting facts in {JOIN_AFTER_S:g} s, while it trains"
+            )
+            time.sleep(JOIN_AFTER_S)
+            submitted = time.time()
+            job_ids["facts"] = api.create_job(_job_body("facts", files["facts"], 10))["id"]
             finished = watch_jobs(api, job_ids, console)
+            _print_join(api, job_ids, submitted)
             for name, job_id in job_ids.items():
                 job = finished[job_id]
                 if job["status"] != "succeeded":

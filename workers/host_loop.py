@@ -48,6 +48,9 @@ from workers.slot_io import partitioning
 from workers.slot_writer import SlotWriter
 
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
+# An idle host holds back jobs that loaded while others announced with them still load (at
+# most this long): jobs that arrive together start in one pack, and nobody waits on them.
+JOIN_TOGETHER_SECONDS = 5.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class HostWorker:
         self.slots: list[JobSlot] = []
         self.paths: dict[str, list[str]] = {}
         self.pending: dict[str, PendingJoin] = {}
+        self._holding_since: float | None = None  # idle, holding loaded joins back (rank 0)
         self.outbox: list[dict[str, Any]] = []
         self._outbox_lock = threading.Lock()
         self.steps = 0
@@ -264,18 +268,35 @@ class HostWorker:
         """One all-reduce over every pending join: live when all ranks loaded it, failed when
         any rank could not, else it waits for the next boundary."""
         ids = sorted(self.pending)
+        # The last row is rank 0's clock, the same decision on every rank: held long enough.
+        held_too_long = (
+            self.rank == 0
+            and self._holding_since is not None
+            and time.monotonic() - self._holding_since > JOIN_TOGETHER_SECONDS
+        )
         flags = torch.tensor(
             [
-                [
-                    float(self.pending[i].done.is_set() and self.pending[i].error is None),
-                    float(self.pending[i].error is not None),
-                ]
-                for i in ids
+                *(
+                    [
+                        float(self.pending[i].done.is_set() and self.pending[i].error is None),
+                        float(self.pending[i].error is not None),
+                    ]
+                    for i in ids
+                ),
+                [float(held_too_long), 0.0],
             ],
             dtype=torch.float64,
         )
         dist.all_reduce(flags)
-        for job_id, (loaded, failed) in zip(ids, flags.tolist(), strict=True):
+        *per_job, (expired, _) = flags.tolist()
+        idle = not any(slot.state is SlotState.TRAINING for slot in self.slots)
+        loading = any(failed == 0 and loaded < self.world_size for loaded, failed in per_job)
+        hold = idle and loading and not expired
+        if hold and self._holding_since is None:
+            self._holding_since = time.monotonic()
+        elif not hold:
+            self._holding_since = None
+        for job_id, (loaded, failed) in zip(ids, per_job, strict=True):
             if failed > 0:
                 pending = self.pending.pop(job_id)
                 error = pending.error or RuntimeError("another worker could not load the job")
@@ -285,7 +306,7 @@ class HostWorker:
                     f"Training failed: {type(error).__name__}: {error}",
                     {"error": str(error)},
                 )
-            elif loaded == self.world_size:
+            elif loaded == self.world_size and not hold:
                 self._go_live(self.pending.pop(job_id))
 
     def _go_live(self, pending: PendingJoin) -> None:
