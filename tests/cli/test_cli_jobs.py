@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -14,8 +15,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.layout import file_key
-from orchestrator.api_keys import OPEN_TENANT
 from tests.cli.conftest import DATA, lorafleet
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
@@ -74,22 +73,23 @@ def test_create_watch_succeeds_and_the_download_loads_in_peft(
 
 
 def test_exit_codes_for_failed_cancelled_and_bad_input(
-    server: LorafleetServer, training_file: Path
+    server: LorafleetServer, training_file: Path, tmp_path: Path
 ) -> None:
-    # Failed: the training file vanishes from the object store before the run reads it.
+    # Failed: every prompt is longer than max_seq_len, so no example keeps a trained token;
+    # only the worker's tokenizer can see that, so the job is accepted and fails in training.
+    too_long = tmp_path / "too-long.jsonl"
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    too_long.write_text(
+        "\n".join(
+            json.dumps({"prompt": "".join(rng.choices(letters, k=6000)), "completion": "ok"})
+            for _ in range(4)
+        )
+    )
     code, job_id = lorafleet(
-        server, "jobs", "create", "--model", "tiny-llama", "--training-file", str(training_file)
+        server, "jobs", "create", "--model", "tiny-llama", "--training-file", str(too_long)
     )
     job_id = job_id.strip()
-    with server.api() as api:
-        wait_for_condition(
-            lambda: api.get_job(job_id)["status"] != "validating_files", what="queued"
-        )
-        file_id = api.get_job(job_id)["training_file"]
-    assert server.s3 is not None
-    server.s3.client().delete_object(
-        Bucket=server.bucket, Key=f"lorafleet/{file_key(OPEN_TENANT, file_id)}"
-    )
     code, out = lorafleet(server, "jobs", "watch", job_id)
     assert code == 1, out
     assert "failed" in out

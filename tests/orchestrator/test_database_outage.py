@@ -68,7 +68,9 @@ def test_the_api_answers_503_and_the_scheduler_rides_out_a_database_outage(
     # Acknowledged means durable: the test server's default (synchronous_commit=off) could
     # lose the last commits to an immediate stop, which is not what this test is about.
     own_postgres.psql("ALTER DATABASE outage SET synchronous_commit = on")
-    settings = Settings(data_dir=tmp_path, database_url=url, ray_address=ray_address)
+    settings = Settings(
+        data_dir=tmp_path, database_url=url, ray_address=ray_address, scheduling_mode="window"
+    )
     with TestClient(create_app(settings)) as client:
         before = upload(client, "before.jsonl")
         assert before.status_code == 200, before.text

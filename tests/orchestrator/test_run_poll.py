@@ -86,6 +86,7 @@ def test_a_hung_run_costs_only_its_own_jobs(ray_address: str, tmp_path: Path) ->
         database_url=f"sqlite:///{tmp_path / 'lorafleet.db'}",
         object_store=str(tmp_path / "objects"),
         ray_address=ray_address,
+        scheduling_mode="window",  # this test is about runs (one actor per pack), not hosts
         run_poll_timeout_seconds=POLL_TIMEOUT_S,
         max_run_poll_timeouts=3,
         pack_window_seconds=3600,  # a requeued job waits: nothing new is launched here
