@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 
