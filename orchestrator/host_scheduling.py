@@ -25,19 +25,18 @@ from typing import Any
 
 from core.host_protocol import AdmissionRequest, HostReport, HostShape, HostSpec, PackHosts
 from core.objectstore import ObjectStore
-from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.run_states import RunJobState
 from orchestrator.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.errors import InvalidTransition
 from orchestrator.host_sizing import HostSizing, demand_of
-from orchestrator.jobs import fine_tuned_model_name, job_spec_for
+from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name, job_spec_for
 from orchestrator.memory_estimate import SlotDemand
 from orchestrator.metrics import Capacity, observe_training
 from orchestrator.models import JobRow
 from orchestrator.packing import wants_packing
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
-from orchestrator.store import JobStore, new_id, now
+from orchestrator.store import JobStore, new_id
 
 log = logging.getLogger(__name__)
 
@@ -341,11 +340,9 @@ class HostScheduling:
 
     # ---- outcomes (each a guarded change: a job that moved on is left alone) ----
     def _succeed(self, job: JobRow) -> None:
-        try:
-            verify_adapter(self.objects, job.tenant, job.id, job.attempt)
-            store_adapter_archive(self.objects, job.tenant, job.id, job.attempt, mtime=now())
-        except PublishError as exc:
-            self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
+        problem = archive_published_adapter(self.objects, job)
+        if problem:
+            self._fail(job, "infrastructure", problem)
             return
         log.info("job %s succeeded", job.id, extra=_context(job))
         self._guarded(

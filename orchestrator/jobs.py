@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from core.layout import adapter_prefix, checkpoint_prefix, file_key
+from core.objectstore import ObjectStore
+from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from orchestrator.idempotency import Idempotency
@@ -187,6 +189,17 @@ def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:
     if status == JobStatus.CANCELLING:
         return job
     raise Conflict(f"job {job_id} is already {status.value} and cannot be cancelled")
+
+
+def archive_published_adapter(objects: ObjectStore, job: JobRow) -> str | None:
+    """Checks the current attempt's adapter against its manifest (a stale attempt wrote
+    elsewhere) and stores its download archive; returns what is wrong, if anything."""
+    try:
+        verify_adapter(objects, job.tenant, job.id, job.attempt)
+        store_adapter_archive(objects, job.tenant, job.id, job.attempt, mtime=now())
+    except PublishError as exc:
+        return f"adapter was not published whole: {exc}"
+    return None
 
 
 def fine_tuned_model_name(job: JobRow) -> str:

@@ -19,18 +19,17 @@ from sqlalchemy.exc import DBAPIError
 from core.host_protocol import PackHosts
 from core.layout import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore
-from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.host_scheduling import HostScheduling, on_host
-from orchestrator.jobs import fine_tuned_model_name, run_spec_for
+from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name, run_spec_for
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training, record_capacity
 from orchestrator.models import JobRow
 from orchestrator.packing import plan_packs, wants_packing
 from orchestrator.runs import UNRESPONSIVE, RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
-from orchestrator.store import JobStore, new_id, now
+from orchestrator.store import JobStore, new_id
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +292,9 @@ class Scheduler:
         return stored
 
     def _succeed(self, job: JobRow) -> None:
-        # Only the current attempt's adapter counts: a stale attempt wrote elsewhere.
-        try:
-            verify_adapter(self.objects, job.tenant, job.id, job.attempt)
-            store_adapter_archive(self.objects, job.tenant, job.id, job.attempt, mtime=now())
-        except PublishError as exc:
-            self._fail(job, "infrastructure", f"adapter was not published whole: {exc}")
+        problem = archive_published_adapter(self.objects, job)
+        if problem:
+            self._fail(job, "infrastructure", problem)
             return
         log.info("job %s succeeded", job.id, extra=job_context(job))
         self._guarded(
