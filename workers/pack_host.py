@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from core.host_protocol import (
     JobReport,
 )
 from core.run_states import STOP_ALL, RunJobState
-from workers.run_actor import _failure_code, _root_cause
+from workers.ray_trainer import FitFailure, trainer_for
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     RunJobState.RUNNING,
@@ -85,40 +84,27 @@ class PackHost:
             self._thread.start()
 
     def _fit(self) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
         from workers.host_loop import host_loop_per_worker
 
         spec, shape = self.spec, self.spec.shape
-        trainer = TorchTrainer(
+        trainer = trainer_for(
             host_loop_per_worker,
-            train_loop_config={"spec": spec, "host": ray.get_runtime_context().current_actor},
-            scaling_config=ScalingConfig(
-                num_workers=shape.num_workers,
-                use_gpu=shape.use_gpu,
-                resources_per_worker={"CPU": 1, **({"GPU": 1} if shape.use_gpu else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if shape.use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=f"host-{spec.host_id}",
-                storage_path=str(spec.storage_path),
-                # Restarts are budgeted per job (begin_attempt); the host itself gives up
-                # only when restarts keep coming with no step in between.
-                failure_config=FailureConfig(max_failures=-1),
-            ),
+            {"spec": spec, "host": ray.get_runtime_context().current_actor},
+            name=f"host-{spec.host_id}",
+            storage_path=spec.storage_path,
+            num_workers=shape.num_workers,
+            use_gpu=shape.use_gpu,
+            # Restarts are budgeted per job (begin_attempt); the host itself gives up
+            # only when restarts keep coming with no step in between.
+            max_failures=-1,
         )
         try:
             trainer.fit()
             self._end_unfinished("the host ended with jobs on it", "infrastructure")
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the jobs
-            cause = _root_cause(exc)
-            self.error = f"{type(cause).__name__}: {cause}".strip()
-            self._end_unfinished(
-                self.error,
-                _failure_code(cause, exc),
-                traceback=traceback.format_exception(exc)[-5:],
-            )
+            failure = FitFailure.of(exc)
+            self.error = failure.error
+            self._end_unfinished(self.error, failure.code, traceback=failure.traceback)
         finally:
             with self._lock:
                 self.alive, self.ending = False, True

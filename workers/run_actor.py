@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import traceback
 from typing import Any
 
 import ray
 
 from core.run_states import NAMESPACE, STOP_ALL, RunJobState, run_actor_name
 from core.spec import RunSpec
+from workers.ray_trainer import FitFailure, trainer_for
 from workers.run_events import EventOrder
 
 # Ray writes an actor's logging to its log files, where operators look.
@@ -30,41 +30,6 @@ RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 __all__ = ["NAMESPACE", "STOP_ALL", "RunActor", "run_actor_name"]
 # Events from the recipe that end one job of the pack.
 _JOB_ENDINGS = {"published": SUCCEEDED, "job_failed": FAILED, "job_cancelled": CANCELLED}
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """Ray wraps a worker's exception (TrainingFailedError → RayTaskError → …): find the user's."""
-    seen = exc
-    for _ in range(10):
-        inner = getattr(seen, "cause", None) or seen.__cause__
-        worker_failures = getattr(seen, "worker_failures", None)
-        if worker_failures:
-            inner = next(iter(worker_failures.values()))
-        if inner is None or inner is seen:
-            break
-        seen = inner
-    return seen
-
-
-def _failure_code(cause: BaseException, exc: BaseException) -> str:
-    """`infrastructure` when workers died (beyond the restart budget), else `training_error`.
-
-    Every rank's failure counts: when one worker is killed, the others fail too (a gloo
-    "Connection closed by peer"), and any of them may be the one reported first.
-    """
-    died = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ConnectionError)
-    failures = [exc, cause, *(getattr(exc, "worker_failures", None) or {}).values()]
-    for failure in failures:
-        text = str(failure)
-        if (
-            isinstance(failure, died)
-            or type(failure).__name__ == "WorkerHealthCheckFailedError"
-            or isinstance(getattr(failure, "health_check_failure", None), died)
-            or "Connection closed by peer" in text
-            or "died" in text.lower()
-        ):
-            return "infrastructure"
-    return "training_error"
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)  # type: ignore[call-overload]
@@ -89,41 +54,26 @@ class RunActor:
             self._thread.start()
 
     def _fit(self) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
         from workers.recipe import train_loop_per_worker
 
         spec = self.spec
-        trainer = TorchTrainer(
+        trainer = trainer_for(
             train_loop_per_worker,
-            train_loop_config={"spec": spec, "reporter": ray.get_runtime_context().current_actor},
-            scaling_config=ScalingConfig(
-                num_workers=spec.num_workers,
-                use_gpu=spec.use_gpu,
-                resources_per_worker={"CPU": 1, **({"GPU": 1} if spec.use_gpu else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=spec.run_id,
-                storage_path=str(spec.storage_path),
-                # A dead worker restarts the group; the recipe resumes from checkpoints.
-                failure_config=FailureConfig(max_failures=spec.max_worker_restarts),
-            ),
+            {"spec": spec, "reporter": ray.get_runtime_context().current_actor},
+            name=spec.run_id,
+            storage_path=spec.storage_path,
+            num_workers=spec.num_workers,
+            use_gpu=spec.use_gpu,
+            # A dead worker restarts the group; the recipe resumes from checkpoints.
+            max_failures=spec.max_worker_restarts,
         )
         try:
             trainer.fit()
             self._end_unfinished(CANCELLED if self.stopping else FAILED, "the run ended early")
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the jobs
-            cause = _root_cause(exc)
-            error = f"{type(cause).__name__}: {cause}".strip()
-            logger.exception("run %s failed: %s", spec.run_id, error)
-            self._end_unfinished(
-                FAILED,
-                error,
-                _failure_code(cause, exc),
-                traceback=traceback.format_exception(exc)[-5:],
-            )
+            failure = FitFailure.of(exc)
+            logger.exception("run %s failed: %s", spec.run_id, failure.error)
+            self._end_unfinished(FAILED, failure.error, failure.code, traceback=failure.traceback)
 
     def _end_unfinished(
         self, state: RunJobState, error: str, code: str = "training_error", **data: Any
