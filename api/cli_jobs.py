@@ -60,6 +60,10 @@ def _job_line(job: dict[str, Any]) -> str:
     return f"{job['id']}  {job['status']:<16} {job['model']}  {model}"
 
 
+def _show_job(job: dict[str, Any], as_json: bool) -> None:
+    _print(job) if as_json else typer.echo(_job_line(job))
+
+
 @files.command("upload")
 def upload(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL file.")],
@@ -176,7 +180,7 @@ def get_job(
     """One job."""
     with _api(url, api_key) as api:
         job = api.get_job(job_id)
-    _print(job) if as_json else typer.echo(_job_line(job))
+    _show_job(job, as_json)
 
 
 @jobs.command("cancel")
@@ -186,7 +190,7 @@ def cancel_job(
     """Cancel a queued or running job."""
     with _api(url, api_key) as api:
         job = api.cancel_job(job_id)
-    _print(job) if as_json else typer.echo(_job_line(job))
+    _show_job(job, as_json)
 
 
 @jobs.command("events")

@@ -25,16 +25,9 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music",
 
 
 def _datasets() -> dict[str, list[dict[str, Any]]]:
-    shout = [
-        {
-            "messages": [
-                {"role": "user", "content": f"say {a} {b}"},
-                {"role": "assistant", "content": f"{a.upper()} {b.upper()}!"},
-            ]
-        }
-        for a in WORDS
-        for b in WORDS[:4]
-    ]
+    from workers.tiny_base import shout_chats
+
+    shout = shout_chats(WORDS, partners=4, end="!")
     # A tiny model learns phrases by heart, not arithmetic: the second adapter memorises a
     # few facts, and the demo asks it one of its own training prompts.
     facts = [{"prompt": f"{a} is ", "completion": f"{b}."} for a, b in FACTS.items()]

@@ -37,7 +37,7 @@ from core.run_states import NAMESPACE, RunJobState
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from orchestrator.ray_hosts import RayHosts
 from workers.run_actor import RunActor, run_actor_name
-from workers.tiny_base import build_tiny_base
+from workers.tiny_base import build_tiny_base, shout_chats
 
 console = Console(width=150)
 WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music"]
@@ -79,17 +79,7 @@ def percentile(values: list[float], q: int) -> float:
 
 
 def dataset() -> bytes:
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"say {a} {b}"},
-                {"role": "assistant", "content": f"{a.upper()} {b.upper()}"},
-            ]
-        }
-        for a in WORDS
-        for b in WORDS[:2]
-    ]
-    return "\n".join(json.dumps(r) for r in rows).encode()
+    return "\n".join(json.dumps(r) for r in shout_chats(WORDS, partners=2)).encode()
 
 
 class Bench:

@@ -28,7 +28,7 @@ from rich.table import Table
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
-from workers.tiny_base import build_tiny_base
+from workers.tiny_base import build_tiny_base, shout_chats
 
 console = Console(width=150)
 WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music"]
@@ -45,17 +45,7 @@ class RunResult:
 
 
 def dataset() -> bytes:
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"say {a} {b}"},
-                {"role": "assistant", "content": f"{a.upper()} {b.upper()}"},
-            ]
-        }
-        for a in WORDS
-        for b in WORDS[:4]
-    ]
-    return "\n".join(json.dumps(r) for r in rows).encode()
+    return "\n".join(json.dumps(r) for r in shout_chats(WORDS, partners=4)).encode()
 
 
 def run(spec: RunSpec) -> RunResult:

@@ -7,6 +7,7 @@ same code path as a user's real base model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -72,3 +73,18 @@ def build_tiny_base(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def shout_chats(words: list[str], partners: int, end: str = "") -> list[dict[str, Any]]:
+    """Chats `say a b` → `A B{end}`, for every word a and each of the first `partners` words b:
+    a task the tiny base learns in a few epochs (the demo's and the benches' training data)."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"say {a} {b}"},
+                {"role": "assistant", "content": f"{a.upper()} {b.upper()}{end}"},
+            ]
+        }
+        for a in words
+        for b in words[:partners]
+    ]
