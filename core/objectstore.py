@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024  # an object streamed through a server is read this much at a time
@@ -222,18 +222,21 @@ class S3ObjectStore:
         # once the whole upload completes, so readers never see part of it.
         self._with_backoff(lambda: self.client.upload_file(str(path), self.bucket, self._key(key)))
 
-    def get_bytes(self, key: str) -> bytes:
+    def _get_object(self, key: str) -> dict[str, Any]:
+        """GetObject, retried; a missing key raises `ObjectNotFound` before any byte is read."""
         from botocore.exceptions import ClientError
 
         try:
-            response = self._with_backoff(
+            return self._with_backoff(
                 lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             )
         except ClientError as exc:
             if self._is_missing(exc):
                 raise ObjectNotFound(key) from exc
             raise
-        body: bytes = response["Body"].read()
+
+    def get_bytes(self, key: str) -> bytes:
+        body: bytes = self._get_object(key)["Body"].read()
         return body
 
     def download(self, key: str, path: Path) -> None:
@@ -280,17 +283,7 @@ class S3ObjectStore:
 
     def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         """The object in chunks; requested now, so a missing key raises before the first one."""
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self._with_backoff(
-                lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            )
-        except ClientError as exc:
-            if self._is_missing(exc):
-                raise ObjectNotFound(key) from exc
-            raise
-        chunks: Iterator[bytes] = response["Body"].iter_chunks(chunk_bytes)
+        chunks: Iterator[bytes] = self._get_object(key)["Body"].iter_chunks(chunk_bytes)
         return chunks
 
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None:

@@ -41,6 +41,7 @@ def test_round_trip_list_and_delete(store: ObjectStore, tmp_path: Path) -> None:
     store.put_file("files/t/b.bin", big)
     store.put_bytes("other/c", b"three")
     assert store.get_bytes("files/t/a.jsonl") == b"one"
+    assert b"".join(store.iter_chunks("files/t/b.bin", 1 << 20)) == big.read_bytes()
     assert store.list("files/") == ["files/t/a.jsonl", "files/t/b.bin"]
     store.download("files/t/b.bin", tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == big.read_bytes()
@@ -51,6 +52,8 @@ def test_round_trip_list_and_delete(store: ObjectStore, tmp_path: Path) -> None:
         store.get_bytes("other/c")
     with pytest.raises(ObjectNotFound):
         store.download("other/c", tmp_path / "missing")
+    with pytest.raises(ObjectNotFound):
+        store.iter_chunks("other/c")
 
 
 def test_keys_cannot_escape_the_store(store: ObjectStore) -> None:
