@@ -11,11 +11,15 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.services import postgres as postgres_service
 from tests.services import radosgw as radosgw_service
+
+if TYPE_CHECKING:
+    from orchestrator.models import JobRow
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -40,6 +44,28 @@ def wait_for_condition(
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+
+
+def job_row(**columns: Any) -> JobRow:
+    """A job as a new submission stores it (validating its files, tenant t1, model tiny);
+    `columns` set any of its columns."""
+    from orchestrator.models import JobRow
+    from orchestrator.states import JobStatus
+    from orchestrator.store import new_id, now
+
+    new: dict[str, Any] = {
+        "id": new_id("ftjob"),
+        "tenant": "t1",
+        "model": "tiny",
+        "training_file": "file-x",
+        "seed": 1,
+        "status": JobStatus.VALIDATING_FILES.value,
+        "attempt": 0,
+        "created_at": now(),
+        "settings": {},
+        "event_cursor": 0,
+    }
+    return JobRow(**{**new, **columns})
 
 
 @pytest.fixture(scope="session")

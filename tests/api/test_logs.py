@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,9 @@ import pytest
 
 from api.ops import configure_logging
 from orchestrator.jobs import NewJob, resolve_settings
-from orchestrator.models import JobRow
 from orchestrator.runs import RayRuns
 from orchestrator.scheduler import Scheduler
-from orchestrator.states import JobStatus
-from orchestrator.store import new_id
+from tests.conftest import job_row
 from tests.orchestrator.test_host_scheduling import make_world
 
 
@@ -71,17 +68,9 @@ def test_a_failed_job_logs_its_context(json_logs: Any, tmp_path: Path, ray_addre
     """Window mode: a job whose training file is gone fails at validation, attempt 0, no run."""
     world = make_world(tmp_path, scheduling_mode="window")
     scheduler = Scheduler(world.settings, world.store, world.objects, RayRuns(world.settings))
-    job = JobRow(
-        id=new_id("ftjob"),
-        tenant="t1",
-        model="tiny",
+    job = job_row(
         training_file="file-gone",
-        seed=1,
-        status=JobStatus.VALIDATING_FILES.value,
-        attempt=0,
-        created_at=int(time.time()),
         settings=resolve_settings(NewJob(model="tiny", training_file="file-gone"), 2),
-        event_cursor=0,
     )
     job_id = world.store.add_job(job, "created").id
     scheduler.tick()

@@ -21,7 +21,8 @@ from orchestrator.memory_estimate import BaseShape, RunShape, SlotDemand, estima
 from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
-from orchestrator.store import JobStore, new_id
+from orchestrator.store import JobStore
+from tests.conftest import job_row
 
 BASE_CONFIG = {
     "hidden_size": 64,
@@ -63,17 +64,11 @@ class World:
         settings = resolve_settings(
             NewJob(model="tiny", training_file="file-x", batch_size=batch, training=training), 2
         )
-        job = JobRow(
-            id=new_id("ftjob"),
+        job = job_row(
             tenant=tenant,
-            model="tiny",
-            training_file="file-x",
-            seed=1,
             status=JobStatus.QUEUED.value,
-            attempt=0,
             created_at=int(self.clock()),
             settings=settings,
-            event_cursor=0,
             priority=priority,
             max_runtime=max_runtime,
         )

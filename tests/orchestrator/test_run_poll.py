@@ -19,8 +19,8 @@ from orchestrator.models import JobRow
 from orchestrator.runs import RayRuns
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
-from orchestrator.states import JobStatus
-from orchestrator.store import JobStore, new_id, now
+from orchestrator.store import JobStore
+from tests.conftest import job_row
 from workers.run_actor import run_actor_name
 
 POLL_TIMEOUT_S = 1.0
@@ -52,21 +52,8 @@ def start_fake_run(run_id: str, hang_s: float) -> Any:
 
 
 def running_job(store: JobStore, run_id: str) -> JobRow:
-    job = store.add_job(
-        JobRow(
-            id=new_id("ftjob"),
-            tenant="t1",
-            model="tiny",
-            training_file="file-x",
-            seed=1,
-            status=JobStatus.VALIDATING_FILES.value,
-            attempt=0,
-            created_at=now(),
-            settings={"resources": {"num_workers": 1, "use_gpu": False}, "training": {}},
-            event_cursor=0,
-        ),
-        "Created",
-    )
+    settings = {"resources": {"num_workers": 1, "use_gpu": False}, "training": {}}
+    job = store.add_job(job_row(settings=settings), "Created")
     store.queue(job.id, "queued")
     return store.claim(job.id, 0, run_id, "started")
 

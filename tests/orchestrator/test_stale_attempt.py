@@ -22,12 +22,11 @@ from core.layout import (
 )
 from core.objectstore import ObjectStore, open_object_store
 from core.publish import publish_adapter, sha256_hex, verify_adapter
-from orchestrator.models import JobRow
 from orchestrator.runs import RayRuns
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
-from orchestrator.states import JobStatus
-from orchestrator.store import JobStore, new_id, now
+from orchestrator.store import JobStore
+from tests.conftest import job_row
 
 
 def adapter_folder(folder: Path, weights: bytes) -> Path:
@@ -48,21 +47,7 @@ def test_a_stale_attempts_late_publish_cannot_replace_the_current_one(tmp_path: 
     with TestClient(create_app(settings)) as client:
         store: JobStore = client.app.state.services.store  # type: ignore[attr-defined]
         objects: ObjectStore = client.app.state.services.objects  # type: ignore[attr-defined]
-        job = store.add_job(
-            JobRow(
-                id=new_id("ftjob"),
-                tenant="default",
-                model="tiny",
-                training_file="file-x",
-                seed=1,
-                status=JobStatus.VALIDATING_FILES.value,
-                attempt=0,
-                created_at=now(),
-                settings={},
-                event_cursor=0,
-            ),
-            "Created",
-        )
+        job = store.add_job(job_row(tenant="default"), "Created")
         store.queue(job.id, "queued")
         store.claim(job.id, 0, "run-1", "attempt 1")
         store.requeue(job.id, 1, "run 1 stopped answering")  # run 1 lives on, stale

@@ -12,7 +12,8 @@ from orchestrator.db import make_engine, migrate
 from orchestrator.errors import InvalidTransition, NotFound
 from orchestrator.models import JobEventRow, JobRow
 from orchestrator.states import JobStatus
-from orchestrator.store import JobStore, new_id, now
+from orchestrator.store import JobStore
+from tests.conftest import job_row
 
 
 @pytest.fixture()
@@ -24,21 +25,8 @@ def store(database_url: str) -> JobStore:
 
 
 def add_job(store: JobStore, tenant: str = "t1", created_at: int | None = None) -> JobRow:
-    return store.add_job(
-        JobRow(
-            id=new_id("ftjob"),
-            tenant=tenant,
-            model="tiny",
-            training_file="file-x",
-            seed=1,
-            status=JobStatus.VALIDATING_FILES.value,
-            attempt=0,
-            created_at=created_at if created_at is not None else now(),
-            settings={},
-            event_cursor=0,
-        ),
-        "Created",
-    )
+    created = {} if created_at is None else {"created_at": created_at}
+    return store.add_job(job_row(tenant=tenant, **created), "Created")
 
 
 def statuses_in_events(store: JobStore, job_id: str) -> list[str]:
@@ -217,20 +205,7 @@ def test_two_schedulers_storing_the_same_run_events_store_them_once(store: JobSt
 
 
 def add_job_with_metadata(store: JobStore, metadata: dict[str, str], tenant: str = "t1") -> JobRow:
-    row = JobRow(
-        id=new_id("ftjob"),
-        tenant=tenant,
-        model="tiny",
-        training_file="file-x",
-        seed=1,
-        status=JobStatus.VALIDATING_FILES.value,
-        attempt=0,
-        created_at=now(),
-        settings={},
-        user_metadata=metadata,
-        event_cursor=0,
-    )
-    return store.add_job(row, "Created")
+    return store.add_job(job_row(tenant=tenant, user_metadata=metadata), "Created")
 
 
 def selects_on_jobs(store: JobStore) -> list[str]:
