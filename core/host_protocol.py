@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 from core.objectstore import ObjectStoreConfig
 from core.run_states import STOP_ALL, RunJobState
@@ -121,7 +121,12 @@ class JobReport(TypedDict):
 
 class HostMemory(TypedDict):
     base_bytes_per_rank: int  # the base's shard held by each rank (largest rank)
-    peak_bytes_per_rank: int  # peak since the last membership change (largest rank)
+    # The first step of the latest membership, largest rank (workers.host_memory): measured
+    # live tensor bytes (CPU) or the allocator's peak (GPU), and admission's estimate for
+    # the same jobs (core.memory_estimate).
+    peak_bytes_per_rank: int
+    estimate_bytes_per_rank: NotRequired[int]
+    members: NotRequired[list[str]]  # the job ids of that membership
     slot_bytes: dict[str, int]  # job id -> its LoRA weights, grads and Adam moments
     lora_bytes_held: int  # LoRA factors really held by the model now (0 once all left)
 
@@ -177,6 +182,11 @@ class PackHosts(Protocol):
 
     def reap(self) -> list[str]:
         """Removes the hosts that have ended (idle, stopped or failed); returns their ids."""
+        ...
+
+    def free_resources(self) -> list[dict[str, float]]:
+        """Resources free now on each node ({"CPU": …, "GPU": …}): a new host is started
+        only if its workers' bundles fit (orchestrator.host_placement), else its job waits."""
         ...
 
 

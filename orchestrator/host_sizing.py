@@ -10,7 +10,14 @@ from functools import cache
 from pathlib import Path
 
 from core.host_protocol import HostShape
-from orchestrator.memory_estimate import BaseShape, RunShape, SlotDemand, estimate_rank_bytes
+from core.memory_estimate import (
+    BaseShape,
+    RunShape,
+    SlotDemand,
+    estimate_rank_bytes,
+    host_run_shape,
+    slot_demand,
+)
 from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 
@@ -42,11 +49,13 @@ class HostSizing:
         )
 
     def memory_model(self, shape: HostShape) -> tuple[BaseShape, RunShape]:
-        run = RunShape(
-            world_size=shape.num_workers,
+        # The same settings go into the host's HostSpec, from which the host computes the
+        # estimate it reports beside its measured peak (workers.host_memory).
+        run = host_run_shape(
+            num_workers=shape.num_workers,
             precision=shape.precision,
             gradient_checkpointing=self.settings.gradient_checkpointing,
-            logits_chunk_tokens=self.settings.loss_chunk_tokens,
+            loss_chunk_tokens=self.settings.loss_chunk_tokens,
             persistence_threshold=self.settings.zero3_param_persistence_threshold,
         )
         return base_shape(shape.base_model_uri), run
@@ -75,16 +84,15 @@ class HostSizing:
 
 
 def demand_of(job: JobRow) -> SlotDemand:
-    """What a job asks of each rank: its micro-batch at its longest rows (max_seq_len, as
-    its data is not read here: an upper bound, so a join never runs out of memory)."""
+    """What a job asks of each rank (core.memory_estimate.slot_demand)."""
     training, lora = job.settings["training"], job.settings["lora"]
-    workers = job.settings["resources"]["num_workers"]
-    target = lora["target_modules"]
-    return SlotDemand(
-        rows_per_rank=max(1, -(-training["batch_size"] // workers)),
-        seq_len=training["max_seq_len"],
+    return slot_demand(
+        batch_size=training["batch_size"],
+        num_workers=job.settings["resources"]["num_workers"],
+        max_seq_len=training["max_seq_len"],
         lora_r=lora["r"],
-        target_modules=target if isinstance(target, str) else tuple(target),
+        target_modules=lora["target_modules"],
+        lora_dropout=lora.get("dropout", 0.0),
     )
 
 

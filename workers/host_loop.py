@@ -15,57 +15,36 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from core.checkpoint_index import list_checkpoints
 from core.host_protocol import HostSpec, host_actor_name
-from core.objectstore import open_object_store
-from core.spec import JobSpec
 from workers.base_models import resolve_base_model
-from workers.checkpoints import read_checkpoint
 from workers.deepspeed_config import build_deepspeed_config
 from workers.deepspeed_ops import use_prebuilt_ops
-from workers.job_slot import JobSlot, SlotState, load_job_slot
+from workers.host_join import HostJoins, PendingJoin
+from workers.host_memory import MembershipMemory
+from workers.job_slot import JobSlot, SlotState
 from workers.memory_report import rank_memory_report
-from workers.pack_step import PackContext, train_step, use_gradient_checkpointing
+from workers.pack_step import PackContext, use_gradient_checkpointing
 from workers.packed_lora import (
     Routing,
-    load_slot_state,
     matching_linear_layers,
     packed_layers,
-    slot_parameters,
     slot_state_dict,
     wrap_linear_layers,
 )
 from workers.placement_groups import record_placement_group
-from workers.recipe import DROPOUT_STREAM, INIT_STREAM
-from workers.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
+from workers.rng_state import saved_dropout_rng
 from workers.slot_io import partitioning
 from workers.slot_writer import SlotWriter
 
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
-# An idle host holds back jobs that loaded while others announced with them still load (at
-# most this long): jobs that arrive together start in one pack, and nobody waits on them.
-JOIN_TOGETHER_SECONDS = 5.0
 
 
-@dataclass
-class PendingJoin:
-    """A job announced to the workers and loading on this rank, not yet live."""
-
-    job: JobSpec
-    slot: JobSlot | None = None
-    saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
-    start_weights: dict[str, torch.Tensor] | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-class HostWorker:
+class HostWorker(HostJoins):
     def __init__(self, spec: HostSpec, host: Any) -> None:
         self.spec = spec
         self.host = host  # the host's actor; only rank 0 talks to it
@@ -78,7 +57,6 @@ class HostWorker:
         self._outbox_lock = threading.Lock()
         self.steps = 0
         self.last_step_at: float | None = None
-        self.peak_bytes = 0
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -159,6 +137,7 @@ class HostWorker:
             report=self._report,
             loss_chunk_tokens=self.spec.loss_chunk_tokens,
         )
+        self.memory = MembershipMemory(self.spec, self.base_path, self.ctx)
 
     # ---- reporting: events wait in the outbox for the next step boundary -----------------
     def _report(
@@ -178,12 +157,7 @@ class HostWorker:
             for _, layer in packed_layers(self.model)
             for p in [*layer.lora_A.values(), *layer.lora_B.values()]
         )
-        if self.device.type == "cuda":
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            import psutil
-
-            self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
+        measured = self.memory.latest
         return {
             "stepped": self.last_step_at is not None,
             "step": self.steps,
@@ -191,7 +165,10 @@ class HostWorker:
             "live": [s.job_id for s in self.slots],
             "memory": {
                 "base_bytes_per_rank": self.base_bytes,
-                "peak_bytes_per_rank": self.peak_bytes,
+                # The first step of the latest membership (workers.host_memory).
+                "peak_bytes_per_rank": measured.get("measured_peak_bytes", 0),
+                "estimate_bytes_per_rank": measured.get("estimate_bytes", 0),
+                "members": measured.get("members", []),
                 "slot_bytes": slot_bytes,
                 "lora_bytes_held": lora_held,
             },
@@ -228,7 +205,9 @@ class HostWorker:
             if not active:
                 time.sleep(IDLE_POLL_SECONDS if not self.pending else 0.01)
                 continue
-            train_step(self.ctx, active)
+            measured = self.memory.step(active)
+            if measured is not None:
+                self._report_memory(measured)
             self.steps += 1
             self.last_step_at = time.time()
             for slot in active:
@@ -239,138 +218,17 @@ class HostWorker:
                 elif slot.checkpoint_due(self.spec.checkpoint_every_steps):
                     self._checkpoint(slot)
 
-    # ---- joining: announce → load on every rank → agree → live ---------------------------
-    def _announce(self, job: JobSpec) -> None:
-        pending = PendingJoin(job)
-        self.pending[job.job_id] = pending
-        threading.Thread(target=self._load, args=(pending,), daemon=True).start()
-
-    def _load(self, pending: PendingJoin) -> None:
-        """Off the training path: the job's data, and its newest checkpoint if it has one."""
-        job = pending.job
-        try:
-            store = open_object_store(self.spec.object_store)
-            pending.slot = load_job_slot(job, store, self.tokenizer, self.world_size)
-            saved = list_checkpoints(store, job.tenant, job.job_id, up_to_attempt=job.attempt)
-            if saved:
-                pending.saved = read_checkpoint(store, saved[0])
-            elif job.start_from:  # a new job forked from another job's checkpoint
-                from safetensors.torch import load
-
-                raw = store.get_bytes(job.start_from + "adapter_model.safetensors")
-                pending.start_weights = load(raw)
-        except Exception as exc:  # noqa: BLE001 - fails this job only, after agreement
-            pending.error = exc
-        finally:
-            pending.done.set()
-
-    def _agree_on_joins(self) -> None:
-        """One all-reduce over every pending join: live when all ranks loaded it, failed when
-        any rank could not, else it waits for the next boundary."""
-        ids = sorted(self.pending)
-        # The last row is rank 0's clock, the same decision on every rank: held long enough.
-        held_too_long = (
-            self.rank == 0
-            and self._holding_since is not None
-            and time.monotonic() - self._holding_since > JOIN_TOGETHER_SECONDS
+    def _report_memory(self, measured: dict[str, Any]) -> None:
+        """Each member is told the pack's measured peak per rank and admission's estimate."""
+        mib = 2**20
+        peak, estimate = measured["measured_peak_bytes"], measured["estimate_bytes"]
+        message = (
+            f"Memory per worker with {len(measured['members'])} job(s) at host step "
+            f"{self.steps + 1}: measured peak {peak / mib:.1f} MiB, "
+            f"estimated {estimate / mib:.1f} MiB"
         )
-        flags = torch.tensor(
-            [
-                *(
-                    [
-                        float(self.pending[i].done.is_set() and self.pending[i].error is None),
-                        float(self.pending[i].error is not None),
-                    ]
-                    for i in ids
-                ),
-                [float(held_too_long), 0.0],
-            ],
-            dtype=torch.float64,
-        )
-        dist.all_reduce(flags)
-        *per_job, (expired, _) = flags.tolist()
-        idle = not any(slot.state is SlotState.TRAINING for slot in self.slots)
-        loading = any(failed == 0 and loaded < self.world_size for loaded, failed in per_job)
-        hold = idle and loading and not expired
-        if hold and self._holding_since is None:
-            self._holding_since = time.monotonic()
-        elif not hold:
-            self._holding_since = None
-        for job_id, (loaded, failed) in zip(ids, per_job, strict=True):
-            if failed > 0:
-                pending = self.pending.pop(job_id)
-                error = pending.error or RuntimeError("another worker could not load the job")
-                self._report(
-                    job_id,
-                    "job_failed",
-                    f"Training failed: {type(error).__name__}: {error}",
-                    {"error": str(error)},
-                )
-            elif loaded == self.world_size and not hold:
-                self._go_live(self.pending.pop(job_id))
-
-    def _go_live(self, pending: PendingJoin) -> None:
-        slot, job = pending.slot, pending.job
-        assert slot is not None
-        target = job.lora.target_modules
-        paths = matching_linear_layers(self.model, target if isinstance(target, str) else [*target])
-        unwrapped = [p for p in paths if p not in self.layers]
-        if not paths or unwrapped:
-            self._report(
-                job.job_id,
-                "job_failed",
-                f"Training failed: target_modules {target!r} match no adaptable linear layer",
-                {"error": f"target_modules {target!r} match no adaptable linear layer"},
-            )
-            return
-        init = slot.generator(INIT_STREAM)
-        for path in paths:
-            self.layers[path].add_slot(slot.config, init, self.device)
-        slot.setup_optimizer(slot_parameters(self.model, job.job_id))
-        if job.lora.dropout > 0:
-            self.routing.generators[job.job_id] = slot.generator(DROPOUT_STREAM, self.device)
-        resumed = self._restore(slot, pending)
-        self.slots.append(slot)
-        self.paths[job.job_id] = paths
-        self.peak_bytes = 0  # peak memory is measured per membership
-        self._report(
-            job.job_id,
-            "message",
-            f"Training started: {slot.total_steps} steps on {self.world_size} workers "
-            f"({self.spec.shape.precision}), {len(slot.examples)} examples, joined a pack "
-            f"of {len(self.slots)} at host step {self.steps}",
-            {
-                "total_steps": slot.total_steps,
-                "workers": self.world_size,
-                "precision": self.spec.shape.precision,
-                "pack_size": len(self.slots),
-                "host_step": self.steps,
-                "resumed_from_step": resumed,
-            },
-        )
-
-    def _restore(self, slot: JobSlot, pending: PendingJoin) -> int | None:
-        """Puts back the job's newest checkpoint (or its start_from weights); its step."""
-        if pending.saved is not None:
-            tensors, state = pending.saved
-            load_slot_state(self.model, slot.job_id, tensors)
-            slot.restore(state)
-            generator = self.routing.generators.get(slot.job_id)
-            if generator is not None:  # the same format as a one-shot run's checkpoints
-                reseed = reseed_for(slot.spec.training.seed, slot.step, self.rank)
-                restore_dropout_rng(
-                    generator, state.get("dropout_rng"), self.rank, self.world_size, reseed
-                )
-            return slot.step
-        if pending.start_weights is not None:
-            load_slot_state(self.model, slot.job_id, pending.start_weights)
-            self._report(
-                slot.job_id,
-                "message",
-                f"Started from checkpoint {slot.spec.start_from_name}",
-                {"start_from": slot.spec.start_from_name},
-            )
-        return None
+        for job_id in measured["members"]:
+            self._report(job_id, "memory", message, {**measured, "host_step": self.steps + 1})
 
     # ---- leaving -------------------------------------------------------------------------
     def _leave(self, slot: JobSlot) -> None:
@@ -382,9 +240,6 @@ class HostWorker:
         slot.examples, slot.batches = [], []
         self.slots.remove(slot)
         self.paths.pop(slot.job_id, None)
-        self.peak_bytes = 0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
 
     def _publish(self, slot: JobSlot) -> None:
         slot.state = SlotState.DONE

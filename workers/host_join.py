@@ -1,0 +1,198 @@
+"""Joining a pack host, on each of its workers, in two phases: the host actor announces a
+job; every rank loads and tokenizes its data (and its newest checkpoint) in a thread, off
+the training path; the ranks agree with one all-reduce that all of them succeeded; the slot
+goes live at the same step everywhere. A rank that fails to load fails that job only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from core.checkpoint_index import list_checkpoints
+from core.host_protocol import HostSpec
+from core.objectstore import open_object_store
+from core.spec import JobSpec
+from workers.checkpoints import read_checkpoint
+from workers.job_slot import JobSlot, SlotState, load_job_slot
+from workers.pack_step import Report
+from workers.packed_lora import (
+    PackedLoraLinear,
+    Routing,
+    load_slot_state,
+    matching_linear_layers,
+    slot_parameters,
+)
+from workers.recipe import DROPOUT_STREAM, INIT_STREAM
+from workers.rng_state import reseed_for, restore_dropout_rng
+
+# An idle host holds back jobs that loaded while others announced with them still load (at
+# most this long): jobs that arrive together start in one pack, and nobody waits on them.
+JOIN_TOGETHER_SECONDS = 5.0
+
+
+@dataclass
+class PendingJoin:
+    """A job announced to the workers and loading on this rank, not yet live."""
+
+    job: JobSpec
+    slot: JobSlot | None = None
+    saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    start_weights: dict[str, torch.Tensor] | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class HostJoins:
+    """The joining half of `workers.host_loop.HostWorker` (which sets these attributes)."""
+
+    spec: HostSpec
+    rank: int
+    world_size: int
+    device: torch.device
+    tokenizer: Any
+    model: torch.nn.Module
+    routing: Routing
+    layers: dict[str, PackedLoraLinear]
+    slots: list[JobSlot]
+    paths: dict[str, list[str]]
+    pending: dict[str, PendingJoin]
+    steps: int
+    _holding_since: float | None  # idle, holding loaded joins back (rank 0)
+    _report: Report
+
+    def _announce(self, job: JobSpec) -> None:
+        pending = PendingJoin(job)
+        self.pending[job.job_id] = pending
+        threading.Thread(target=self._load, args=(pending,), daemon=True).start()
+
+    def _load(self, pending: PendingJoin) -> None:
+        """Off the training path: the job's data, and its newest checkpoint if it has one."""
+        job = pending.job
+        try:
+            store = open_object_store(self.spec.object_store)
+            pending.slot = load_job_slot(job, store, self.tokenizer, self.world_size)
+            saved = list_checkpoints(store, job.tenant, job.job_id, up_to_attempt=job.attempt)
+            if saved:
+                pending.saved = read_checkpoint(store, saved[0])
+            elif job.start_from:  # a new job forked from another job's checkpoint
+                from safetensors.torch import load
+
+                raw = store.get_bytes(job.start_from + "adapter_model.safetensors")
+                pending.start_weights = load(raw)
+        except Exception as exc:  # noqa: BLE001 - fails this job only, after agreement
+            pending.error = exc
+        finally:
+            pending.done.set()
+
+    def _agree_on_joins(self) -> None:
+        """One all-reduce over every pending join: live when all ranks loaded it, failed when
+        any rank could not, else it waits for the next boundary."""
+        ids = sorted(self.pending)
+        # The last row is rank 0's clock, the same decision on every rank: held long enough.
+        held_too_long = (
+            self.rank == 0
+            and self._holding_since is not None
+            and time.monotonic() - self._holding_since > JOIN_TOGETHER_SECONDS
+        )
+        flags = torch.tensor(
+            [
+                *(
+                    [
+                        float(self.pending[i].done.is_set() and self.pending[i].error is None),
+                        float(self.pending[i].error is not None),
+                    ]
+                    for i in ids
+                ),
+                [float(held_too_long), 0.0],
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(flags)
+        *per_job, (expired, _) = flags.tolist()
+        idle = not any(slot.state is SlotState.TRAINING for slot in self.slots)
+        loading = any(failed == 0 and loaded < self.world_size for loaded, failed in per_job)
+        hold = idle and loading and not expired
+        if hold and self._holding_since is None:
+            self._holding_since = time.monotonic()
+        elif not hold:
+            self._holding_since = None
+        for job_id, (loaded, failed) in zip(ids, per_job, strict=True):
+            if failed > 0:
+                pending = self.pending.pop(job_id)
+                error = pending.error or RuntimeError("another worker could not load the job")
+                self._report(
+                    job_id,
+                    "job_failed",
+                    f"Training failed: {type(error).__name__}: {error}",
+                    {"error": str(error)},
+                )
+            elif loaded == self.world_size and not hold:
+                self._go_live(self.pending.pop(job_id))
+
+    def _go_live(self, pending: PendingJoin) -> None:
+        slot, job = pending.slot, pending.job
+        assert slot is not None
+        target = job.lora.target_modules
+        paths = matching_linear_layers(self.model, target if isinstance(target, str) else [*target])
+        unwrapped = [p for p in paths if p not in self.layers]
+        if not paths or unwrapped:
+            self._report(
+                job.job_id,
+                "job_failed",
+                f"Training failed: target_modules {target!r} match no adaptable linear layer",
+                {"error": f"target_modules {target!r} match no adaptable linear layer"},
+            )
+            return
+        init = slot.generator(INIT_STREAM)
+        for path in paths:
+            self.layers[path].add_slot(slot.config, init, self.device)
+        slot.setup_optimizer(slot_parameters(self.model, job.job_id))
+        if job.lora.dropout > 0:
+            self.routing.generators[job.job_id] = slot.generator(DROPOUT_STREAM, self.device)
+        resumed = self._restore(slot, pending)
+        self.slots.append(slot)
+        self.paths[job.job_id] = paths
+        self._report(
+            job.job_id,
+            "message",
+            f"Training started: {slot.total_steps} steps on {self.world_size} workers "
+            f"({self.spec.shape.precision}), {len(slot.examples)} examples, joined a pack "
+            f"of {len(self.slots)} at host step {self.steps}",
+            {
+                "total_steps": slot.total_steps,
+                "workers": self.world_size,
+                "precision": self.spec.shape.precision,
+                "pack_size": len(self.slots),
+                "host_step": self.steps,
+                "resumed_from_step": resumed,
+            },
+        )
+
+    def _restore(self, slot: JobSlot, pending: PendingJoin) -> int | None:
+        """Puts back the job's newest checkpoint (or its start_from weights); its step."""
+        if pending.saved is not None:
+            tensors, state = pending.saved
+            load_slot_state(self.model, slot.job_id, tensors)
+            slot.restore(state)
+            generator = self.routing.generators.get(slot.job_id)
+            if generator is not None:  # the same format as a one-shot run's checkpoints
+                reseed = reseed_for(slot.spec.training.seed, slot.step, self.rank)
+                restore_dropout_rng(
+                    generator, state.get("dropout_rng"), self.rank, self.world_size, reseed
+                )
+            return slot.step
+        if pending.start_weights is not None:
+            load_slot_state(self.model, slot.job_id, pending.start_weights)
+            self._report(
+                slot.job_id,
+                "message",
+                f"Started from checkpoint {slot.spec.start_from_name}",
+                {"start_from": slot.spec.start_from_name},
+            )
+        return None

@@ -1,0 +1,101 @@
+"""A pack host's memory per membership: the measured peak per rank of the first step after
+each join or leave, beside the estimate admission uses for the same jobs
+(core.memory_estimate), so a user can read how well admission's figure holds.
+
+Measured once per membership: on a GPU the allocator's own peak (reset at the change, free
+to read); on a CPU the live tensor bytes of that step (workers.live_tensor_bytes; a
+dispatch mode, too slow for every step). The ranks take the largest figure (one all-reduce,
+only on those steps), as admission's budget is per rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from core.host_protocol import HostSpec
+from core.memory_estimate import (
+    BaseShape,
+    MemoryEstimate,
+    estimate_rank_bytes,
+    host_run_shape,
+    slot_demand,
+)
+from core.spec import JobSpec
+from workers.job_slot import JobSlot
+from workers.live_tensor_bytes import LiveTensorBytes, held_tensors
+from workers.pack_step import PackContext, train_step
+
+
+def estimate_for(spec: HostSpec, base_path: Path, jobs: list[JobSpec]) -> MemoryEstimate:
+    """Admission's estimate (orchestrator.host_sizing) for these jobs on this host."""
+    base = BaseShape.from_config(json.loads((base_path / "config.json").read_text()))
+    shape = spec.shape
+    run = host_run_shape(
+        num_workers=shape.num_workers,
+        precision=shape.precision,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        loss_chunk_tokens=spec.loss_chunk_tokens,
+        persistence_threshold=spec.zero3_param_persistence_threshold,
+    )
+    demands = [
+        slot_demand(
+            batch_size=job.training.batch_size,
+            num_workers=shape.num_workers,
+            max_seq_len=job.training.max_seq_len,
+            lora_r=job.lora.r,
+            target_modules=job.lora.target_modules,
+            lora_dropout=job.lora.dropout,
+        )
+        for job in jobs
+    ]
+    return estimate_rank_bytes(base, run, demands)
+
+
+class MembershipMemory:
+    """Measures the first step of each new set of live jobs (the same on every rank: the
+    live slots are, or the step's collectives would not match)."""
+
+    def __init__(self, spec: HostSpec, base_path: Path, ctx: PackContext) -> None:
+        self.spec, self.base_path, self.ctx = spec, base_path, ctx
+        self.members: tuple[str, ...] = ()
+        self.latest: dict[str, Any] = {}  # the last membership's figures, for the status
+
+    def step(self, active: list[JobSlot]) -> dict[str, Any] | None:
+        """Trains one step; returns the figures when it was measured (a new membership)."""
+        members = tuple(slot.job_id for slot in active)
+        if members == self.members:
+            train_step(self.ctx, active)
+            return None
+        self.members = members
+        device = self.ctx.device
+        if device.type == "cuda":
+            method = "cuda max_memory_allocated"
+            torch.cuda.reset_peak_memory_stats(device)
+            train_step(self.ctx, active)
+            local = torch.cuda.max_memory_allocated(device)
+        else:
+            method = "live tensor bytes"
+            tracker = LiveTensorBytes(device.type)
+            optimizers = [s.optimizer for s in active if s.optimizer is not None]
+            tracker.hold(held_tensors(self.ctx.model, optimizers))
+            with tracker:
+                train_step(self.ctx, active)
+            local = tracker.peak
+        peak = torch.tensor([float(local)], dtype=torch.float64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        estimate = estimate_for(self.spec, self.base_path, [s.spec for s in active])
+        measured = int(peak.item())
+        self.latest = {
+            "members": list(members),
+            "measured_peak_bytes": measured,
+            "estimate_bytes": estimate.total,
+            "estimate_parts": estimate.parts,
+            "ratio": measured / estimate.total if estimate.total else None,
+            "method": method,
+        }
+        return self.latest
