@@ -76,11 +76,13 @@ class ServerProcess:
         self.process.kill()
         self.process.wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 120) -> None:
+        """SIGTERM: a clean shutdown (in the embedded default it also ends the data dir's
+        own Ray, which may drain for up to 30 s); SIGKILL after `timeout`."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)

@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from core.spec import RunSpec
+from orchestrator import embedded_ray
+from orchestrator.embedded_ray import EmbeddedRay
 from orchestrator.settings import Settings
 from workers.placement_groups import release_orphaned_placement_groups
 from workers.run_actor import STOP_ALL, RunActor, run_actor_name
@@ -31,6 +34,7 @@ class RayRuns:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.namespace = settings.ray_namespace
+        self.embedded: EmbeddedRay | None = None  # the data dir's own Ray, when we use it
 
     def connect(self) -> None:
         if ray.is_initialized():
@@ -38,15 +42,27 @@ class RayRuns:
         address = self.settings.ray_address or os.environ.get("RAY_ADDRESS")
         options: dict[str, Any] = {"namespace": self.namespace, "log_to_driver": False}
         if address:
-            ray.init(address=address, **options)
+            _init_driver(address, options)
         else:
-            # A local cluster: enough logical CPUs for the configured concurrent runs, even
-            # on a small machine (workers then share cores rather than wait in line).
+            # The data dir's own local cluster, in a process of its own: it (and every warm
+            # pack host on it) outlives a crash of this process, and the next one reconnects.
+            # Enough logical CPUs for the configured concurrent runs, even on a small
+            # machine (workers then share cores rather than wait in line).
             cpus = max(
                 os.cpu_count() or 1,
                 self.settings.default_num_workers * self.settings.max_concurrent_runs,
             )
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
+            self.embedded = embedded_ray.start_or_adopt(self.settings.data_dir, cpus)
+            _init_driver(self.embedded.address, options)
+
+    def close(self) -> None:
+        """On a clean shutdown: ends the data dir's own Ray if this process used it (a Ray
+        given by address belongs to someone else and is left alone)."""
+        if self.embedded is None:
+            return
+        ray.shutdown()
+        embedded_ray.stop(self.settings.data_dir)
+        self.embedded = None
 
     def gpu_available(self) -> bool:
         return float(ray.cluster_resources().get("GPU", 0)) > 0
@@ -129,3 +145,12 @@ class RayRuns:
                 reaped.append(run_id)
         release_orphaned_placement_groups(self.namespace)
         return reaped
+
+
+def _init_driver(address: str, options: dict[str, Any]) -> None:
+    # Ray's driver installs a C++ failure-signal handler that turns SIGTERM into an abort
+    # (exit 134) once the Python handler ran: serve's clean shutdown (uvicorn's handler,
+    # then ending the data dir's Ray) would never run. Set after `ray start` (if any), so
+    # Ray's own processes keep their handler.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read when the driver connects
+    ray.init(address=address, **options)

@@ -133,6 +133,7 @@ class Scheduler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.runs.close()
 
     # ---- validating_files → queued ----
     def _validate_new_jobs(self) -> None:
