@@ -28,8 +28,10 @@ from core.objectstore import ObjectStore
 from core.run_states import RunJobState
 from orchestrator.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.errors import InvalidTransition
+from orchestrator.host_placement import Resources, bundles_of, free_after_unplaced, place
 from orchestrator.host_sizing import HostSizing, demand_of
-from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name, job_spec_for
+from orchestrator.job_outcomes import JobOutcomes
+from orchestrator.jobs import job_spec_for
 from orchestrator.memory_estimate import SlotDemand
 from orchestrator.metrics import Capacity, observe_training
 from orchestrator.models import JobRow
@@ -60,12 +62,14 @@ class HostScheduling:
         self.hosts = hosts
         self.sizing = HostSizing(settings, gpu_available)
         self.clock = clock
+        self.outcomes = JobOutcomes(settings, store, objects, log, _context)
         self.reports: dict[str, HostReport] = {}  # this tick's poll of every host
         self._first_seen: dict[str, float] = {}  # host -> when this scheduler first saw it
         self._admitted_at: dict[str, float] = {}  # host -> this scheduler's last admit there
         self._warm: set[str] = set()  # warm hosts this scheduler started
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}
+        self._unplaceable: set[str] = set()  # shapes the cluster could not place a host of
 
     # ---- watch: one poll per host ----
     def watch(self) -> None:
@@ -118,15 +122,19 @@ class HostScheduling:
             return
         observe_training(job.created_at, events)  # counted once: a fenced-off batch is not
         if state is RunJobState.SUCCEEDED:
-            self._succeed(job)
+            self.outcomes.succeed(job)
         elif state is RunJobState.CANCELLED:
-            self._guarded(self.store.cancel, job.id, attempt=job.attempt)
+            self.outcomes.guarded(self.store.cancel, job.id, attempt=job.attempt)
         elif state is RunJobState.FAILED:
-            self._fail(job, polled["error_code"] or "training_error", polled["error"] or "failed")
+            self.outcomes.fail(
+                job, polled["error_code"] or "training_error", polled["error"] or "failed"
+            )
         elif self._over_runtime(job):
             self.hosts.stop(host_id, job.id)
             limit = _max_runtime(job)
-            self._fail(job, "timeout", f"the job ran longer than its max_runtime ({limit} s)")
+            self.outcomes.fail(
+                job, "timeout", f"the job ran longer than its max_runtime ({limit} s)"
+            )
             return
         if state is not RunJobState.RUNNING:
             self.hosts.release(host_id, job.id)
@@ -174,7 +182,7 @@ class HostScheduling:
         )
         self.hosts.kill(host_id)
         for job in jobs:
-            self._retry_or_fail(job, f"pack host {host_id} made no step for {timeout:g} s")
+            self.outcomes.retry_or_fail(job, f"pack host {host_id} made no step for {timeout:g} s")
 
     def _over_runtime(self, job: JobRow) -> bool:
         limit = _max_runtime(job)
@@ -218,22 +226,34 @@ class HostScheduling:
             self.hosts.stop(host_id)
         by_id = {job.id: job for job in queued}
         for job_id in plan.never_fit:
-            self._fail(
+            self.outcomes.fail(
                 by_id[job_id],
                 "insufficient_memory",
                 "the job needs more memory per worker than a pack host has "
                 f"({self.settings.host_memory_bytes} B); lower batch_size or max_seq_len",
             )
         started = set()
+        free = free_after_unplaced(self.hosts.free_resources(), self.reports.values())
         for start in plan.starts:
-            if self._start_host(start.host_id, shapes[start.shape], warm=False):
+            left = self._placed(shapes[start.shape], free)
+            if left is not None and self._start_host(start.host_id, shapes[start.shape]):
+                free = left
                 started.add(start.host_id)
         for join in plan.joins:
             if join.host_id.startswith(HOST_ID_PREFIX) and (
                 join.host_id in started or join.host_id in self.reports
             ):
                 self.join(by_id[join.job_id], join.host_id)
-        self._keep_warm_hosts()
+        self._keep_warm_hosts(free)
+
+    def _placed(self, shape: HostShape, free: list[Resources]) -> list[Resources] | None:
+        """The free resources left once a host of `shape` is placed; None (its jobs wait,
+        logged once per shape while it lasts) if the cluster cannot place it now."""
+        left = place(bundles_of(shape), free)
+        if left is None and shape.key not in self._unplaceable:
+            log.info("no free resources for a %s pack host now; its jobs wait", shape.key)
+        (self._unplaceable.add if left is None else self._unplaceable.discard)(shape.key)
+        return left
 
     def _rooms(self, active: list[JobRow]) -> list[HostRoom]:
         demands: dict[str, list[SlotDemand]] = defaultdict(list)
@@ -251,7 +271,7 @@ class HostScheduling:
             for host_id, report in self.reports.items()
         ]
 
-    def _start_host(self, host_id: str, shape: HostShape, *, warm: bool) -> bool:
+    def _start_host(self, host_id: str, shape: HostShape, *, warm: bool = False) -> bool:
         settings = self.settings
         assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
         spec = HostSpec(
@@ -322,7 +342,7 @@ class HostScheduling:
             if current is None or current.run_id != host_id or current.attempt != attempt:
                 self.hosts.stop(host_id, job.id)  # cancelled meanwhile, or runs elsewhere
 
-    def _keep_warm_hosts(self) -> None:
+    def _keep_warm_hosts(self, free: list[Resources]) -> None:
         """Per base model, `warm_hosts` hosts of the default shape stay up with no job."""
         if not self.settings.warm_hosts:
             return
@@ -335,48 +355,16 @@ class HostScheduling:
                 if room <= 0:
                     return
                 shape = self.sizing.shape(base, self.settings.default_num_workers)
-                if self._start_host(new_id("host"), shape, warm=True):
-                    room -= 1
+                left = self._placed(shape, free)
+                if left is not None and self._start_host(new_id("host"), shape, warm=True):
+                    room, free = room - 1, left
 
-    # ---- outcomes (each a guarded change: a job that moved on is left alone) ----
-    def _succeed(self, job: JobRow) -> None:
-        problem = archive_published_adapter(self.objects, job)
-        if problem:
-            self._fail(job, "infrastructure", problem)
-            return
-        log.info("job %s succeeded", job.id, extra=_context(job))
-        self._guarded(
-            self.store.succeed,
-            job.id,
-            job.attempt,
-            fine_tuned_model_name(job),
-            "The job has successfully completed",
-        )
-
+    # ---- outcomes (orchestrator.job_outcomes: each a guarded change) ----
     def _host_lost(self, job: JobRow, reason: str) -> None:
         started = job.started_at or 0
         if self.clock() - started < self.settings.run_start_grace_seconds:
             return  # claimed a moment ago: its admission may not be visible yet
-        self._retry_or_fail(job, reason)
-
-    def _retry_or_fail(self, job: JobRow, reason: str) -> None:
-        if job.status == JobStatus.CANCELLING.value:
-            self._guarded(self.store.cancel, job.id, attempt=job.attempt)
-        elif job.attempt < self.settings.max_attempts:
-            log.warning("job %s requeued: %s", job.id, reason, extra=_context(job))
-            self._guarded(self.store.requeue, job.id, job.attempt, reason)
-        else:
-            self._fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
-
-    def _fail(self, job: JobRow, code: str, message: str) -> None:
-        log.warning("job %s failed (%s): %s", job.id, code, message, extra=_context(job))
-        self._guarded(self.store.fail, job.id, code, message, attempt=job.attempt)
-
-    def _guarded(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            operation(*args, **kwargs)
-        except InvalidTransition as exc:
-            log.info("skipped: %s", exc)
+        self.outcomes.retry_or_fail(job, reason)
 
     def _row(self, job_id: str) -> JobRow | None:
         try:

@@ -29,6 +29,7 @@ from core.layout import ADAPTER_FILES
 from core.objectstore import ObjectStore
 from core.publish import publish_adapter
 from core.run_states import STOP_ALL, RunJobState
+from orchestrator.host_placement import bundles_of, place
 
 
 @dataclass
@@ -74,6 +75,8 @@ class InMemoryHosts:
         self.hosts: dict[str, _Host] = {}
         self.started: list[HostSpec] = []
         self.calls: list[tuple[str, str]] = []  # (call, host id), to count polls per tick
+        # The cluster's nodes; a live host holds one bundle per worker of them.
+        self.nodes: list[dict[str, float]] = [{"CPU": 1024.0, "GPU": 1024.0}]
 
     # ---- PackHosts ----
     def list_hosts(self) -> list[str]:
@@ -172,6 +175,14 @@ class InMemoryHosts:
         return ended
 
     # ---- what a test does to the hosts ----
+    def free_resources(self) -> list[dict[str, float]]:
+        free: list[dict[str, float]] | None = self.nodes
+        for host in self.hosts.values():
+            if host.alive and free is not None:
+                free = place(bundles_of(host.spec.shape), free)
+        assert free is not None, "more hosts live than the nodes hold"
+        return free
+
     def step(self) -> None:
         """Every live, unhung host takes one step: stops first, then each job trains."""
         now = self.clock()

@@ -110,3 +110,13 @@ class RayHosts:
                 reaped.append(host_id)
         release_orphaned_placement_groups(self.namespace)
         return reaped
+
+    def free_resources(self) -> list[dict[str, float]]:
+        # Per node: Ray's public API has only the cluster-wide sum (or, with the dashboard,
+        # the state API); a host's bundles must each fit on one node.
+        from ray._private.state import state
+
+        return [
+            {key: float(amount) for key, amount in free.items() if key in ("CPU", "GPU")}
+            for free in state.available_resources_per_node().values()
+        ]

@@ -10,7 +10,6 @@ import fcntl
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import IO, Any
 
 from sqlalchemy.engine import make_url
@@ -22,7 +21,8 @@ from core.objectstore import ObjectStore
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.host_scheduling import HostScheduling, on_host
-from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name, run_spec_for
+from orchestrator.job_outcomes import JobOutcomes
+from orchestrator.jobs import run_spec_for
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training, record_capacity
 from orchestrator.models import JobRow
 from orchestrator.packing import plan_packs, wants_packing
@@ -67,6 +67,7 @@ class Scheduler:
         self.store = store
         self.objects = objects
         self.runs = runs
+        self.outcomes = JobOutcomes(settings, store, objects, log, job_context)
         # scheduling_mode "hosts": jobs join warm pack hosts (orchestrator/host_scheduling.py);
         # "window": a run per pack of jobs arriving together; "solo": a run per job.
         self.host_mode: HostScheduling | None = None
@@ -142,14 +143,14 @@ class Scheduler:
         for job in self.store.jobs_with_status([JobStatus.VALIDATING_FILES]):
             if not self.objects.exists(file_key(job.tenant, job.training_file)):
                 message = f"training_file: {job.training_file} is no longer stored"
-                self._fail(job, "invalid_file", message, param="training_file")
+                self.outcomes.fail(job, "invalid_file", message, param="training_file")
                 continue
             start = job.settings.get("from_checkpoint")
             if start and not self.objects.exists(start["adapter_prefix"] + ADAPTER_WEIGHTS):
                 message = f"from_checkpoint: {start['checkpoint']} is no longer stored"
-                self._fail(job, "invalid_checkpoint", message, param="from_checkpoint")
+                self.outcomes.fail(job, "invalid_checkpoint", message, param="from_checkpoint")
                 continue
-            self._guarded(self.store.queue, job.id, "Files validated; job queued")
+            self.outcomes.guarded(self.store.queue, job.id, "Files validated; job queued")
 
     # ---- queued → running ----
     def _launch_queued(self) -> None:
@@ -196,7 +197,7 @@ class Scheduler:
         except Exception as exc:
             log.exception("launching run %s failed", run_id, extra={"run_id": run_id})
             for job in started:
-                self._retry_or_fail(job, f"could not start the run: {exc}")
+                self.outcomes.retry_or_fail(job, f"could not start the run: {exc}")
 
     # ---- running → terminal ----
     def _watch_runs(self) -> None:
@@ -230,10 +231,10 @@ class Scheduler:
             if state == RunJobState.SUCCEEDED:
                 self._succeed(job)
             elif state == RunJobState.CANCELLED:
-                self._guarded(self.store.cancel, job.id, attempt=job.attempt)
+                self.outcomes.guarded(self.store.cancel, job.id, attempt=job.attempt)
             elif state == RunJobState.FAILED:
                 code = polled.get("error_code") or "training_error"
-                self._fail(job, code, polled["error"] or "training failed")
+                self.outcomes.fail(job, code, polled["error"] or "training failed")
         live = {j.run_id for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if j.run_id}
         self.runs.reap(live)
 
@@ -264,7 +265,7 @@ class Scheduler:
         limit = self.settings.max_run_poll_timeouts
         if missed == 1:
             log.warning("run %s did not answer a poll", job.run_id, extra=job_context(job))
-            self._guarded(
+            self.outcomes.guarded(
                 self.store.warn,
                 job.id,
                 job.attempt,
@@ -277,7 +278,7 @@ class Scheduler:
             del self._missed_polls[key]
             assert job.run_id is not None
             self.runs.kill(job.run_id)
-            self._retry_or_fail(job, f"its run did not answer {missed} polls in a row")
+            self.outcomes.retry_or_fail(job, f"its run did not answer {missed} polls in a row")
 
     def _store_events(self, job: JobRow, polled: dict[str, Any]) -> bool:
         tokens = None
@@ -292,48 +293,17 @@ class Scheduler:
             observe_training(job.created_at, polled["events"])
         return stored
 
-    def _succeed(self, job: JobRow) -> None:
-        problem = archive_published_adapter(self.objects, job)
-        if problem:
-            self._fail(job, "infrastructure", problem)
-            return
-        log.info("job %s succeeded", job.id, extra=job_context(job))
-        self._guarded(
-            self.store.succeed,
-            job.id,
-            job.attempt,
-            fine_tuned_model_name(job),
-            "The job has successfully completed",
-        )
-
     def _run_vanished(self, job: JobRow) -> None:
         # Another scheduler may have claimed the job and not created its run yet.
         if job.started_at and time.time() - job.started_at < self.settings.run_start_grace_seconds:
             return
         if job.status == JobStatus.CANCELLING.value:
-            self._guarded(self.store.cancel, job.id, attempt=job.attempt)
+            self.outcomes.guarded(self.store.cancel, job.id, attempt=job.attempt)
             return
-        self._retry_or_fail(job, "its run disappeared from the Ray cluster")
+        self.outcomes.retry_or_fail(job, "its run disappeared from the Ray cluster")
 
-    def _retry_or_fail(self, job: JobRow, reason: str) -> None:
-        if job.status == JobStatus.CANCELLING.value:  # asked to stop anyway
-            self._guarded(self.store.cancel, job.id, attempt=job.attempt)
-        elif job.attempt < self.settings.max_attempts:
-            log.warning("job %s requeued: %s", job.id, reason, extra=job_context(job))
-            self._guarded(self.store.requeue, job.id, job.attempt, reason)
-        else:
-            self._fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
-
-    # ---- guarded changes (a job that moved on meanwhile is left alone) ----
-    def _guarded(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            operation(*args, **kwargs)
-        except InvalidTransition as exc:
-            log.info("skipped: %s", exc)
-
-    def _fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
-        log.warning("job %s failed (%s): %s", job.id, code, message, extra=job_context(job))
-        self._guarded(self.store.fail, job.id, code, message, param=param, attempt=job.attempt)
+    def _succeed(self, job: JobRow) -> None:
+        self.outcomes.succeed(job)
 
 
 def job_context(job: JobRow) -> dict[str, Any]:

@@ -1,0 +1,45 @@
+"""Whether the cluster has the free resources for a new pack host, so a job that cannot be
+placed waits in the queue instead of in a placement group that stays pending.
+
+A host asks Ray for one bundle per worker: a CPU, and a GPU when it trains on GPUs (as
+`workers.ray_trainer` asks for them). Ray Train packs the bundles but may spread them over
+nodes, so a host fits when each bundle fits, first come first served, on some node's free
+resources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from core.host_protocol import HostReport, HostShape
+
+Resources = dict[str, float]
+
+
+def bundles_of(shape: HostShape) -> list[Resources]:
+    bundle = {"CPU": 1.0, **({"GPU": 1.0} if shape.use_gpu else {})}
+    return [dict(bundle) for _ in range(shape.num_workers)]
+
+
+def place(bundles: Iterable[Resources], nodes: Sequence[Resources]) -> list[Resources] | None:
+    """The nodes' free resources once `bundles` are placed, or None if one fits nowhere."""
+    left = [dict(node) for node in nodes]
+    for bundle in bundles:
+        node = next((n for n in left if all(n.get(k, 0.0) >= v for k, v in bundle.items())), None)
+        if node is None:
+            return None
+        for key, amount in bundle.items():
+            node[key] -= amount
+    return left
+
+
+def free_after_unplaced(
+    nodes: Sequence[Resources], reports: Iterable[HostReport]
+) -> list[Resources]:
+    """Free resources less those of hosts started but not yet placed (no worker group yet):
+    Ray does not count their placement groups until they are created."""
+    left: list[Resources] = [dict(node) for node in nodes]
+    for report in reports:
+        if report["alive"] and not report["worker_starts"]:
+            left = place(bundles_of(report["shape"]), left) or [{} for _ in left]
+    return left
