@@ -1,5 +1,6 @@
-"""Whether the cluster has the free resources for a new pack host, so a job that cannot be
-placed waits in the queue instead of in a placement group that stays pending.
+"""A new pack host: its spec (from the settings), and whether the cluster has the free
+resources for it, so a job that cannot be placed waits in the queue instead of in a
+placement group that stays pending.
 
 A host asks Ray for one bundle per worker: a CPU, and a GPU when it trains on GPUs (as
 `workers.ray_trainer` asks for them). Ray Train packs the bundles but may spread them over
@@ -10,8 +11,10 @@ resources.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
-from core.host_protocol import HostReport, HostShape
+from core.host_protocol import HostReport, HostShape, HostSpec
+from orchestrator.settings import Settings
 
 Resources = dict[str, float]
 
@@ -43,3 +46,24 @@ def free_after_unplaced(
         if report["alive"] and not report["worker_starts"]:
             left = place(bundles_of(report["shape"]), left) or [{} for _ in left]
     return left
+
+
+def host_spec(settings: Settings, host_id: str, shape: HostShape, *, warm: bool) -> HostSpec:
+    assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
+    return HostSpec(
+        host_id=host_id,
+        shape=shape,
+        object_store=settings.object_store_config,
+        model_cache_dir=Path(settings.model_cache_dir).resolve(),
+        storage_path=Path(settings.ray_storage_path).resolve(),
+        max_slots=settings.max_slots_per_host,
+        idle_seconds=settings.host_idle_seconds,
+        warm=warm,
+        step_timeout_seconds=settings.step_timeout_seconds,
+        zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
+        checkpoint_every_steps=settings.checkpoint_every_steps,
+        checkpoint_keep_last=settings.checkpoint_keep_last,
+        max_job_restarts=settings.max_worker_restarts,
+        loss_chunk_tokens=settings.loss_chunk_tokens,
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )

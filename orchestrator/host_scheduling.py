@@ -20,15 +20,20 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from core.host_protocol import AdmissionRequest, HostReport, HostShape, HostSpec, PackHosts
+from core.host_protocol import AdmissionRequest, HostReport, HostShape, PackHosts
 from core.objectstore import ObjectStore
 from core.run_states import RunJobState
 from orchestrator.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.errors import InvalidTransition
-from orchestrator.host_placement import Resources, bundles_of, free_after_unplaced, place
+from orchestrator.host_placement import (
+    Resources,
+    bundles_of,
+    free_after_unplaced,
+    host_spec,
+    place,
+)
 from orchestrator.host_sizing import HostSizing, demand_of
 from orchestrator.job_outcomes import JobOutcomes
 from orchestrator.jobs import job_spec_for
@@ -272,25 +277,7 @@ class HostScheduling:
         ]
 
     def _start_host(self, host_id: str, shape: HostShape, *, warm: bool = False) -> bool:
-        settings = self.settings
-        assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
-        spec = HostSpec(
-            host_id=host_id,
-            shape=shape,
-            object_store=settings.object_store_config,
-            model_cache_dir=Path(settings.model_cache_dir).resolve(),
-            storage_path=Path(settings.ray_storage_path).resolve(),
-            max_slots=settings.max_slots_per_host,
-            idle_seconds=settings.host_idle_seconds,
-            warm=warm,
-            step_timeout_seconds=settings.step_timeout_seconds,
-            zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
-            checkpoint_every_steps=settings.checkpoint_every_steps,
-            checkpoint_keep_last=settings.checkpoint_keep_last,
-            max_job_restarts=settings.max_worker_restarts,
-            loss_chunk_tokens=settings.loss_chunk_tokens,
-            gradient_checkpointing=settings.gradient_checkpointing,
-        )
+        spec = host_spec(self.settings, host_id, shape, warm=warm)
         try:
             self.hosts.start_host(spec)
         except Exception:
