@@ -48,6 +48,7 @@ from orchestrator.store import JobStore, new_id
 log = logging.getLogger(__name__)
 
 HOST_ID_PREFIX = "host-"  # new_id("host"): a job's run_id in host mode
+HOST_START_ALLOWANCE_S = 600.0  # the watchdog's least wait for a host's first step
 
 
 class HostScheduling:
@@ -175,7 +176,12 @@ class HostScheduling:
             self._first_seen.get(host_id, 0.0),
             self._admitted_at.get(host_id, 0.0),
         )
-        return self.clock() - activity > self.settings.step_timeout_seconds
+        timeout = self.settings.step_timeout_seconds
+        if report["last_step_at"] is None:
+            # Never stepped: still starting (worker group, base load and partitioning take
+            # minutes for a large base or on a loaded machine), not hung yet.
+            timeout = max(timeout, HOST_START_ALLOWANCE_S)
+        return self.clock() - activity > timeout
 
     def _restart_hung(self, host_id: str, jobs: list[JobRow]) -> None:
         timeout = self.settings.step_timeout_seconds
