@@ -121,7 +121,7 @@ class JobReport(TypedDict):
 
 class HostMemory(TypedDict):
     base_bytes_per_rank: int  # the base's shard held by each rank (largest rank)
-    # The first step of the latest membership, largest rank (workers.host_memory): measured
+    # The second step of the latest membership, largest rank (workers.host_memory): measured
     # live tensor bytes (CPU) or the allocator's peak (GPU), and admission's estimate for
     # the same jobs (core.memory_estimate).
     peak_bytes_per_rank: int

@@ -165,7 +165,7 @@ class HostWorker(HostJoins):
             "live": [s.job_id for s in self.slots],
             "memory": {
                 "base_bytes_per_rank": self.base_bytes,
-                # The first step of the latest membership (workers.host_memory).
+                # The second step of the latest membership (workers.host_memory).
                 "peak_bytes_per_rank": measured.get("measured_peak_bytes", 0),
                 "estimate_bytes_per_rank": measured.get("estimate_bytes", 0),
                 "members": measured.get("members", []),

@@ -8,7 +8,7 @@ shards, the LoRA factors, their optimizer state), plus each storage an op create
 the step, until it is freed. A TorchDispatchMode sees every op's outputs; a weak reference
 to each storage (torch keeps one Python object per live storage) says when it is freed.
 
-The mode costs a Python call per op, so a host measures only the first step of each
+The mode costs a Python call per op, so a host measures only one step of each
 membership (workers.host_memory); on a GPU the device allocator's own peak is used instead.
 """
 
