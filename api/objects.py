@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.responses import Response
+from pydantic import TypeAdapter
 
 from api.schemas import (
     FileObject,
     FineTuningJob,
     FineTuningJobEvent,
-    JobError,
-    JobHyperparameters,
-    JobMethod,
 )
 from orchestrator.models import FileRow, JobEventRow, JobRow
 from orchestrator.store import JobFields
@@ -26,40 +26,72 @@ def file_object(row: FileRow) -> FileObject:
     )
 
 
-def job_object(row: JobRow | JobFields) -> FineTuningJob:
-    """From a JobRow, or from the same job read as plain columns (the list and GET path)."""
-    hyperparameters = JobHyperparameters(**row.settings["hyperparameters"])
+def job_document(row: JobRow | JobFields) -> dict[str, Any]:
+    """The job as its response document: FineTuningJob's fields in order, each already of
+    its field's type, so serializing it as is gives the model's own bytes (the GET and list
+    path skips building the model; tests/api/test_job_documents.py checks the equality).
+    From a JobRow, or from the same job read as plain columns (JobFields)."""
+    settings = row.settings
+    given = settings["hyperparameters"]
+    hyperparameters = {
+        "n_epochs": int(given["n_epochs"]),
+        "batch_size": int(given["batch_size"]),
+        "learning_rate_multiplier": float(given["learning_rate_multiplier"]),
+    }
     error = (
-        JobError(code=row.error_code, message=row.error_message or "", param=row.error_param)
+        {"code": row.error_code, "message": row.error_message or "", "param": row.error_param}
         if row.error_code
         else None
     )
-    return FineTuningJob(
-        id=row.id,
-        created_at=row.created_at,
-        finished_at=row.finished_at,
-        model=row.model,
-        fine_tuned_model=row.fine_tuned_model,
-        organization_id=row.tenant,
-        status=row.status,
-        hyperparameters=hyperparameters,
-        method=JobMethod(supervised={"hyperparameters": hyperparameters}),
-        training_file=row.training_file,
-        validation_file=row.validation_file,
-        result_files=[],
-        trained_tokens=row.trained_tokens,
-        error=error,
-        seed=row.seed,
-        suffix=row.suffix,
-        user_provided_suffix=row.suffix,
-        metadata=row.user_metadata,
-        lora=row.settings["lora"],
-        training=row.settings["training"],
-        resources=row.settings["resources"],
-        from_checkpoint=(row.settings.get("from_checkpoint") or {}).get("checkpoint"),
-        priority=row.priority or 0,
-        max_runtime=row.max_runtime,
-    )
+    return {
+        "object": "fine_tuning.job",
+        "id": row.id,
+        "created_at": row.created_at,
+        "finished_at": row.finished_at,
+        "estimated_finish": None,
+        "model": row.model,
+        "fine_tuned_model": row.fine_tuned_model,
+        "organization_id": row.tenant,
+        "status": row.status,
+        "hyperparameters": hyperparameters,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "training_file": row.training_file,
+        "validation_file": row.validation_file,
+        "result_files": [],
+        "trained_tokens": row.trained_tokens,
+        "error": error,
+        "seed": row.seed,
+        "suffix": row.suffix,
+        "user_provided_suffix": row.suffix,
+        "metadata": row.user_metadata,
+        "integrations": [],
+        "lora": settings["lora"],
+        "training": settings["training"],
+        "resources": settings["resources"],
+        "from_checkpoint": (settings.get("from_checkpoint") or {}).get("checkpoint"),
+        "priority": row.priority or 0,
+        "max_runtime": row.max_runtime,
+    }
+
+
+def job_object(row: JobRow | JobFields) -> FineTuningJob:
+    return FineTuningJob.model_validate(job_document(row))
+
+
+# Serializes plain documents with the same pydantic-core serializer and defaults
+# (e.g. NaN as null) as a model's model_dump_json.
+_DOCUMENT = TypeAdapter(Any)
+
+
+def job_json(row: JobFields) -> bytes:
+    """GET job's body: `job_object(row).model_dump_json()`, without building the model."""
+    return _DOCUMENT.dump_json(job_document(row))
+
+
+def job_page_json(rows: list[JobFields], has_more: bool) -> bytes:
+    """The job list's body: ListPage[FineTuningJob]'s JSON, without building the models."""
+    page = {"object": "list", "data": [job_document(r) for r in rows], "has_more": has_more}
+    return _DOCUMENT.dump_json(page)
 
 
 def event_object(row: JobEventRow) -> FineTuningJobEvent:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep, read_in_thread
-from api.objects import event_object, job_object, json_response
+from api.objects import event_object, job_json, job_object, job_page_json, json_response
 from api.schemas import (
     ErrorResponse,
     FineTuningJob,
@@ -109,8 +109,7 @@ async def list_jobs(
 
     def page() -> bytes:
         rows, has_more = services.store.list_jobs(tenant, after, limit, metadata or None)
-        listed = ListPage[FineTuningJob](data=[job_object(r) for r in rows], has_more=has_more)
-        return listed.model_dump_json().encode()
+        return job_page_json(rows, has_more)
 
     return json_response(await read_in_thread(services, page))
 
@@ -118,8 +117,7 @@ async def list_jobs(
 @router.get("/{job_id}", response_model=FineTuningJob, responses=ERRORS)
 async def retrieve(services: ServicesDep, tenant: TenantDep, job_id: str) -> Response:
     def job() -> bytes:
-        job = services.store.get_job_fields(tenant, job_id)
-        return job_object(job).model_dump_json().encode()
+        return job_json(services.store.get_job_fields(tenant, job_id))
 
     return json_response(await read_in_thread(services, job))
 

@@ -1,0 +1,112 @@
+"""GET job and the job list write their bodies from plain documents, without building the
+pydantic models; the bytes must be exactly the models' own (`model_dump_json`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from api.objects import job_document, job_json, job_object, job_page_json
+from api.schemas import FineTuningJob, ListPage
+from orchestrator.store import JobStore
+from tests.api.conftest import GOOD_RECORDS, upload
+from tests.conftest import job_row
+
+# What a job's JSON settings can hold once decoded (json.loads of what json.dumps wrote).
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()  # NaN and infinities too: both sides write them as null
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+settings_dicts = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+numbers = st.integers(min_value=1, max_value=1024) | st.floats(min_value=1, max_value=1024)
+
+
+@st.composite
+def job_rows(draw: st.DrawFn) -> Any:
+    failed = draw(st.booleans())
+    return job_row(
+        settings={
+            "hyperparameters": {
+                "n_epochs": draw(st.integers(min_value=1, max_value=100)),
+                "batch_size": draw(st.integers(min_value=1, max_value=1024)),
+                # Stored as given: an int multiplier is written 2.0 by the model.
+                "learning_rate_multiplier": draw(numbers),
+            },
+            "lora": draw(settings_dicts),
+            "training": draw(settings_dicts),
+            "resources": draw(settings_dicts),
+            "from_checkpoint": draw(st.none() | st.fixed_dictionaries({"checkpoint": st.text()})),
+        },
+        user_metadata=draw(st.none() | st.dictionaries(st.text(), st.text(), max_size=3)),
+        suffix=draw(st.none() | st.text(max_size=8)),
+        priority=draw(st.none() | st.integers(-1000, 1000)),
+        max_runtime=draw(st.none() | st.integers(1, 86400)),
+        status="failed" if failed else "queued",
+        error_code="oom" if failed else None,
+        error_message=draw(st.none() | st.text()) if failed else None,
+        finished_at=draw(st.none() | st.integers(0, 2**40)),
+        trained_tokens=draw(st.none() | st.integers(0, 2**40)),
+        fine_tuned_model=draw(st.none() | st.text(max_size=16)),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(row=job_rows(), more=st.lists(job_rows(), max_size=3), has_more=st.booleans())
+def test_a_job_document_serializes_to_the_models_bytes(
+    row: Any, more: list[Any], has_more: bool
+) -> None:
+    assert job_json(row) == job_object(row).model_dump_json().encode()
+    rows = [row, *more]
+    page = ListPage[FineTuningJob](data=[job_object(r) for r in rows], has_more=has_more)
+    assert job_page_json(rows, has_more) == page.model_dump_json().encode()
+
+
+def test_a_document_has_every_field_of_the_model_in_its_order() -> None:
+    row = job_row(settings={"hyperparameters": {"n_epochs": 1, "batch_size": 1,
+                                                "learning_rate_multiplier": 1},
+                            "lora": {}, "training": {}, "resources": {}})  # fmt: skip
+    assert list(job_document(row)) == list(FineTuningJob.model_fields)
+
+
+def test_get_and_list_answer_with_what_the_model_writes(client: TestClient) -> None:
+    file_id = upload(client, GOOD_RECORDS)["id"]
+    created = []
+    for metadata in ({"team": "ä 😀"}, None):
+        response = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tiny", "training_file": file_id, "metadata": metadata,
+                  "hyperparameters": {"learning_rate_multiplier": 2, "n_epochs": 1}},
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        created.append(response.json()["id"])
+    store: JobStore = client.app.state.services.store  # type: ignore[attr-defined]
+    for job_id in created:
+        got = client.get(f"/v1/fine_tuning/jobs/{job_id}")
+        assert got.status_code == 200 and got.headers["content-type"] == "application/json"
+        # The same bytes as the create path, which serializes the model built from a JobRow.
+        assert got.content == job_object(store.job(job_id)).model_dump_json().encode()
+        assert json.loads(got.content)["hyperparameters"]["learning_rate_multiplier"] == 2.0
+    listed = client.get("/v1/fine_tuning/jobs", params={"limit": 1})
+    page = ListPage[FineTuningJob](data=[job_object(store.job(created[1]))], has_more=True)
+    assert listed.content == page.model_dump_json().encode()
+    missing = client.get("/v1/fine_tuning/jobs/ftjob-nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_the_openapi_document_still_describes_the_job_responses(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    get = paths["/v1/fine_tuning/jobs/{job_id}"]["get"]["responses"]["200"]
+    listed = paths["/v1/fine_tuning/jobs"]["get"]["responses"]["200"]
+    assert get["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/FineTuningJob"
+    }
+    assert "FineTuningJob" in json.dumps(listed["content"]["application/json"]["schema"])
