@@ -34,6 +34,8 @@ from workers.rng_state import reseed_for, restore_dropout_rng
 # An idle host holds back jobs that loaded while others announced with them still load (at
 # most this long): jobs that arrive together start in one pack, and nobody waits on them.
 JOIN_TOGETHER_SECONDS = 5.0
+# Never seen unless a rank's error vanished between the all-reduce and the gather.
+UNKNOWN_CAUSE = "a worker could not load the job"
 
 
 @dataclass
@@ -122,18 +124,37 @@ class HostJoins:
             self._holding_since = time.monotonic()
         elif not hold:
             self._holding_since = None
+        failed_ids = [job_id for job_id, (_, failed) in zip(ids, per_job, strict=True) if failed]
+        causes = self._load_errors(failed_ids) if failed_ids else {}
         for job_id, (loaded, failed) in zip(ids, per_job, strict=True):
             if failed > 0:
-                pending = self.pending.pop(job_id)
-                error = pending.error or RuntimeError("another worker could not load the job")
+                self.pending.pop(job_id)
+                rank, kind, error = causes.get(job_id, (None, "RuntimeError", UNKNOWN_CAUSE))
                 self._report(
                     job_id,
                     "job_failed",
-                    f"Training failed: {type(error).__name__}: {error}",
-                    {"error": str(error)},
+                    f"Training failed: {kind}: {error}",
+                    {"error": error, "rank": rank},
                 )
             elif loaded == self.world_size and not hold:
                 self._go_live(self.pending.pop(job_id))
+
+    def _load_errors(self, job_ids: list[str]) -> dict[str, tuple[int, str, str]]:
+        """Each failed job's own load error, (rank, type, text), from the first rank that has
+        one. A collective (every rank saw the same failures in the all-reduce): the rank that
+        reports, rank 0, may not be the one that failed, or may still be loading it."""
+        mine = {
+            job_id: (self.rank, type(error).__name__, str(error))
+            for job_id in job_ids
+            if (error := self.pending[job_id].error) is not None
+        }
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        causes: dict[str, tuple[int, str, str]] = {}
+        for per_rank in gathered:  # rank order: the same choice on every rank
+            for job_id, cause in per_rank.items():
+                causes.setdefault(job_id, cause)
+        return causes
 
     def _go_live(self, pending: PendingJoin) -> None:
         slot, job = pending.slot, pending.job
