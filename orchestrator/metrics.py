@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from core.host_protocol import HostReport
 from core.objectstore import on_store_error
 
 REGISTRY = CollectorRegistry()
@@ -85,6 +87,45 @@ class Capacity:
 
     hosts: dict[tuple[str, str], int] = field(default_factory=dict)
     slots_in_use: int = 0
+    # Host shape key -> (measured peak, estimate) bytes per rank (`memory_by_shape`).
+    memory: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def memory_by_shape(reports: Iterable[HostReport]) -> dict[str, tuple[int, int]]:
+    """Per host shape, the measured peak per rank of a membership and admission's estimate
+    for the same jobs (workers.host_memory), from the host of that shape with the largest
+    peak: both figures of one membership, so the two can be compared. By shape, not by host
+    or job, so that labels stay few and name no tenant's job."""
+    found: dict[str, tuple[int, int]] = {}
+    for report in reports:
+        memory = report["memory"]
+        peak = memory.get("peak_bytes_per_rank", 0)
+        if not report["alive"] or not peak:  # not measured yet (a membership's 2nd step)
+            continue
+        key = report["shape"].key
+        if peak > found.get(key, (0, 0))[0]:
+            found[key] = (peak, memory.get("estimate_bytes_per_rank", 0))
+    return found
+
+
+def host_memory_gauges(capacity: Capacity, registry: CollectorRegistry) -> None:
+    """The hosts' memory per rank by shape, as the scheduler saw it at its last tick."""
+    peak = Gauge(
+        "lorafleet_host_peak_bytes_per_rank",
+        "Measured peak bytes per worker of a pack host's latest membership (the largest "
+        "host of each shape): live tensor bytes on CPU, the allocator's peak on GPU.",
+        ["shape"],
+        registry=registry,
+    )
+    estimate = Gauge(
+        "lorafleet_host_estimate_bytes_per_rank",
+        "Admission's memory estimate per worker for the same membership and host.",
+        ["shape"],
+        registry=registry,
+    )
+    for shape, (measured, estimated) in sorted(capacity.memory.items()):
+        peak.labels(shape=shape).set(measured)
+        estimate.labels(shape=shape).set(estimated)
 
 
 # Keyed by the job store the scheduler shares with the API in one process (`lorafleet

@@ -23,7 +23,13 @@ from orchestrator.errors import InvalidTransition
 from orchestrator.host_scheduling import HostScheduling, on_host
 from orchestrator.job_outcomes import JobOutcomes
 from orchestrator.jobs import run_spec_for
-from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training, record_capacity
+from orchestrator.metrics import (
+    RUN_POLL_TIMEOUTS,
+    Capacity,
+    memory_by_shape,
+    observe_training,
+    record_capacity,
+)
 from orchestrator.models import JobRow
 from orchestrator.packing import plan_packs, wants_packing
 from orchestrator.runs import UNRESPONSIVE, RayRuns
@@ -248,11 +254,13 @@ class Scheduler:
             key = (mode, "unresponsive" if UNRESPONSIVE in states else "running")
             hosts[key] = hosts.get(key, 0) + 1
             slots += sum(s in (UNRESPONSIVE, RunJobState.RUNNING) for s in states)
+        memory: dict[str, tuple[int, int]] = {}
         if self.host_mode is not None:
             on_hosts = self.host_mode.capacity()
             hosts.update(on_hosts.hosts)
             slots += on_hosts.slots_in_use
-        return Capacity(hosts, slots)
+            memory = memory_by_shape(self.host_mode.reports.values())
+        return Capacity(hosts, slots, memory)
 
     def _run_unresponsive(self, job: JobRow) -> None:
         """A run that did not answer this tick: its jobs stay running (it may only be busy),

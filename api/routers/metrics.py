@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api.deps import ServicesDep
 from orchestrator.errors import Unauthorized
-from orchestrator.metrics import REGISTRY, last_capacity
+from orchestrator.metrics import REGISTRY, host_memory_gauges, last_capacity
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
 
@@ -49,6 +49,7 @@ def job_gauges(store: JobStore) -> bytes:
         )
         for mode, state in sorted(set(HOST_SERIES) | set(capacity.hosts)):
             hosts.labels(mode=mode, state=state).set(capacity.hosts.get((mode, state), 0))
+        host_memory_gauges(capacity, registry)
     return generate_latest(registry)
 
 

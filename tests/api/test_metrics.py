@@ -162,6 +162,17 @@ def test_hosts_and_slots_in_use_are_what_the_pack_hosts_report(
     assert first not in text and second not in text and host_id not in text
 
 
+def host_memory(found: Samples) -> set[tuple[float, float]]:
+    """(peak, estimate) bytes per rank of each host shape in an exposition."""
+    peaks = {k[1]: v for k, v in found.items() if k[0] == "lorafleet_host_peak_bytes_per_rank"}
+    estimates = {
+        k[1]: v for k, v in found.items() if k[0] == "lorafleet_host_estimate_bytes_per_rank"
+    }
+    assert peaks.keys() == estimates.keys()
+    assert all(dict(labels).keys() == {"shape"} for labels in peaks)
+    return {(peaks[labels], estimates[labels]) for labels in peaks}
+
+
 def test_object_store_errors_are_counted_by_outcome() -> None:
     def errors() -> tuple[float, float]:
         found = samples(exposition_of_registry())
@@ -220,11 +231,13 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
             json={"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 2}},
         ).json()["id"]
         seen_training: list[Samples] = []
+        seen_memory: set[tuple[float, float]] = set()  # (peak, estimate) per rank
 
         def done() -> bool:
             found = samples(client.get("/metrics").text)
             if found[("lorafleet_slots_in_use", ())] == 1:
                 seen_training.append(found)
+            seen_memory.update(host_memory(found))
             status = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
             assert status not in ("failed", "cancelled"), status
             return bool(status == "succeeded")
@@ -246,6 +259,19 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
     assert seen_training, "never saw the job's slot in use"
     assert hosts(seen_training[-1], *busy) == 1
     assert after[("lorafleet_slots_in_use", ())] == 0
+
+    # The host's memory per rank, by shape: what its memory event told the job.
+    told = {
+        (float(e["data"]["measured_peak_bytes"]), float(e["data"]["estimate_bytes"]))
+        for e in data
+        if "measured_peak_bytes" in (e["data"] or {})
+    }
+    if mode == "hosts":
+        assert len(told) == 1 and seen_memory == told, (seen_memory, told)
+        [(peak, estimate)] = told
+        assert peak > 0 and estimate > 0  # how close they are: tests/e2e/test_memory_*
+    else:  # a run measures nothing per membership
+        assert told == set() and seen_memory == set()
 
     def delta(name: str) -> float:
         return after[(name, ())] - before[(name, ())]
