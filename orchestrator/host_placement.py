@@ -11,6 +11,7 @@ resources.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.host_protocol import HostReport, HostShape, HostSpec
@@ -46,6 +47,24 @@ def free_after_unplaced(
         if report["alive"] and not report["worker_starts"]:
             left = place(bundles_of(report["shape"]), left) or [{} for _ in left]
     return left
+
+
+@dataclass
+class StartRoom:
+    """What a tick has left for starting hosts and runs alike (a `packing: false` job's run
+    of its own counts as a host does): starts under `max_concurrent_runs`, and the nodes'
+    free resources."""
+
+    starts: int = 0
+    free: list[Resources] = field(default_factory=list)
+
+    def take(self, shape: HostShape) -> bool:
+        """Takes the room for one host or run of `shape`; False (nothing taken) if none."""
+        left = place(bundles_of(shape), self.free) if self.starts > 0 else None
+        if left is None:
+            return False
+        self.starts, self.free = self.starts - 1, left
+        return True
 
 
 def host_spec(settings: Settings, host_id: str, shape: HostShape, *, warm: bool) -> HostSpec:

@@ -29,6 +29,7 @@ from orchestrator.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.errors import InvalidTransition
 from orchestrator.host_placement import (
     Resources,
+    StartRoom,
     bundles_of,
     free_after_unplaced,
     host_spec,
@@ -76,6 +77,7 @@ class HostScheduling:
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}
         self._unplaceable: set[str] = set()  # shapes the cluster could not place a host of
+        self.room_for_runs = StartRoom()  # what `launch` left for `packing: false` runs
 
     # ---- watch: one poll per host ----
     def watch(self) -> None:
@@ -202,9 +204,13 @@ class HostScheduling:
 
     # ---- launch: place queued jobs ----
     def launch(self) -> None:
-        # `packing: false` jobs are trained alone, each in a run of its own (the scheduler's).
+        # `packing: false` jobs are trained alone, each in a run of its own (the scheduler's,
+        # within `room_for_runs`).
         queued = [j for j in self.store.jobs_with_status([JobStatus.QUEUED]) if wants_packing(j)]
-        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if on_host(j)]
+        all_active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
+        active = [j for j in all_active if on_host(j)]
+        # Those runs count against max_concurrent_runs as hosts do.
+        runs_up = len({j.run_id for j in all_active if not on_host(j)})
         shapes: dict[str, HostShape] = {}
         waiting = []
         for job in queued:
@@ -223,7 +229,7 @@ class HostScheduling:
             rooms,
             running_per_tenant=dict(Counter(j.tenant for j in active)),
             last_started=self._last_started,
-            free_host_starts=self.settings.max_concurrent_runs - len(self.reports),
+            free_host_starts=self.settings.max_concurrent_runs - len(self.reports) - runs_up,
             max_slots=self.settings.max_slots_per_host,
             fits=lambda key, demands: self.sizing.fits(shapes[key], demands),
             new_host_id=lambda: new_id("host"),
@@ -255,7 +261,7 @@ class HostScheduling:
                 join.host_id in started or join.host_id in self.reports
             ):
                 self.join(by_id[join.job_id], join.host_id)
-        self._keep_warm_hosts(free)
+        self.room_for_runs = self._keep_warm_hosts(free, runs_up + len(started))
 
     def _placed(self, shape: HostShape, free: list[Resources]) -> list[Resources] | None:
         """The free resources left once a host of `shape` is placed; None (its jobs wait,
@@ -335,22 +341,24 @@ class HostScheduling:
             if current is None or current.run_id != host_id or current.attempt != attempt:
                 self.hosts.stop(host_id, job.id)  # cancelled meanwhile, or runs elsewhere
 
-    def _keep_warm_hosts(self, free: list[Resources]) -> None:
-        """Per base model, `warm_hosts` hosts of the default shape stay up with no job."""
+    def _keep_warm_hosts(self, free: list[Resources], started: int) -> StartRoom:
+        """Per base model, `warm_hosts` hosts of the default shape stay up with no job;
+        `started`: runs up and hosts started this tick. The room left after them."""
+        room = self.settings.max_concurrent_runs - len(self.reports) - started
         if not self.settings.warm_hosts:
-            return
+            return StartRoom(room, free)
         warm_now = Counter(
             r["shape"].base_model for h, r in self.reports.items() if h in self._warm
         )
-        room = self.settings.max_concurrent_runs - len(self.reports)
         for base in sorted(self.settings.base_models):
             for _ in range(self.settings.warm_hosts - warm_now[base]):
                 if room <= 0:
-                    return
+                    return StartRoom(room, free)
                 shape = self.sizing.shape(base, self.settings.default_num_workers)
                 left = self._placed(shape, free)
                 if left is not None and self._start_host(new_id("host"), shape, warm=True):
                     room, free = room - 1, left
+        return StartRoom(room, free)
 
     # ---- outcomes (orchestrator.job_outcomes: each a guarded change) ----
     def _host_lost(self, job: JobRow, reason: str) -> None:

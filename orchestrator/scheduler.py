@@ -163,7 +163,12 @@ class Scheduler:
         active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
         queued = self.store.jobs_with_status([JobStatus.QUEUED])
         if self.host_mode is not None:  # hosts take the rest; these train alone
-            queued = [j for j in queued if not wants_packing(j)]
+            # Each in a run of its own, within the same limits as hosts (what launch left).
+            room, sizing = self.host_mode.room_for_runs, self.host_mode.sizing
+            for job in queued:
+                if not wants_packing(job) and room.take(sizing.shape_of(job)):
+                    self._launch([job])
+            return
         max_pack_size, window_s = pack_limits(self.settings)
         packs = plan_packs(
             queued,
