@@ -1,28 +1,83 @@
 """The API's job reads (GET job, the job list) as plain columns, compiled once per shape.
 
-A job is read as a named tuple of its columns (JobFields), labelled with JobRow's attribute
-names (`user_metadata`, not the column's `metadata`) so it reads like a JobRow: no session,
-identity map or instance state, and no statement built per call (`store/prepared.py`).
+A job is read as a named tuple of its columns (JobFields) that reads like a JobRow: no
+session, identity map or instance state, and no statement built per call
+(`store/prepared.py`). Its JSON columns arrive as their text, on SQLite and PostgreSQL alike,
+and are decoded when read: so a row is plain, hashable values, equal to another read of
+the same job exactly when nothing in it changed (the API keys its response bytes on that).
 Read-only: changes go through the store's named operations.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections import namedtuple
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Engine, Integer, Select, String, and_, bindparam, inspect, or_, select
+from pydantic_core import from_json
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Engine,
+    Integer,
+    Select,
+    String,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    inspect,
+    or_,
+    select,
+)
 
 from orchestrator.errors import NotFound
 from orchestrator.models import JobRow
 from orchestrator.store.prepared import PreparedRead, read_cursor
 
-# A JobRow's columns as a named tuple (fields named as JobRow's attributes).
-JobFields = Any
+# JobRow's columns, labelled with its attribute names (`user_metadata`, not the column's
+# `metadata`); the JSON ones as text, labelled `<name>_json`.
 JOB_FIELDS = [
-    column.label(attribute.key)
+    cast(column, Text).label(f"{attribute.key}_json")
+    if isinstance(column.type, JSON)
+    else column.label(attribute.key)
     for attribute in inspect(JobRow).column_attrs
     for column in attribute.columns
 ]
+
+
+def read_json(text: str | None) -> Any:
+    """`json.loads`, ~4x faster (pydantic-core's parser), which gives the same values for what
+    `json.dumps` writes (tests/orchestrator/test_prepared_reads.py); what it refuses and
+    json.loads takes, a lone surrogate (escaped or not), still decodes as before. SQL NULL (a
+    column never written) reads as None, as JSON null does."""
+    if text is None:
+        return None
+    try:
+        return from_json(text)
+    except (ValueError, TypeError):
+        return json.loads(text)
+
+
+class JobFields(namedtuple("JobColumns", [c.key for c in JOB_FIELDS])):  # type: ignore[misc]
+    """A job as read for the API: JobRow's attributes, the JSON ones decoded on each read
+    (each call returns a fresh object, so the row itself never changes)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:  # the columns are fields made from JobRow's mapping, unseen by mypy
+
+        def __getattr__(self, name: str) -> Any: ...
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return read_json(self.settings_json)  # type: ignore[no-any-return]
+
+    @property
+    def user_metadata(self) -> dict[str, str] | None:
+        return read_json(self.user_metadata_json)  # type: ignore[no-any-return]
+
+
 NEWEST_FIRST = (JobRow.created_at.desc(), JobRow.id.desc())
 # A job has at most 16 metadata keys (the create request's limit), so a list filtered on more
 # finds nothing; such shapes are compiled per call rather than kept.
@@ -35,7 +90,7 @@ def job_by_id() -> Select[Any]:
     )
 
 
-def anchor_of_page() -> Select[Any]:
+def anchor_of_page() -> Select[int, str]:
     """Where the page after `after` starts: that job's sort key, within the tenant."""
     return select(JobRow.created_at, JobRow.id).where(
         JobRow.id == bindparam("after"), JobRow.tenant == bindparam("tenant")
@@ -57,7 +112,7 @@ def page_of_jobs(filters: int, after: bool) -> Select[Any]:
             JobRow.user_metadata[name].as_string() == bindparam(f"value_{i}", type_=String())
         )
     if after:
-        created_at = bindparam("anchor_created_at")
+        created_at = bindparam("anchor_created_at", type_=BigInteger())
         page = page.where(
             or_(
                 JobRow.created_at < created_at,
@@ -72,7 +127,7 @@ class JobReads:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._job = PreparedRead(engine, job_by_id(), "JobFields")
+        self._job = PreparedRead(engine, job_by_id(), JobFields)
         self._anchor = PreparedRead(engine, anchor_of_page())
         self._pages: dict[tuple[int, bool], PreparedRead] = {}
 
@@ -104,7 +159,7 @@ class JobReads:
         shape = (filters, after)
         page = self._pages.get(shape)
         if page is None:
-            page = PreparedRead(self.engine, page_of_jobs(filters, after), "JobFields")
+            page = PreparedRead(self.engine, page_of_jobs(filters, after), JobFields)
             if filters <= KEPT_FILTER_SHAPES:
                 self._pages[shape] = page
         return page

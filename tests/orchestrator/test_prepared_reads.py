@@ -21,7 +21,8 @@ from orchestrator.errors import NotFound
 from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
-from orchestrator.store.prepared import read_cursor, read_json
+from orchestrator.store.job_reads import read_json
+from orchestrator.store.prepared import read_cursor
 from tests.conftest import job_row
 from tests.orchestrator.test_database_outage import (  # noqa: F401 (a fixture)
     own_postgres,
