@@ -62,6 +62,10 @@ class RunSpec:
     # runs on CPU in tests and fp32 on a GPU for debugging.
     precision: str = ""
     setup_timeout_seconds: float = 600.0  # per setup phase; past it the run fails, naming it
+    # As a pack host's (core.host_protocol.HostSpec), from the same settings, so that a job
+    # trains the same way in either scheduling mode.
+    loss_chunk_tokens: int = 4096  # the loss's fp32 logits are made this many tokens at a time
+    gradient_checkpointing: bool = False  # recompute the base's activations in backward
 
     def __post_init__(self) -> None:
         if not self.precision:

@@ -242,4 +242,6 @@ def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: b
         # The pack key includes it, so every job of the pack agrees; None: by device.
         precision=jobs[0].settings["training"].get("precision") or "",
         setup_timeout_seconds=settings.setup_timeout_seconds,
+        loss_chunk_tokens=settings.loss_chunk_tokens,  # as host_placement.host_spec
+        gradient_checkpointing=settings.gradient_checkpointing,
     )

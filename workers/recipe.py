@@ -23,7 +23,6 @@ from core.objectstore import open_object_store
 from core.run_states import run_actor_name
 from core.spec import RunSpec
 from workers.base_models import resolve_base_model
-from workers.chunked_loss import DEFAULT_CHUNK_TOKENS
 from workers.deepspeed_config import build_deepspeed_config
 from workers.deepspeed_ops import use_prebuilt_ops
 from workers.job_slot import JobSlot, SlotState, load_job_slot
@@ -56,6 +55,7 @@ class PackTrainingRecipe:
         self.routing = Routing()
         self._stops: set[str] = set()  # rank 0: the jobs to stop, as last heard
         self._stop_asked: Any = None  # rank 0: the stop request in flight
+        self.outbox: list[dict[str, Any]] = []  # rank 0: events not yet sent to the actor
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -71,6 +71,7 @@ class PackTrainingRecipe:
             self._setup_base()
         with phases.phase("slots"):
             self._setup_slots()
+        self.send_events()
 
     def _setup_timed_out(self, phase: str, error: str) -> None:
         import ray
@@ -151,8 +152,7 @@ class PackTrainingRecipe:
         # No optimizer: DeepSpeed only partitions the frozen base and gathers it on use.
         self.engine, *_ = deepspeed.initialize(model=base, config=self.ds_config)
         self.model = self.engine.module
-        # A run spec carries these where its builder sets them (a pack host's spec does).
-        if getattr(self.spec, "gradient_checkpointing", False):
+        if self.spec.gradient_checkpointing:
             use_gradient_checkpointing(self.model, self.routing)
 
     def _setup_slots(self) -> None:
@@ -219,13 +219,21 @@ class PackTrainingRecipe:
     def _report(
         self, job_id: str | None, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None:
+        """Keeps the event for the step's one call to the actor (`send_events`)."""
         if self.rank == 0:
             # Numbered: the actor applies events in this order whatever order Ray runs them.
-            self.reporter.record.remote(
+            self.outbox.append(
                 self.numbering.stamp(
                     {"job_id": job_id, "type": kind, "message": message, "data": data}
                 )
             )
+
+    def send_events(self) -> None:
+        """Rank 0: every event since the last call, in one actor call (once per step), not
+        waited for; numbered, so batches applied out of order still apply in order."""
+        if getattr(self, "rank", None) == 0 and self.outbox:
+            events, self.outbox = self.outbox, []
+            self.reporter.record.remote(events)
 
     def _report_job_failure(self, job_id: str, exc: BaseException) -> None:
         report_job_failure(self.ctx, job_id, exc)
@@ -244,7 +252,7 @@ class PackTrainingRecipe:
             rank=self.rank,
             world_size=self.world_size,
             report=self._report,
-            loss_chunk_tokens=getattr(self.spec, "loss_chunk_tokens", DEFAULT_CHUNK_TOKENS),
+            loss_chunk_tokens=self.spec.loss_chunk_tokens,
         )
 
     # ---- train -------------------------------------------------------------------------
@@ -274,6 +282,7 @@ class PackTrainingRecipe:
         if self.rank == 0:
             self._stop_asked = self.reporter.stop_requests.remote()
         while True:
+            self.send_events()  # the last step's events: one call per step, all jobs
             stop = self._stop_requests()
             for slot in self.active():
                 if slot.job_id in stop or "*" in stop:
@@ -281,6 +290,7 @@ class PackTrainingRecipe:
                     self._report(slot.job_id, "job_cancelled", "Training stopped: job cancelled")
             active = self.active()
             if not active:
+                self.send_events()
                 break
             train_step(ctx, active)
             for slot in active:
@@ -305,6 +315,9 @@ class PackTrainingRecipe:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
     recipe = PackTrainingRecipe(config["spec"], config["reporter"])
-    recipe.setup()
-    recipe.train()
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:  # events of a setup that ended every job, or of a step that raised
+        recipe.send_events()
     recipe.cleanup()

@@ -103,13 +103,14 @@ class RunActor:
         self.events[job_id].append(event)
 
     # ---- called by rank 0 ----
-    def record(self, event: dict[str, Any]) -> None:
-        """An event for one job, or (job_id None) for every job of the pack, numbered by
-        the sender (`workers.run_events`): applied in send order whatever order Ray runs
-        the calls in."""
+    def record(self, events: list[dict[str, Any]]) -> None:
+        """A step's events (rank 0 sends them once per step), each for one job or (job_id
+        None) for every job of the pack, numbered by the sender (`workers.run_events`):
+        applied in send order whatever order Ray runs the calls in."""
         with self._lock:
-            for ready in self.order.accept(event):
-                self._apply(ready)
+            for event in events:
+                for ready in self.order.accept(event):
+                    self._apply(ready)
 
     def _apply(self, event: dict[str, Any]) -> None:
         job_id = event.get("job_id")

@@ -5,6 +5,7 @@ more events; a failed job's traceback reaches the worker's log."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,13 @@ def test_events_come_out_in_send_order_whatever_order_they_arrive_in() -> None:
     assert [e["type"] for e in order.flush_before(1)] == ["metrics-4"] and order.held() == 0
 
 
+JOB = JobSpec("job-1", "t", 1, "tiny", "", "files/x.jsonl")
+
+
 def spec(tmp_path: Path) -> RunSpec:
-    job = JobSpec("job-1", "t", 1, "tiny", "", "files/x.jsonl")
     return RunSpec(
         run_id="events-order",
-        jobs=(job,),
+        jobs=(JOB,),
         num_workers=1,
         use_gpu=False,
         object_store=ObjectStoreConfig(url=str(tmp_path)),
@@ -60,15 +63,47 @@ def test_the_actor_never_ends_a_job_before_its_earlier_events(
         sender = EventNumbering(attempt=0)
         metrics, published = event(sender, "metrics"), event(sender, "published")
         late = event(sender, "metrics")
-        ray.get(actor.record.remote(published))  # Ray ran the later call first
+        ray.get(actor.record.remote([published]))  # Ray ran the later call first
         polled = ray.get(actor.poll.remote("job-1", 0))
         assert polled["state"] == RUNNING and polled["events"] == []
-        ray.get(actor.record.remote(metrics))
+        ray.get(actor.record.remote([metrics]))
         polled = ray.get(actor.poll.remote("job-1", 0))
         assert polled["state"] == SUCCEEDED
         assert [e["type"] for e in polled["events"]] == ["metrics", "published"]
-        ray.get(actor.record.remote(late))  # after the end: refused, not appended
+        ray.get(actor.record.remote([late]))  # after the end: refused, not appended
         assert ray.get(actor.poll.remote("job-1", 2))["events"] == []
+    finally:
+        ray.kill(actor)
+
+
+def test_a_steps_events_arrive_in_one_call_and_batches_apply_in_send_order(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """Rank 0 sends each step's events (all jobs) in one call; two steps' calls may run in
+    either order on the threaded actor, and still apply in the order they were sent."""
+    import ray
+
+    two_jobs = replace(
+        spec(tmp_path), run_id="events-batches", jobs=(JOB, replace(JOB, job_id="job-2"))
+    )
+    actor = RunActor.options(  # type: ignore[attr-defined]
+        name=run_actor_name("events-batches"), namespace=NAMESPACE
+    ).remote(two_jobs)
+    try:
+        sender = EventNumbering(attempt=0)
+        step_1 = [event(sender, "metrics", "job-1"), event(sender, "metrics", "job-2")]
+        step_2 = [
+            event(sender, "checkpoint", "job-1"),
+            event(sender, "metrics", "job-2"),
+            event(sender, "published", "job-1"),
+        ]
+        ray.get(actor.record.remote(step_2))  # the later step's call ran first
+        assert ray.get(actor.poll.remote("job-1", 0))["events"] == []
+        ray.get(actor.record.remote(step_1))
+        one, two = (ray.get(actor.poll.remote(j, 0)) for j in ("job-1", "job-2"))
+        assert [e["type"] for e in one["events"]] == ["metrics", "checkpoint", "published"]
+        assert [e["type"] for e in two["events"]] == ["metrics", "metrics"]
+        assert (one["state"], two["state"]) == (SUCCEEDED, RUNNING)
     finally:
         ray.kill(actor)
 
