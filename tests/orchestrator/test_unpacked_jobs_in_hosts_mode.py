@@ -80,8 +80,9 @@ def test_the_scheduler_runs_an_unpacked_job_alone_within_the_limits(
         assert jobs[packed].run_id in world.hosts.list_hosts()
         host_jobs = {m for h in world.hosts.hosts.values() for m in h.members}
         assert host_jobs == {packed}  # never an unpacked job on a host
-        assert jobs[alone].status == "running" and jobs[alone].run_id is not None
-        assert jobs[alone].run_id.startswith("run-") and runs._actor(jobs[alone].run_id)
+        run_id = jobs[alone].run_id
+        assert jobs[alone].status == "running" and run_id is not None
+        assert run_id.startswith("run-") and runs._actor(run_id) is not None
         assert jobs[waiting].status == "queued"
         scheduler.tick()
         assert world.job(waiting).status == "queued"
