@@ -135,6 +135,9 @@ class HostReport(TypedDict):
     host_id: str
     shape: HostShape
     alive: bool  # False once the host has ended (idle, stopped or failed)
+    # Its spec's `warm`: kept up with no job. The host says so itself, so a restarted
+    # scheduler that adopts it counts it as warm capacity (and starts no second one).
+    warm: bool
     ending: bool  # no longer admits (idle timeout reached or stop requested)
     step: int  # host steps so far (all jobs)
     last_step_at: float | None  # wall-clock time of the last step

@@ -73,7 +73,6 @@ class HostScheduling:
         self.reports: dict[str, HostReport] = {}  # this tick's poll of every host
         self._first_seen: dict[str, float] = {}  # host -> when this scheduler first saw it
         self._admitted_at: dict[str, float] = {}  # host -> this scheduler's last admit there
-        self._warm: set[str] = set()  # warm hosts this scheduler started
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}
         self._unplaceable: set[str] = set()  # shapes the cluster could not place a host of
@@ -283,7 +282,7 @@ class HostScheduling:
                 report["max_slots"],
                 demands=demands.get(host_id, []),
                 ending=report["ending"] or not report["alive"],
-                warm=host_id in self._warm,
+                warm=_warm(report),
             )
             for host_id, report in self.reports.items()
         ]
@@ -301,8 +300,6 @@ class HostScheduling:
             )
             return False
         log.info("started pack host %s (%s)", host_id, shape.key, extra={"host_id": host_id})
-        if warm:
-            self._warm.add(host_id)
         return True
 
     def join(self, job: JobRow, host_id: str) -> None:
@@ -347,8 +344,10 @@ class HostScheduling:
         room = self.settings.max_concurrent_runs - len(self.reports) - started
         if not self.settings.warm_hosts:
             return StartRoom(room, free)
+        # Warmth is what each host reports (its spec), so hosts adopted after a restart
+        # count too, not only those this scheduler started.
         warm_now = Counter(
-            r["shape"].base_model for h, r in self.reports.items() if h in self._warm
+            r["shape"].base_model for r in self.reports.values() if _warm(r) and r["alive"]
         )
         for base in sorted(self.settings.base_models):
             for _ in range(self.settings.warm_hosts - warm_now[base]):
@@ -412,3 +411,8 @@ def _event(event: Any) -> dict[str, Any]:
         "level": level,
         "data": event["data"],
     }
+
+
+def _warm(report: HostReport) -> bool:
+    # .get: a host started by an older lorafleet (hosts outlive serve) does not say.
+    return bool(report.get("warm", False))

@@ -136,6 +136,7 @@ class InMemoryHosts:
             "host_id": host_id,
             "shape": host.spec.shape,
             "alive": host.alive,
+            "warm": host.spec.warm,
             "ending": host.ending,
             "step": host.step,
             "last_step_at": host.last_step_at,

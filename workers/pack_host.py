@@ -199,6 +199,7 @@ class PackHost:
                 "host_id": self.spec.host_id,
                 "shape": self.spec.shape,
                 "alive": self.alive,
+                "warm": self.spec.warm,
                 "ending": self.ending,
                 "step": self.step,
                 "last_step_at": self.last_step_at,

@@ -337,6 +337,34 @@ def test_warm_hosts_stay_up_with_no_job(tmp_path: Path) -> None:
     assert world.job(job_id).run_id == host  # and it is capacity: the job joins it
 
 
+def test_a_restarted_scheduler_adopts_a_warm_host_and_starts_no_second_one(
+    tmp_path: Path,
+) -> None:
+    world = make_world(tmp_path, warm_hosts=1, host_idle_seconds=0)
+    world.tick()
+    (host,) = world.hosts.list_hosts()
+    world.scheduling = world.other_scheduler()  # serve restarted: warmth only from the host
+    for _ in range(3):
+        world.hosts.step()
+        world.tick()
+    assert world.hosts.list_hosts() == [host] and len(world.hosts.started) == 1
+    job_id = world.submit()
+    world.tick()
+    assert world.job(job_id).run_id == host  # and it is capacity: the job joins it
+
+
+def test_a_restarted_scheduler_never_retires_an_adopted_warm_host(tmp_path: Path) -> None:
+    world = make_world(tmp_path, warm_hosts=1, host_idle_seconds=0, max_concurrent_runs=1)
+    world.tick()
+    (host,) = world.hosts.list_hosts()
+    world.scheduling = world.other_scheduler()
+    other_shape = world.submit(precision="bf16")  # no room for its host: it waits
+    for _ in range(3):
+        world.tick()
+        world.hosts.step()
+    assert world.hosts.list_hosts() == [host] and world.job(other_shape).status == "queued"
+
+
 def test_a_higher_priority_job_goes_first(tmp_path: Path) -> None:
     world = make_world(tmp_path, max_concurrent_runs=1, max_slots_per_host=1)
     low = world.submit("alice")
