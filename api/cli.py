@@ -1,5 +1,6 @@
 """The `lorafleet` command: `serve` (API + scheduler), `scheduler`, `keys`, `files`, `jobs`
-(the REST API from a terminal) and `demo` (trains two real adapters)."""
+(the REST API from a terminal), `demo` (trains two real adapters) and `ray-stop` (ends a
+data dir's embedded Ray that no serve will end)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,33 @@ def list_keys() -> None:
     for row in _api_keys().list():
         state = "revoked" if row.revoked_at else "active"
         typer.echo(f"{row.id}\t{row.tenant}\t{row.key_prefix}…\t{state}")
+
+
+@app.command("ray-stop")
+def ray_stop(
+    data_dir: Path | None = typer.Option(
+        None, help="The data dir whose Ray to end (default: LORAFLEET_DATA_DIR, else .lorafleet)."
+    ),
+) -> None:
+    """End the embedded Ray recorded in a data dir (DATA_DIR/ray-head.json), with its pack
+    hosts: for a `serve` that was killed and will not start again there. Only that Ray, by
+    its recorded pid; never `ray stop`, which would end every Ray on the machine."""
+    from orchestrator import embedded_ray
+    from orchestrator.settings import Settings
+
+    folder = data_dir if data_dir is not None else Settings().data_dir
+    recorded = embedded_ray.read_record(folder)
+    if recorded is None:
+        typer.echo(f"no Ray recorded in {folder}; nothing to end")
+        return
+    processes = recorded.processes()
+    embedded_ray.stop(folder)
+    left = [pid for pid in processes if embedded_ray.process_alive(pid)]
+    if left:
+        typer.echo(f"Ray processes of {folder} still running: {left}", err=True)
+        raise typer.Exit(1)
+    state = f"{len(processes)} processes ended" if processes else "it had already ended"
+    typer.echo(f"ended the Ray of {folder} (pid {recorded.pid}, {recorded.address}): {state}")
 
 
 @app.command()
