@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.console import Console
 from api.client import LorafleetClient
 from api.server_process import ServerExited, ServerProcess
 from api.watch import watch_jobs
+from orchestrator import embedded_ray
 
 BASE_NAME = "tiny-llama"
 JOIN_AFTER_S = 3.0  # the second job arrives this long after the first one's first step
@@ -134,19 +136,63 @@ def _print_join(api: LorafleetClient, job_ids: dict[str, str], submitted: float)
     )
 
 
-def run_demo(folder: Path, port: int) -> None:
+def _base_model(folder: Path) -> Path:
+    """The tiny base, built once: into a folder of its own, renamed into place when whole,
+    so an interrupted build never leaves a base that looks ready and is not."""
     from workers.tiny_base import build_tiny_base
 
+    base = folder / "base-model"
+    if not base.exists():
+        console.print(f"Building a tiny Llama base model in {base}")
+        partial = folder / "base-model.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # an earlier build cut short
+        build_tiny_base(partial)
+        partial.rename(base)
+    return base
+
+
+def _fresh_state(state: Path) -> None:
+    """Each demo starts from an empty server state: an earlier run cut short would otherwise
+    leave its jobs to train beside this run's. Its Ray, if one is still recorded there (a
+    demo killed outright), is ended first."""
+    if state.exists():
+        embedded_ray.stop(state)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def _stop(server: ServerProcess, state: Path) -> None:
+    """Stops the server (a clean stop ends its Ray) and, should the server not have ended
+    it (killed after the stop's timeout, or told by a second Ctrl-C to quit at once), the
+    Ray recorded in its state. A Ctrl-C while stopping does not cut the stop short."""
+    while True:
+        try:
+            server.stop()
+            if embedded_ray.read_record(state) is not None:
+                embedded_ray.stop(state)
+            return
+        except KeyboardInterrupt:
+            console.print("Still stopping the server and its Ray; a moment, please.")
+
+
+def run_demo(folder: Path, port: int) -> None:
+    try:
+        _run_demo(folder, port)
+    except KeyboardInterrupt:
+        # Ctrl-C: the server and its Ray were stopped on the way out (_stop); no traceback.
+        console.print("Interrupted; the demo's server and its Ray are stopped.")
+        raise SystemExit(130) from None
+
+
+def _run_demo(folder: Path, port: int) -> None:
     _quiet_noise()
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    base = folder / "base-model"
-    if not (base / "config.json").exists():
-        console.print(f"Building a tiny Llama base model in {base}")
-        build_tiny_base(base)
+    base = _base_model(folder)
+    state = folder / "state"
+    _fresh_state(state)
     server = ServerProcess.with_settings(
         folder / "server.log",
-        data_dir=str(folder / "state"),
+        data_dir=str(state),
         base_models=json.dumps({BASE_NAME: str(base)}),
     )
     server.env["HF_HUB_OFFLINE"] = "1"
@@ -155,7 +201,11 @@ def run_demo(folder: Path, port: int) -> None:
     try:
         server.start(same_port=bool(port))
     except (ServerExited, TimeoutError) as error:
+        _stop(server, state)
         raise SystemExit(f"the server did not start; see {server.log}") from error
+    except BaseException:
+        _stop(server, state)
+        raise
     try:
         with server.api() as api:
             console.print(
@@ -196,4 +246,6 @@ def run_demo(folder: Path, port: int) -> None:
             if any(job["status"] != "succeeded" for job in finished.values()):
                 raise SystemExit(1)
     finally:
-        server.stop()
+        if server.process is not None and server.process.poll() is None:
+            console.print("Stopping the server and its Ray")
+        _stop(server, state)

@@ -6,7 +6,9 @@ Instead serve starts `ray start --head --block` in a session of its own and reco
 `DATA_DIR/ray-head.json`; a restarted serve finds the record, checks that the process is
 alive and the cluster answers, and reconnects. A clean shutdown ends that recorded process
 (`ray start --block` ends its own children on SIGTERM), never `ray stop`, which would end
-every Ray on the machine, and never by name.
+every Ray on the machine, and never by name. The record is written as soon as the process
+exists, so a start cut short (Ctrl-C, a stopping scheduler: `abort`) never leaves a Ray
+that nothing knows of.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +36,11 @@ READY_LINE = "This command will now block forever"  # `ray start --block`: all s
 START_TIMEOUT_S = 180.0  # ~5 s idle; 30 s seen on 2 cores under load 11
 START_ATTEMPTS = 3
 STOP_TIMEOUT_S = 60.0  # the node drains for up to 30 s before its processes end
+ORPHAN_GRACE_S = 5.0  # once the head has ended, how long the rest of its session may take
+
+
+class StartAborted(RuntimeError):
+    """The caller stopped (its `abort` was set) before its Ray was up; nothing is left."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,12 @@ class EmbeddedRay:
         return session_pids(self.pid) if self.alive() else []
 
 
-def start_or_adopt(data_dir: Path, num_cpus: int) -> EmbeddedRay:
-    """The data dir's Ray: the recorded one if it is alive and answers, else a new one."""
+def start_or_adopt(
+    data_dir: Path, num_cpus: int, abort: threading.Event | None = None
+) -> EmbeddedRay:
+    """The data dir's Ray: the recorded one if it is alive and answers, else a new one.
+    `abort` set while starting (the caller is stopping): what started is ended, and
+    `StartAborted` raised."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with _locked(data_dir):  # two processes on one data dir never start two clusters
         recorded = read_record(data_dir)
@@ -72,16 +84,18 @@ def start_or_adopt(data_dir: Path, num_cpus: int) -> EmbeddedRay:
         if recorded is not None:  # dead, or alive and deaf: end what is left of it
             _end(recorded)
         for attempt in range(1, START_ATTEMPTS + 1):
+            if abort is not None and abort.is_set():
+                raise StartAborted("Ray's start was abandoned: its caller is stopping")
             try:
-                ray = _start(data_dir, num_cpus)
-                break
+                return _start(data_dir, num_cpus, abort)
+            except StartAborted:
+                raise
             except RuntimeError:
                 # Ray gives its raylet 30 s to register, which a loaded machine can miss.
                 if attempt == START_ATTEMPTS:
                     raise
                 log.warning("Ray did not start (attempt %s); trying again", attempt)
-        (data_dir / RECORD).write_text(json.dumps(asdict(ray)))
-        return ray
+        raise AssertionError("unreachable")  # the last attempt returned or raised
 
 
 def stop(data_dir: Path) -> None:
@@ -112,7 +126,7 @@ def session_pids(session_id: int) -> list[int]:
     return found
 
 
-def _start(data_dir: Path, num_cpus: int) -> EmbeddedRay:
+def _start(data_dir: Path, num_cpus: int, abort: threading.Event | None) -> EmbeddedRay:
     temp_dir = tempfile.mkdtemp(prefix="lorafleet-ray-")
     port, client_port, agent_port = _free_ports(3)
     log_path = data_dir / "ray-head.log"
@@ -148,27 +162,46 @@ def _start(data_dir: Path, num_cpus: int) -> EmbeddedRay:
         temp_dir=temp_dir,
         log=str(log_path),
     )
+    (data_dir / RECORD).write_text(json.dumps(asdict(ray)))  # known from its first moment
     log.info("starting this data dir's Ray (pid %s, %s)", process.pid, ray.address)
+    try:
+        _wait_until_ready(ray, process, log_path, offset, abort)
+    except BaseException:  # failed, timed out, aborted, or Ctrl-C: end what it started
+        _end(ray)
+        (data_dir / RECORD).unlink(missing_ok=True)
+        raise
+    return ray
+
+
+def _wait_until_ready(
+    ray: EmbeddedRay,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    offset: int,
+    abort: threading.Event | None,
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while READY_LINE not in _read_from(log_path, offset):
         if process.poll() is not None:
-            _end(ray)  # what it started before it failed
             raise RuntimeError(f"`ray start` exited with {process.returncode}; see {log_path}")
         if time.monotonic() > deadline:
-            _end(ray)
             raise RuntimeError(f"Ray did not start in {START_TIMEOUT_S:g} s; see {log_path}")
+        if abort is not None and abort.is_set():
+            raise StartAborted(f"Ray's start (pid {ray.pid}) was abandoned: its caller is stopping")
         time.sleep(0.2)
-    return ray
 
 
 def _end(ray: EmbeddedRay) -> None:
     """SIGTERM to the head (it ends its children), then SIGKILL to whatever of its session
-    is left after the timeout; then its session files."""
+    is left after the timeout, or soon after the head itself ended (a head stopped while it
+    was still starting leaves its children); then its session files."""
     if ray.alive():
         _signal(ray.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline and session_pids(ray.pid):
             _reap(ray.pid)
+            if not ray.alive():
+                deadline = min(deadline, time.monotonic() + ORPHAN_GRACE_S)
             time.sleep(0.2)
     _reap(ray.pid)
     # Processes in the head's session are this Ray's, while the head lives or its pid is

@@ -8,6 +8,7 @@ every run again by name.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -35,6 +36,8 @@ class RayRuns:
         self.settings = settings
         self.namespace = settings.ray_namespace
         self.embedded: EmbeddedRay | None = None  # the data dir's own Ray, when we use it
+        self._closing = threading.Event()  # set: a Ray still starting is ended, none started
+        self._connecting = threading.Lock()  # held while the data dir's Ray starts
 
     def connect(self) -> None:
         if ray.is_initialized():
@@ -52,12 +55,22 @@ class RayRuns:
                 os.cpu_count() or 1,
                 self.settings.default_num_workers * self.settings.max_concurrent_runs,
             )
-            self.embedded = embedded_ray.start_or_adopt(self.settings.data_dir, cpus)
+            with self._connecting:
+                self.embedded = embedded_ray.start_or_adopt(
+                    self.settings.data_dir, cpus, abort=self._closing
+                )
             _init_driver(self.embedded.address, options)
+
+    def abandon_start(self) -> None:
+        """Stopping: a data dir's Ray still starting is ended at once (not after its start)."""
+        self._closing.set()
 
     def close(self) -> None:
         """On a clean shutdown: ends the data dir's own Ray if this process used it (a Ray
         given by address belongs to someone else and is left alone)."""
+        self.abandon_start()
+        with self._connecting:  # a start under way has ended what it started, or finished
+            pass
         if self.embedded is None:
             return
         ray.shutdown()

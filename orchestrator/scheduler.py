@@ -138,6 +138,7 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+        self.runs.abandon_start()  # a Ray still starting (on a loaded machine, 30 s) ends now
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.runs.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,40 @@ def test_ray_stop_ends_the_ray_recorded_in_a_data_dir(tmp_path: Path) -> None:
         assert again.returncode == 0 and "nothing to end" in again.stdout
     finally:
         embedded_ray.stop(data_dir)  # if the test failed before ray-stop did
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(tmp_path: Path) -> None:
+    from orchestrator.runs import RayRuns
+    from orchestrator.settings import Settings
+    from tests.conftest import wait_for_condition
+
+    data_dir = tmp_path / "state"
+    runs = RayRuns(Settings(data_dir=data_dir, max_concurrent_runs=1, default_num_workers=1))
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            runs.connect()
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - the test reads it
+            outcome.append(error)
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    try:
+        # `ray start` runs (its log exists) but is not up yet: Ctrl-C on serve lands here.
+        wait_for_condition(lambda: (data_dir / "ray-head.log").exists(), timeout=60)
+        recorded = embedded_ray.read_record(data_dir)
+        assert recorded is not None  # known from its first moment
+        runs.close()  # what a stopping scheduler does
+        thread.join(timeout=120)
+        assert isinstance(outcome[0], embedded_ray.StartAborted), outcome
+        assert not recorded.alive() and embedded_ray.session_pids(recorded.pid) == []
+        assert embedded_ray.read_record(data_dir) is None
+        with pytest.raises(embedded_ray.StartAborted):
+            runs.connect()  # a tick after the stop starts no Ray
+    finally:
+        thread.join(timeout=120)
+        embedded_ray.stop(data_dir)
