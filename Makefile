@@ -38,10 +38,11 @@ system-packages:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo
 
-# The browser stage (the dashboard in Debian's chromium) runs after the main suite.
+# Stages: the main suite; then the long comparisons and the fault tests (kills, outages);
+# then the dashboard in Debian's chromium.
 test: $(STAMP) system-packages
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not faults and not browser"
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "faults and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not faults and not long and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "(faults or long) and not browser"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m browser
 
 test-quick: $(STAMP)

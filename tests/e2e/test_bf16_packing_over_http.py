@@ -16,7 +16,7 @@ import torch
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import started, submit, upload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 SHORT = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(4) for b in range(4)]
 LONG = [

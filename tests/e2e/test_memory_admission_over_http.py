@@ -20,7 +20,7 @@ from tests.e2e.conftest import LorafleetServer, end_pack_hosts
 from tests.e2e.test_training_job import submit, upload
 from tests.workers.test_host_memory import MAX_SEQ_LEN, long_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 WORKERS, BATCH, RANK = 2, 4, 8
 LORA = {"r": RANK, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 

@@ -13,7 +13,7 @@ from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, started, submit, upload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def status(client: httpx.Client, job_id: str) -> str:

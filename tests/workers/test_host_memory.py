@@ -22,7 +22,7 @@ from orchestrator.memory_estimate import estimate_rank_bytes, host_run_shape, sl
 from orchestrator.ray_hosts import RayHosts
 from tests.workers.test_pack_host import Watch, all_ended, free_placement_groups, host_spec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 MAX_SEQ_LEN = 64
 WORDS = [
     "the",

@@ -26,7 +26,7 @@ from core.spec import JobSpec, LoraSettings, TrainingSettings
 from orchestrator.ray_hosts import RayHosts
 from tests.workers.conftest import adapter, run, spec_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 SUCCEEDED, FAILED, RUNNING = RunJobState.SUCCEEDED, RunJobState.FAILED, RunJobState.RUNNING
 
 
