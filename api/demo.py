@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 
 from api.client import LorafleetClient
@@ -177,6 +178,8 @@ def _stop(server: ServerProcess, state: Path) -> None:
 def run_demo(folder: Path, port: int) -> None:
     try:
         _run_demo(folder, port)
+    except httpx.TransportError as error:  # the server ended under the demo (its log says why)
+        raise SystemExit(f"lost the demo's server ({error}); see {folder / 'server.log'}") from None
     except KeyboardInterrupt:
         # Ctrl-C: the server and its Ray were stopped on the way out (_stop); no traceback.
         console.print("Interrupted; the demo's server and its Ray are stopped.")

@@ -76,6 +76,11 @@ def start_or_adopt(
     `abort` set while starting (the caller is stopping): what started is ended, and
     `StartAborted` raised."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # A Ray auth token in the home folder (~/.ray/auth_token) makes `ray start` require
+    # tokens, which the driver does not send unless told: every call fails with
+    # InvalidAuthToken and jobs never start. Both sides follow RAY_AUTH_MODE; unset, this
+    # private cluster on 127.0.0.1 runs without (set here, `ray start` inherits it).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with _locked(data_dir):  # two processes on one data dir never start two clusters
         recorded = read_record(data_dir)
         if recorded is not None and recorded.alive() and recorded.answers():

@@ -28,6 +28,9 @@ def test_ctrl_c_on_the_demo_leaves_no_process_and_no_ray(tmp_path: Path) -> None
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group, as in a terminal (pytest is spared)
+            # Ctrl-C's default action, even if this test runs where SIGINT is ignored (a
+            # background job): an ignored signal stays ignored across exec.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
 
