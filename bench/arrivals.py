@@ -2,7 +2,10 @@
 ways side by side in one run, on the same local Ray cluster (2 workers per run, ZeRO-3, the
 tiny Llama):
 
-  hosts   warm pack hosts: jobs join a running host at a step boundary (workers.pack_host)
+  hosts   warm pack hosts: one host is up and has loaded the base before the stream starts
+          (as `LORAFLEET_WARM_HOSTS=1` keeps one), and jobs join it at a step boundary
+  hosts-cold  the same, but the host is started when the first job arrives (every early
+          job waits for the base to load)
   window  a pack per arrival window: queued jobs wait `--window` s for others, one run each
   solo    one run per job
 
@@ -130,6 +133,11 @@ class Bench:
         cursors: dict[str, int] = {}
         where: dict[str, str] = {}  # job id -> run/host id
         hosts = RayHosts()
+        if mode == "hosts":  # warm: up, with its base loaded, before the first arrival
+            host_id = self.start_host(hosts)
+            runs[host_id] = host_id
+            while not (hosts.poll(host_id, {}) or {}).get("worker_pids"):
+                time.sleep(0.2)
         start = time.monotonic()
         pending = list(enumerate(self.arrivals))
         while pending or queue or any(t.done is None for t in result.timings.values()):
@@ -155,15 +163,14 @@ class Bench:
                     result.worker_groups += 1
             else:
                 if queue and not runs:
-                    host_id = f"bench-{int(time.time())}"
-                    hosts.start_host(self.host_spec(host_id))
+                    host_id = self.start_host(hosts)
                     runs[host_id] = host_id
                 for host_id in list(runs):
                     while queue and hosts.admit(host_id, AdmissionRequest(queue[0])).admitted:
                         where[queue.pop(0).job_id] = host_id
             self.observe(mode, runs, where, cursors, result, hosts)
             time.sleep(0.1)
-        if mode == "hosts":
+        if mode.startswith("hosts"):
             for host_id in runs:
                 report = hosts.poll(host_id, {})
                 result.worker_groups += report["worker_starts"] if report else 1
@@ -176,6 +183,11 @@ class Bench:
         ).remote(self.run_spec(run_id, jobs))
         ray.get(actor.start.remote())
         return actor
+
+    def start_host(self, hosts: RayHosts) -> str:
+        host_id = f"bench-{time.time_ns()}"
+        hosts.start_host(self.host_spec(host_id))
+        return host_id
 
     def host_spec(self, host_id: str) -> HostSpec:
         return HostSpec(
@@ -208,7 +220,7 @@ class Bench:
                 if state != RunJobState.SUCCEEDED:
                     console.print(f"[red]{job_id} ended {state}")
 
-        if mode == "hosts":
+        if mode.startswith("hosts"):
             for host_id in runs:
                 mine = {j: c for j, c in cursors.items() if where.get(j) == host_id}
                 report = hosts.poll(host_id, mine)
@@ -235,7 +247,7 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=2.0, help="mean seconds between arrivals")
     parser.add_argument("--window", type=float, default=2.0, help="pack window (window mode)")
     parser.add_argument("--runs", type=int, default=2, help="runs or hosts at once")
-    parser.add_argument("--modes", default="hosts,window,solo")
+    parser.add_argument("--modes", default="hosts,hosts-cold,window,solo")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
