@@ -206,7 +206,12 @@ def exposition_of_registry() -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("mode", "busy"), [("hosts", ("hosts", "busy")), ("window", ("window", "running"))]
+    ("mode", "busy"),
+    [
+        ("hosts", ("hosts", "busy")),
+        # The window mode's run path: a later stage (see README, Development).
+        pytest.param("window", ("window", "running"), marks=pytest.mark.long),
+    ],
 )
 def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
     settings: Settings, ray_address: str, mode: str, busy: tuple[str, str]
