@@ -61,10 +61,12 @@ def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(tmp_path: Path) 
     thread = threading.Thread(target=connect)
     thread.start()
     try:
-        # `ray start` runs (its log exists) but is not up yet: Ctrl-C on serve lands here.
-        wait_for_condition(lambda: (data_dir / "ray-head.log").exists(), timeout=60)
+        # `ray start` runs (recorded from its first moment) but is not up yet: Ctrl-C on
+        # serve lands here. (Its log file is opened before the process exists and the record
+        # written after, so the record is what to wait for.)
+        wait_for_condition(lambda: embedded_ray.read_record(data_dir) is not None, timeout=60)
         recorded = embedded_ray.read_record(data_dir)
-        assert recorded is not None  # known from its first moment
+        assert recorded is not None and recorded.alive()
         runs.close()  # what a stopping scheduler does
         thread.join(timeout=120)
         assert isinstance(outcome[0], embedded_ray.StartAborted), outcome
