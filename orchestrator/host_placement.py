@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from core.host_protocol import HostReport, HostShape, HostSpec
+from orchestrator.jobs import training_fields
 from orchestrator.settings import Settings
 
 Resources = dict[str, float]
@@ -68,21 +68,13 @@ class StartRoom:
 
 
 def host_spec(settings: Settings, host_id: str, shape: HostShape, *, warm: bool) -> HostSpec:
-    assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
     return HostSpec(
         host_id=host_id,
         shape=shape,
-        object_store=settings.object_store_config,
-        model_cache_dir=Path(settings.model_cache_dir).resolve(),
-        storage_path=Path(settings.ray_storage_path).resolve(),
         max_slots=settings.max_slots_per_host,
         idle_seconds=settings.host_idle_seconds,
         warm=warm,
         step_timeout_seconds=settings.step_timeout_seconds,
-        zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
-        checkpoint_keep_last=settings.checkpoint_keep_last,
         max_job_restarts=settings.max_worker_restarts,
-        loss_chunk_tokens=settings.loss_chunk_tokens,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        **training_fields(settings),
     )

@@ -224,24 +224,32 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
     )
 
 
+def training_fields(settings: Settings) -> dict[str, Any]:
+    """What a run and a pack host both take from the settings, so a job trains the same way
+    in every scheduling mode (orchestrator.host_placement.host_spec uses it too)."""
+    assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
+    return {
+        "object_store": settings.object_store_config,
+        "model_cache_dir": Path(settings.model_cache_dir).resolve(),
+        "storage_path": Path(settings.ray_storage_path).resolve(),
+        "zero3_param_persistence_threshold": settings.zero3_param_persistence_threshold,
+        "checkpoint_every_steps": settings.checkpoint_every_steps,
+        "checkpoint_keep_last": settings.checkpoint_keep_last,
+        "loss_chunk_tokens": settings.loss_chunk_tokens,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+    }
+
+
 def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: bool) -> RunSpec:
     """The run that trains a pack of jobs (which share base model and run shape)."""
-    assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
     return RunSpec(
         run_id=run_id,
         jobs=tuple(job_spec_for(job, settings) for job in jobs),
         num_workers=jobs[0].settings["resources"]["num_workers"],
         use_gpu=use_gpu,
-        object_store=settings.object_store_config,
-        model_cache_dir=Path(settings.model_cache_dir).resolve(),
-        storage_path=Path(settings.ray_storage_path).resolve(),
-        zero3_param_persistence_threshold=settings.zero3_param_persistence_threshold,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
-        checkpoint_keep_last=settings.checkpoint_keep_last,
         max_worker_restarts=settings.max_worker_restarts,
         # The pack key includes it, so every job of the pack agrees; None: by device.
         precision=jobs[0].settings["training"].get("precision") or "",
         setup_timeout_seconds=settings.setup_timeout_seconds,
-        loss_chunk_tokens=settings.loss_chunk_tokens,  # as host_placement.host_spec
-        gradient_checkpointing=settings.gradient_checkpointing,
+        **training_fields(settings),
     )
