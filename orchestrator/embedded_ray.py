@@ -105,6 +105,8 @@ def start_or_adopt(
 
 def stop(data_dir: Path) -> None:
     """Ends the data dir's recorded Ray (all of its processes) and forgets it."""
+    if not data_dir.is_dir():  # nothing was ever started there
+        return
     with _locked(data_dir):
         recorded = read_record(data_dir)
         if recorded is None:

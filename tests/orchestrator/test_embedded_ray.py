@@ -42,13 +42,19 @@ def test_ray_stop_ends_the_ray_recorded_in_a_data_dir(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(tmp_path: Path) -> None:
+def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import runs as runs_module
     from orchestrator.runs import RayRuns
     from orchestrator.settings import Settings
     from tests.conftest import wait_for_condition
 
     data_dir = tmp_path / "state"
     runs = RayRuns(Settings(data_dir=data_dir, max_concurrent_runs=1, default_num_workers=1))
+    # Earlier tests of this session may have left this process a Ray driver (the session's
+    # cluster); this scheduler connects as a fresh serve would, to its data dir's own Ray.
+    monkeypatch.setattr(runs_module.ray, "is_initialized", lambda: False)
     outcome: list[BaseException | None] = []
 
     def connect() -> None:
