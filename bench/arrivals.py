@@ -10,8 +10,11 @@ tiny Llama):
   solo    one run per job
 
 The dispatch rules are the scheduler's, reduced to what the comparison needs (no database,
-no API): at most `--runs` runs (or hosts) at once, the same for every mode. Times are seen by
-the driver when it polls (every 0.1 s): submit → first training step, submit → published.
+no API): at most `--runs` runs (or hosts) at once, the same for every mode. Submit → first
+training step is read from the step's own event time (wall clock, stamped on rank 0 when the
+step ended, as the API shows it); submit → published is when the driver's poll (every 0.1 s)
+sees the job end. The host modes also print where a join's time goes (p50): submit →
+admitted → live (its slot added at a step boundary) → first step.
 
     .venv/bin/python bench/arrivals.py [--jobs 24] [--gap 2] [--seed 0]
 
@@ -49,9 +52,11 @@ EPOCHS = (1, 2, 4)  # mixed sizes: 4, 8 or 16 steps of 4 examples
 
 @dataclass
 class Timing:
-    submitted: float
+    submitted: float  # wall clock (time.time()), as event times are
     first_step: float | None = None
     done: float | None = None
+    admitted: float | None = None  # host modes: the host's admission, its slot going live
+    live: float | None = None
 
 
 @dataclass
@@ -71,6 +76,15 @@ class ModeResult:
             "done_p50": percentile(done, 50),
             "done_p95": percentile(done, 95),
             "groups": float(self.worker_groups),
+        }
+
+    def join_phases(self) -> dict[str, float]:
+        """Host modes: p50 seconds of submit→admitted, admitted→live, live→first step."""
+        done = [t for t in self.timings.values() if t.admitted and t.live and t.first_step]
+        return {
+            "admit": percentile([t.admitted - t.submitted for t in done], 50),  # type: ignore[operator]
+            "load": percentile([t.live - t.admitted for t in done], 50),  # type: ignore[operator]
+            "step": percentile([t.first_step - t.live for t in done], 50),  # type: ignore[operator]
         }
 
 
@@ -136,7 +150,9 @@ class Bench:
         if mode == "hosts":  # warm: up, with its base loaded, before the first arrival
             host_id = self.start_host(hosts)
             runs[host_id] = host_id
-            while not (hosts.poll(host_id, {}) or {}).get("worker_pids"):
+            while not (report := hosts.poll(host_id, {}) or {}).get("worker_pids"):
+                if report and not report["alive"]:
+                    raise RuntimeError(f"the warm host ended before the stream: {report}")
                 time.sleep(0.2)
         start = time.monotonic()
         pending = list(enumerate(self.arrivals))
@@ -146,7 +162,7 @@ class Bench:
                 index, (_, epochs) = pending.pop(0)
                 job = self.job(mode, index, epochs)
                 queue.append(job)
-                result.timings[job.job_id] = Timing(submitted=now)
+                result.timings[job.job_id] = Timing(submitted=time.time())
             if mode == "solo":
                 while queue and len(runs) < self.args.runs:
                     job = queue.pop(0)
@@ -209,12 +225,18 @@ class Bench:
         result: ModeResult,
         hosts: RayHosts,
     ) -> None:
-        now = time.monotonic()
+        now = time.time()
 
         def seen(job_id: str, events: list[Any], state: Any) -> None:
             timing = result.timings[job_id]
-            if timing.first_step is None and any(e["type"] == "metrics" for e in events):
-                timing.first_step = now
+            for event in events:
+                at = (event["data"] or {}).get("time", now)
+                if event["type"] == "metrics" and timing.first_step is None:
+                    timing.first_step = at
+                elif event["message"].startswith("Admitted") and timing.admitted is None:
+                    timing.admitted = at
+                elif event["message"].startswith("Training started") and timing.live is None:
+                    timing.live = at
             if timing.done is None and state != RunJobState.RUNNING:
                 timing.done = now
                 if state != RunJobState.SUCCEEDED:
@@ -224,7 +246,12 @@ class Bench:
             for host_id in runs:
                 mine = {j: c for j, c in cursors.items() if where.get(j) == host_id}
                 report = hosts.poll(host_id, mine)
-                for job_id, job in (report or {"jobs": {}})["jobs"].items():
+                unfinished = [
+                    j for j, h in where.items() if h == host_id and not result.timings[j].done
+                ]
+                if report is None or (not report["alive"] and unfinished):
+                    raise RuntimeError(f"host {host_id} ended with jobs on it: {report}")
+                for job_id, job in report["jobs"].items():
                     cursors[job_id] = job["cursor"]
                     seen(job_id, job["events"], job["state"])
             return
@@ -268,7 +295,14 @@ def main() -> None:
     figures = {}
     for mode in args.modes.split(","):
         console.print(f"{mode}: {args.jobs} jobs, mean gap {args.gap} s…")
-        figures[mode] = bench.drive(mode).figures()
+        result = bench.drive(mode)
+        figures[mode] = result.figures()
+        if mode.startswith("hosts"):
+            phases = result.join_phases()
+            console.print(
+                f"{mode} join p50: submit→admitted {phases['admit']:.2f} s, "
+                f"admitted→live {phases['load']:.2f} s, live→first step {phases['step']:.2f} s"
+            )
     table = Table("mode", "makespan s", "first step p50/p95 s", "done p50/p95 s", "worker groups")
     for mode, f in figures.items():
         table.add_row(

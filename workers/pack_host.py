@@ -62,7 +62,9 @@ class PackHost:
         self.ending = False  # admits nothing more; the workers leave once no job is on
         self.alive = True
         self.started_at = time.time()
-        self.idle_since: float | None = time.time()
+        # Idle time counts from the first step boundary: a host still loading its base is
+        # starting, not idle (on a loaded machine that can take longer than idle_seconds).
+        self.idle_since: float | None = None
         self.worker_starts = 0
         self.restarts_without_step = 0
         self.step = 0

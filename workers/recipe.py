@@ -14,6 +14,7 @@ stay whole on every rank, outside DeepSpeed, so each job keeps an optimizer of i
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -224,7 +225,13 @@ class PackTrainingRecipe:
             # Numbered: the actor applies events in this order whatever order Ray runs them.
             self.outbox.append(
                 self.numbering.stamp(
-                    {"job_id": job_id, "type": kind, "message": message, "data": data}
+                    {
+                        "job_id": job_id,
+                        "type": kind,
+                        "message": message,
+                        # When it happened, to the sub-second, as a pack host's events say.
+                        "data": {"time": time.time(), **(data or {})},
+                    }
                 )
             )
 
