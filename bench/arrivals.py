@@ -57,6 +57,8 @@ class Timing:
     done: float | None = None
     admitted: float | None = None  # host modes: the host's admission, its slot going live
     live: float | None = None
+    load_seconds: float | None = None  # the join's data load on rank 0
+    steps_waited: int | None = None  # host steps from its announcement to going live
 
 
 @dataclass
@@ -85,6 +87,8 @@ class ModeResult:
             "admit": percentile([t.admitted - t.submitted for t in done], 50),  # type: ignore[operator]
             "load": percentile([t.live - t.admitted for t in done], 50),  # type: ignore[operator]
             "step": percentile([t.first_step - t.live for t in done], 50),  # type: ignore[operator]
+            "load_seconds": percentile([t.load_seconds or 0.0 for t in done], 50),
+            "steps_waited": percentile([float(t.steps_waited or 0) for t in done], 50),
         }
 
 
@@ -237,6 +241,10 @@ class Bench:
                     timing.admitted = at
                 elif event["message"].startswith("Training started") and timing.live is None:
                     timing.live = at
+                    data = event["data"] or {}
+                    timing.load_seconds = data.get("load_seconds")
+                    if "announced_at_host_step" in data:
+                        timing.steps_waited = data["host_step"] - data["announced_at_host_step"]
             if timing.done is None and state != RunJobState.RUNNING:
                 timing.done = now
                 if state != RunJobState.SUCCEEDED:
@@ -301,7 +309,8 @@ def main() -> None:
             phases = result.join_phases()
             console.print(
                 f"{mode} join p50: submit→admitted {phases['admit']:.2f} s, "
-                f"admitted→live {phases['load']:.2f} s, live→first step {phases['step']:.2f} s"
+                f"admitted→live {phases['load']:.2f} s (loading {phases['load_seconds']:.2f} s, "
+                f"{phases['steps_waited']:.0f} host steps), live→first step {phases['step']:.2f} s"
             )
     table = Table("mode", "makespan s", "first step p50/p95 s", "done p50/p95 s", "worker groups")
     for mode, f in figures.items():

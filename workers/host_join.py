@@ -34,6 +34,10 @@ from workers.rng_state import reseed_for, restore_dropout_rng
 # An idle host holds back jobs that loaded while others announced with them still load (at
 # most this long): jobs that arrive together start in one pack, and nobody waits on them.
 JOIN_TOGETHER_SECONDS = 5.0
+# A busy host's step waits at most this long, once, for a job announced at its boundary to
+# load (tiny data and a checkpoint load in milliseconds): the job goes live at this step,
+# not a whole step later. A slower load finishes in the background as before.
+JOIN_WAIT_SECONDS = 0.1
 # Never seen unless a rank's error vanished between the all-reduce and the gather.
 UNKNOWN_CAUSE = "a worker could not load the job"
 
@@ -43,6 +47,9 @@ class PendingJoin:
     """A job announced to the workers and loading on this rank, not yet live."""
 
     job: JobSpec
+    announced_step: int = 0
+    load_seconds: float | None = None  # on this rank: data, tokenizing, checkpoint
+    waited: bool = False  # this rank gave it its one JOIN_WAIT_SECONDS
     slot: JobSlot | None = None
     saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     start_weights: dict[str, torch.Tensor] | None = None
@@ -69,13 +76,13 @@ class HostJoins:
     _report: Report
 
     def _announce(self, job: JobSpec) -> None:
-        pending = PendingJoin(job)
+        pending = PendingJoin(job, announced_step=self.steps)
         self.pending[job.job_id] = pending
         threading.Thread(target=self._load, args=(pending,), daemon=True).start()
 
     def _load(self, pending: PendingJoin) -> None:
         """Off the training path: the job's data, and its newest checkpoint if it has one."""
-        job = pending.job
+        job, started = pending.job, time.monotonic()
         try:
             store = open_object_store(self.spec.object_store)
             pending.slot = load_job_slot(job, store, self.tokenizer, self.world_size)
@@ -90,12 +97,14 @@ class HostJoins:
         except Exception as exc:  # noqa: BLE001 - fails this job only, after agreement
             pending.error = exc
         finally:
+            pending.load_seconds = time.monotonic() - started
             pending.done.set()
 
     def _agree_on_joins(self) -> None:
         """One all-reduce over every pending join: live when all ranks loaded it, failed when
         any rank could not, else it waits for the next boundary."""
         ids = sorted(self.pending)
+        self._wait_for_new_loads()
         # The last row is rank 0's clock, the same decision on every rank: held long enough.
         held_too_long = (
             self.rank == 0
@@ -138,6 +147,14 @@ class HostJoins:
                 )
             elif loaded == self.world_size and not hold:
                 self._go_live(self.pending.pop(job_id))
+
+    def _wait_for_new_loads(self) -> None:
+        """Gives each newly announced job up to JOIN_WAIT_SECONDS (together) to load."""
+        deadline = time.monotonic() + JOIN_WAIT_SECONDS
+        for pending in self.pending.values():
+            if not pending.waited:
+                pending.waited = True
+                pending.done.wait(max(0.0, deadline - time.monotonic()))
 
     def _load_errors(self, job_ids: list[str]) -> dict[str, tuple[int, str, str]]:
         """Each failed job's own load error, (rank, type, text), from the first rank that has
@@ -191,6 +208,9 @@ class HostJoins:
                 "precision": self.spec.shape.precision,
                 "pack_size": len(self.slots),
                 "host_step": self.steps,
+                # Where a join's time went: the steps it waited, its load on rank 0.
+                "announced_at_host_step": pending.announced_step,
+                "load_seconds": pending.load_seconds,
                 "resumed_from_step": resumed,
             },
         )
