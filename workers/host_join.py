@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from core.checkpoint_index import list_checkpoints
 from core.host_protocol import HostSpec
-from core.objectstore import open_object_store
+from core.objectstore import ObjectStore, open_object_store
 from core.spec import JobSpec
 from workers.checkpoints import read_checkpoint
 from workers.job_slot import JobSlot, SlotState, load_job_slot
@@ -84,7 +84,7 @@ class HostJoins:
         """Off the training path: the job's data, and its newest checkpoint if it has one."""
         job, started = pending.job, time.monotonic()
         try:
-            store = open_object_store(self.spec.object_store)
+            store = self._join_store()
             pending.slot = load_job_slot(job, store, self.tokenizer, self.world_size)
             saved = list_checkpoints(store, job.tenant, job.job_id, up_to_attempt=job.attempt)
             if saved:
@@ -147,6 +147,14 @@ class HostJoins:
                 )
             elif loaded == self.world_size and not hold:
                 self._go_live(self.pending.pop(job_id))
+
+    def _join_store(self) -> ObjectStore:
+        """One object-store client for every join on this rank (an S3 client takes ~0.1 s to
+        make, more than a join's whole load; clients are thread-safe)."""
+        store: ObjectStore | None = getattr(self, "_store", None)
+        if store is None:
+            store = self._store = open_object_store(self.spec.object_store)
+        return store
 
     def _wait_for_new_loads(self) -> None:
         """Gives each newly announced job up to JOIN_WAIT_SECONDS (together) to load."""
