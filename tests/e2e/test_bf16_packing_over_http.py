@@ -1,7 +1,9 @@
 """Exact packing in bf16, as a user sees it through the public API (CPU, 2 workers, ZeRO-3):
-three different jobs trained in one pack on a warm pack host (the default mode) give the
-same adapters, bit for bit, as the same three jobs trained alone (`packing: false`, each in
-a run of its own). The job object and its "training started" event name bf16."""
+two different jobs (different lengths, formats, ranks and target modules) trained in one
+pack on a warm pack host (the default mode) give the same adapters, bit for bit, as the
+same two jobs trained alone (`packing: false`, each in a run of its own). The job object
+and its "training started" event name bf16. (The worker-level test packs three, in
+tests/workers/test_pack_run.py.)"""
 
 from __future__ import annotations
 
@@ -19,10 +21,6 @@ from tests.e2e.test_training_job import started, submit, upload
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 SHORT = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(4) for b in range(4)]
-LONG = [
-    {"text": f"the {w} is {w[::-1]} and {w.upper()} is loud, said the {w}s"}
-    for w in ("cat", "river", "stone", "cloud", "apple", "green", "light", "music")
-]
 CHAT = [
     {
         "messages": [
@@ -34,7 +32,6 @@ CHAT = [
 ]
 JOBS: list[dict[str, Any]] = [
     {"data": SHORT, "seed": 1, "lora": {"r": 4, "alpha": 8}, "epochs": 2, "lr": 1e-2},
-    {"data": LONG, "seed": 2, "lora": {"r": 8, "alpha": 16}, "epochs": 3, "lr": 5e-3},
     {
         "data": CHAT,
         "seed": 3,
@@ -56,7 +53,7 @@ def adapter_tensors(client: httpx.Client, job_id: str) -> dict[str, torch.Tensor
         return load(member.read())
 
 
-def test_three_bf16_jobs_packed_equal_the_same_three_alone_bit_for_bit(
+def test_bf16_jobs_packed_equal_the_same_jobs_alone_bit_for_bit(
     server: LorafleetServer,
 ) -> None:
     with server.client() as client:
@@ -91,7 +88,7 @@ def test_three_bf16_jobs_packed_equal_the_same_three_alone_bit_for_bit(
         hosts = {started(server, client, j["id"])["run_id"] for j in packed}
         assert len(hosts) == 1 and next(iter(hosts)).startswith("host-"), hosts
         runs = {started(server, client, j["id"])["run_id"] for j in alone}
-        assert len(runs) == 3 and not any(r.startswith("host-") for r in runs), runs
+        assert len(runs) == len(JOBS) and not any(r.startswith("host-") for r in runs), runs
         for job in packed:
             events = server.all_events(client, job["id"])
             begun = next(e for e in events if "precision" in (e["data"] or {}))

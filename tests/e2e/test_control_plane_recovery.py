@@ -29,7 +29,7 @@ def test_a_killed_control_plane_loses_nothing(server: LorafleetServer) -> None:
     with server.client() as client:
         file_id = upload(client, DATA)
         common = {"model": "tiny-llama", "training_file": file_id, "resources": {"num_workers": 2}}
-        running = submit(client, **common, seed=1, hyperparameters={"n_epochs": 40})
+        running = submit(client, **common, seed=1, hyperparameters={"n_epochs": 20})
 
         def training() -> bool:
             page = client.get(f"/v1/fine_tuning/jobs/{running['id']}/events").json()["data"]
@@ -118,7 +118,7 @@ def test_a_killed_serve_keeps_its_ray_and_hosts_and_a_clean_stop_ends_them(
             model="tiny-llama",
             training_file=file_id,
             seed=1,
-            hyperparameters={"n_epochs": 60, "batch_size": 2},
+            hyperparameters={"n_epochs": 30, "batch_size": 2},  # outlives a serve restart
             resources={"num_workers": 2},
         )
 

@@ -31,7 +31,7 @@ JOB = JobSpec(
     training_file_key="files/shared/data-0.jsonl",
     lora=LoraSettings(r=4, alpha=8, dropout=0.1),
     training=TrainingSettings(
-        n_epochs=20, batch_size=4, max_seq_len=48, learning_rate=5e-3, seed=9
+        n_epochs=10, batch_size=4, max_seq_len=48, learning_rate=5e-3, seed=9
     ),
 )
 
