@@ -106,7 +106,7 @@ def test_jobs_are_admitted_until_the_estimate_says_full_and_the_next_waits(
                 )["id"]
             )
 
-        a, b, c = job(25), job(12), job(3)  # 100, 48 and 12 steps
+        a, b, c = job(12), job(8), job(3)  # 48, 32 and 12 steps
 
         def training(job_id: str) -> bool:
             return bool(events_of(server, client, job_id, "metrics"))
