@@ -48,7 +48,9 @@ def kill_a_worker_of(actor: Any) -> int:
     return pid
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# bf16, the production precision: resuming is exact there too. (fp32 resume after a kill
+# is the pack host's test, tests/workers/test_pack_host.py, on the default path.)
+@pytest.mark.parametrize("precision", ["bf16"])
 def test_a_killed_worker_costs_only_the_steps_since_the_last_checkpoint(
     precision: str,
     ray_address: str,
