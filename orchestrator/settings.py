@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         "window; solo: one run per job. `training.packing: false` always trains alone.",
     )
     host_idle_seconds: float = Field(
-        default=60.0, ge=0, description="A pack host with no job for this long ends."
+        default=60.0,
+        ge=0,
+        description="A pack host with no job for this long (once its base is loaded) ends.",
     )
     warm_hosts: int = Field(
         default=0, ge=0, description="Per base model, hosts kept up with no job (no cold start)."
