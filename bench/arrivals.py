@@ -174,8 +174,8 @@ class Bench:
                     where[job.job_id] = job.job_id
                     result.worker_groups += 1
             elif mode == "window":
-                oldest = result.timings[queue[0].job_id].submitted if queue else now
-                if queue and now - oldest >= self.args.window and len(runs) < self.args.runs:
+                waited = time.time() - result.timings[queue[0].job_id].submitted if queue else 0
+                if queue and waited >= self.args.window and len(runs) < self.args.runs:
                     pack, queue = queue[:8], queue[8:]
                     run_id = f"window-run-{result.worker_groups}"
                     runs[run_id] = self.launch(run_id, pack)
