@@ -2,8 +2,7 @@
 two different jobs (different lengths, formats, ranks and target modules) trained in one
 pack on a warm pack host (the default mode) give the same adapters, bit for bit, as the
 same two jobs trained alone (`packing: false`, each in a run of its own). The job object
-and its "training started" event name bf16. (The worker-level test packs three, in
-tests/workers/test_pack_run.py.)"""
+and its "training started" event name bf16."""
 
 from __future__ import annotations
 

@@ -155,8 +155,8 @@ def test_a_pack_trains_each_job_exactly_as_alone(
     assert max(a_norms) > 0.05, "clipping was never active for job-a"
 
     # The same jobs, each alone in its own run. In bf16 that comparison is made over HTTP, for
-    # three different jobs (tests/e2e/test_bf16_packing_over_http.py); one bf16 run here
-    # keeps CI short.
+    # two jobs of different shapes (tests/e2e/test_bf16_packing_over_http.py); one bf16 run
+    # here keeps CI short.
     compared = JOBS if precision == "fp32" else []
     alone = {
         j.job_id: run(
