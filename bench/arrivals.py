@@ -195,6 +195,14 @@ class Bench:
                 report = hosts.poll(host_id, {})
                 result.worker_groups += report["worker_starts"] if report else 1
                 hosts.kill(host_id)
+            # As the scheduler does: a killed host's placement group is released (Ray keeps
+            # it reserved otherwise, and the next mode's runs would wait for its CPUs).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                hosts.reap()
+                if ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]:
+                    break
+                time.sleep(0.5)
         return result
 
     def launch(self, run_id: str, jobs: list[JobSpec]) -> Any:
