@@ -1,9 +1,10 @@
 """A pack host on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3, fp32), driven
 directly through `orchestrator.ray_hosts.RayHosts` (no scheduler): job A trains, job B joins
 while A's step > 0 and leaves first; B's adapter equals B trained alone and A's equals A
-trained alone; a job whose data cannot load fails alone; a released slot frees its tensors;
-an idle host ends. Then recovery: a worker killed after a late join brings every member
-back from its own checkpoint, and both adapters still equal the ones trained alone."""
+trained alone (each alone on a host); a job whose data cannot load fails alone; a released
+slot frees its tensors; an idle host ends. Then recovery: a worker killed after a late join
+brings every member back from its own checkpoint, and both adapters still equal the ones
+trained alone."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from core.objectstore import ObjectStoreConfig
 from core.run_states import RunJobState
 from core.spec import JobSpec, LoraSettings, TrainingSettings
 from orchestrator.ray_hosts import RayHosts
-from tests.workers.conftest import adapter, run, spec_for
+from tests.workers.conftest import adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 SUCCEEDED, FAILED, RUNNING = RunJobState.SUCCEEDED, RunJobState.FAILED, RunJobState.RUNNING
@@ -144,17 +145,27 @@ def alone(
     store_config: ObjectStoreConfig,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """A and B, each trained alone in a one-job run (the run actor's path)."""
-    tmp = tmp_path_factory.mktemp("alone")
-    adapters = {}
-    for spec in (JOB_A, JOB_B):
-        result = run(
-            spec_for(f"alone-{spec.job_id}", [spec], tiny_base, store_config, tmp, "alone")
-        )
-        assert result["states"] == {spec.job_id: SUCCEEDED}
-        adapters[spec.job_id] = adapter(store_config, "alone", spec.job_id)
+    """A and B, each trained alone: one after the other on a pack host of their own, so
+    nothing else is ever in the pack. (That a host trains a job as a one-shot run of its own
+    does is the HTTP test's claim, tests/e2e/test_hosts_over_http.py.)"""
+    hosts = RayHosts()
+    spec = host_spec(tiny_base, store_config, tmp_path_factory.mktemp("alone"), idle_seconds=60)
+    hosts.start_host(spec)
+    watch = Watch(hosts, spec.host_id)
+    try:
+        for job in (JOB_A, JOB_B):
+            request = AdmissionRequest(for_tenant(job, "alone", tiny_base))
+            assert hosts.admit(spec.host_id, request).admitted
+            report = watch.until(
+                lambda r, j=job.job_id: j in r["jobs"] and r["jobs"][j]["state"] != RUNNING  # type: ignore[misc]
+            )
+            assert report["jobs"][job.job_id]["state"] == SUCCEEDED, report
+            metrics = [e for e in watch.events[job.job_id] if e["type"] == "metrics"]
+            assert {e["data"]["pack_size"] for e in metrics} == {1}
+    finally:
+        hosts.kill(spec.host_id)
         free_placement_groups()
-    return adapters
+    return {j.job_id: adapter(store_config, "alone", j.job_id) for j in (JOB_A, JOB_B)}
 
 
 def test_a_job_joins_a_running_pack_and_both_train_exactly_as_alone(
