@@ -49,7 +49,6 @@ class PendingJoin:
     job: JobSpec
     announced_step: int = 0
     load_seconds: float | None = None  # on this rank: data, tokenizing, checkpoint
-    waited: bool = False  # this rank gave it its one JOIN_WAIT_SECONDS
     slot: JobSlot | None = None
     saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     start_weights: dict[str, torch.Tensor] | None = None
@@ -73,12 +72,19 @@ class HostJoins:
     pending: dict[str, PendingJoin]
     steps: int
     _holding_since: float | None  # idle, holding loaded joins back (rank 0)
+    _store: ObjectStore | None = None  # made at the first join
     _report: Report
 
-    def _announce(self, job: JobSpec) -> None:
-        pending = PendingJoin(job, announced_step=self.steps)
-        self.pending[job.job_id] = pending
-        threading.Thread(target=self._load, args=(pending,), daemon=True).start()
+    def _announce(self, jobs: list[JobSpec]) -> None:
+        """Starts loading each job, and gives the new loads up to JOIN_WAIT_SECONDS
+        (together) to finish, so that they can go live at this step."""
+        announced = [PendingJoin(job, announced_step=self.steps) for job in jobs]
+        for pending in announced:
+            self.pending[pending.job.job_id] = pending
+            threading.Thread(target=self._load, args=(pending,), daemon=True).start()
+        deadline = time.monotonic() + JOIN_WAIT_SECONDS
+        for pending in announced:
+            pending.done.wait(max(0.0, deadline - time.monotonic()))
 
     def _load(self, pending: PendingJoin) -> None:
         """Off the training path: the job's data, and its newest checkpoint if it has one."""
@@ -104,7 +110,6 @@ class HostJoins:
         """One all-reduce over every pending join: live when all ranks loaded it, failed when
         any rank could not, else it waits for the next boundary."""
         ids = sorted(self.pending)
-        self._wait_for_new_loads()
         # The last row is rank 0's clock, the same decision on every rank: held long enough.
         held_too_long = (
             self.rank == 0
@@ -151,18 +156,9 @@ class HostJoins:
     def _join_store(self) -> ObjectStore:
         """One object-store client for every join on this rank (an S3 client takes ~0.1 s to
         make, more than a join's whole load; clients are thread-safe)."""
-        store: ObjectStore | None = getattr(self, "_store", None)
-        if store is None:
-            store = self._store = open_object_store(self.spec.object_store)
-        return store
-
-    def _wait_for_new_loads(self) -> None:
-        """Gives each newly announced job up to JOIN_WAIT_SECONDS (together) to load."""
-        deadline = time.monotonic() + JOIN_WAIT_SECONDS
-        for pending in self.pending.values():
-            if not pending.waited:
-                pending.waited = True
-                pending.done.wait(max(0.0, deadline - time.monotonic()))
+        if self._store is None:
+            self._store = open_object_store(self.spec.object_store)
+        return self._store
 
     def _load_errors(self, job_ids: list[str]) -> dict[str, tuple[int, str, str]]:
         """Each failed job's own load error, (rank, type, text), from the first rank that has

@@ -197,8 +197,8 @@ class HostWorker(HostJoins):
                 break
             for job_id in changes["stop"]:
                 self._stop(job_id)
-            for job in changes["join"]:
-                self._announce(job)
+            if changes["join"]:
+                self._announce(changes["join"])
             if self.pending:
                 self._agree_on_joins()
             active = [s for s in self.slots if s.state is SlotState.TRAINING]
