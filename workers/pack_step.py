@@ -132,16 +132,22 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
         # Each job's own mean loss over its own tokens, in chunks of tokens (no fp32 copy of
         # the whole vocabulary's logits); their sum keeps gradients apart. The chunks are cut
         # within each job's own block, so a job's loss is the same packed as alone.
+        # One split, not a slice per job: a slice's backward writes its gradient into a
+        # zeroed copy of the whole batch's logits, once per job of the pack.
+        rows = [len(shard) for shard in shards]
         group_losses = []
-        for slot, (start, rows) in zip(group, block_offsets(ctx.routing), strict=True):
-            block = slice(start, start + rows)
+        for slot, job_logits, job_labels, job_mask in zip(
+            group,
+            logits.split(rows),
+            batch["labels"].split(rows),
+            batch["attention_mask"].split(rows),
+            strict=True,
+        ):
             group_losses.append(
-                chunked_next_token_loss(
-                    logits[block], batch["labels"][block], ctx.loss_chunk_tokens
-                )
+                chunked_next_token_loss(job_logits, job_labels, ctx.loss_chunk_tokens)
             )
             losses[slot.job_id] = group_losses[-1]
-            tokens[slot.job_id] = batch["attention_mask"][block].sum()
+            tokens[slot.job_id] = job_mask.sum()
         forward_done = time.perf_counter()
         torch.stack(group_losses).sum().backward()
         forward_s += forward_done - group_started
@@ -225,15 +231,6 @@ def _with_adam(dtypes: dict[str, str], slot: JobSlot) -> dict[str, str]:
         **dtypes,
         "adam_state": str(moment.dtype).removeprefix("torch.") if moment is not None else "none",
     }
-
-
-def block_offsets(routing: Routing) -> list[tuple[int, int]]:
-    """(first row, number of rows) of each slot's block, in batch order."""
-    offsets, start = [], 0
-    for _, rows in routing.blocks:
-        offsets.append((start, rows))
-        start += rows
-    return offsets
 
 
 # Widths are rounded up to a multiple of this, so jobs of similar lengths share a forward.
