@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import CapacityLimiter
 from fastapi import FastAPI
 
-from api.deps import CachedApiKeys, Services
+from api.deps import CachedApiKeys, Services, db_readers_for
 from api.errors import install_error_handlers
 from api.request_timing import RequestTiming
 from api.routers import dashboard, files, jobs, metrics, models, webhooks
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             keys=CachedApiKeys(engine),
             idempotency=IdempotencyKeys(engine),
             catalog=catalog,
+            db_readers=CapacityLimiter(db_readers_for(engine)),
         )
         scheduler = None
         if run_scheduler:

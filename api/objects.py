@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.responses import Response
@@ -86,23 +87,59 @@ _DOCUMENT = TypeAdapter(Any)
 JOB_JSON_KEPT = 4096
 
 
-@lru_cache(maxsize=JOB_JSON_KEPT)
-def job_json(row: JobFields) -> bytes:
-    """GET job's body: `job_object(row).model_dump_json()`, without building the model.
+class JobBodies:
+    """Response bodies of jobs, kept by (id, version).
 
-    Kept by the row's whole content, as just read from the database (every column, the
-    JSON ones as their text): a job that changed in any way is another key, so a body kept
-    here is never stale. Reading the row is what costs little; decoding its JSON and writing
-    the body is what is saved."""
-    return _DOCUMENT.dump_json(job_document(row))
+    A trigger raises a job's version with every write to its row (migration 0008), so a body
+    kept for a pair is that job's body as long as the database still reads that pair: never
+    stale. A list page reads only its jobs' pairs; decoding a row's JSON and writing its body
+    is what is saved, and for a page, reading the rows themselves."""
+
+    def __init__(self, kept: int = JOB_JSON_KEPT) -> None:
+        self.kept = kept
+        self._bodies: dict[tuple[str, int], bytes] = {}
+        self._lock = threading.Lock()  # reads run in several threads
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        return self._bodies.get(key)
+
+    def of(self, row: JobFields) -> bytes:
+        key = (row.id, row.version)
+        body = self._bodies.get(key)
+        if body is None:
+            body = _DOCUMENT.dump_json(job_document(row))
+            with self._lock:
+                if len(self._bodies) >= self.kept:  # the oldest goes first
+                    del self._bodies[next(iter(self._bodies))]
+                self._bodies[key] = body
+        return body
+
+
+BODIES = JobBodies()
+
+
+def job_json(row: JobFields) -> bytes:
+    """GET job's body: `job_object(row).model_dump_json()`, without building the model."""
+    return BODIES.of(row)
 
 
 def job_page_json(rows: list[JobFields], has_more: bool) -> bytes:
     """The job list's body: ListPage[FineTuningJob]'s JSON (compact, fields in order), its
     jobs' bodies as job_json writes them."""
-    data = b",".join([job_json(row) for row in rows])
+    return page_json([job_json(row) for row in rows], has_more)
+
+
+def versioned_page_json(
+    keys: list[tuple[str, int]], has_more: bool, read_job: Callable[[str], JobFields]
+) -> bytes:
+    """The job list's body from the page's (id, version) pairs: kept bodies as they are,
+    `read_job(id)` for the others (a row read after the pair may be newer, never older)."""
+    return page_json([BODIES.get(key) or job_json(read_job(key[0])) for key in keys], has_more)
+
+
+def page_json(bodies: list[bytes], has_more: bool) -> bytes:
     return b'{"object":"list","data":[%b],"has_more":%b}' % (
-        data,
+        b",".join(bodies),
         b"true" if has_more else b"false",
     )
 

@@ -59,6 +59,9 @@ class JobRow(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Seconds the job may run before it fails with `timeout`; None: no limit.
     max_runtime: Mapped[int | None] = mapped_column(Integer)
+    # Raised by a trigger on every UPDATE of the row (migration 0008), never written here:
+    # the API's cache of response bodies is keyed on (id, version).
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class JobEventRow(Base):

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from api.deps import IdempotencyKeyHeader, Services, ServicesDep, TenantDep, read_in_thread
-from api.objects import event_object, job_json, job_object, job_page_json, json_response
+from api.objects import event_object, job_json, job_object, json_response, versioned_page_json
 from api.schemas import (
     ErrorResponse,
     FineTuningJob,
@@ -108,8 +108,10 @@ async def list_jobs(
     }
 
     def page() -> bytes:
-        rows, has_more = services.store.list_jobs(tenant, after, limit, metadata or None)
-        return job_page_json(rows, has_more)
+        keys, has_more = services.store.list_job_versions(tenant, after, limit, metadata or None)
+        return versioned_page_json(
+            keys, has_more, lambda job_id: services.store.get_job_fields(tenant, job_id)
+        )
 
     return json_response(await read_in_thread(services, page))
 

@@ -121,6 +121,14 @@ class JobStore(JobTransitions):
         page; `metadata` keeps the jobs with all these metadata values (filtered in SQL)."""
         return self.reads.page(tenant, after, limit, metadata)
 
+    def list_job_versions(
+        self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """The same page as `list_jobs`, as (id, version) pairs: a job's version changes
+        with every write to its row (a trigger raises it), so a body rendered for one pair
+        is that job's body for as long as the pair is what the page reads."""
+        return self.reads.page_versions(tenant, after, limit, metadata)
+
     def fine_tuned_models(self, tenant: str) -> list[JobRow]:
         """The tenant's succeeded jobs that named a fine-tuned model, oldest first."""
         query = (

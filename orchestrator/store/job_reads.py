@@ -97,13 +97,18 @@ def anchor_of_page() -> Select[int, str]:
     )
 
 
-def page_of_jobs(filters: int, after: bool) -> Select[Any]:
-    """Newest first, `limit` rows; `filters` metadata equalities (`name_i` = `value_i`);
-    with `after`, only jobs older than the anchor (`anchor_created_at`, `anchor_id`)."""
+# What a page of versions reads of each job: enough to tell a body already rendered.
+VERSION_FIELDS = [JobRow.id.label("id"), JobRow.version.label("version")]
+
+
+def page_of_jobs(filters: int, after: bool, fields: list[Any] = JOB_FIELDS) -> Select[Any]:
+    """Newest first, `limit` rows of `fields`; `filters` metadata equalities (`name_i` =
+    `value_i`); with `after`, only jobs older than the anchor (`anchor_created_at`,
+    `anchor_id`)."""
     # ix_jobs_tenant_newest gives the order: the page is read newest first along the index
     # and stops after `limit` rows, no sort (on SQLite 0.13 ms for 21 of 300 jobs, against
     # 0.21 ms for the page's ids in a subquery and a sort of their rows).
-    page = select(*JOB_FIELDS).where(JobRow.tenant == bindparam("tenant"))
+    page = select(*fields).where(JobRow.tenant == bindparam("tenant"))
     for i in range(filters):
         # A JSON field compared as text on SQLite and PostgreSQL alike, in SQL: a page never
         # loads more than limit rows.
@@ -129,7 +134,7 @@ class JobReads:
         self.engine = engine
         self._job = PreparedRead(engine, job_by_id(), JobFields)
         self._anchor = PreparedRead(engine, anchor_of_page())
-        self._pages: dict[tuple[int, bool], PreparedRead] = {}
+        self._pages: dict[tuple[bool, int, bool], PreparedRead] = {}
 
     def job(self, tenant: str, job_id: str) -> JobFields:
         with read_cursor(self.engine) as cursor:
@@ -141,25 +146,44 @@ class JobReads:
     def page(
         self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None
     ) -> tuple[list[JobFields], bool]:
+        rows = self._page(JOB_FIELDS, tenant, after, limit, metadata)
+        return rows[:limit], len(rows) > limit
+
+    def page_versions(
+        self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """The page as (id, version) pairs: two small columns per job, not its whole row."""
+        rows = self._page(VERSION_FIELDS, tenant, after, limit, metadata)
+        return [(row.id, row.version) for row in rows[:limit]], len(rows) > limit
+
+    def _page(
+        self,
+        fields: list[Any],
+        tenant: str,
+        after: str | None,
+        limit: int,
+        metadata: dict[str, str] | None,
+    ) -> list[Any]:
+        """Up to limit + 1 rows (one more tells whether a next page exists)."""
         filters = list((metadata or {}).items())
         values: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
         for i, (name, value) in enumerate(filters):
             values[f"name_{i}"], values[f"value_{i}"] = name, value
-        page = self.page_statement(len(filters), bool(after))
+        page = self.page_statement(fields, len(filters), bool(after))
         with read_cursor(self.engine) as cursor:
             if after:
                 anchor = self._anchor.first(cursor, after=after, tenant=tenant)
                 if anchor is None:
                     raise NotFound("fine-tuning job", after)
                 values["anchor_created_at"], values["anchor_id"] = anchor
-            rows = page.rows(cursor, **values)
-        return rows[:limit], len(rows) > limit
+            return page.rows(cursor, **values)
 
-    def page_statement(self, filters: int, after: bool) -> PreparedRead:
-        shape = (filters, after)
+    def page_statement(self, fields: list[Any], filters: int, after: bool) -> PreparedRead:
+        shape = (fields is JOB_FIELDS, filters, after)
         page = self._pages.get(shape)
         if page is None:
-            page = PreparedRead(self.engine, page_of_jobs(filters, after), JobFields)
+            row_type = JobFields if fields is JOB_FIELDS else None
+            page = PreparedRead(self.engine, page_of_jobs(filters, after, fields), row_type)
             if filters <= KEPT_FILTER_SHAPES:
                 self._pages[shape] = page
         return page

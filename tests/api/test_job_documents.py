@@ -9,6 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from api.objects import job_document, job_json, job_object, job_page_json
 from api.schemas import FineTuningJob, ListPage
@@ -112,12 +113,26 @@ def test_get_and_list_answer_with_what_the_model_writes(client: TestClient) -> N
     listed = client.get("/v1/fine_tuning/jobs", params={"limit": 1})
     page = ListPage[FineTuningJob](data=[job_object(store.job(created[1]))], has_more=True)
     assert listed.content == page.model_dump_json().encode()
-    # A body is kept by the job's whole row: a change shows at once.
+    # A body is kept by (id, version), and every write raises the version: a change shows
+    # at once, through the API or straight into the database.
     cancelled = client.post(f"/v1/fine_tuning/jobs/{created[0]}/cancel")
     assert cancelled.status_code == 200, cancelled.text
     got = client.get(f"/v1/fine_tuning/jobs/{created[0]}")
     assert got.json()["status"] == "cancelled" == store.job(created[0]).status
     assert got.content == job_object(store.job(created[0])).model_dump_json().encode()
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert [job["status"] for job in listed] == [store.job(created[1]).status, "cancelled"]
+    with store.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE jobs SET status = 'failed', error_code = 'oom' WHERE id = :id"),
+            {"id": created[1]},
+        )
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert [(job["status"], job["error"] and job["error"]["code"]) for job in listed] == [
+        ("failed", "oom"),
+        ("cancelled", None),
+    ]
+    assert client.get(f"/v1/fine_tuning/jobs/{created[1]}").json()["status"] == "failed"
     listed = client.get("/v1/fine_tuning/jobs").json()["data"]
     assert [j["status"] for j in listed] == [store.job(i).status for i in reversed(created)]
     assert listed[1]["status"] == "cancelled"
