@@ -94,14 +94,14 @@ class PackedLoraLinear(nn.Module):
         result: torch.Tensor = self.base_layer(x)
         if not self.routing.blocks:
             return result
-        rows = [rows for _, rows in self.routing.blocks]
-        if sum(rows) != x.shape[0]:
-            raise ValueError(f"routing covers {sum(rows)} rows but the batch has {x.shape[0]}")
+        sizes = [rows for _, rows in self.routing.blocks]
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"routing covers {sum(sizes)} rows but the batch has {x.shape[0]}")
         # One split, not a slice per slot: a slice's backward writes its gradient into a
         # zeroed copy of the whole input, once per slot of the pack.
         deltas = [
             self._delta(name, block)
-            for (name, _), block in zip(self.routing.blocks, x.split(rows), strict=True)
+            for (name, _), block in zip(self.routing.blocks, x.split(sizes), strict=True)
         ]
         # Added in fp32 and rounded once, as peft does: rounding the delta to bf16 first and
         # adding in bf16 rounds twice (1 output in 10 one bf16 step off peft's).
