@@ -47,11 +47,11 @@ def test_requests_waiting_for_the_same_key_share_one_lookup(
     app_keys: CachedApiKeys = client.app.state.services.keys  # type: ignore[attr-defined]
     _, key = app_keys.create("acme")
     _, other = app_keys.create("globex")
-    lookups: list[str | None] = []
+    lookups: list[str] = []
     looked_up = ApiKeys.tenant_for
 
     def slow_lookup(self: ApiKeys, authorization: str | None) -> str:
-        lookups.append(authorization)
+        lookups.append(authorization or "")
         time.sleep(0.2)  # long enough for every request below to wait on it
         return looked_up(self, authorization)
 
