@@ -3,8 +3,8 @@
 A job is read as a named tuple of its columns (JobFields) that reads like a JobRow: no
 session, identity map or instance state, and no statement built per call
 (`store/prepared.py`). Its JSON columns arrive as their text, on SQLite and PostgreSQL alike,
-and are decoded when read: so a row is plain, hashable values, equal to another read of
-the same job exactly when nothing in it changed (the API keys its response bytes on that).
+and are decoded when read. A list page can also be read as (id, version) pairs only: the
+API keeps response bodies by that pair, which every write to a job changes (migration 0008).
 Read-only: changes go through the store's named operations.
 """
 
