@@ -123,12 +123,6 @@ def job_json(row: JobFields) -> bytes:
     return BODIES.of(row)
 
 
-def job_page_json(rows: list[JobFields], has_more: bool) -> bytes:
-    """The job list's body: ListPage[FineTuningJob]'s JSON (compact, fields in order), its
-    jobs' bodies as job_json writes them."""
-    return page_json([job_json(row) for row in rows], has_more)
-
-
 def versioned_page_json(
     keys: list[tuple[str, int]], has_more: bool, read_job: Callable[[str], JobFields]
 ) -> bytes:
@@ -138,6 +132,8 @@ def versioned_page_json(
 
 
 def page_json(bodies: list[bytes], has_more: bool) -> bytes:
+    """The job list's body: ListPage[FineTuningJob]'s JSON (compact, fields in order) around
+    its jobs' bodies as job_json writes them."""
     return b'{"object":"list","data":[%b],"has_more":%b}' % (
         b",".join(bodies),
         b"true" if has_more else b"false",

@@ -134,7 +134,7 @@ class JobReads:
         self.engine = engine
         self._job = PreparedRead(engine, job_by_id(), JobFields)
         self._anchor = PreparedRead(engine, anchor_of_page())
-        self._pages: dict[tuple[bool, int, bool], PreparedRead] = {}
+        self._pages: dict[tuple[int, bool, bool], PreparedRead] = {}
 
     def job(self, tenant: str, job_id: str) -> JobFields:
         with read_cursor(self.engine) as cursor:
@@ -146,30 +146,30 @@ class JobReads:
     def page(
         self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None
     ) -> tuple[list[JobFields], bool]:
-        rows = self._page(JOB_FIELDS, tenant, after, limit, metadata)
+        rows = self._page(tenant, after, limit, metadata)
         return rows[:limit], len(rows) > limit
 
     def page_versions(
         self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None
     ) -> tuple[list[tuple[str, int]], bool]:
         """The page as (id, version) pairs: two small columns per job, not its whole row."""
-        rows = self._page(VERSION_FIELDS, tenant, after, limit, metadata)
+        rows = self._page(tenant, after, limit, metadata, versions=True)
         return [(row.id, row.version) for row in rows[:limit]], len(rows) > limit
 
     def _page(
         self,
-        fields: list[Any],
         tenant: str,
         after: str | None,
         limit: int,
         metadata: dict[str, str] | None,
+        versions: bool = False,
     ) -> list[Any]:
         """Up to limit + 1 rows (one more tells whether a next page exists)."""
         filters = list((metadata or {}).items())
         values: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
         for i, (name, value) in enumerate(filters):
             values[f"name_{i}"], values[f"value_{i}"] = name, value
-        page = self.page_statement(fields, len(filters), bool(after))
+        page = self.page_statement(len(filters), bool(after), versions)
         with read_cursor(self.engine) as cursor:
             if after:
                 anchor = self._anchor.first(cursor, after=after, tenant=tenant)
@@ -178,12 +178,15 @@ class JobReads:
                 values["anchor_created_at"], values["anchor_id"] = anchor
             return page.rows(cursor, **values)
 
-    def page_statement(self, fields: list[Any], filters: int, after: bool) -> PreparedRead:
-        shape = (fields is JOB_FIELDS, filters, after)
+    def page_statement(self, filters: int, after: bool, versions: bool = False) -> PreparedRead:
+        """The page's statement, whole rows or (with `versions`) (id, version) pairs."""
+        shape = (filters, after, versions)
         page = self._pages.get(shape)
         if page is None:
-            row_type = JobFields if fields is JOB_FIELDS else None
-            page = PreparedRead(self.engine, page_of_jobs(filters, after, fields), row_type)
+            if versions:
+                page = PreparedRead(self.engine, page_of_jobs(filters, after, VERSION_FIELDS))
+            else:
+                page = PreparedRead(self.engine, page_of_jobs(filters, after), JobFields)
             if filters <= KEPT_FILTER_SHAPES:
                 self._pages[shape] = page
         return page

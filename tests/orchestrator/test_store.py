@@ -13,7 +13,6 @@ from orchestrator.errors import InvalidTransition, NotFound
 from orchestrator.models import JobEventRow, JobRow
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
-from orchestrator.store.job_reads import JOB_FIELDS
 from tests.conftest import job_row
 
 
@@ -231,11 +230,7 @@ def test_a_metadata_filter_and_its_limit_are_applied_in_sql(store: JobStore) -> 
     assert [r.id for r in page] == [wanted[3], wanted[2]] and has_more
     # One statement, run on the driver's cursor (no engine event sees it), holds the filter
     # and the LIMIT.
-    where = (
-        store.reads.page_statement(JOB_FIELDS, filters=1, after=False)
-        .sql.upper()
-        .split("WHERE", 1)[1]
-    )
+    where = store.reads.page_statement(filters=1, after=False).sql.upper().split("WHERE", 1)[1]
     assert "LIMIT" in where and ("JSON_EXTRACT" in where or "->>" in where)
     page, has_more = store.list_jobs("t1", None, 10, metadata={"team": "a", "run": "1"})
     assert [r.id for r in page] == [wanted[1]] and not has_more
