@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# deepspeed builds against the torch above, so no build isolation.
 	$(BIN)/pip install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# DeepSpeed's ops, built once here (never inside a run: workers/deepspeed_ops.py).
-	$(BIN)/python -m workers.deepspeed_ops
+	# DeepSpeed's ops, built once here (never inside a run: workers/runtime/deepspeed_ops.py).
+	$(BIN)/python -m workers.runtime.deepspeed_ops
 	touch $@
 
 install: $(STAMP)

@@ -57,8 +57,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         scheduler = None
         if run_scheduler:
             # Imported here: an API replica (--no-scheduler) never loads Ray.
-            from orchestrator.runs import RayRuns
-            from orchestrator.scheduler import Scheduler
+            from orchestrator.scheduling.ray_runs import RayRuns
+            from orchestrator.scheduling.scheduler import Scheduler
 
             scheduler = Scheduler(settings, store, objects, RayRuns(settings))
             scheduler.start()

@@ -68,8 +68,8 @@ def run_scheduler(
 
     from core.objectstore import open_object_store
     from orchestrator.db import make_engine, migrate
-    from orchestrator.runs import RayRuns
-    from orchestrator.scheduler import Scheduler
+    from orchestrator.scheduling.ray_runs import RayRuns
+    from orchestrator.scheduling.scheduler import Scheduler
     from orchestrator.settings import Settings
     from orchestrator.store import JobStore
     from orchestrator.webhooks import WebhookDeliverer
@@ -126,7 +126,7 @@ def ray_stop(
     """End the embedded Ray recorded in a data dir (DATA_DIR/ray-head.json), with its pack
     hosts: for a `serve` that was killed and will not start again there. Only that Ray, by
     its recorded pid; never `ray stop`, which would end every Ray on the machine."""
-    from orchestrator import embedded_ray
+    from orchestrator.scheduling import embedded_ray
     from orchestrator.settings import Settings
 
     folder = data_dir if data_dir is not None else Settings().data_dir

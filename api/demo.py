@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +18,8 @@ from rich.console import Console
 from api.client import LorafleetClient
 from api.server_process import ServerExited, ServerProcess
 from api.watch import watch_jobs
-from orchestrator import embedded_ray
+from core.sample_data import shout_chats
+from orchestrator.scheduling import embedded_ray
 
 BASE_NAME = "tiny-llama"
 JOIN_AFTER_S = 3.0  # the second job arrives this long after the first one's first step
@@ -28,8 +31,6 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music",
 
 
 def _datasets() -> dict[str, list[dict[str, Any]]]:
-    from workers.tiny_base import shout_chats
-
     shout = shout_chats(WORDS, partners=4, end="!")
     # A tiny model learns phrases by heart, not arithmetic: the second adapter memorises a
     # few facts, and the demo asks it one of its own training prompts.
@@ -140,14 +141,13 @@ def _print_join(api: LorafleetClient, job_ids: dict[str, str], submitted: float)
 def _base_model(folder: Path) -> Path:
     """The tiny base, built once: into a folder of its own, renamed into place when whole,
     so an interrupted build never leaves a base that looks ready and is not."""
-    from workers.tiny_base import build_tiny_base
-
     base = folder / "base-model"
     if not base.exists():
         console.print(f"Building a tiny Llama base model in {base}")
         partial = folder / "base-model.partial"
         shutil.rmtree(partial, ignore_errors=True)  # an earlier build cut short
-        build_tiny_base(partial)
+        # In a process of its own: the API side never imports the training stack.
+        subprocess.run([sys.executable, "-m", "workers.tiny_base", str(partial)], check=True)
         partial.rename(base)
     return base
 

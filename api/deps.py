@@ -20,9 +20,9 @@ from core.base_catalog import BaseModelCatalog
 from core.objectstore import ObjectStore
 from orchestrator.api_keys import OPEN_TENANT, ApiKeys
 from orchestrator.idempotency import IdempotencyKeys
-from orchestrator.models import ApiKeyRow
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
+from orchestrator.tables import ApiKeyRow
 
 T = TypeVar("T")
 TENANT_CACHE_SECONDS = 1.0

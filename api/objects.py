@@ -14,8 +14,8 @@ from api.schemas import (
     FineTuningJob,
     FineTuningJobEvent,
 )
-from orchestrator.models import FileRow, JobEventRow, JobRow
 from orchestrator.store import JobFields
+from orchestrator.tables import FileRow, JobEventRow, JobRow
 
 
 def file_object(row: FileRow) -> FileObject:

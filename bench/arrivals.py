@@ -40,10 +40,11 @@ from rich.table import Table
 from core.host_protocol import AdmissionRequest, HostShape, HostSpec
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.run_states import NAMESPACE, RunJobState
+from core.sample_data import shout_chats
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
-from orchestrator.ray_hosts import RayHosts
+from orchestrator.scheduling.ray_hosts import RayHosts
 from workers.run_actor import RunActor, run_actor_name
-from workers.tiny_base import build_tiny_base, shout_chats
+from workers.tiny_base import build_tiny_base
 
 console = Console(width=150)
 WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music"]

@@ -4,7 +4,7 @@
     python bench/gpu_check.py --device cuda --size 1b # on a GPU machine
 
 It trains a real pack (3 jobs, different ranks/learning rates/lengths) with the shared
-step (`workers.pack_step.train_step`: per-job widths, per-job losses, fp32 LoRA factors on
+step (`workers.host.step.train_step`: per-job widths, per-job losses, fp32 LoRA factors on
 a bf16 base) in a one-rank process group (NCCL on a GPU, gloo on CPU), and reports:
 tensors not on the device, dtypes, host syncs in one step, peak device memory, tokens/s
 and MFU, packed vs alone, resume exactness, and whether a checkpoint written on the device
@@ -40,17 +40,17 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.spec import JobSpec, LoraSettings, TrainingSettings  # noqa: E402
-from workers.job_slot import JobSlot  # noqa: E402
-from workers.pack_step import PackContext, train_step  # noqa: E402
-from workers.packed_lora import (  # noqa: E402
+from workers.data.tokenization import IGNORE_INDEX, TokenizedExample  # noqa: E402
+from workers.host.slot import JobSlot  # noqa: E402
+from workers.host.step import PackContext, train_step  # noqa: E402
+from workers.lora.packed_layer import (  # noqa: E402
     Routing,
     matching_linear_layers,
     slot_parameters,
     slot_state_dict,
     wrap_linear_layers,
 )
-from workers.rng_state import restore_dropout_rng, saved_dropout_rng  # noqa: E402
-from workers.tokenization import IGNORE_INDEX, TokenizedExample  # noqa: E402
+from workers.training.rng_state import restore_dropout_rng, saved_dropout_rng  # noqa: E402
 
 SIZES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -233,7 +233,7 @@ def save_state(pack: Pack) -> bytes:
 def load_state(pack: Pack, saved: bytes, device: torch.device) -> None:
     state = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
     slot = pack.slots[0]
-    from workers.packed_lora import load_slot_state
+    from workers.lora.packed_layer import load_slot_state
 
     load_slot_state(pack.model, slot.job_id, state["factors"])
     slot.restore(state)

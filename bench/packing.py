@@ -27,9 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from core.objectstore import ObjectStoreConfig, open_object_store
+from core.sample_data import shout_chats
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
-from workers.tiny_base import build_tiny_base, shout_chats
+from workers.tiny_base import build_tiny_base
 
 console = Console(width=150)
 POLL_SECONDS = 0.5

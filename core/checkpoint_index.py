@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from core.layout import CHECKPOINT_KEY, checkpoints_root
+from core.object_keys import CHECKPOINT_KEY, checkpoints_root
 from core.objectstore import ObjectNotFound, ObjectStore
 
 MANIFEST = "manifest.json"

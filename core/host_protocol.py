@@ -3,8 +3,8 @@
 A *pack host* keeps one base model loaded and partitioned on a long-lived group of workers
 (one per base model and run shape) and trains whichever jobs it is given: a job joins at a
 step boundary and leaves when it ends. The scheduler sees hosts only through `PackHosts`
-(admit / release / poll / stop), implemented on Ray by `orchestrator.ray_hosts.RayHosts`
-(each host a detached, named actor `lorafleet-host-{host_id}`, `workers.pack_host`) and in
+(admit / release / poll / stop), implemented on Ray by `orchestrator.scheduling.ray_hosts.RayHosts`
+(each host a detached, named actor `lorafleet-host-{host_id}`, `workers.host.pack_host`) and in
 memory for the scheduler's unit tests.
 
 Settings (`orchestrator.settings.Settings`, env `LORAFLEET_*`) that this protocol serves:
@@ -121,7 +121,7 @@ class JobReport(TypedDict):
 
 class HostMemory(TypedDict):
     base_bytes_per_rank: int  # the base's shard held by each rank (largest rank)
-    # The second step of the latest membership, largest rank (workers.host_memory): measured
+    # The second step of the latest membership, largest rank (workers.host.memory): measured
     # live tensor bytes (CPU) or the allocator's peak (GPU), and admission's estimate for
     # the same jobs (core.memory_estimate).
     peak_bytes_per_rank: int
@@ -189,7 +189,7 @@ class PackHosts(Protocol):
 
     def free_resources(self) -> list[dict[str, float]]:
         """Resources free now on each node ({"CPU": …, "GPU": …}): a new host is started
-        only if its workers' bundles fit (orchestrator.host_placement), else its job waits."""
+        only if its workers' bundles fit (orchestrator.scheduling.placement), else its job waits."""
         ...
 
 

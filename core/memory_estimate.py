@@ -1,9 +1,9 @@
 """How many bytes one rank of a pack host needs, from the base's config and the pack's jobs (pure).
 
-Admission asks this before a job joins a running pack (orchestrator.host_sizing): a join
+Admission asks this before a job joins a running pack (orchestrator.scheduling.sizing): a join
 that would not fit waits, so a join never runs the pack out of memory. A pack host computes
 the same estimate for each membership it trains and reports it beside the peak it measured
-(workers.live_tensor_bytes), so both sides use this one function. Pure arithmetic over the
+(workers.runtime.live_tensor_bytes), so both sides use this one function. Pure arithmetic over the
 base's config.json: no torch. Each term is what really takes memory on a rank here, and the
 breakdown keeps its parts:
 
@@ -37,7 +37,7 @@ ACTIVATION_PER_INTERMEDIATE = 4
 ACTIVATION_PER_KV = 2
 # The loss over the whole pack at once keeps, per token and vocabulary entry, the logits
 # (model dtype) and three fp32 tensors: the upcast, the log-softmax and their gradient.
-# In chunks (workers/chunked_loss.py), the logits and their gradient stay whole and the
+# In chunks (workers/training/chunked_loss.py), the logits and their gradient stay whole and the
 # fp32 tensors exist for one chunk at a time.
 LOSS_FP32_COPIES = 3
 # Measured (tests/orchestrator/test_memory_estimate.py): a job with dropout keeps two fp32

@@ -1,7 +1,7 @@
 """Object storage behind one interface: a local folder (embedded default) or S3 via boto3.
 
 Knows nothing of the database. Keys are plain strings ("files/t/file-1.jsonl"); the key
-layout itself lives in `core.layout`. Writes are whole-object: a reader never sees a
+layout itself lives in `core.object_keys`. Writes are whole-object: a reader never sees a
 half-written object under its final key.
 """
 

@@ -2,7 +2,7 @@
 
 The manifest (sha256 and size of every file) is written last: its presence means every
 file it names was stored whole, and a reader checks the checksums before trusting them.
-Each attempt of a job publishes under its own prefix (core/layout.py): a late publish by a
+Each attempt of a job publishes under its own prefix (core/object_keys.py): a late publish by a
 stale attempt can never replace what the current attempt published.
 """
 
@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.layout import ADAPTER_FILES, ARCHIVE, MANIFEST, adapter_key
+from core.object_keys import ADAPTER_FILES, ARCHIVE, MANIFEST, adapter_key
 from core.objectstore import ObjectNotFound, ObjectStore
 
 

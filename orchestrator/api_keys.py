@@ -9,8 +9,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
 from orchestrator.errors import Unauthorized
-from orchestrator.models import ApiKeyRow
 from orchestrator.store import JobStore, new_id, now
+from orchestrator.tables import ApiKeyRow
 
 KEY_PREFIX = "lf-"
 OPEN_TENANT = "default"  # the one tenant while no key exists (embedded, loopback only)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from core.examples import DatasetError, summarize_jsonl
-from core.layout import file_key
+from core.object_keys import file_key
 from core.objectstore import ObjectStore
 from orchestrator.errors import InvalidRequest, PayloadTooLarge
 from orchestrator.idempotency import Idempotency
-from orchestrator.models import FileRow
 from orchestrator.store import JobStore, new_id, now
+from orchestrator.tables import FileRow
 
 PURPOSES = ("fine-tune",)
 

@@ -18,8 +18,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
 from orchestrator.errors import IdempotencyMismatch
-from orchestrator.models import IdempotencyRow
 from orchestrator.store import DuplicateIdempotencyKey
+from orchestrator.tables import IdempotencyRow
 
 __all__ = ["DuplicateIdempotencyKey", "Idempotency", "IdempotencyKeys", "request_hash"]
 

@@ -11,16 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.layout import adapter_prefix, checkpoint_prefix, file_key
+from core.object_keys import adapter_prefix, checkpoint_prefix, file_key
 from core.objectstore import ObjectStore
 from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from orchestrator.idempotency import Idempotency
-from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore, new_id, now
+from orchestrator.tables import JobRow
 
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 4
@@ -226,7 +226,7 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
 
 def training_fields(settings: Settings) -> dict[str, Any]:
     """What a run and a pack host both take from the settings, so a job trains the same way
-    in every scheduling mode (orchestrator.host_placement.host_spec uses it too)."""
+    in every scheduling mode (orchestrator.scheduling.placement.host_spec uses it too)."""
     assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
     return {
         "object_store": settings.object_store_config,

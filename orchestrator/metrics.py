@@ -93,7 +93,7 @@ class Capacity:
 
 def memory_by_shape(reports: Iterable[HostReport]) -> dict[str, tuple[int, int]]:
     """Per host shape, the measured peak per rank of a membership and admission's estimate
-    for the same jobs (workers.host_memory), from the host of that shape with the largest
+    for the same jobs (workers.host.memory), from the host of that shape with the largest
     peak: both figures of one membership, so the two can be compared. By shape, not by host
     or job, so that labels stay few and name no tenant's job."""
     found: dict[str, tuple[int, int]] = {}

@@ -19,7 +19,7 @@ from tests.services import postgres as postgres_service
 from tests.services import radosgw as radosgw_service
 
 if TYPE_CHECKING:
-    from orchestrator.models import JobRow
+    from orchestrator.tables import JobRow
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -49,9 +49,9 @@ def wait_for_condition(
 def job_row(**columns: Any) -> JobRow:
     """A job as a new submission stores it (validating its files, tenant t1, model tiny);
     `columns` set any of its columns."""
-    from orchestrator.models import JobRow
     from orchestrator.states import JobStatus
     from orchestrator.store import new_id, now
+    from orchestrator.tables import JobRow
 
     new: dict[str, Any] = {
         "id": new_id("ftjob"),

@@ -23,26 +23,26 @@ import torch.distributed as dist
 from core.objectstore import open_object_store
 from core.run_states import run_actor_name
 from core.spec import RunSpec
-from workers.base_models import resolve_base_model
-from workers.deepspeed_config import build_deepspeed_config
-from workers.deepspeed_ops import use_prebuilt_ops
-from workers.job_slot import JobSlot, SlotState, load_job_slot
-from workers.pack_step import (
+from workers.host.slot import JobSlot, SlotState, load_job_slot
+from workers.host.step import (
     PackContext,
     fail_slot,
     report_job_failure,
     train_step,
     use_gradient_checkpointing,
 )
-from workers.packed_lora import (
+from workers.lora.packed_layer import (
     Routing,
     matching_linear_layers,
     slot_parameters,
     wrap_linear_layers,
 )
-from workers.placement_groups import record_placement_group
 from workers.run_events import EventNumbering
-from workers.setup_guard import SetupPhases
+from workers.runtime.base_models import resolve_base_model
+from workers.runtime.deepspeed_config import build_deepspeed_config
+from workers.runtime.deepspeed_ops import use_prebuilt_ops
+from workers.runtime.placement_groups import record_placement_group
+from workers.runtime.setup_guard import SetupPhases
 from workers.slot_io import checkpoint_slot, publish_slot, resume_slot
 
 DROPOUT_STREAM, INIT_STREAM = 1, 2
@@ -93,7 +93,7 @@ class PackTrainingRecipe:
         self.device = ray.train.torch.get_device() if self.spec.use_gpu else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        # Never compile or wait on a build lock here (workers/deepspeed_ops.py).
+        # Never compile or wait on a build lock here (workers/runtime/deepspeed_ops.py).
         self.shm_comm = use_prebuilt_ops()
         # Ray Train already created the process group; DeepSpeed adopts it as it is.
         deepspeed.init_distributed(dist_backend="nccl" if self.spec.use_gpu else "gloo")
@@ -213,7 +213,7 @@ class PackTrainingRecipe:
         dist.all_gather_object(processes, mine)
         if self.rank == 0:
             ray.get(self.reporter.register_workers.remote(processes))
-            # So that the scheduler can free it should Ray not (workers/placement_groups.py).
+            # So that the scheduler can free it should Ray not (runtime/placement_groups.py).
             record_placement_group(run_actor_name(self.spec.run_id))
 
     # ---- reporting ---------------------------------------------------------------------

@@ -15,8 +15,8 @@ import ray
 
 from core.run_states import NAMESPACE, STOP_ALL, RunJobState, run_actor_name
 from core.spec import RunSpec
-from workers.ray_trainer import FitFailure, trainer_for
 from workers.run_events import EventOrder
+from workers.runtime.ray_trainer import FitFailure, trainer_for
 
 # Ray writes an actor's logging to its log files, where operators look.
 logger = logging.getLogger("lorafleet.run")

@@ -16,13 +16,13 @@ import torch.distributed as dist
 from core.checkpoint_index import list_checkpoints, prune_checkpoints
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.publish import publish_adapter
-from workers.checkpoints import read_checkpoint, write_checkpoint
-from workers.job_slot import JobSlot, SlotState
-from workers.memory_report import rank_memory_report
-from workers.pack_step import PackContext
-from workers.packed_lora import load_slot_state
-from workers.peft_export import export_peft_adapter
-from workers.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
+from workers.host.slot import JobSlot, SlotState
+from workers.host.step import PackContext
+from workers.lora.packed_layer import load_slot_state
+from workers.lora.peft_export import export_peft_adapter
+from workers.runtime.memory_report import rank_memory_report
+from workers.training.checkpoints import read_checkpoint, write_checkpoint
+from workers.training.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
 
 
 def publish_slot(

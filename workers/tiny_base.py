@@ -7,7 +7,6 @@ same code path as a user's real base model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -75,16 +74,13 @@ def build_tiny_base(
     return path
 
 
-def shout_chats(words: list[str], partners: int, end: str = "") -> list[dict[str, Any]]:
-    """Chats `say a b` → `A B{end}`, for every word a and each of the first `partners` words b:
-    a task the tiny base learns in a few epochs (the demo's and the benches' training data)."""
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"say {a} {b}"},
-                {"role": "assistant", "content": f"{a.upper()} {b.upper()}{end}"},
-            ]
-        }
-        for a in words
-        for b in words[:partners]
-    ]
+def main() -> None:
+    """`python -m workers.tiny_base DIR`: the demo builds its base in a process of its own,
+    so that nothing under api/ imports the training stack."""
+    import sys
+
+    build_tiny_base(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

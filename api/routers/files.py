@@ -13,7 +13,7 @@ from api.schemas import ErrorResponse, FileDeleted, FileObject, ListPage
 from orchestrator.errors import PayloadTooLarge
 from orchestrator.files import upload_file
 from orchestrator.idempotency import Idempotency, request_hash
-from orchestrator.models import FileRow
+from orchestrator.tables import FileRow
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 ERRORS: dict[int | str, dict[str, object]] = {

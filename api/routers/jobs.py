@@ -21,7 +21,7 @@ from api.schemas import (
     ListPage,
 )
 from core.checkpoint_index import list_checkpoints
-from core.layout import ARCHIVE, adapter_key
+from core.object_keys import ARCHIVE, adapter_key
 from orchestrator.errors import Conflict
 from orchestrator.idempotency import Idempotency, request_hash
 from orchestrator.jobs import NewJob, cancel_job, create_job, fine_tuned_model_name

@@ -19,12 +19,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import NotFound
-from orchestrator.models import ApiKeyRow, FileRow, IdempotencyRow, JobEventRow, JobRow
 from orchestrator.states import JobStatus
 from orchestrator.store.job_reads import JobFields, JobReads
 from orchestrator.store.rows import event_row as _event
 from orchestrator.store.rows import new_id, now
 from orchestrator.store.transitions import JobTransitions
+from orchestrator.tables import ApiKeyRow, FileRow, IdempotencyRow, JobEventRow, JobRow
 
 if TYPE_CHECKING:
     from orchestrator.idempotency import Idempotency

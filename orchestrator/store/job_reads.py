@@ -32,8 +32,8 @@ from sqlalchemy import (
 )
 
 from orchestrator.errors import NotFound
-from orchestrator.models import JobRow
 from orchestrator.store.prepared import PreparedRead, read_cursor
+from orchestrator.tables import JobRow
 
 # JobRow's columns, labelled with its attribute names (`user_metadata`, not the column's
 # `metadata`); the JSON ones as text, labelled `<name>_json`.

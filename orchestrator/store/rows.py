@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from orchestrator.models import JobEventRow
+from orchestrator.tables import JobEventRow
 
 
 def new_id(prefix: str) -> str:

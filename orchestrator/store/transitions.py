@@ -12,10 +12,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import InvalidTransition
-from orchestrator.models import JobRow
 from orchestrator.states import JobStatus, is_allowed, sources_of
 from orchestrator.store.rows import event_row as _event
 from orchestrator.store.rows import now
+from orchestrator.tables import JobRow
 
 
 class JobTransitions:

@@ -32,9 +32,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from orchestrator.errors import NotFound
-from orchestrator.models import Base, JobEventRow, JobRow
 from orchestrator.states import JobStatus
 from orchestrator.store.rows import new_id, now
+from orchestrator.tables import Base, JobEventRow, JobRow
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 ENDED = [s.value for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)]

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from core.layout import ADAPTER_FILES
+from core.object_keys import ADAPTER_FILES
 from core.objectstore import CHUNK_BYTES, open_object_store
 from core.publish import publish_adapter, store_adapter_archive
 from orchestrator.settings import Settings

@@ -13,9 +13,9 @@ from sqlalchemy import text
 
 from api.objects import job_document, job_json, job_object, page_json
 from api.schemas import FineTuningJob, ListPage
-from orchestrator.models import JobRow
 from orchestrator.store import JobStore
 from orchestrator.store.job_reads import JobFields
+from orchestrator.tables import JobRow
 from tests.api.conftest import GOOD_RECORDS, upload
 from tests.conftest import job_row
 

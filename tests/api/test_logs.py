@@ -14,8 +14,8 @@ import pytest
 
 from api.ops import configure_logging
 from orchestrator.jobs import NewJob, resolve_settings
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler
 from tests.conftest import job_row
 from tests.orchestrator.test_host_scheduling import make_world
 
@@ -55,7 +55,7 @@ def test_a_scheduler_tick_logs_json_with_job_host_and_attempt(
     joined = [line for line in lines if line.get("job_id") == job_id]
     assert joined, lines
     line = joined[0]
-    assert line["logger"] == "orchestrator.host_scheduling" and line["level"] == "INFO"
+    assert line["logger"] == "orchestrator.scheduling.host_scheduling" and line["level"] == "INFO"
     assert line["host_id"] == line["run_id"] == job.run_id
     assert line["attempt"] == job.attempt == 1
     assert line["tenant"] == "t1"

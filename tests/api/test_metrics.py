@@ -20,8 +20,8 @@ from api.app import create_app
 from api.routers.metrics import exposition
 from api.server_process import free_port
 from core.objectstore import ObjectStoreConfig, S3ObjectStore
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from tests.api.conftest import GOOD_RECORDS, upload
 from tests.conftest import wait_for_condition

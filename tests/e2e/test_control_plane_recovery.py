@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import embedded_ray
+from orchestrator.scheduling import embedded_ray
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, started, submit, upload

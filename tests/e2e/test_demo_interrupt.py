@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import embedded_ray
+from orchestrator.scheduling import embedded_ray
 from tests.conftest import wait_for_condition
 
 

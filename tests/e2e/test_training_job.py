@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from core.host_protocol import host_actor_name
-from core.layout import adapter_key
+from core.object_keys import adapter_key
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 

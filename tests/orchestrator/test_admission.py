@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from orchestrator.admission import HostRoom, WaitingJob, fair_order, plan_admissions
-from orchestrator.memory_estimate import SlotDemand
+from core.memory_estimate import SlotDemand
+from orchestrator.scheduling.admission import HostRoom, WaitingJob, fair_order, plan_admissions
 
 SHAPE = "tiny/2xcpu/fp32"
 OTHER = "small/2xcpu/fp32"

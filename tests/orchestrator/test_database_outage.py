@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from core.objectstore import open_object_store
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
 from tests.conftest import require
@@ -87,7 +87,7 @@ def test_the_api_answers_503_and_the_scheduler_rides_out_a_database_outage(
             error = response.json()["error"]
             assert (error["type"], error["code"]) == ("server_error", "service_unavailable")
         caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="orchestrator.scheduler"):
+        with caplog.at_level(logging.ERROR, logger="orchestrator.scheduling.scheduler"):
             assert not scheduler.tick_safely()
             assert not scheduler.tick_safely()
         outage_logs = [r for r in caplog.records if "database unavailable" in r.getMessage()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import embedded_ray
+from orchestrator.scheduling import embedded_ray
 
 
 def lorafleet(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,8 +45,8 @@ def test_ray_stop_ends_the_ray_recorded_in_a_data_dir(tmp_path: Path) -> None:
 def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator import runs as runs_module
-    from orchestrator.runs import RayRuns
+    from orchestrator.scheduling import ray_runs as runs_module
+    from orchestrator.scheduling.ray_runs import RayRuns
     from orchestrator.settings import Settings
     from tests.conftest import wait_for_condition
 

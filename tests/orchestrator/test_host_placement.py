@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.host_protocol import HostShape
-from orchestrator.host_placement import bundles_of, free_after_unplaced, place
+from orchestrator.scheduling.placement import bundles_of, free_after_unplaced, place
 from tests.orchestrator.test_host_scheduling import make_world, run_until_done
 
 
@@ -63,7 +63,7 @@ def test_a_warm_host_is_not_started_without_room(tmp_path: Path) -> None:
 def test_ray_hosts_report_the_free_cpus_of_each_node(ray_address: str) -> None:
     import ray
 
-    from orchestrator.ray_hosts import RayHosts
+    from orchestrator.scheduling.ray_hosts import RayHosts
 
     free = RayHosts().free_resources()
     assert len(free) == len([n for n in ray.nodes() if n["Alive"]])

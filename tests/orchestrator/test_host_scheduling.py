@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
+from core.memory_estimate import BaseShape, RunShape, SlotDemand, estimate_rank_bytes
 from core.objectstore import ObjectStore, ObjectStoreConfig, open_object_store
 from orchestrator.db import make_engine, migrate
-from orchestrator.host_scheduling import HostScheduling
-from orchestrator.in_memory_hosts import InMemoryHosts
 from orchestrator.jobs import NewJob, cancel_job, resolve_settings
-from orchestrator.memory_estimate import BaseShape, RunShape, SlotDemand, estimate_rank_bytes
-from orchestrator.models import JobRow
+from orchestrator.scheduling.host_scheduling import HostScheduling
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
+from orchestrator.tables import JobRow
 from tests.conftest import job_row
+from tests.fakes.in_memory_hosts import InMemoryHosts
 
 BASE_CONFIG = {
     "hidden_size": 64,

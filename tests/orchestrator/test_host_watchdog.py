@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.host_scheduling import HOST_START_ALLOWANCE_S
+from orchestrator.scheduling.host_scheduling import HOST_START_ALLOWANCE_S
 from tests.orchestrator.test_host_scheduling import make_world
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.memory_estimate import (
+from core.memory_estimate import (
     BaseShape,
     RunShape,
     SlotDemand,
@@ -47,7 +47,7 @@ def test_lora_parameters_match_the_packed_layers() -> None:
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.packed_lora import (
+    from workers.lora.packed_layer import (
         Routing,
         SlotConfig,
         matching_linear_layers,
@@ -133,7 +133,7 @@ def test_from_config_defaults_kv_heads_to_heads() -> None:
     assert BaseShape.from_config(config).kv_size == 192
 
 
-# ---- one real step, measured (workers.live_tensor_bytes, what a CPU pack host uses) ------
+# ---- one real step, measured (workers.runtime.live_tensor_bytes, what a CPU pack host uses) ------
 def measure_step_peak(
     config: dict[str, Any], rows: int, width: int, ranks: list[int], dropout: float = 0.0
 ) -> int:
@@ -143,15 +143,15 @@ def measure_step_peak(
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.job_slot import warmup_then_linear_decay
-    from workers.live_tensor_bytes import LiveTensorBytes
-    from workers.packed_lora import (
+    from workers.host.slot import warmup_then_linear_decay
+    from workers.lora.packed_layer import (
         Routing,
         SlotConfig,
         matching_linear_layers,
         slot_parameters,
         wrap_linear_layers,
     )
+    from workers.runtime.live_tensor_bytes import LiveTensorBytes
 
     tracker = LiveTensorBytes()
     with tracker:

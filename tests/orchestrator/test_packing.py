@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.packing import plan_packs
+from orchestrator.scheduling.packing import plan_packs
 
 
 @dataclass

@@ -14,11 +14,11 @@ import ray
 
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
-from orchestrator.runs import RayRuns
+from orchestrator.scheduling.ray_runs import RayRuns
 from orchestrator.settings import Settings
 from tests.conftest import wait_for_condition
-from workers.placement_groups import recorded_placement_groups
 from workers.run_actor import run_actor_name
+from workers.runtime.placement_groups import recorded_placement_groups
 
 pytestmark = pytest.mark.slow
 

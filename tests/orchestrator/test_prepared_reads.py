@@ -18,11 +18,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from api.app import create_app
 from orchestrator.db import make_engine, migrate
 from orchestrator.errors import NotFound
-from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
 from orchestrator.store.job_reads import read_json
 from orchestrator.store.prepared import read_cursor
+from orchestrator.tables import JobRow
 from tests.conftest import job_row
 from tests.orchestrator.test_database_outage import (  # noqa: F401 (a fixture)
     own_postgres,

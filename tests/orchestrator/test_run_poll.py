@@ -15,11 +15,11 @@ import ray
 from core.objectstore import open_object_store
 from orchestrator.db import make_engine, migrate
 from orchestrator.metrics import REGISTRY
-from orchestrator.models import JobRow
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
+from orchestrator.tables import JobRow
 from tests.conftest import job_row
 from workers.run_actor import run_actor_name
 

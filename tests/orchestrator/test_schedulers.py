@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from orchestrator.scheduler import hold_single_scheduler_lock
+from orchestrator.scheduling.scheduler import hold_single_scheduler_lock
 from orchestrator.settings import Settings
 from tests.conftest import wait_for_condition
 from tests.services.postgres import Postgres

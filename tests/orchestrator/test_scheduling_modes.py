@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from orchestrator.packing import plan_packs
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler, pack_limits
+from orchestrator.scheduling.packing import plan_packs
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler, pack_limits
 from orchestrator.settings import Settings
 from tests.orchestrator.test_host_scheduling import make_world
 

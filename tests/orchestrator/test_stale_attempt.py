@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from core.checkpoint_index import list_checkpoints, prune_checkpoints
-from core.layout import (
+from core.object_keys import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
@@ -22,8 +22,8 @@ from core.layout import (
 )
 from core.objectstore import ObjectStore, open_object_store
 from core.publish import publish_adapter, sha256_hex, verify_adapter
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
 from tests.conftest import job_row

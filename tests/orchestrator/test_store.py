@@ -10,9 +10,9 @@ from sqlalchemy import event, select
 
 from orchestrator.db import make_engine, migrate
 from orchestrator.errors import InvalidTransition, NotFound
-from orchestrator.models import JobEventRow, JobRow
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
+from orchestrator.tables import JobEventRow, JobRow
 from tests.conftest import job_row
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.host_placement import host_spec
-from orchestrator.host_sizing import HostSizing
 from orchestrator.jobs import run_spec_for
+from orchestrator.scheduling.placement import host_spec
+from orchestrator.scheduling.sizing import HostSizing
 from orchestrator.settings import Settings
 from tests.orchestrator.test_host_scheduling import make_world
 from workers.recipe import PackTrainingRecipe

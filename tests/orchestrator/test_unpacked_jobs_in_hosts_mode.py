@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.models import JobRow
-from orchestrator.runs import RayRuns
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.states import JobStatus
 from orchestrator.store import new_id
+from orchestrator.tables import JobRow
 from tests.orchestrator.test_host_scheduling import World, make_world
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from core.layout import adapter_key
+from core.object_keys import adapter_key
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec, RunSpec
 from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name

@@ -1,6 +1,6 @@
 from collections import Counter
 
-from workers.batching import micro_batch_per_rank, plan_batches, rank_share
+from workers.data.batching import micro_batch_per_rank, plan_batches, rank_share
 
 
 def test_each_epoch_sees_every_example_and_batches_are_full() -> None:

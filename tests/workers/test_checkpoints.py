@@ -11,8 +11,8 @@ import torch
 
 from core.checkpoint_index import list_checkpoints
 from core.objectstore import LocalObjectStore
-from workers.checkpoints import UnsafeCheckpointError, read_checkpoint, write_checkpoint
-from workers.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
+from workers.training.checkpoints import UnsafeCheckpointError, read_checkpoint, write_checkpoint
+from workers.training.rng_state import reseed_for, restore_dropout_rng, saved_dropout_rng
 
 
 class Payload:

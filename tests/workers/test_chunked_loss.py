@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.chunked_loss import IGNORE_INDEX, chunked_next_token_loss
+from workers.training.chunked_loss import IGNORE_INDEX, chunked_next_token_loss
 
 
 def plain(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

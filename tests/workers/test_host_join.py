@@ -19,7 +19,7 @@ def agree(rank: int, port: int, results: Any) -> None:
 
     from core.objectstore import ObjectNotFound
     from core.spec import JobSpec
-    from workers.host_join import HostJoins, PendingJoin
+    from workers.host.join import HostJoins, PendingJoin
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from core.host_protocol import AdmissionRequest
+from core.memory_estimate import estimate_rank_bytes, host_run_shape, slot_demand
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec, LoraSettings, TrainingSettings
-from orchestrator.host_sizing import base_shape
-from orchestrator.memory_estimate import estimate_rank_bytes, host_run_shape, slot_demand
-from orchestrator.ray_hosts import RayHosts
+from orchestrator.scheduling.ray_hosts import RayHosts
+from orchestrator.scheduling.sizing import base_shape
 from tests.workers.test_pack_host import Watch, all_ended, free_placement_groups, host_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]

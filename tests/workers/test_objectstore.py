@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.layout import MANIFEST, adapter_key
+from core.object_keys import MANIFEST, adapter_key
 from core.objectstore import (
     LocalObjectStore,
     ObjectNotFound,

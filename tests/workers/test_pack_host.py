@@ -1,6 +1,6 @@
 """A pack host on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3, fp32), driven
-directly through `orchestrator.ray_hosts.RayHosts` (no scheduler): job A trains, job B joins
-while A's step > 0 and leaves first; B's adapter equals B trained alone and A's equals A
+directly through `orchestrator.scheduling.ray_hosts.RayHosts` (no scheduler): job A trains,
+job B joins while A's step > 0 and leaves first; B's adapter equals B trained alone and A's equals A
 trained alone (each alone on a host); a job whose data cannot load fails alone; a released
 slot frees its tensors; an idle host ends. Then recovery: a worker killed after a late join
 brings every member back from its own checkpoint, and both adapters still equal the ones
@@ -24,7 +24,7 @@ from core.host_protocol import AdmissionRequest, HostReport, HostShape, HostSpec
 from core.objectstore import ObjectStoreConfig
 from core.run_states import RunJobState
 from core.spec import JobSpec, LoraSettings, TrainingSettings
-from orchestrator.ray_hosts import RayHosts
+from orchestrator.scheduling.ray_hosts import RayHosts
 from tests.workers.conftest import adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]

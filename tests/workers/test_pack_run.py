@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from core.layout import adapter_key
+from core.object_keys import adapter_key
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec, LoraSettings, TrainingSettings
 from tests.workers.conftest import adapter, run, spec_for
@@ -80,7 +80,7 @@ CANCELLED_JOB = job(
 @pytest.fixture
 def stale_build_lock() -> Iterator[Path]:
     """A lock in this installation's DeepSpeed ops folder, as a build killed half-way leaves."""
-    from workers.deepspeed_ops import OP, extensions_dir
+    from workers.runtime.deepspeed_ops import OP, extensions_dir
 
     lock = extensions_dir() / OP / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -263,11 +263,9 @@ def steps_in_one_rank(base: str, store_url: str, checkpointing: bool, out: str) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from workers.deepspeed_config import build_deepspeed_config
-    from workers.deepspeed_ops import use_prebuilt_ops
-    from workers.job_slot import load_job_slot
-    from workers.pack_step import PackContext, train_step, use_gradient_checkpointing
-    from workers.packed_lora import (
+    from workers.host.slot import load_job_slot
+    from workers.host.step import PackContext, train_step, use_gradient_checkpointing
+    from workers.lora.packed_layer import (
         Routing,
         matching_linear_layers,
         slot_parameters,
@@ -275,6 +273,8 @@ def steps_in_one_rank(base: str, store_url: str, checkpointing: bool, out: str) 
         wrap_linear_layers,
     )
     from workers.recipe import DROPOUT_STREAM, INIT_STREAM
+    from workers.runtime.deepspeed_config import build_deepspeed_config
+    from workers.runtime.deepspeed_ops import use_prebuilt_ops
 
     use_prebuilt_ops()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from workers.packed_lora import (
+from workers.lora.packed_layer import (
     NO_ADAPTER,
     PackedLoraLinear,
     Routing,

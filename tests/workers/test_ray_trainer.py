@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.ray_trainer import FitFailure
+from workers.runtime.ray_trainer import FitFailure
 
 
 def _wrapped(inner: BaseException) -> BaseException:

@@ -14,8 +14,8 @@ import torch
 
 from core.objectstore import ObjectStoreConfig
 from core.spec import JobSpec, RunSpec
-from workers.pack_step import PackContext, report_job_failure
-from workers.packed_lora import Routing
+from workers.host.step import PackContext, report_job_failure
+from workers.lora.packed_layer import Routing
 from workers.run_actor import NAMESPACE, RUNNING, SUCCEEDED, RunActor, run_actor_name
 from workers.run_events import EventNumbering, EventOrder
 

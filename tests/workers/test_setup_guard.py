@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from torch.utils.file_baton import FileBaton
 
-from workers.setup_guard import SetupPhases, SetupTimeoutError
+from workers.runtime.setup_guard import SetupPhases, SetupTimeoutError
 
 
 def test_a_phase_stuck_on_a_stale_build_lock_fails_naming_the_phase(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_a_run_never_waits_on_a_lock_in_the_ops_folder(
 ) -> None:
     import deepspeed.ops
 
-    from workers import deepspeed_ops
+    from workers.runtime import deepspeed_ops
 
     folder = tmp_path / "ops"
     (folder / deepspeed_ops.OP).mkdir(parents=True)

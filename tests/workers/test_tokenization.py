@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.examples import parse_jsonl
-from workers.tokenization import IGNORE_INDEX, collate, tokenize_example
+from workers.data.tokenization import IGNORE_INDEX, collate, tokenize_example
 
 
 @pytest.fixture(scope="module")

@@ -21,25 +21,25 @@ import torch
 import torch.distributed as dist
 
 from core.host_protocol import HostSpec, host_actor_name
-from workers.base_models import resolve_base_model
-from workers.deepspeed_config import build_deepspeed_config
-from workers.deepspeed_ops import use_prebuilt_ops
-from workers.host_join import HostJoins, PendingJoin
-from workers.host_memory import MembershipMemory
-from workers.job_slot import JobSlot, SlotState
-from workers.memory_report import rank_memory_report
-from workers.pack_step import PackContext, use_gradient_checkpointing
-from workers.packed_lora import (
+from workers.host.join import HostJoins, PendingJoin
+from workers.host.memory import MembershipMemory
+from workers.host.slot import JobSlot, SlotState
+from workers.host.step import PackContext, use_gradient_checkpointing
+from workers.host.writer import SlotWriter
+from workers.lora.packed_layer import (
     Routing,
     matching_linear_layers,
     packed_layers,
     slot_state_dict,
     wrap_linear_layers,
 )
-from workers.placement_groups import record_placement_group
-from workers.rng_state import saved_dropout_rng
+from workers.runtime.base_models import resolve_base_model
+from workers.runtime.deepspeed_config import build_deepspeed_config
+from workers.runtime.deepspeed_ops import use_prebuilt_ops
+from workers.runtime.memory_report import rank_memory_report
+from workers.runtime.placement_groups import record_placement_group
 from workers.slot_io import partitioning
-from workers.slot_writer import SlotWriter
+from workers.training.rng_state import saved_dropout_rng
 
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
 
@@ -74,7 +74,7 @@ class HostWorker(HostJoins):
         if self.rank == 0:
             import ray
 
-            # So that the scheduler can free it should Ray not (workers/placement_groups.py).
+            # So that the scheduler can free it should Ray not (runtime/placement_groups.py).
             record_placement_group(host_actor_name(self.spec.host_id))
             box[0] = ray.get(self.host.begin_attempt.remote(pids))
         dist.broadcast_object_list(box, src=0)
@@ -92,7 +92,7 @@ class HostWorker(HostJoins):
         self.device = ray.train.torch.get_device() if shape.use_gpu else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        # Never compile or wait on a build lock here (workers/deepspeed_ops.py).
+        # Never compile or wait on a build lock here (workers/runtime/deepspeed_ops.py).
         use_prebuilt_ops()
         # Ray Train already created the process group; DeepSpeed adopts it as it is.
         deepspeed.init_distributed(dist_backend="nccl" if shape.use_gpu else "gloo")
@@ -165,7 +165,7 @@ class HostWorker(HostJoins):
             "live": [s.job_id for s in self.slots],
             "memory": {
                 "base_bytes_per_rank": self.base_bytes,
-                # The second step of the latest membership (workers.host_memory).
+                # The second step of the latest membership (workers.host.memory).
                 "peak_bytes_per_rank": measured.get("measured_peak_bytes", 0),
                 "estimate_bytes_per_rank": measured.get("estimate_bytes", 0),
                 "members": measured.get("members", []),

@@ -25,11 +25,11 @@ from core.host_protocol import (
     HostSpec,
     JobReport,
 )
-from core.layout import ADAPTER_FILES
+from core.object_keys import ADAPTER_FILES
 from core.objectstore import ObjectStore
 from core.publish import publish_adapter
 from core.run_states import STOP_ALL, RunJobState
-from orchestrator.host_placement import bundles_of, place
+from orchestrator.scheduling.placement import bundles_of, place
 
 
 @dataclass

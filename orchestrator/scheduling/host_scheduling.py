@@ -5,7 +5,7 @@ call), stores each job's events, finishes the jobs that ended, and runs the watc
 job past its `max_runtime` fails with `timeout`; a host with jobs and no step for
 `step_timeout_seconds` is ended and its jobs are requeued, to resume from their
 checkpoints on another host (never a silent hang). Then `launch()` places queued jobs
-(orchestrator.admission): join a host, start one, or wait.
+(orchestrator.scheduling.admission): join a host, start one, or wait.
 
 Nothing is kept only in memory that a restarted scheduler would need: a job's host is its
 `run_id`, and hosts are found again by listing them. With several schedulers, the host
@@ -23,11 +23,16 @@ from dataclasses import replace
 from typing import Any
 
 from core.host_protocol import AdmissionRequest, HostReport, HostShape, PackHosts
+from core.memory_estimate import SlotDemand
 from core.objectstore import ObjectStore
 from core.run_states import RunJobState
-from orchestrator.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.errors import InvalidTransition
-from orchestrator.host_placement import (
+from orchestrator.jobs import job_spec_for
+from orchestrator.metrics import Capacity, observe_training
+from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
+from orchestrator.scheduling.outcomes import JobOutcomes
+from orchestrator.scheduling.packing import wants_packing
+from orchestrator.scheduling.placement import (
     Resources,
     StartRoom,
     bundles_of,
@@ -35,16 +40,11 @@ from orchestrator.host_placement import (
     host_spec,
     place,
 )
-from orchestrator.host_sizing import HostSizing, demand_of
-from orchestrator.job_outcomes import JobOutcomes
-from orchestrator.jobs import job_spec_for
-from orchestrator.memory_estimate import SlotDemand
-from orchestrator.metrics import Capacity, observe_training
-from orchestrator.models import JobRow
-from orchestrator.packing import wants_packing
+from orchestrator.scheduling.sizing import HostSizing, demand_of
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id
+from orchestrator.tables import JobRow
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ class HostScheduling:
                     room, free = room - 1, left
         return StartRoom(room, free)
 
-    # ---- outcomes (orchestrator.job_outcomes: each a guarded change) ----
+    # ---- outcomes (orchestrator.scheduling.outcomes: each a guarded change) ----
     def _host_lost(self, job: JobRow, reason: str) -> None:
         started = job.started_at or 0
         if self.clock() - started < self.settings.run_start_grace_seconds:

@@ -16,12 +16,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from core.host_protocol import PackHosts
-from core.layout import ADAPTER_WEIGHTS, file_key
+from core.object_keys import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
-from orchestrator.host_scheduling import HostScheduling, on_host
-from orchestrator.job_outcomes import JobOutcomes
 from orchestrator.jobs import run_spec_for
 from orchestrator.metrics import (
     RUN_POLL_TIMEOUTS,
@@ -30,12 +28,14 @@ from orchestrator.metrics import (
     observe_training,
     record_capacity,
 )
-from orchestrator.models import JobRow
-from orchestrator.packing import plan_packs, wants_packing
-from orchestrator.runs import UNRESPONSIVE, RayRuns
+from orchestrator.scheduling.host_scheduling import HostScheduling, on_host
+from orchestrator.scheduling.outcomes import JobOutcomes
+from orchestrator.scheduling.packing import plan_packs, wants_packing
+from orchestrator.scheduling.ray_runs import UNRESPONSIVE, RayRuns
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id
+from orchestrator.tables import JobRow
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Scheduler:
         self.objects = objects
         self.runs = runs
         self.outcomes = JobOutcomes(settings, store, objects, log, job_context)
-        # scheduling_mode "hosts": jobs join warm pack hosts (orchestrator/host_scheduling.py);
+        # scheduling_mode "hosts": jobs join warm pack hosts (scheduling/host_scheduling.py);
         # "window": a run per pack of jobs arriving together; "solo": a run per job.
         self.host_mode: HostScheduling | None = None
         if settings.scheduling_mode == "hosts":
@@ -334,6 +334,6 @@ def pack_limits(settings: Settings) -> tuple[int, float]:
 
 
 def _ray_hosts(settings: Settings) -> PackHosts:
-    from orchestrator.ray_hosts import RayHosts  # imported only in host mode
+    from orchestrator.scheduling.ray_hosts import RayHosts  # imported only in host mode
 
     return RayHosts(settings)

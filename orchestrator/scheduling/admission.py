@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from orchestrator.memory_estimate import SlotDemand
+from core.memory_estimate import SlotDemand
 
 # Whether these slots fit together on one host of that shape (the memory estimate).
 Fits = Callable[[str, Sequence[SlotDemand]], bool]

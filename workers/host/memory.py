@@ -3,7 +3,7 @@ each join or leave, beside the estimate admission uses for the same jobs
 (core.memory_estimate), so a user can read how well admission's figure holds.
 
 Measured once per membership: on a GPU the allocator's own peak (reset at the change, free
-to read); on a CPU the live tensor bytes of that step (workers.live_tensor_bytes; a
+to read); on a CPU the live tensor bytes of that step (workers.runtime.live_tensor_bytes; a
 dispatch mode, too slow for every step). The ranks take the largest figure (one all-reduce,
 only on those steps), as admission's budget is per rank.
 """
@@ -26,13 +26,13 @@ from core.memory_estimate import (
     slot_demand,
 )
 from core.spec import JobSpec
-from workers.job_slot import JobSlot
-from workers.live_tensor_bytes import LiveTensorBytes, held_tensors
-from workers.pack_step import PackContext, train_step
+from workers.host.slot import JobSlot
+from workers.host.step import PackContext, train_step
+from workers.runtime.live_tensor_bytes import LiveTensorBytes, held_tensors
 
 
 def estimate_for(spec: HostSpec, base_path: Path, jobs: list[JobSpec]) -> MemoryEstimate:
-    """Admission's estimate (orchestrator.host_sizing) for these jobs on this host."""
+    """Admission's estimate (orchestrator.scheduling.sizing) for these jobs on this host."""
     base = BaseShape.from_config(json.loads((base_path / "config.json").read_text()))
     shape = spec.shape
     run = host_run_shape(

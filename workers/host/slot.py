@@ -17,9 +17,9 @@ from torch import nn
 from core.examples import parse_jsonl
 from core.objectstore import ObjectStore
 from core.spec import JobSpec
-from workers.batching import micro_batch_per_rank, plan_batches, rank_share
-from workers.packed_lora import SlotConfig
-from workers.tokenization import TokenizedExample, tokenize_example
+from workers.data.batching import micro_batch_per_rank, plan_batches, rank_share
+from workers.data.tokenization import TokenizedExample, tokenize_example
+from workers.lora.packed_layer import SlotConfig
 
 
 class TrainingDataError(ValueError):

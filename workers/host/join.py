@@ -18,10 +18,9 @@ from core.checkpoint_index import list_checkpoints
 from core.host_protocol import HostSpec
 from core.objectstore import ObjectStore, open_object_store
 from core.spec import JobSpec
-from workers.checkpoints import read_checkpoint
-from workers.job_slot import JobSlot, SlotState, load_job_slot
-from workers.pack_step import Report
-from workers.packed_lora import (
+from workers.host.slot import JobSlot, SlotState, load_job_slot
+from workers.host.step import Report
+from workers.lora.packed_layer import (
     PackedLoraLinear,
     Routing,
     load_slot_state,
@@ -29,7 +28,8 @@ from workers.packed_lora import (
     slot_parameters,
 )
 from workers.recipe import DROPOUT_STREAM, INIT_STREAM
-from workers.rng_state import reseed_for, restore_dropout_rng
+from workers.training.checkpoints import read_checkpoint
+from workers.training.rng_state import reseed_for, restore_dropout_rng
 
 # An idle host holds back jobs that loaded while others announced with them still load (at
 # most this long): jobs that arrive together start in one pack, and nobody waits on them.
@@ -57,7 +57,7 @@ class PendingJoin:
 
 
 class HostJoins:
-    """The joining half of `workers.host_loop.HostWorker` (which sets these attributes)."""
+    """The joining half of `workers.host.worker_loop.HostWorker` (which sets these attributes)."""
 
     spec: HostSpec
     rank: int

@@ -1,6 +1,6 @@
 """Pack hosts on Ray, as the scheduler sees them (`core.host_protocol.PackHosts`).
 
-Each host is a detached, named actor `lorafleet-host-{host_id}` (`workers.pack_host`):
+Each host is a detached, named actor `lorafleet-host-{host_id}` (`workers.host.pack_host`):
 nothing is kept here, so a restarted scheduler adopts every host by listing the names.
 """
 
@@ -20,18 +20,18 @@ from core.host_protocol import (
 )
 from core.run_states import STOP_ALL
 from orchestrator.settings import Settings
-from workers.placement_groups import release_orphaned_placement_groups
+from workers.runtime.placement_groups import release_orphaned_placement_groups
 
 CALL_TIMEOUT_S = 30
 START_TIMEOUT_S = 60
 
 
 class RayHosts:
-    """Needs a connected Ray (`orchestrator.runs.RayRuns.connect`)."""
+    """Needs a connected Ray (`orchestrator.scheduling.ray_runs.RayRuns.connect`)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        # The configured namespace, as for runs (orchestrator/runs.py): two deployments on
-        # one Ray cluster never adopt each other's hosts.
+        # The configured namespace, as for runs (orchestrator/scheduling/ray_runs.py): two
+        # deployments on one Ray cluster never adopt each other's hosts.
         self.namespace = (settings or Settings()).ray_namespace
 
     def _actor(self, host_id: str) -> Any | None:
@@ -49,7 +49,7 @@ class RayHosts:
         )
 
     def start_host(self, spec: HostSpec) -> None:
-        from workers.pack_host import PackHost
+        from workers.host.pack_host import PackHost
 
         actor = PackHost.options(  # type: ignore[attr-defined]
             name=host_actor_name(spec.host_id), namespace=self.namespace, lifetime="detached"
@@ -93,7 +93,7 @@ class RayHosts:
 
     def reap(self) -> list[str]:
         """Removes host actors whose workers have ended (idle, stopped or failed), then the
-        placement groups of hosts and runs that are gone (`workers.placement_groups`)."""
+        placement groups of hosts and runs that are gone (`workers.runtime.placement_groups`)."""
         reaped = []
         for host_id in self.list_hosts():
             actor = self._actor(host_id)

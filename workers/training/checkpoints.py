@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from core.checkpoint_index import MANIFEST, CheckpointInfo
-from core.layout import checkpoint_prefix
+from core.object_keys import checkpoint_prefix
 from core.objectstore import ObjectStore
 from core.publish import sha256_hex
 

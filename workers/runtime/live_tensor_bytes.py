@@ -9,7 +9,7 @@ the step, until it is freed. A TorchDispatchMode sees every op's outputs; a weak
 to each storage (torch keeps one Python object per live storage) says when it is freed.
 
 The mode costs a Python call per op, so a host measures only one step of each
-membership (workers.host_memory); on a GPU the device allocator's own peak is used instead.
+membership (workers.host.memory); on a GPU the device allocator's own peak is used instead.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from core.host_protocol import (
     JobReport,
 )
 from core.run_states import STOP_ALL, RunJobState
-from workers.ray_trainer import FitFailure, trainer_for
+from workers.runtime.ray_trainer import FitFailure, trainer_for
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     RunJobState.RUNNING,
@@ -86,7 +86,7 @@ class PackHost:
             self._thread.start()
 
     def _fit(self) -> None:
-        from workers.host_loop import host_loop_per_worker
+        from workers.host.worker_loop import host_loop_per_worker
 
         spec, shape = self.spec, self.spec.shape
         trainer = trainer_for(

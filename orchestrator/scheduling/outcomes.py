@@ -11,10 +11,10 @@ from typing import Any
 from core.objectstore import ObjectStore
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name
-from orchestrator.models import JobRow
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
+from orchestrator.tables import JobRow
 
 LogContext = Callable[[JobRow], dict[str, Any]]  # `extra=` of a log line about a job
 

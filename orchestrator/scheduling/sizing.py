@@ -18,8 +18,8 @@ from core.memory_estimate import (
     host_run_shape,
     slot_demand,
 )
-from orchestrator.models import JobRow
 from orchestrator.settings import Settings
+from orchestrator.tables import JobRow
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class HostSizing:
 
     def memory_model(self, shape: HostShape) -> tuple[BaseShape, RunShape]:
         # The same settings go into the host's HostSpec, from which the host computes the
-        # estimate it reports beside its measured peak (workers.host_memory).
+        # estimate it reports beside its measured peak (workers.host.memory).
         run = host_run_shape(
             num_workers=shape.num_workers,
             precision=shape.precision,

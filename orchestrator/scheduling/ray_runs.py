@@ -17,11 +17,11 @@ from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from core.spec import RunSpec
-from orchestrator import embedded_ray
-from orchestrator.embedded_ray import EmbeddedRay
+from orchestrator.scheduling import embedded_ray
+from orchestrator.scheduling.embedded_ray import EmbeddedRay
 from orchestrator.settings import Settings
-from workers.placement_groups import release_orphaned_placement_groups
 from workers.run_actor import STOP_ALL, RunActor, run_actor_name
+from workers.runtime.placement_groups import release_orphaned_placement_groups
 
 START_TIMEOUT_S = 30
 RUN_PREFIX = run_actor_name("")
@@ -137,7 +137,7 @@ class RayRuns:
     def reap(self, live_run_ids: set[str]) -> list[str]:
         """Removes run actors no live job needs once their fit() has returned (or once
         they no longer answer), then the placement groups of runs and hosts that are gone
-        (`workers.placement_groups`: Ray may leave them reserved)."""
+        (`workers.runtime.placement_groups`: Ray may leave them reserved)."""
         reaped = []
         for entry in ray.util.list_named_actors(all_namespaces=True):
             # Whatever namespace this driver joined with, only ours, and only runs.

@@ -3,7 +3,7 @@ resources for it, so a job that cannot be placed waits in the queue instead of i
 placement group that stays pending.
 
 A host asks Ray for one bundle per worker: a CPU, and a GPU when it trains on GPUs (as
-`workers.ray_trainer` asks for them). Ray Train packs the bundles but may spread them over
+`workers.runtime.ray_trainer` asks for them). Ray Train packs the bundles but may spread them over
 nodes, so a host fits when each bundle fits, first come first served, on some node's free
 resources.
 """

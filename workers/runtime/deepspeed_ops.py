@@ -4,7 +4,7 @@ DeepSpeed JIT-compiles `deepspeed_shm_comm` (its CPU shared-memory all-reduce) o
 into `TORCH_EXTENSIONS_DIR`, under a `lock` file that torch waits on with no time limit
 even when the op is already built: a build killed half-way leaves the lock and every later
 run hangs in setup. So the op is built here, in a controlled step (`make install`, or
-`python -m workers.deepspeed_ops`), into a folder the installation owns and keyed by the
+`python -m workers.runtime.deepspeed_ops`), into a folder the installation owns and keyed by the
 torch and DeepSpeed versions, built aside and renamed into place (no lock is ever left in
 the final folder). A run uses that folder; if the op is not there, or a lock is, the run
 goes without it (gloo's own collectives, correct and a little slower) instead of waiting.

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from workers.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_next_token_loss
-from workers.data_parallel import average_gradients
-from workers.job_slot import JobSlot, SlotState
-from workers.packed_lora import Routing
-from workers.tokenization import collate
+from workers.data.tokenization import collate
+from workers.host.slot import JobSlot, SlotState
+from workers.lora.packed_layer import Routing
+from workers.training.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_next_token_loss
+from workers.training.data_parallel import average_gradients
 
 # Ray writes a worker's logging to its log files, where operators look for tracebacks.
 logger = logging.getLogger("lorafleet.worker")

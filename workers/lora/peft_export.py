@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.spec import JobSpec
-from workers.packed_lora import slot_state_dict, target_module_names
+from workers.lora.packed_layer import slot_state_dict, target_module_names
 
 
 def export_peft_adapter(model: nn.Module, job: JobSpec, paths: list[str], folder: Path) -> None:

@@ -23,8 +23,8 @@ from core.checkpoint_index import prune_checkpoints
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.publish import publish_adapter
 from core.spec import JobSpec
-from workers.checkpoints import write_checkpoint
-from workers.peft_export import write_peft_adapter
+from workers.lora.peft_export import write_peft_adapter
+from workers.training.checkpoints import write_checkpoint
 
 Report = Callable[[str | None, str, str, dict[str, Any] | None], None]
 
