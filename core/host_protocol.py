@@ -8,8 +8,8 @@ step boundary and leaves when it ends. The scheduler sees hosts only through `Pa
 memory for the scheduler's unit tests.
 
 Settings (`orchestrator.settings.Settings`, env `LORAFLEET_*`) that this protocol serves:
-  - `scheduling_mode`: "hosts" (jobs join warm pack hosts), "window" (a pack per arrival
-    window, one run each: the run actor) or "solo" (one run per job).
+  - every job trains on a pack host; a `packing: false` job on an `exclusive` host of its
+    own (one slot, no one else admitted, ending when its job leaves).
   - `host_idle_seconds`: a host with no job for this long ends and frees its workers.
   - `warm_hosts`: per base model, how many hosts stay up with no job (never idle-ended).
   - `step_timeout_seconds`: a host with jobs but no step for this long counts as hung.
@@ -26,14 +26,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NotRequired, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
+from core.fault_injection import StepFault
 from core.objectstore import ObjectStoreConfig
 from core.run_states import STOP_ALL, RunJobState
 from core.spec import JobSpec
 
-SchedulingMode = Literal["hosts", "window", "solo"]
 HOST_PREFIX = "lorafleet-host-"
+# A host's workers set up in these phases, each under `HostSpec.setup_timeout_seconds`.
+SETUP_PHASES = ("distributed", "base_model", "deepspeed")
 
 
 def host_actor_name(host_id: str) -> str:
@@ -76,6 +78,18 @@ class HostSpec:
     max_job_restarts: int = 2  # worker failures each job survives (per job, not per host)
     loss_chunk_tokens: int = 4096  # the loss's fp32 logits are made this many tokens at a time
     gradient_checkpointing: bool = False  # recompute the base's activations in backward
+    # A finished job's adapter waits this long for a store that is away before it fails.
+    publish_retry_seconds: float = 600.0
+    # Per setup phase of the workers (SETUP_PHASES); past it the host's jobs fail with
+    # `setup_timeout`, naming the phase.
+    setup_timeout_seconds: float = 600.0
+    # Per rank: the base's shard + every running member's `AdmissionRequest.memory_bytes`
+    # must stay within it, or the host refuses an admit ("over budget"). 0: no check.
+    memory_budget_bytes: int = 0
+    exclusive: bool = False  # admits at most one running member (a `packing: false` job)
+    # TEST HOOK (core.fault_injection): faults injected into named jobs' steps. Only tests
+    # set it; the scheduler never does, and no field of the public API reaches it.
+    test_faults: tuple[StepFault, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,8 +113,20 @@ class AdmissionRequest:
 @dataclass(frozen=True)
 class AdmissionResult:
     admitted: bool
-    # Why not, in words: "full", "ending", "already admitted", "shape mismatch", …
+    # Why not, in words: "full", "ending", "already admitted", "shape mismatch", …, or
+    # NO_ANSWER: the call timed out, so the host may yet take the job.
     reason: str | None = None
+
+
+NO_ANSWER = "no answer"
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A host that has not answered a poll (a stalled or cut-off node, a stopped process):
+    the poll sent at `since` (wall-clock seconds) is still outstanding."""
+
+    since: float
 
 
 class HostEvent(TypedDict):
@@ -138,6 +164,7 @@ class HostReport(TypedDict):
     # Its spec's `warm`: kept up with no job. The host says so itself, so a restarted
     # scheduler that adopts it counts it as warm capacity (and starts no second one).
     warm: bool
+    exclusive: NotRequired[bool]  # its spec's `exclusive`: admits no one else, ever
     ending: bool  # no longer admits (idle timeout reached or stop requested)
     step: int  # host steps so far (all jobs)
     last_step_at: float | None  # wall-clock time of the last step
@@ -175,8 +202,22 @@ class PackHosts(Protocol):
         (jobs absent from `cursors` start at 0). None if the host no longer exists."""
         ...
 
+    def poll_all(
+        self, cursors: dict[str, dict[str, int]]
+    ) -> dict[str, HostReport | Unanswered | None]:
+        """`poll` of every host in `cursors` at once, never raising and never waiting longer
+        than the poll timeout in all: a host that does not answer in time is `Unanswered`
+        (its poll stays outstanding, and is not sent again until it answers)."""
+        ...
+
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         """Cancels a job at the next step boundary; `STOP_ALL` ends the host (jobs cancelled)."""
+        ...
+
+    def fence(self, host_id: str, job_id: str, attempt: int) -> None:
+        """Says `attempt` is the job's current attempt: an older attempt of it on the host is
+        cancelled and leaves the workers at its next step boundary (its late events are
+        dropped). Admitting a newer attempt fences the older one the same way."""
         ...
 
     def kill(self, host_id: str) -> None:
@@ -204,7 +245,9 @@ __all__ = [
     "HostShape",
     "HostSpec",
     "JobReport",
+    "NO_ANSWER",
     "PackHosts",
-    "SchedulingMode",
+    "SETUP_PHASES",
+    "Unanswered",
     "host_actor_name",
 ]

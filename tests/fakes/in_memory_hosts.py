@@ -1,11 +1,12 @@
 """Pack hosts in memory, for the scheduler's unit tests: the `PackHosts` protocol with no Ray.
 
-It keeps the host's rules that the scheduler relies on (a job admitted once per attempt,
-a full or ending host refuses, events numbered per job, a terminal state seen only after
-all of its events), and lets a test drive time: `step()` trains every live host one step,
-`hang()` stops a host stepping, `lose()` makes it vanish as a dead node would. A finished
-job's adapter is published to the object store as the real host does, so the scheduler's
-verification of it runs for real.
+Each host's membership is the real host's own (`workers.host.membership.Membership`: who is
+admitted or refused and why, stops, fencing, events numbered per job, a terminal state seen
+only after all of its events, idle ending); only the workers are faked: they sit at a step
+boundary between `step()` calls, so an admitted job is handed to them at once. A test
+drives time: `step()` trains every live host one step, `hang()` stops a host stepping,
+`lose()` makes it vanish as a dead node would. A finished job's adapter is published to the
+object store as the real host does, so the scheduler's verification of it runs for real.
 """
 
 from __future__ import annotations
@@ -20,44 +21,43 @@ from typing import Any
 from core.host_protocol import (
     AdmissionRequest,
     AdmissionResult,
-    HostEvent,
     HostReport,
     HostSpec,
-    JobReport,
+    Unanswered,
 )
 from core.object_keys import ADAPTER_FILES
 from core.objectstore import ObjectStore
 from core.publish import publish_adapter
-from core.run_states import STOP_ALL, RunJobState
+from core.run_states import STOP_ALL
+from core.spec import JobSpec
 from orchestrator.scheduling.placement import bundles_of, place
+from workers.host.membership import Member, Membership
 
 
 @dataclass
-class _Member:
-    request: AdmissionRequest
+class _Training:
+    """A job on the fake workers: how far it got."""
+
+    job: JobSpec
     total_steps: int
-    state: RunJobState = RunJobState.RUNNING
     step: int = 0
-    events: list[HostEvent] = field(default_factory=list)
-    error: str | None = None
-    error_code: str | None = None
-    stopping: bool = False
 
 
 @dataclass
 class _Host:
     spec: HostSpec
+    membership: Membership
     started_at: float
-    members: dict[str, _Member] = field(default_factory=dict)
-    step: int = 0
-    last_step_at: float | None = None
-    idle_since: float | None = None
-    ending: bool = False
-    alive: bool = True
+    live: dict[str, _Training] = field(default_factory=dict)  # on the fake workers
     hung: bool = False
 
-    def running(self) -> list[_Member]:
-        return [m for m in self.members.values() if m.state is RunJobState.RUNNING]
+    @property
+    def members(self) -> dict[str, Member]:
+        return self.membership.members
+
+    @property
+    def alive(self) -> bool:
+        return self.membership.alive
 
 
 class InMemoryHosts:
@@ -85,85 +85,72 @@ class InMemoryHosts:
     def start_host(self, spec: HostSpec) -> None:
         self.calls.append(("start_host", spec.host_id))
         self.started.append(spec)
-        self.hosts[spec.host_id] = _Host(spec, started_at=self.clock(), idle_since=self.clock())
+        membership = Membership(spec, clock=self.clock)
+        membership.begin_attempt()  # the fake workers are up at once
+        membership.idle_since = self.clock()
+        self.hosts[spec.host_id] = _Host(spec, membership, started_at=self.clock())
 
     def admit(self, host_id: str, request: AdmissionRequest) -> AdmissionResult:
         self.calls.append(("admit", host_id))
         host = self.hosts.get(host_id)
         if host is None:
             return AdmissionResult(False, "no such host")
-        known = host.members.get(request.job_id)
-        if known is not None and known.request.attempt >= request.attempt:
-            return AdmissionResult(False, "already admitted")
-        if host.ending or not host.alive:
-            return AdmissionResult(False, "ending")
-        if request.job.base_model_uri != host.spec.shape.base_model_uri:
-            return AdmissionResult(False, "shape mismatch")
-        if len(host.running()) >= host.spec.max_slots:
-            return AdmissionResult(False, "full")
-        steps = self.job_steps.get(request.job_id, self.steps_per_job)
-        member = _Member(request, total_steps=steps)
-        host.members[request.job_id] = member
-        host.idle_since = None
-        self._append(member, "message", f"Admitted to pack host {host_id}")
-        return AdmissionResult(True)
+        result = host.membership.admit(request)
+        if result.admitted:
+            self._boundary(host)  # the fake workers take the job at once
+        return result
+
+    def fence(self, host_id: str, job_id: str, attempt: int) -> None:
+        self.calls.append(("fence", host_id))
+        host = self.hosts.get(host_id)
+        if host is not None:
+            host.membership.fence(job_id, attempt)
 
     def release(self, host_id: str, job_id: str) -> None:
         self.calls.append(("release", host_id))
         host = self.hosts.get(host_id)
-        member = host.members.get(job_id) if host else None
-        if host is not None and member is not None and member.state is not RunJobState.RUNNING:
-            del host.members[job_id]
+        if host is not None:
+            host.membership.release(job_id)
 
     def poll(self, host_id: str, cursors: dict[str, int]) -> HostReport | None:
         self.calls.append(("poll", host_id))
         host = self.hosts.get(host_id)
         if host is None:
             return None
-        jobs: dict[str, JobReport] = {}
-        for job_id, member in host.members.items():
-            cursor = cursors.get(job_id, 0)
-            events = member.events[cursor:]
-            jobs[job_id] = {
-                "attempt": member.request.attempt,
-                "state": member.state,
-                "events": events,
-                "cursor": cursor + len(events),
-                "error": member.error,
-                "error_code": member.error_code,
-            }
+        membership = host.membership
         return {
             "host_id": host_id,
             "shape": host.spec.shape,
-            "alive": host.alive,
+            "alive": membership.alive,
             "warm": host.spec.warm,
-            "ending": host.ending,
-            "step": host.step,
-            "last_step_at": host.last_step_at,
+            "exclusive": host.spec.exclusive,
+            "ending": membership.ending,
+            "step": membership.step,
+            "last_step_at": membership.last_step_at,
             "started_at": host.started_at,
-            "slots_in_use": len(host.running()),
+            "slots_in_use": len(membership.running()),
             "max_slots": host.spec.max_slots,
             "worker_pids": [],
-            "worker_starts": 1,
+            "worker_starts": membership.worker_starts,
             "memory": {
                 "base_bytes_per_rank": 0,
                 "peak_bytes_per_rank": 0,
                 "slot_bytes": {},
                 "lora_bytes_held": 0,
             },
-            "jobs": jobs,
+            "jobs": membership.job_reports(cursors),
         }
+
+    def poll_all(
+        self, cursors: dict[str, dict[str, int]]
+    ) -> dict[str, HostReport | Unanswered | None]:
+        return {host_id: self.poll(host_id, jobs) for host_id, jobs in cursors.items()}
 
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         self.calls.append(("stop", host_id))
         host = self.hosts.get(host_id)
-        if host is None:
-            return
-        if job_id == STOP_ALL:
-            host.ending = True
-        for member in host.running():
-            if job_id in (STOP_ALL, member.request.job_id):
-                member.stopping = True
+        if host is not None:
+            host.membership.stop(job_id)
 
     def kill(self, host_id: str) -> None:
         self.calls.append(("kill", host_id))
@@ -175,7 +162,6 @@ class InMemoryHosts:
             del self.hosts[host_id]
         return ended
 
-    # ---- what a test does to the hosts ----
     def free_resources(self) -> list[dict[str, float]]:
         free: list[dict[str, float]] | None = self.nodes
         for host in self.hosts.values():
@@ -184,36 +170,39 @@ class InMemoryHosts:
         assert free is not None, "more hosts live than the nodes hold"
         return free
 
+    # ---- what a test does to the hosts ----
     def step(self) -> None:
-        """Every live, unhung host takes one step: stops first, then each job trains."""
-        now = self.clock()
+        """Every live, unhung host takes one step: the boundary's stops and joins first,
+        then each live job trains (its events reach the membership as the workers' do)."""
         for host in list(self.hosts.values()):
             if not host.alive or host.hung:
                 continue
-            for member in host.running():
-                if member.stopping:
-                    self._append(member, "job_cancelled", "Training stopped: job cancelled")
-                    member.state = RunJobState.CANCELLED
-            active = host.running()
-            if active:
-                host.step += 1
-                host.last_step_at = now
-            for member in active:
-                member.step += 1
-                self._append(
-                    member,
+            self._boundary(host)
+            if not host.alive or not host.live:
+                continue
+            membership = host.membership
+            membership.step += 1
+            membership.last_step_at = self.clock()
+            membership.restarts_without_step = 0
+            pack_size = len(host.live)
+            for job_id, training in list(host.live.items()):
+                training.step += 1
+                self._report(
+                    host,
+                    job_id,
                     "metrics",
-                    f"Step {member.step}/{member.total_steps}",
+                    f"Step {training.step}/{training.total_steps}",
                     {
-                        "step": member.step,
-                        "total_steps": member.total_steps,
-                        "pack_size": len(active),
-                        "trained_tokens": 10 * member.step,
+                        "step": training.step,
+                        "total_steps": training.total_steps,
+                        "pack_size": pack_size,
+                        "trained_tokens": 10 * training.step,
                     },
                 )
-                if member.step == member.total_steps:
-                    self._publish(member)
-            self._end_if_idle(host, now)
+                if training.step == training.total_steps:
+                    self._publish(host, training.job)
+            if membership.end_if_idle(self.clock()):
+                membership.alive = False
 
     def hang(self, host_id: str) -> None:
         self.hosts[host_id].hung = True
@@ -222,11 +211,11 @@ class InMemoryHosts:
         self.hosts.pop(host_id, None)
 
     def fail_job(self, job_id: str, error: str, code: str = "training_error") -> None:
+        """The job's step raised on the workers: it fails alone, as a real host reports it."""
         for host in self.hosts.values():
-            member = host.members.get(job_id)
-            if member is not None and member.state is RunJobState.RUNNING:
-                self._append(member, "job_failed", f"Training failed: {error}")
-                member.state, member.error, member.error_code = RunJobState.FAILED, error, code
+            if job_id in host.live:
+                data = {"error": error, "error_code": code}
+                self._report(host, job_id, "job_failed", f"Training failed: {error}", data)
 
     def job_host(self, job_id: str) -> str | None:
         for host_id, host in self.hosts.items():
@@ -234,34 +223,33 @@ class InMemoryHosts:
                 return host_id
         return None
 
-    # ---- inside a host ----
-    def _append(
-        self, member: _Member, kind: str, message: str, data: dict[str, Any] | None = None
-    ) -> None:
-        member.events.append(
-            {
-                "seq": len(member.events),
-                "type": kind,
-                "message": message,
-                "data": {**(data or {}), "time": self.clock()},
-            }
-        )
+    # ---- inside a host: the fake workers ----
+    def _boundary(self, host: _Host) -> None:
+        """The workers' one call per step: stops and joins out, as the real workers do."""
+        status = {"stepped": False, "live": sorted(host.live), "pending": []}
+        changes = host.membership.step_boundary([], status)
+        for job_id in changes["stop"]:
+            if host.live.pop(job_id, None) is not None:
+                self._report(host, job_id, "job_cancelled", "Training stopped: job cancelled")
+        for job in changes["join"]:
+            steps = self.job_steps.get(job.job_id, self.steps_per_job)
+            host.live[job.job_id] = _Training(job, total_steps=steps)
+        if changes["end"]:
+            host.membership.alive = False
 
-    def _publish(self, member: _Member) -> None:
-        job = member.request.job
+    def _report(
+        self, host: _Host, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        """An event from the fake workers, recorded by the host's own rules."""
+        if kind in ("published", "job_failed", "job_cancelled"):
+            host.live.pop(job_id, None)
+        event = {"job_id": job_id, "type": kind, "message": message, "data": {**(data or {})}}
+        host.membership.record(event)
+
+    def _publish(self, host: _Host, job: JobSpec) -> None:
         if self.objects is not None:
             with tempfile.TemporaryDirectory() as folder:
                 for name in ADAPTER_FILES:
                     (Path(folder) / name).write_bytes(f"{job.job_id} {name}".encode())
                 publish_adapter(self.objects, job.tenant, job.job_id, job.attempt, Path(folder))
-        self._append(member, "published", "Adapter published")
-        member.state = RunJobState.SUCCEEDED
-
-    def _end_if_idle(self, host: _Host, now: float) -> None:
-        if host.running():
-            host.idle_since = None
-            return
-        if host.idle_since is None:
-            host.idle_since = now
-        if host.ending or (not host.spec.warm and now - host.idle_since >= host.spec.idle_seconds):
-            host.alive, host.ending = False, True
+        self._report(host, job.job_id, "published", "Adapter published")
