@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024  # an object streamed through a server is read this much at a time
+CONNECT_TIMEOUT_S = 5.0
 
 # Called with (outcome, error) on every transport failure of a store call: outcome is
 # "retried" or "gave_up". A hook rather than a metric here: core stays free of any metrics
@@ -39,6 +40,12 @@ def _store_error(outcome: str, error: Exception) -> None:
 
 class ObjectNotFound(KeyError):
     """The key does not exist in the store."""
+
+
+class ObjectStoreUnavailable(RuntimeError):
+    """The store did not answer (refused, timed out, or a 5xx) through every retry of one
+    call: it is away, not wrong. Callers that must outlast an outage (publishing a finished
+    job) catch this and try again later; every other error means the request itself failed."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,11 @@ class ObjectStore(Protocol):
     def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]: ...
 
 
-def open_object_store(config: ObjectStoreConfig) -> ObjectStore:
+def open_object_store(config: ObjectStoreConfig, retries: int | None = None) -> ObjectStore:
+    """`retries`: tries per S3 call before `ObjectStoreUnavailable` (default 8, ~30 s of
+    backoff); a caller with its own, longer retry loop asks for fewer."""
     if config.is_s3:
-        return S3ObjectStore(config)
+        return S3ObjectStore(config) if retries is None else S3ObjectStore(config, retries)
     if "://" in config.url:
         raise ValueError(f"object_store: unsupported URL {config.url!r} (a folder or s3://…)")
     return LocalObjectStore(Path(config.url))
@@ -182,6 +191,9 @@ class S3ObjectStore:
                 s3={"addressing_style": "path"},
                 signature_version="s3v4",  # presigned URLs: SigV2 is refused by many servers
                 retries={"max_attempts": 3, "mode": "standard"},
+                # A store that accepts no connection within this is away (the default, 60 s,
+                # times botocore's and our retries, kept a call hanging for many minutes).
+                connect_timeout=CONNECT_TIMEOUT_S,
             ),
         )
 
@@ -191,18 +203,21 @@ class S3ObjectStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _with_backoff(self, call: Callable[[], T]) -> T:
-        """Retry transport failures (server restarting, connection refused) with backoff."""
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import EndpointConnectionError
-
+        """Retries the store being away (server restarting, connection refused or cut,
+        timeouts, 5xx) with backoff; past the last try raises `ObjectStoreUnavailable`."""
         delay = 0.5
         for attempt in range(self.retries):
             try:
                 return call()
-            except (BotoConnectionError, EndpointConnectionError) as exc:
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
                 if attempt == self.retries - 1:
                     _store_error("gave_up", exc)
-                    raise
+                    raise ObjectStoreUnavailable(
+                        f"object store unavailable after {self.retries} tries: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 _store_error("retried", exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
@@ -293,3 +308,20 @@ class S3ObjectStore:
             ExpiresIn=expires_s,
         )
         return url
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether an S3 call failed because the store is away rather than because of the
+    request: no connection, a connection cut or timed out, or a 5xx (also when boto3's
+    upload wraps it: S3UploadFailedError keeps the ClientError as its context)."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError | HTTPClientError):
+            return True
+        if isinstance(seen, ClientError):
+            status = seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return int(status) >= 500
+        seen = seen.__cause__ or seen.__context__
+    return False
