@@ -1,9 +1,11 @@
 """Which queued job goes to which pack host (pure): join a hot host, start one, or wait.
 
-The order among waiting jobs: `priority` first (higher first); within a priority, fair
-across tenants: the tenant with the fewest jobs running (counting those placed in this
-plan) goes next, ties to the tenant whose last job started longest ago, then to the oldest
-job. So one tenant's 100 queued jobs do not starve another tenant's one.
+The order among waiting jobs: a job holding a reservation (orchestrator.scheduling.reservation)
+first; then fair across tenants: the tenant with the fewest jobs running (counting those
+placed in this plan) goes next, ties to the tenant whose last job started longest ago, then
+to the tenant with the oldest job. `priority` orders a tenant's own jobs only (higher first,
+then the oldest), never one tenant's ahead of another's: so one tenant's 100 queued jobs, at
+whatever priority it may use, do not starve another tenant's one.
 
 Then, in that order, a job goes to a host of its shape (base model and run shape) with a
 free slot whose memory estimate still fits with the job added, preferring the busiest
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from core.memory_estimate import SlotDemand
@@ -35,6 +37,9 @@ class WaitingJob:
     created_at: float
     priority: int = 0
     demand: SlotDemand = field(default_factory=lambda: SlotDemand(1, 1, 1))
+    # `packing: false`: trains on a host of its own that nobody else joins.
+    exclusive: bool = False
+    reserved: bool = False  # waited past `reserve_after_seconds` for its host: goes first
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Join:
 class StartHost:
     host_id: str
     shape: str
+    exclusive: bool = False  # a host of one slot for one `packing: false` job
 
 
 @dataclass
@@ -71,6 +77,8 @@ class AdmissionPlan:
     joins: list[Join] = field(default_factory=list)  # then admit these, in order
     retire: list[str] = field(default_factory=list)  # idle hosts to end (room for others)
     never_fit: list[str] = field(default_factory=list)  # too big even for an empty host
+    # Jobs that wanted a new host and got none (the first of each shape left without one).
+    unhosted: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
 
 
@@ -79,31 +87,37 @@ def fair_order(
     running: dict[str, int],
     last_started: dict[str, float] | None = None,
 ) -> list[WaitingJob]:
-    """Priority first; within a priority, round-robin across tenants: fewest running first,
-    then the tenant whose last job started longest ago (never: first), then the oldest job.
-    With one slot nobody has a job running when it frees, so the last start is what turns
-    the tenants in round-robin."""
+    """Reserved jobs first (oldest first); then round-robin across tenants: fewest running
+    first, then the tenant whose last job started longest ago (never: first), then the
+    oldest head job. Each tenant's queue is in its own order: `priority` (higher first),
+    then age. With one slot nobody has a job running when it frees, so the last start is
+    what turns the tenants in round-robin."""
     since = last_started or {}
-    by_priority: dict[int, dict[str, list[WaitingJob]]] = defaultdict(lambda: defaultdict(list))
-    for job in sorted(waiting, key=lambda j: (j.created_at, j.job_id)):
-        by_priority[job.priority][job.tenant].append(job)
+    jobs = list(waiting)
+    order = sorted((j for j in jobs if j.reserved), key=lambda j: (j.created_at, j.job_id))
     counts = dict(running)
-    order: list[WaitingJob] = []
-    for priority in sorted(by_priority, reverse=True):
-        queues = {tenant: list(reversed(jobs)) for tenant, jobs in by_priority[priority].items()}
-        heap = [
-            (counts.get(t, 0), since.get(t, float("-inf")), q[-1].created_at, q[-1].job_id, t)
-            for t, q in queues.items()
-        ]
-        heapq.heapify(heap)
-        while heap:
-            *_, tenant = heapq.heappop(heap)
-            order.append(queues[tenant].pop())
-            counts[tenant] = counts.get(tenant, 0) + 1
-            if queues[tenant]:
-                head = queues[tenant][-1]
-                last = float("inf")  # just now, in this plan
-                heapq.heappush(heap, (counts[tenant], last, head.created_at, head.job_id, tenant))
+    for job in order:
+        counts[job.tenant] = counts.get(job.tenant, 0) + 1
+    queues: dict[str, list[WaitingJob]] = defaultdict(list)  # each popped from its end
+    for job in sorted(
+        (j for j in jobs if not j.reserved),
+        key=lambda j: (-j.priority, j.created_at, j.job_id),
+        reverse=True,
+    ):
+        queues[job.tenant].append(job)
+    heap = [
+        (counts.get(t, 0), since.get(t, float("-inf")), q[-1].created_at, q[-1].job_id, t)
+        for t, q in queues.items()
+    ]
+    heapq.heapify(heap)
+    while heap:
+        *_, tenant = heapq.heappop(heap)
+        order.append(queues[tenant].pop())
+        counts[tenant] = counts.get(tenant, 0) + 1
+        if queues[tenant]:
+            head = queues[tenant][-1]
+            last = float("inf")  # just now, in this plan
+            heapq.heappush(heap, (counts[tenant], last, head.created_at, head.job_id, tenant))
     return order
 
 
@@ -117,11 +131,17 @@ def plan_admissions(
     max_slots: int,
     fits: Fits,
     new_host_id: Callable[[], str],
+    closed: Collection[str] = (),
 ) -> AdmissionPlan:
     """Places waiting jobs on hosts (see the module's docstring). `free_host_starts`: how
-    many more hosts the cluster has resources for now."""
+    many more hosts the cluster has resources for now. `closed`: hosts draining for a
+    reservation: they take no job, and end once idle."""
     plan = AdmissionPlan()
-    rooms = [replace(h, demands=list(h.demands)) for h in hosts if not h.ending]
+    rooms = [
+        replace(h, demands=list(h.demands))
+        for h in hosts
+        if not h.ending and h.host_id not in closed
+    ]
     blocked: set[str] = set()  # shapes whose first waiting job could not be placed
     for job in fair_order(waiting, running_per_tenant, last_started):
         if job.shape in blocked:
@@ -134,6 +154,7 @@ def plan_admissions(
             h
             for h in rooms
             if h.shape == job.shape
+            and not job.exclusive
             and h.slots_in_use < h.max_slots
             and fits(job.shape, [*h.demands, job.demand])
         ]
@@ -141,11 +162,14 @@ def plan_admissions(
             host = max(candidates, key=lambda h: (h.slots_in_use, h.host_id))
         elif free_host_starts > 0:
             free_host_starts -= 1
-            host = HostRoom(new_host_id(), job.shape, max_slots)
+            # An exclusive job's host is full with it, and ends when it leaves.
+            slots = 1 if job.exclusive else max_slots
+            host = HostRoom(new_host_id(), job.shape, slots)
             rooms.append(host)
-            plan.starts.append(StartHost(host.host_id, job.shape))
+            plan.starts.append(StartHost(host.host_id, job.shape, job.exclusive))
         else:
             blocked.add(job.shape)
+            plan.unhosted.append(job.job_id)
             plan.waiting.append(job.job_id)
             continue
         host.demands.append(job.demand)
@@ -160,4 +184,9 @@ def plan_admissions(
         if other:
             plan.retire.append(other[-1].host_id)
             idle.remove(other[-1])
+    plan.retire += sorted(
+        h.host_id
+        for h in hosts
+        if h.host_id in closed and not h.demands and not h.ending and not h.warm
+    )
     return plan

@@ -1,38 +1,52 @@
 """Pack hosts on Ray, as the scheduler sees them (`core.host_protocol.PackHosts`).
 
 Each host is a detached, named actor `lorafleet-host-{host_id}` (`workers.host.pack_host`):
-nothing is kept here, so a restarted scheduler adopts every host by listing the names.
+nothing is kept here that a restarted scheduler would need, so it adopts every host by
+listing the names. Every call on a host is bounded by `run_poll_timeout_seconds`, and the
+calls of one tick go to all hosts at once: a host that does not answer (a stalled node, a
+stopped process) costs a tick that timeout at most once per stall, never an exception.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
 
 from core.host_protocol import (
     HOST_PREFIX,
+    NO_ANSWER,
     AdmissionRequest,
     AdmissionResult,
     HostReport,
     HostSpec,
+    Unanswered,
     host_actor_name,
 )
 from core.run_states import STOP_ALL
 from orchestrator.settings import Settings
 from workers.runtime.placement_groups import release_orphaned_placement_groups
 
-CALL_TIMEOUT_S = 30
 START_TIMEOUT_S = 60
+
+Outstanding = dict[str, tuple[Any, float]]  # host id -> (a call's reference, when sent)
 
 
 class RayHosts:
     """Needs a connected Ray (`orchestrator.scheduling.ray_runs.RayRuns.connect`)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        # The configured namespace, as for runs (orchestrator/scheduling/ray_runs.py): two
-        # deployments on one Ray cluster never adopt each other's hosts.
-        self.namespace = (settings or Settings()).ray_namespace
+        settings = settings or Settings()
+        # The configured namespace: two deployments on one Ray cluster never adopt each
+        # other's hosts.
+        self.namespace = settings.ray_namespace
+        self.call_timeout = settings.run_poll_timeout_seconds
+        # Calls sent and not answered yet. A host that does not answer is not asked again
+        # until it does: a stopped one gathers no backlog of calls, and later ticks only
+        # look whether the answer came.
+        self._polls: Outstanding = {}
+        self._finished: Outstanding = {}
 
     def _actor(self, host_id: str) -> Any | None:
         try:
@@ -60,10 +74,16 @@ class RayHosts:
         actor = self._actor(host_id)
         if actor is None:
             return AdmissionResult(False, "no such host")
+        if host_id in self._polls:  # silent since its last poll: not asked, so not taken
+            return AdmissionResult(False, "not answering")
         try:
-            result: AdmissionResult = ray.get(actor.admit.remote(request), timeout=CALL_TIMEOUT_S)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return AdmissionResult(False, "host unreachable")
+            result: AdmissionResult = ray.get(
+                actor.admit.remote(request), timeout=self.call_timeout
+            )
+        except ray.exceptions.RayActorError:
+            return AdmissionResult(False, "host died")
+        except ray.exceptions.GetTimeoutError:
+            return AdmissionResult(False, NO_ANSWER)  # it may still run the call
         return result
 
     def release(self, host_id: str, job_id: str) -> None:
@@ -72,41 +92,100 @@ class RayHosts:
             actor.release.remote(job_id)
 
     def poll(self, host_id: str, cursors: dict[str, int]) -> HostReport | None:
+        """One host's poll, waited for (tools and tests; the scheduler uses `poll_all`)."""
         actor = self._actor(host_id)
         if actor is None:
             return None
         try:
-            report: HostReport = ray.get(actor.poll.remote(cursors), timeout=CALL_TIMEOUT_S)
+            report: HostReport = ray.get(actor.poll.remote(cursors), timeout=self.call_timeout)
         except ray.exceptions.RayActorError:
             return None
         return report
+
+    def poll_all(
+        self, cursors: dict[str, dict[str, int]]
+    ) -> dict[str, HostReport | Unanswered | None]:
+        answers: dict[str, HostReport | Unanswered | None] = {}
+        for host_id in set(self._polls) - set(cursors):
+            del self._polls[host_id]  # no longer asked about: it is gone
+        fresh = set()
+        for host_id, host_cursors in cursors.items():
+            if host_id in self._polls:
+                continue
+            actor = self._actor(host_id)
+            if actor is None:
+                answers[host_id] = None
+            else:
+                self._polls[host_id] = (actor.poll.remote(host_cursors), time.time())
+                fresh.add(host_id)
+        ready = self._answered(self._polls, fresh)
+        for host_id, (ref, sent) in list(self._polls.items()):
+            if ref not in ready:
+                answers[host_id] = Unanswered(sent)
+                continue
+            del self._polls[host_id]
+            try:
+                answers[host_id] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                answers[host_id] = None
+        return answers
+
+    def _answered(self, calls: Outstanding, fresh: set[str]) -> set[Any]:
+        """The references of `calls` that have their answer. Those sent this tick
+        (`fresh`) are waited for together, at most the call timeout (a live host answers
+        in milliseconds); those outstanding from an earlier tick are only looked at."""
+        new = [ref for host_id, (ref, _) in calls.items() if host_id in fresh]
+        old = [ref for host_id, (ref, _) in calls.items() if host_id not in fresh]
+        ready: list[Any] = []
+        if new:
+            ready += ray.wait(new, num_returns=len(new), timeout=self.call_timeout)[0]
+        if old:
+            ready += ray.wait(old, num_returns=len(old), timeout=0)[0]
+        return set(ready)
 
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         actor = self._actor(host_id)
         if actor is not None:
             actor.stop.remote(job_id)
 
+    def fence(self, host_id: str, job_id: str, attempt: int) -> None:
+        actor = self._actor(host_id)
+        if actor is not None:
+            actor.fence.remote(job_id, attempt)
+
     def kill(self, host_id: str) -> None:
+        self._polls.pop(host_id, None)
+        self._finished.pop(host_id, None)
         actor = self._actor(host_id)
         if actor is not None:
             ray.kill(actor)
 
     def reap(self) -> list[str]:
         """Removes host actors whose workers have ended (idle, stopped or failed), then the
-        placement groups of hosts and runs that are gone (`workers.runtime.placement_groups`)."""
+        placement groups of hosts and runs that are gone (`workers.runtime.placement_groups`).
+        Every host is asked at once; one that does not answer is looked at again next time
+        (the watch ends it if it stays silent), and one silent to polls is not asked."""
+        hosts = [h for h in self.list_hosts() if h not in self._polls]
+        for host_id in set(self._finished) - set(hosts):
+            del self._finished[host_id]
+        fresh = set()
+        for host_id in hosts:
+            actor = None if host_id in self._finished else self._actor(host_id)
+            if actor is not None:
+                self._finished[host_id] = (actor.finished.remote(), time.time())
+                fresh.add(host_id)
+        ready = self._answered(self._finished, fresh)
         reaped = []
-        for host_id in self.list_hosts():
-            actor = self._actor(host_id)
-            if actor is None:
+        for host_id, (ref, _) in list(self._finished.items()):
+            if ref not in ready:
                 continue
+            del self._finished[host_id]
             try:
-                finished = ray.get(actor.finished.remote(), timeout=CALL_TIMEOUT_S)
+                finished = ray.get(ref)
             except ray.exceptions.RayActorError:
                 finished = True
-            except ray.exceptions.GetTimeoutError:
-                continue
             if finished:
-                ray.kill(actor)
+                self.kill(host_id)
                 reaped.append(host_id)
         release_orphaned_placement_groups(self.namespace)
         return reaped

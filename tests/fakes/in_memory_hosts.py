@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.host_protocol import (
+    NO_ANSWER,
     AdmissionRequest,
     AdmissionResult,
     HostReport,
@@ -50,6 +51,7 @@ class _Host:
     started_at: float
     live: dict[str, _Training] = field(default_factory=dict)  # on the fake workers
     hung: bool = False
+    silent_since: float | None = None  # stalled (`stall`): answers no call from then
 
     @property
     def members(self) -> dict[str, Member]:
@@ -95,6 +97,8 @@ class InMemoryHosts:
         host = self.hosts.get(host_id)
         if host is None:
             return AdmissionResult(False, "no such host")
+        if host.silent_since is not None:
+            return AdmissionResult(False, NO_ANSWER)
         result = host.membership.admit(request)
         if result.admitted:
             self._boundary(host)  # the fake workers take the job at once
@@ -144,7 +148,15 @@ class InMemoryHosts:
     def poll_all(
         self, cursors: dict[str, dict[str, int]]
     ) -> dict[str, HostReport | Unanswered | None]:
-        return {host_id: self.poll(host_id, jobs) for host_id, jobs in cursors.items()}
+        answers: dict[str, HostReport | Unanswered | None] = {}
+        for host_id, jobs in cursors.items():
+            host = self.hosts.get(host_id)
+            if host is not None and host.silent_since is not None:
+                self.calls.append(("poll", host_id))
+                answers[host_id] = Unanswered(host.silent_since)
+            else:
+                answers[host_id] = self.poll(host_id, jobs)
+        return answers
 
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         self.calls.append(("stop", host_id))
@@ -206,6 +218,12 @@ class InMemoryHosts:
 
     def hang(self, host_id: str) -> None:
         self.hosts[host_id].hung = True
+
+    def stall(self, host_id: str) -> None:
+        """The host stops answering and stepping (a stopped process, a cut-off node): its
+        polls are `Unanswered` from now on, an admit gets no answer."""
+        host = self.hosts[host_id]
+        host.hung, host.silent_since = True, self.clock()
 
     def lose(self, host_id: str) -> None:
         self.hosts.pop(host_id, None)
