@@ -3,7 +3,8 @@
 An entry names a Hugging Face folder (local, or `s3://bucket/prefix` on the store's
 endpoint). It is usable when its `config.json` exists; its linear layers, the only valid
 LoRA targets, are read from the safetensors headers: every 2-D `*.weight` tensor except
-embeddings and the output layer (`lm_head`), as the workers match them.
+embeddings and the output layer (`lm_head`), as the workers match them. The same headers
+and config.json give the memory estimate its base (`base_shape`, core.memory_estimate).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from core.memory_estimate import BaseShape
 from core.objectstore import ObjectStoreConfig, S3ObjectStore
 
 ALL_LINEAR = "all-linear"
@@ -92,6 +94,7 @@ class BaseModelCatalog:
         self.entries = dict(entries)
         self.store = store
         self._modules: dict[str, set[str]] = {}
+        self._shapes: dict[str, BaseShape] = {}
         self._lock = threading.Lock()
 
     def check_all(self) -> None:
@@ -134,7 +137,32 @@ class BaseModelCatalog:
             self._modules[location] = modules
         return modules
 
+    def base_shape(self, name: str) -> BaseShape:
+        """The base's sizes for the memory estimate, from its config.json and the shapes in
+        its safetensors headers (local or s3://); read once per location."""
+        location = self.entries[name]
+        with self._lock:
+            cached = self._shapes.get(location)
+        if cached is not None:
+            return cached
+        try:
+            config = json.loads(self._read(location, CONFIG))
+            shape = BaseShape.from_tensors(config, tensor_shapes(self._headers(name, location)))
+        except (OSError, KeyError, ValueError) as exc:
+            raise CatalogError(
+                f"base model {name!r}: its sizes cannot be read from {location} ({exc})",
+                param="model",
+            ) from exc
+        with self._lock:
+            self._shapes[location] = shape
+        return shape
+
     # ---- reading a folder, local or on S3 ----
+    def _read(self, location: str, file: str) -> bytes:
+        if location.startswith("s3://"):
+            return self._s3(location).get_bytes(file)
+        return (Path(location) / file).read_bytes()
+
     def _s3(self, location: str) -> S3ObjectStore:
         return S3ObjectStore(replace(self.store, url=location), retries=2)
 
@@ -169,6 +197,27 @@ class BaseModelCatalog:
                 f"base model {name!r}: no .safetensors weights in {location}", param="model"
             )
         return [parse_safetensors_header(read, where) for where, read in readers]
+
+
+def tensor_shapes(headers: Iterable[dict[str, dict[str, object]]]) -> dict[str, list[int]]:
+    """Tensor name -> shape, over every safetensors file of a base."""
+    shapes = {}
+    for header in headers:
+        for name, info in header.items():
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if isinstance(shape, list) and all(isinstance(n, int) for n in shape):
+                shapes[name] = shape
+    return shapes
+
+
+def local_base_shape(folder: Path) -> BaseShape:
+    """The memory estimate's base from a local model folder (a host's downloaded base)."""
+    paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        raise CatalogError(f"no .safetensors weights in {folder}")
+    headers = [parse_safetensors_header(_file_reader(path), str(path)) for path in paths]
+    config = json.loads((folder / CONFIG).read_text())
+    return BaseShape.from_tensors(config, tensor_shapes(headers))
 
 
 def _file_reader(path: Path) -> ReadRange:

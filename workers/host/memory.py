@@ -10,16 +10,18 @@ only on those steps), as admission's budget is per rank.
 
 from __future__ import annotations
 
-import json
+import sys
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from core.base_catalog import local_base_shape
 from core.host_protocol import HostSpec
 from core.memory_estimate import (
-    BaseShape,
     MemoryEstimate,
     estimate_rank_bytes,
     host_run_shape,
@@ -31,9 +33,12 @@ from workers.host.step import PackContext, train_step
 from workers.runtime.live_tensor_bytes import LiveTensorBytes, held_tensors
 
 
-def estimate_for(spec: HostSpec, base_path: Path, jobs: list[JobSpec]) -> MemoryEstimate:
-    """Admission's estimate (orchestrator.scheduling.sizing) for these jobs on this host."""
-    base = BaseShape.from_config(json.loads((base_path / "config.json").read_text()))
+def estimate_for(
+    spec: HostSpec, base_path: Path, jobs: list[JobSpec], rows: Sequence[int] = ()
+) -> MemoryEstimate:
+    """Admission's estimate (orchestrator.scheduling.sizing) for these jobs on this host;
+    `rows`: each job's tokenized rows (its dataset term)."""
+    base = _base_shape(base_path)
     shape = spec.shape
     run = host_run_shape(
         num_workers=shape.num_workers,
@@ -41,6 +46,7 @@ def estimate_for(spec: HostSpec, base_path: Path, jobs: list[JobSpec]) -> Memory
         gradient_checkpointing=spec.gradient_checkpointing,
         loss_chunk_tokens=spec.loss_chunk_tokens,
         persistence_threshold=spec.zero3_param_persistence_threshold,
+        use_gpu=shape.use_gpu,
     )
     demands = [
         slot_demand(
@@ -50,10 +56,33 @@ def estimate_for(spec: HostSpec, base_path: Path, jobs: list[JobSpec]) -> Memory
             lora_r=job.lora.r,
             target_modules=job.lora.target_modules,
             lora_dropout=job.lora.dropout,
+            dataset_rows=rows[index] if index < len(rows) else 0,
         )
-        for job in jobs
+        for index, job in enumerate(jobs)
     ]
     return estimate_rank_bytes(base, run, demands)
+
+
+@cache
+def _base_shape(base_path: Path) -> Any:
+    return local_base_shape(base_path)
+
+
+def held_dataset_bytes(slots: Sequence[JobSlot]) -> int:
+    """What the jobs' tokenized rows take on this rank, as CPython holds them (lists of
+    ints, each int object counted once; the small ints CPython shares cost nothing)."""
+    seen: set[int] = set()
+    total = 0
+    for slot in slots:
+        for example in slot.examples:
+            total += sys.getsizeof(example)
+            for ids in (example.input_ids, example.labels):
+                total += sys.getsizeof(ids)
+                for value in ids:
+                    if not -5 <= value <= 256 and id(value) not in seen:
+                        seen.add(id(value))
+                        total += sys.getsizeof(value)
+    return total
 
 
 # The second step of a membership is measured: in the first, a new job's Adam moments are
@@ -89,16 +118,20 @@ class MembershipMemory:
             train_step(self.ctx, active)
             local = torch.cuda.max_memory_allocated(device)
         else:
-            method = "live tensor bytes"
             tracker = LiveTensorBytes(device.type)
             optimizers = [s.optimizer for s in active if s.optimizer is not None]
             tracker.hold(held_tensors(self.ctx.model, optimizers))
             with tracker:
                 train_step(self.ctx, active)
-            local = tracker.peak
+            # The tokenized rows are held beside the tensors (the estimate's dataset term;
+            # on a GPU they sit in the node's memory, not the device's, so not counted there).
+            method = "live tensor bytes + tokenized rows"
+            local = tracker.peak + held_dataset_bytes(active)
         peak = torch.tensor([float(local)], dtype=torch.float64, device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        estimate = estimate_for(self.spec, self.base_path, [s.spec for s in active])
+        estimate = estimate_for(
+            self.spec, self.base_path, [s.spec for s in active], [len(s.examples) for s in active]
+        )
         measured = int(peak.item())
         self.latest = {
             "members": list(members),
