@@ -1,14 +1,18 @@
 """What the scheduler does with a job whose run or pack host reached an outcome, in every
 scheduling mode: succeed (after verifying the published adapter), requeue or fail. Each is a
-guarded change: a job that moved on meanwhile (cancelled, fenced out) is left alone."""
+guarded change: a job that moved on meanwhile (cancelled, fenced out) is left alone.
+
+An object store that is away while a job's adapter is verified fails nothing: the job stays
+running (one warning event) and a later tick verifies it once the store is back."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from core.objectstore import ObjectStore
+from core.objectstore import ObjectStore, ObjectStoreUnavailable
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name
 from orchestrator.settings import Settings
@@ -17,6 +21,9 @@ from orchestrator.store import JobStore
 from orchestrator.tables import JobRow
 
 LogContext = Callable[[JobRow], dict[str, Any]]  # `extra=` of a log line about a job
+# After the store failed a verification, how long ticks leave it alone: each try holds the
+# tick for the store's own retries (~30 s), which other jobs' polls would wait behind.
+STORE_AWAY_PAUSE_S = 15.0
 
 
 class JobOutcomes:
@@ -33,12 +40,27 @@ class JobOutcomes:
         self.store = store
         self.objects = objects
         self.context = context
+        self._store_away_since: float | None = None  # monotonic; None: the store answers
+        self._waiting_for_store: set[str] = set()  # jobs told so in this outage
 
-    def succeed(self, job: JobRow) -> None:
-        problem = archive_published_adapter(self.objects, job)
+    def succeed(self, job: JobRow) -> bool:
+        """Verifies the published adapter, then succeeds (or fails) the job. False when the
+        object store is away: nothing changed, and the caller keeps the job for a later tick."""
+        now = time.monotonic()
+        if self._store_away_since is not None and now - self._store_away_since < STORE_AWAY_PAUSE_S:
+            return False
+        try:
+            problem = archive_published_adapter(self.objects, job)
+        except ObjectStoreUnavailable as exc:
+            self._store_away(job, exc)
+            return False
+        if self._store_away_since is not None:
+            self.log.warning("object store available again")
+            self._store_away_since = None
+        self._waiting_for_store.discard(job.id)
         if problem:
             self.fail(job, "infrastructure", problem)
-            return
+            return True
         self.log.info("job %s succeeded", job.id, extra=self.context(job))
         self.guarded(
             self.store.succeed,
@@ -47,6 +69,21 @@ class JobOutcomes:
             fine_tuned_model_name(job),
             "The job has successfully completed",
         )
+        return True
+
+    def _store_away(self, job: JobRow, error: ObjectStoreUnavailable) -> None:
+        if self._store_away_since is None:  # logged once per outage, not once per tick
+            self.log.error("object store unavailable; verifying adapters later: %s", error)
+        self._store_away_since = time.monotonic()
+        if job.id not in self._waiting_for_store:
+            self._waiting_for_store.add(job.id)
+            self.guarded(
+                self.store.warn,
+                job.id,
+                job.attempt,
+                "Object store unavailable; the published adapter is verified once it is back",
+                {"error": str(error)},
+            )
 
     def retry_or_fail(self, job: JobRow, reason: str) -> None:
         """The job's run or host was lost: requeued (to resume from its last checkpoint)
