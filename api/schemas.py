@@ -101,7 +101,13 @@ class FineTuningJobCreate(Strict):
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     resources: ResourceOptions = Field(default_factory=ResourceOptions)
     priority: int = Field(
-        default=0, ge=-1000, le=1000, description="Among waiting jobs, higher goes first."
+        default=0,
+        ge=-1000,
+        le=1000,
+        description="Orders your own waiting jobs: higher goes first. It never puts a job "
+        "ahead of another tenant's (tenants take turns: fewest running first). Above 0 only "
+        "up to the highest the operator allows your tenant; above it the job is refused "
+        "(400, param `priority`).",
     )
     max_runtime: int | None = Field(
         default=None, gt=0, le=30 * 86400, description="Seconds; past it the job fails (timeout)."

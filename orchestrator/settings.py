@@ -37,13 +37,19 @@ class Settings(BaseSettings):
         default=None, description="Ray cluster to use; unset means RAY_ADDRESS or a local one."
     )
     ray_namespace: str = Field(
-        default="lorafleet", description="Ray namespace of the run actors (and of this driver)."
+        default="lorafleet", description="Ray namespace of the pack hosts (and of this driver)."
     )
+    # Named for runs (a pack host is each of its jobs' run): kept so existing configs hold.
     run_poll_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="How long one scheduler tick waits for runs to answer."
+        default=10.0,
+        gt=0,
+        description="How long a tick waits for pack hosts to answer (every call on a host).",
     )
     max_run_poll_timeouts: int = Field(
-        default=3, ge=1, description="Polls in a row a run may miss before its jobs requeue."
+        default=3,
+        ge=1,
+        description="A pack host silent for this many poll timeouts in a row is ended and "
+        "its jobs requeue.",
     )
     ray_storage_path: Path | None = Field(
         default=None,
@@ -64,25 +70,31 @@ class Settings(BaseSettings):
         default=100, gt=0, description="Jobs not yet finished, per tenant (429 above it)."
     )
     max_concurrent_runs: int = Field(default=2, ge=1)
+    tenant_max_priority: dict[str, int] = Field(
+        default_factory=dict,
+        description='Highest `priority` each tenant may ask for (JSON in env; "*": every '
+        "tenant not named). Unset: 0. Above it a job is refused (400).",
+    )
+    reserve_after_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="A queued job whose host cannot be placed this long reserves what it "
+        "waits for: smaller jobs stop overtaking it.",
+    )
     precision: Literal["bf16", "fp32"] | None = Field(
         default=None,
         description="A job's training precision when it names none; unset: bf16 on a GPU, "
         "fp32 on CPU.",
     )
     setup_timeout_seconds: float = Field(
-        default=600.0, gt=0, description="Per setup phase of a run; past it the run fails."
+        default=600.0,
+        gt=0,
+        description="Per setup phase of a pack host (distributed init, base load, DeepSpeed "
+        "init); past it the host's jobs fail with `setup_timeout`.",
     )
     default_num_workers: int = Field(default=2, ge=1)
-    max_pack_size: int = Field(default=8, ge=1, description="Most jobs trained in one run.")
-    pack_window_seconds: float = Field(
-        default=2.0, ge=0, description="How long a queued job waits for others to pack with."
-    )
-    # Pack hosts (issue 11; the protocol and these names: core/host_protocol.py).
-    scheduling_mode: Literal["hosts", "window", "solo"] = Field(
-        default="hosts",
-        description="hosts (default): jobs join warm pack hosts; window: a pack per arrival "
-        "window; solo: one run per job. `training.packing: false` always trains alone.",
-    )
+    # Pack hosts, where every job trains (the protocol: core/host_protocol.py). A
+    # `training.packing: false` job gets a host of one slot of its own.
     host_idle_seconds: float = Field(
         default=60.0,
         ge=0,
@@ -98,7 +110,20 @@ class Settings(BaseSettings):
     host_memory_bytes: int = Field(
         default=0,
         ge=0,
-        description="Memory per rank that admission fills (the memory estimate); 0: no check.",
+        description="Memory per rank that admission fills (the memory estimate); 0: from the "
+        "cluster (a GPU's memory, or a CPU node's memory over its CPUs, less the reserve).",
+    )
+    host_memory_reserve_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of each rank's memory (from the cluster) kept back from admission.",
+    )
+    host_memory_reserve_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=0,
+        description="Bytes per rank kept back beyond that share: what the estimate does not "
+        "count (the interpreter and libraries, a CUDA context).",
     )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward (less memory per job)."
@@ -110,13 +135,23 @@ class Settings(BaseSettings):
         default=50, ge=0, description="Checkpoint each job every N steps (and at epoch ends)."
     )
     checkpoint_keep_last: int = Field(default=3, ge=1)
-    max_worker_restarts: int = Field(
-        default=2, ge=0, description="Worker failures a run survives (resuming from checkpoints)."
+    publish_retry_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a finished job's publish waits for an object store that is "
+        "away (retried with backoff; the job stays running) before the job fails.",
     )
-    max_attempts: int = Field(default=3, ge=1, description="Runs per job before it fails.")
+    max_worker_restarts: int = Field(
+        default=2,
+        ge=0,
+        description="Worker failures each job on a host survives (resuming from its checkpoint).",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Attempts (hosts lost) per job before it fails."
+    )
     scheduler_poll_seconds: float = Field(default=0.5, gt=0)
     run_start_grace_seconds: float = Field(
-        default=60, ge=0, description="A claimed job's run may take this long to appear on Ray."
+        default=60, ge=0, description="A claimed job may take this long to appear on its host."
     )
     # DeepSpeed keeps parameters smaller than this whole on every rank; 0 partitions all.
     zero3_param_persistence_threshold: int = Field(default=100_000, ge=0)

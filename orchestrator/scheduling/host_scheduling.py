@@ -22,25 +22,36 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from core.host_protocol import AdmissionRequest, HostReport, HostShape, PackHosts
+from core.host_protocol import (
+    NO_ANSWER,
+    SETUP_PHASES,
+    AdmissionRequest,
+    HostReport,
+    HostShape,
+    PackHosts,
+    Unanswered,
+)
 from core.memory_estimate import SlotDemand
 from core.objectstore import ObjectStore
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import job_spec_for
-from orchestrator.metrics import Capacity, observe_training
+from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training
 from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.scheduling.outcomes import JobOutcomes
-from orchestrator.scheduling.packing import wants_packing
 from orchestrator.scheduling.placement import (
     Resources,
-    StartRoom,
     bundles_of,
     free_after_unplaced,
     host_spec,
-    place,
 )
-from orchestrator.scheduling.sizing import HostSizing, demand_of
+from orchestrator.scheduling.reservation import (
+    HostHolding,
+    Reservations,
+    hosts_to_close,
+    place_beside,
+)
+from orchestrator.scheduling.sizing import HostSizing, Nodes
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore, new_id
@@ -49,7 +60,6 @@ from orchestrator.tables import JobRow
 log = logging.getLogger(__name__)
 
 HOST_ID_PREFIX = "host-"  # new_id("host"): a job's run_id in host mode
-HOST_START_ALLOWANCE_S = 600.0  # the watchdog's least wait for a host's first step
 
 
 class HostScheduling:
@@ -61,22 +71,32 @@ class HostScheduling:
         hosts: PackHosts,
         *,
         gpu_available: Callable[[], bool] = lambda: False,
+        nodes: Nodes = tuple,  # the cluster's nodes' memory (memory_budget.ray_node_memory)
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.objects = objects
         self.hosts = hosts
-        self.sizing = HostSizing(settings, gpu_available)
+        self._file_rows: dict[tuple[str, str], int] = {}  # files never change: read once
+        self.sizing = HostSizing(
+            settings, gpu_available, nodes=nodes, file_rows=self._training_file_rows
+        )
         self.clock = clock
         self.outcomes = JobOutcomes(settings, store, objects, log, _context)
         self.reports: dict[str, HostReport] = {}  # this tick's poll of every host
+        self.unanswered: set[str] = set()  # hosts that did not answer this tick's poll
+        # host -> polls it missed in a row (counted by time since the unanswered poll);
+        # in memory on purpose: a restarted scheduler gives a slow host a fresh allowance
+        self._missed_polls: dict[str, int] = {}
         self._first_seen: dict[str, float] = {}  # host -> when this scheduler first saw it
         self._admitted_at: dict[str, float] = {}  # host -> this scheduler's last admit there
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}
         self._unplaceable: set[str] = set()  # shapes the cluster could not place a host of
-        self.room_for_runs = StartRoom()  # what `launch` left for `packing: false` runs
+        self.reservations = Reservations(settings.reserve_after_seconds)
+        self._holding: dict[str, list[Resources]] = {}  # reserved shape -> its bundles
+        self._closed: set[str] = set()  # hosts draining for a reservation
 
     # ---- watch: one poll per host ----
     def watch(self) -> None:
@@ -85,14 +105,18 @@ class HostScheduling:
         for job in active:
             by_host[job.run_id or ""].append(job)
         alive = set(self.hosts.list_hosts())
-        self.reports = {}
+        answers = self.hosts.poll_all(
+            {h: {j.id: j.event_cursor for j in by_host.get(h, [])} for h in sorted(alive)}
+        )
+        self.reports, self.unanswered = {}, set()
         for host_id in sorted(alive | set(by_host)):
             jobs = by_host.get(host_id, [])
-            report = (
-                self.hosts.poll(host_id, {j.id: j.event_cursor for j in jobs})
-                if host_id in alive
-                else None
-            )
+            report = answers.get(host_id)
+            if isinstance(report, Unanswered):
+                self.unanswered.add(host_id)
+                self._silent_host(host_id, report, jobs)
+                continue
+            self._missed_polls.pop(host_id, None)  # answered: a next stall counts afresh
             if report is None:
                 for job in jobs:
                     self._host_lost(job, f"its pack host {host_id} disappeared")
@@ -106,6 +130,48 @@ class HostScheduling:
                 self._watch_job(host_id, job, report)
             self._tidy(host_id, report, {j.id for j in jobs})
         self.hosts.reap()
+
+    def _silent_host(self, host_id: str, unanswered: Unanswered, jobs: list[JobRow]) -> None:
+        """A host that did not answer its poll: its jobs stay running (it may only be slow),
+        each gets one warning event per stall, and once it has been silent for
+        `max_run_poll_timeouts` poll timeouts in a row it is ended and its jobs requeue.
+        Nothing else waits for it: the tick goes on with the other hosts."""
+        timeout = self.settings.run_poll_timeout_seconds
+        limit = self.settings.max_run_poll_timeouts
+        missed = max(1, int((self.clock() - unanswered.since) / timeout))
+        counted = self._missed_polls.get(host_id, 0)
+        RUN_POLL_TIMEOUTS.inc(max(0, missed - counted))
+        self._missed_polls[host_id] = max(missed, counted)
+        if not counted:
+            log.warning(
+                "pack host %s did not answer a poll within %g s",
+                host_id,
+                timeout,
+                extra={"host_id": host_id, "run_id": host_id},
+            )
+            for job in jobs:
+                self.outcomes.guarded(
+                    self.store.warn,
+                    job.id,
+                    job.attempt,
+                    f"Pack host {host_id} did not answer within {timeout:g} s; waiting for "
+                    f"it (its jobs are requeued after {limit} missed polls in a row)",
+                    {"host_id": host_id, "missed_polls": missed},
+                )
+        if missed < limit:
+            return
+        del self._missed_polls[host_id]
+        log.warning(
+            "pack host %s did not answer %d polls in a row; ending it",
+            host_id,
+            missed,
+            extra={"host_id": host_id, "run_id": host_id},
+        )
+        self.hosts.kill(host_id)
+        for job in jobs:
+            self.outcomes.retry_or_fail(
+                job, f"its pack host {host_id} did not answer {missed} polls in a row"
+            )
 
     def _watch_job(self, host_id: str, job: JobRow, report: HostReport) -> None:
         polled = report["jobs"].get(job.id)
@@ -129,7 +195,8 @@ class HostScheduling:
             return
         observe_training(job.created_at, events)  # counted once: a fenced-off batch is not
         if state is RunJobState.SUCCEEDED:
-            self.outcomes.succeed(job)
+            if not self.outcomes.succeed(job):
+                return  # the store is away: the host keeps the job for a later tick
         elif state is RunJobState.CANCELLED:
             self.outcomes.guarded(self.store.cancel, job.id, attempt=job.attempt)
         elif state is RunJobState.FAILED:
@@ -148,24 +215,29 @@ class HostScheduling:
 
     def _tidy(self, host_id: str, report: HostReport, ours: set[str]) -> None:
         """Jobs on the host that no active job of this host's is: release the ended ones,
-        stop the ones still training (their job moved on: timed out, claimed elsewhere)."""
-        grace = self.settings.run_start_grace_seconds
+        stop the ones still training (their job moved on: timed out, requeued). A job is
+        claimed before it is admitted, so one admitted by another scheduler since this
+        tick read the jobs is in the database already (read again here)."""
         for job_id, polled in report["jobs"].items():
             if job_id in ours:
                 continue
             if polled["state"] is not RunJobState.RUNNING:
                 self.hosts.release(host_id, job_id)
                 continue
-            admitted = (polled["events"][0]["data"] or {}).get("time") if polled["events"] else None
-            if admitted is not None and self.clock() - admitted < grace:
-                continue  # perhaps admitted by another scheduler that is claiming it now
             current = self._row(job_id)
-            if current is None or current.run_id != host_id or current.attempt != polled["attempt"]:
+            if current is not None and current.attempt > polled["attempt"]:
+                self.hosts.fence(host_id, job_id, current.attempt)  # a stale attempt leaves
+            elif current is None or current.run_id != host_id:
                 self.hosts.stop(host_id, job_id)
+
+    def _hosts_up(self) -> int:
+        """Hosts up as of this tick's poll, a silent one included (it holds its workers)."""
+        return len(self.reports) + len(self.unanswered)
 
     def capacity(self) -> Capacity:
         """Pack hosts by state and the slots they report in use, from this tick's poll."""
         hosts = Counter(("hosts", _host_state(r)) for r in self.reports.values())
+        hosts.update(("hosts", "unresponsive") for _ in self.unanswered)
         return Capacity(dict(hosts), sum(r["slots_in_use"] for r in self.reports.values()))
 
     def _hung(self, host_id: str, report: HostReport) -> bool:
@@ -181,7 +253,7 @@ class HostScheduling:
         if report["last_step_at"] is None:
             # Never stepped: still starting (worker group, base load and partitioning take
             # minutes for a large base or on a loaded machine), not hung yet.
-            timeout = max(timeout, HOST_START_ALLOWANCE_S)
+            timeout = max(timeout, host_start_allowance(self.settings))
         return self.clock() - activity > timeout
 
     def _restart_hung(self, host_id: str, jobs: list[JobRow]) -> None:
@@ -197,19 +269,14 @@ class HostScheduling:
             self.outcomes.retry_or_fail(job, f"pack host {host_id} made no step for {timeout:g} s")
 
     def _over_runtime(self, job: JobRow) -> bool:
-        limit = _max_runtime(job)
-        started = job.started_at
-        return limit is not None and started is not None and self.clock() - started > limit
+        left = runtime_left(job, self.clock())
+        return left is not None and left < 0
 
     # ---- launch: place queued jobs ----
     def launch(self) -> None:
-        # `packing: false` jobs are trained alone, each in a run of its own (the scheduler's,
-        # within `room_for_runs`).
-        queued = [j for j in self.store.jobs_with_status([JobStatus.QUEUED]) if wants_packing(j)]
-        all_active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
-        active = [j for j in all_active if on_host(j)]
-        # Those runs count against max_concurrent_runs as hosts do.
-        runs_up = len({j.run_id for j in all_active if not on_host(j)})
+        queued = self.store.jobs_with_status([JobStatus.QUEUED])
+        active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
+        self.reservations.keep({j.id for j in queued})
         shapes: dict[str, HostShape] = {}
         waiting = []
         for job in queued:
@@ -217,21 +284,30 @@ class HostScheduling:
             shapes[shape.key] = shape
             waiting.append(
                 WaitingJob(
-                    job.id, job.tenant, shape.key, job.created_at, _priority(job), demand_of(job)
+                    job.id,
+                    job.tenant,
+                    shape.key,
+                    job.created_at,
+                    _priority(job),
+                    self.sizing.demand_of(job),
+                    exclusive=not wants_packing(job),
+                    reserved=job.id in self.reservations.reserved_at,
                 )
             )
         for job in active:
             shapes.setdefault(self.sizing.shape_of(job).key, self.sizing.shape_of(job))
         rooms = self._rooms(active)
+        free = free_after_unplaced(self.hosts.free_resources(), self.reports.values())
         plan = plan_admissions(
             waiting,
             rooms,
             running_per_tenant=dict(Counter(j.tenant for j in active)),
             last_started=self._last_started,
-            free_host_starts=self.settings.max_concurrent_runs - len(self.reports) - runs_up,
+            free_host_starts=self.settings.max_concurrent_runs - self._hosts_up(),
             max_slots=self.settings.max_slots_per_host,
             fits=lambda key, demands: self.sizing.fits(shapes[key], demands),
             new_host_id=lambda: new_id("host"),
+            closed=self._hold_for_reservations(waiting, shapes, free),
         )
         for host_id in plan.retire:
             log.info(
@@ -241,54 +317,116 @@ class HostScheduling:
             )
             self.hosts.stop(host_id)
         by_id = {job.id: job for job in queued}
-        for job_id in plan.never_fit:
-            self.outcomes.fail(
-                by_id[job_id],
-                "insufficient_memory",
-                "the job needs more memory per worker than a pack host has "
-                f"({self.settings.host_memory_bytes} B); lower batch_size or max_seq_len",
-            )
+        for job_id in plan.never_fit:  # the backstop of the check at submission
+            job = by_id[job_id]
+            self.outcomes.fail(job, "insufficient_memory", self.sizing.never_fit_reason(job))
         started = set()
-        free = free_after_unplaced(self.hosts.free_resources(), self.reports.values())
+        unplaced = list(plan.unhosted)  # jobs left without a host they wanted
         for start in plan.starts:
             left = self._placed(shapes[start.shape], free)
-            if left is not None and self._start_host(start.host_id, shapes[start.shape]):
+            shape = shapes[start.shape]
+            if left is not None and self._start_host(start.host_id, shape, start.exclusive):
                 free = left
                 started.add(start.host_id)
+                self._holding.pop(start.shape, None)
+            elif left is None:
+                unplaced += [j.job_id for j in plan.joins if j.host_id == start.host_id][:1]
+        self._reserve(unplaced, by_id)
         for join in plan.joins:
             if join.host_id.startswith(HOST_ID_PREFIX) and (
                 join.host_id in started or join.host_id in self.reports
             ):
                 self.join(by_id[join.job_id], join.host_id)
-        self.room_for_runs = self._keep_warm_hosts(free, runs_up + len(started))
+        self._keep_warm_hosts(free, len(started))
 
     def _placed(self, shape: HostShape, free: list[Resources]) -> list[Resources] | None:
-        """The free resources left once a host of `shape` is placed; None (its jobs wait,
-        logged once per shape while it lasts) if the cluster cannot place it now."""
-        left = place(bundles_of(shape), free)
+        """The free resources left once a host of `shape` is placed beside what
+        reservations hold for other shapes; None (its jobs wait, logged once per shape
+        while it lasts) if the cluster cannot place it now."""
+        holding = [bundles for key, bundles in self._holding.items() if key != shape.key]
+        left = place_beside(bundles_of(shape), free, holding)
         if left is None and shape.key not in self._unplaceable:
             log.info("no free resources for a %s pack host now; its jobs wait", shape.key)
         (self._unplaceable.add if left is None else self._unplaceable.discard)(shape.key)
         return left
 
+    # ---- reservations (orchestrator.scheduling.reservation) ----
+    def _hold_for_reservations(
+        self, waiting: list[WaitingJob], shapes: dict[str, HostShape], free: list[Resources]
+    ) -> set[str]:
+        """What this tick's reservations hold (kept in `_holding` for `_placed`), and the
+        hosts that take no new job so they can start: returns those hosts."""
+        oldest_first = sorted((w for w in waiting if w.reserved), key=lambda w: w.created_at)
+        self._holding = {w.shape: bundles_of(shapes[w.shape]) for w in oldest_first}
+        holdings = [
+            HostHolding(
+                host_id,
+                report["shape"].key,
+                bundles_of(report["shape"]),
+                report["slots_in_use"],
+                warm=_warm(report),
+                ending=report["ending"] or not report["alive"],
+            )
+            for host_id, report in self.reports.items()
+        ]
+        starts_left = self.settings.max_concurrent_runs - self._hosts_up()
+        closed = hosts_to_close(self._holding, free, holdings, starts_left)
+        for host_id in sorted(closed - self._closed):
+            log.info(
+                "pack host %s takes no new job: it drains for a reserved job",
+                host_id,
+                extra={"host_id": host_id, "run_id": host_id},
+            )
+        self._closed = closed
+        return closed
+
+    def _reserve(self, unplaced: list[str], by_id: dict[str, JobRow]) -> None:
+        """Jobs whose host could not be placed this tick; one that has waited
+        `reserve_after_seconds` reserves what it waits for (one event when it does)."""
+        now = self.clock()
+        for job_id in self.reservations.unplaced(unplaced, now):
+            job = by_id[job_id]
+            waited = now - self.reservations.waiting_since[job_id]
+            shape = self.sizing.shape_of(job).key
+            log.info("job %s reserves a %s pack host", job.id, shape, extra=_context(job))
+            self.outcomes.guarded(
+                self.store.warn,
+                job.id,
+                job.attempt,
+                f"Waited {waited:.0f} s for the resources of a {shape} pack host; they are "
+                "reserved for this job now: smaller jobs no longer start hosts in them, and "
+                "hosts it needs take no new job until it starts",
+                {"reserved_for": shape, "waited_seconds": round(waited, 1), "reserved_at": now},
+            )
+
     def _rooms(self, active: list[JobRow]) -> list[HostRoom]:
         demands: dict[str, list[SlotDemand]] = defaultdict(list)
         for job in active:
-            demands[job.run_id or ""].append(demand_of(job))
+            demands[job.run_id or ""].append(self.sizing.demand_of(job))
         return [
             HostRoom(
                 host_id,
                 report["shape"].key,
                 report["max_slots"],
                 demands=demands.get(host_id, []),
-                ending=report["ending"] or not report["alive"],
+                # An exclusive host (a `packing: false` job's) takes no one else, ever.
+                ending=report["ending"] or not report["alive"] or _exclusive(report),
                 warm=_warm(report),
             )
             for host_id, report in self.reports.items()
         ]
 
-    def _start_host(self, host_id: str, shape: HostShape, *, warm: bool = False) -> bool:
-        spec = host_spec(self.settings, host_id, shape, warm=warm)
+    def _start_host(
+        self, host_id: str, shape: HostShape, exclusive: bool = False, *, warm: bool = False
+    ) -> bool:
+        spec = host_spec(
+            self.settings,
+            host_id,
+            shape,
+            warm=warm,
+            exclusive=exclusive,
+            memory_budget_bytes=self.sizing.spec_budget(shape),
+        )
         try:
             self.hosts.start_host(spec)
         except Exception:
@@ -303,47 +441,60 @@ class HostScheduling:
         return True
 
     def join(self, job: JobRow, host_id: str) -> None:
-        """Admit on the host first (it refuses a second admit of this attempt), then claim
-        the job in the database (one scheduler wins); a lost claim withdraws the admit."""
+        """Claims the job in the database first (one scheduler wins each attempt), then
+        admits it on the host, so no attempt ever trains on a host no row points to, nor
+        on two hosts. A host that answers no gives the claim back (the attempt is not
+        spent); one that does not answer keeps it: it may still take the job, and the
+        watch requeues the job if it never shows there."""
         attempt = job.attempt + 1
         request = AdmissionRequest(
             job=replace(job_spec_for(job, self.settings), attempt=attempt),
             priority=_priority(job),
             memory_bytes=self.sizing.job_memory(job),
-            max_runtime_seconds=_max_runtime(job),
+            # What is left of it: the host counts from its admission, the job's life from
+            # its first start (the host ends it too if this scheduler is gone).
+            max_runtime_seconds=_admitted_runtime(job, self.clock()),
         )
-        result = self.hosts.admit(host_id, request)
-        if not result.admitted and result.reason != "already admitted":
-            log.info(
-                "pack host %s did not admit %s: %s",
-                host_id,
-                job.id,
-                result.reason,
-                extra=_context(job, host_id, attempt),
-            )
-            return
-        self._admitted_at[host_id] = self._last_started[job.tenant] = self.clock()
+        held = self.reservations.age(job.id, self.clock())
+        reserved = "" if held is None else f", after a reservation held {held:.0f} s"
         try:
             self.store.claim(
                 job.id,
                 job.attempt,
                 host_id,
-                f"Fine-tuning job started (attempt {attempt}, pack host {host_id})",
-            )
-            log.info(
-                "job %s joined pack host %s", job.id, host_id, extra=_context(job, host_id, attempt)
+                f"Fine-tuning job started (attempt {attempt}, pack host {host_id}{reserved})",
+                # What depends on the cluster is resolved now, once (core/job_settings.py).
+                settings=self.sizing.launched(job),
             )
         except InvalidTransition:
-            current = self._row(job.id)
-            if current is None or current.run_id != host_id or current.attempt != attempt:
-                self.hosts.stop(host_id, job.id)  # cancelled meanwhile, or runs elsewhere
+            return  # cancelled meanwhile, or another scheduler claimed it
+        result = self.hosts.admit(host_id, request)
+        context = _context(job, host_id, attempt)
+        if result.admitted or result.reason == "already admitted":
+            self._admitted_at[host_id] = self._last_started[job.tenant] = self.clock()
+            log.info("job %s joined pack host %s", job.id, host_id, extra=context)
+        elif result.reason == NO_ANSWER:
+            log.warning(
+                "pack host %s did not answer the admit of %s", host_id, job.id, extra=context
+            )
+        else:
+            log.info(
+                "pack host %s did not admit %s: %s", host_id, job.id, result.reason, extra=context
+            )
+            self.outcomes.guarded(
+                self.store.unclaim,
+                job.id,
+                attempt,
+                f"Pack host {host_id} did not take the job ({result.reason}); queued again, "
+                f"attempt {attempt} not spent",
+            )
 
-    def _keep_warm_hosts(self, free: list[Resources], started: int) -> StartRoom:
-        """Per base model, `warm_hosts` hosts of the default shape stay up with no job;
-        `started`: runs up and hosts started this tick. The room left after them."""
-        room = self.settings.max_concurrent_runs - len(self.reports) - started
+    def _keep_warm_hosts(self, free: list[Resources], started: int) -> None:
+        """Per base model, `warm_hosts` hosts of the default shape stay up with no job, in
+        the room left once `started` hosts were started this tick."""
+        room = self.settings.max_concurrent_runs - self._hosts_up() - started
         if not self.settings.warm_hosts:
-            return StartRoom(room, free)
+            return
         # Warmth is what each host reports (its spec), so hosts adopted after a restart
         # count too, not only those this scheduler started.
         warm_now = Counter(
@@ -352,12 +503,11 @@ class HostScheduling:
         for base in sorted(self.settings.base_models):
             for _ in range(self.settings.warm_hosts - warm_now[base]):
                 if room <= 0:
-                    return StartRoom(room, free)
+                    return
                 shape = self.sizing.shape(base, self.settings.default_num_workers)
                 left = self._placed(shape, free)
                 if left is not None and self._start_host(new_id("host"), shape, warm=True):
                     room, free = room - 1, left
-        return StartRoom(room, free)
 
     # ---- outcomes (orchestrator.scheduling.outcomes: each a guarded change) ----
     def _host_lost(self, job: JobRow, reason: str) -> None:
@@ -365,6 +515,16 @@ class HostScheduling:
         if self.clock() - started < self.settings.run_start_grace_seconds:
             return  # claimed a moment ago: its admission may not be visible yet
         self.outcomes.retry_or_fail(job, reason)
+
+    def _training_file_rows(self, job: JobRow) -> int:
+        """The rows of the job's training file (the memory estimate's dataset term)."""
+        key = (job.tenant, job.training_file)
+        if key not in self._file_rows:
+            try:
+                self._file_rows[key] = self.store.get_file(*key).examples
+            except Exception:  # noqa: BLE001 - a file gone since: its job fails when it loads
+                return 0
+        return self._file_rows[key]
 
     def _row(self, job_id: str) -> JobRow | None:
         try:
@@ -403,6 +563,28 @@ def _max_runtime(job: JobRow) -> float | None:
     return float(job.max_runtime) if job.max_runtime else None
 
 
+def runtime_left(job: JobRow, now: float) -> float | None:
+    """Seconds left of the job's `max_runtime` (None: no limit), counted from its first
+    start across every attempt: a job requeued after a lost host does not start afresh."""
+    limit = _max_runtime(job)
+    if limit is None:
+        return None
+    first = job.first_started_at or job.started_at
+    return limit if first is None else limit - (now - first)
+
+
+def _admitted_runtime(job: JobRow, now: float) -> float | None:
+    left = runtime_left(job, now)
+    return None if left is None else max(left, 0.0)
+
+
+def host_start_allowance(settings: Settings) -> float:
+    """The watchdog's least wait for a host's first step: each setup phase of its workers
+    may take `setup_timeout_seconds` (the host fails its jobs past that itself), and the
+    worker group's own start one more."""
+    return settings.setup_timeout_seconds * (len(SETUP_PHASES) + 1)
+
+
 def _event(event: Any) -> dict[str, Any]:
     level = "error" if event["type"] == "job_failed" else "info"
     return {
@@ -411,6 +593,16 @@ def _event(event: Any) -> dict[str, Any]:
         "level": level,
         "data": event["data"],
     }
+
+
+def wants_packing(job: JobRow) -> bool:
+    """False for a `training.packing: false` job: it trains on a host of its own."""
+    return job.settings.packing
+
+
+def _exclusive(report: HostReport) -> bool:
+    # .get: a host started by an older lorafleet (hosts outlive serve) does not say.
+    return bool(report.get("exclusive", False))
 
 
 def _warm(report: HostReport) -> bool:

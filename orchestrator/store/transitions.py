@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.job_settings import JobSettings
 from orchestrator.errors import InvalidTransition
 from orchestrator.states import JobStatus, is_allowed, sources_of
 from orchestrator.store.rows import event_row as _event
@@ -27,9 +28,18 @@ class JobTransitions:
         """validating_files → queued: the job's files were found."""
         return self._move(job_id, (JobStatus.VALIDATING_FILES,), JobStatus.QUEUED, message)
 
-    def claim(self, job_id: str, attempt: int, run_id: str, message: str) -> JobRow:
+    def claim(
+        self,
+        job_id: str,
+        attempt: int,
+        run_id: str,
+        message: str,
+        settings: JobSettings | None = None,
+    ) -> JobRow:
         """queued → running as the next attempt, in run `run_id`; `attempt` is the attempt
-        the caller saw, so of two schedulers claiming the same job exactly one wins."""
+        the caller saw, so of two schedulers claiming the same job exactly one wins.
+        `settings`: the job's settings with what its launch resolved (core/job_settings.py)."""
+        launched = {} if settings is None else {"settings": settings}
         return self._move(
             job_id,
             (JobStatus.QUEUED,),
@@ -41,7 +51,10 @@ class JobTransitions:
                 "attempt": JobRow.attempt + 1,
                 "run_id": run_id,
                 "started_at": now(),
+                # Set by the first claim only: max_runtime counts the job's whole life.
+                "first_started_at": func.coalesce(JobRow.first_started_at, now()),
                 "event_cursor": 0,
+                **launched,
             },
         )
 
@@ -109,6 +122,18 @@ class JobTransitions:
             f"Run lost ({reason}); job requeued",
             level="warn",
             expected_attempt=attempt,
+        )
+
+    def unclaim(self, job_id: str, attempt: int, message: str) -> JobRow:
+        """running → queued, undoing the `claim` of attempt `attempt` whose host refused the
+        job, so it never trained: the attempt is given back, not spent."""
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.QUEUED,
+            message,
+            expected_attempt=attempt,
+            values={"attempt": JobRow.attempt - 1},
         )
 
     def warn(self, job_id: str, attempt: int, message: str, data: dict[str, Any]) -> bool:
