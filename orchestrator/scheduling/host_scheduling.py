@@ -365,9 +365,10 @@ class HostScheduling:
                 bundles_of(report["shape"]),
                 report["slots_in_use"],
                 warm=_warm(report),
-                ending=report["ending"] or not report["alive"],
+                ending=report["ending"],
             )
             for host_id, report in self.reports.items()
+            if report["alive"]  # an ended one's workers are free already
         ]
         starts_left = self.settings.max_concurrent_runs - self._hosts_up()
         closed = hosts_to_close(self._holding, free, holdings, starts_left)
