@@ -21,7 +21,7 @@ REGISTRY = CollectorRegistry()
 
 RUN_POLL_TIMEOUTS = Counter(
     "lorafleet_run_poll_timeouts",
-    "Polls of a job's run that got no answer within run_poll_timeout_seconds.",
+    "Poll timeouts missed by pack hosts: one per run_poll_timeout_seconds a host stays silent.",
     registry=REGISTRY,
 )
 
