@@ -8,9 +8,10 @@ checkpoints on another host (never a silent hang). Then `launch()` places queued
 (orchestrator.scheduling.admission): join a host, start one, or wait.
 
 Nothing is kept only in memory that a restarted scheduler would need: a job's host is its
-`run_id`, and hosts are found again by listing them. With several schedulers, the host
-arbitrates admission (a job is admitted once per attempt) and the database arbitrates the
-claim (one guarded UPDATE per attempt); the loser of a claim withdraws its admission.
+`run_id`, and hosts are found again by listing them. A job is claimed in the database (one
+guarded UPDATE per attempt: with several schedulers one wins) before a host admits it, so
+an attempt never trains where no row points, nor on two hosts. A host that does not answer
+costs only its own jobs: the tick goes on without it (`_silent_host`).
 """
 
 from __future__ import annotations
