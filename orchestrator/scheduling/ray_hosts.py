@@ -9,8 +9,9 @@ stopped process) costs a tick that timeout at most once per stall, never an exce
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -47,6 +48,7 @@ class RayHosts:
         # look whether the answer came.
         self._polls: Outstanding = {}
         self._finished: Outstanding = {}
+        self._failing: dict[str, float] = {}  # host -> since when its polls fail
 
     def _actor(self, host_id: str) -> Any | None:
         try:
@@ -106,8 +108,9 @@ class RayHosts:
         self, cursors: dict[str, dict[str, int]]
     ) -> dict[str, HostReport | Unanswered | None]:
         answers: dict[str, HostReport | Unanswered | None] = {}
-        for host_id in set(self._polls) - set(cursors):
-            del self._polls[host_id]  # no longer asked about: it is gone
+        for book in (self._polls, self._failing):
+            for host_id in set(book) - set(cursors):
+                del book[host_id]  # no longer asked about: it is gone
         fresh = set()
         for host_id, host_cursors in cursors.items():
             if host_id in self._polls:
@@ -125,9 +128,15 @@ class RayHosts:
                 continue
             del self._polls[host_id]
             try:
-                answers[host_id] = ray.get(ref)
+                report = cast(HostReport, ray.get(ref))
+                answers[host_id] = report
+                self._failing.pop(host_id, None)
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
+                # Unreachable for now, or its poll raised: as good as silent (ended if it
+                # stays so), counted from its first such answer.
+                answers[host_id] = Unanswered(self._failing.setdefault(host_id, sent))
             except ray.exceptions.RayActorError:
-                answers[host_id] = None
+                answers[host_id] = None  # dead
         return answers
 
     def _answered(self, calls: Outstanding, fresh: set[str]) -> set[Any]:
@@ -156,6 +165,7 @@ class RayHosts:
     def kill(self, host_id: str) -> None:
         self._polls.pop(host_id, None)
         self._finished.pop(host_id, None)
+        self._failing.pop(host_id, None)
         actor = self._actor(host_id)
         if actor is not None:
             ray.kill(actor)
@@ -180,10 +190,9 @@ class RayHosts:
             if ref not in ready:
                 continue
             del self._finished[host_id]
-            try:
-                finished = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                finished = True
+            finished: bool = True  # a dead host has ended
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                finished = bool(ray.get(ref))
             if finished:
                 self.kill(host_id)
                 reaped.append(host_id)
