@@ -34,11 +34,10 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
     path skips building the model; tests/api/test_job_documents.py checks the equality).
     From a JobRow, or from the same job read as plain columns (JobFields)."""
     settings = row.settings
-    given = settings["hyperparameters"]
     hyperparameters = {
-        "n_epochs": int(given["n_epochs"]),
-        "batch_size": int(given["batch_size"]),
-        "learning_rate_multiplier": float(given["learning_rate_multiplier"]),
+        "n_epochs": settings.training.n_epochs,
+        "batch_size": settings.training.batch_size,
+        "learning_rate_multiplier": settings.training.learning_rate_multiplier,
     }
     error = (
         {"code": row.error_code, "message": row.error_message or "", "param": row.error_param}
@@ -67,10 +66,10 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "user_provided_suffix": row.suffix,
         "metadata": row.user_metadata,
         "integrations": [],
-        "lora": settings["lora"],
-        "training": settings["training"],
-        "resources": settings["resources"],
-        "from_checkpoint": (settings.get("from_checkpoint") or {}).get("checkpoint"),
+        "lora": settings.lora.model_dump(mode="json"),
+        "training": settings.training.model_dump(mode="json"),
+        "resources": settings.resources.model_dump(mode="json"),
+        "from_checkpoint": settings.from_checkpoint and settings.from_checkpoint.checkpoint,
         "priority": row.priority or 0,
         "max_runtime": row.max_runtime,
     }

@@ -1,30 +1,37 @@
 """Fine-tuning jobs: creating one from a request, cancelling one, and turning one into a run.
 
-A job's settings are resolved once, at creation (defaults filled in), and stored with it:
-what the job page shows is exactly what the run trains with.
+A job's settings (core/job_settings.py) are resolved at creation, but for what depends on the
+cluster (at launch), and stored with it: what the job page shows is what the host trains.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.job_settings import (
+    BASE_LEARNING_RATE,
+    JobSettings,
+    LoraSettings,
+    ResourceSettings,
+    StartFrom,
+    TrainingSettings,
+)
 from core.object_keys import adapter_prefix, checkpoint_prefix, file_key
 from core.objectstore import ObjectStore
 from core.publish import PublishError, store_adapter_archive, verify_adapter
-from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
+from core.spec import JobSpec
+from core.spec import TrainingSettings as HostTraining
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from orchestrator.idempotency import Idempotency
+from orchestrator.scheduling.admission import max_priority
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore, new_id, now
 from orchestrator.tables import JobRow
-
-DEFAULT_EPOCHS = 3
-DEFAULT_BATCH_SIZE = 4
-BASE_LEARNING_RATE = 2e-4  # times learning_rate_multiplier, unless training.learning_rate is set
 
 
 @dataclass
@@ -52,36 +59,29 @@ class NewJob:
 
 def resolve_settings(
     request: NewJob, default_num_workers: int, precision: str | None = None
-) -> dict[str, Any]:
-    multiplier = request.learning_rate_multiplier or 1.0
-    training = dict(request.training)
-    training.setdefault("learning_rate", BASE_LEARNING_RATE * multiplier)
-    training.setdefault("precision", precision)
-    training = asdict(
-        TrainingSettings(
-            n_epochs=request.n_epochs or DEFAULT_EPOCHS,
-            batch_size=request.batch_size or DEFAULT_BATCH_SIZE,
-            **training,
-        )
-    )
-    training.pop("seed")  # the seed is the job's own column
-    lora = asdict(LoraSettings(**request.lora))
-    if not isinstance(lora["target_modules"], str):
-        lora["target_modules"] = list(lora["target_modules"])
-    return {
-        "hyperparameters": {
-            "n_epochs": training["n_epochs"],
-            "batch_size": training["batch_size"],
-            "learning_rate_multiplier": multiplier,
-        },
-        "lora": lora,
-        "training": training,
-        "resources": {
-            "num_workers": request.resources.get("num_workers") or default_num_workers,
-            "use_gpu": request.resources.get("use_gpu"),  # None: use a GPU if the cluster has one
-        },
-        "packing": request.packing,
+) -> JobSettings:
+    """The job's settings at creation: the request's values, else the defaults
+    (core/job_settings.py); `precision` is the operator's default (LORAFLEET_PRECISION), if
+    any. What depends on the cluster is left to launch."""
+    defaults = TrainingSettings()
+    multiplier = request.learning_rate_multiplier or defaults.learning_rate_multiplier
+    training = {
+        "n_epochs": request.n_epochs or defaults.n_epochs,
+        "batch_size": request.batch_size or defaults.batch_size,
+        "learning_rate_multiplier": multiplier,
+        "learning_rate": BASE_LEARNING_RATE * multiplier,
+        "precision": precision,
+        **request.training,
     }
+    return JobSettings(
+        lora=LoraSettings(**request.lora),
+        training=TrainingSettings(**training),
+        resources=ResourceSettings(
+            num_workers=request.resources.get("num_workers") or default_num_workers,
+            use_gpu=request.resources.get("use_gpu"),
+        ),
+        packing=request.packing,
+    )
 
 
 def create_job(
@@ -90,7 +90,10 @@ def create_job(
     tenant: str,
     request: NewJob,
     idempotency: Idempotency | None = None,
+    memory_check: Callable[[JobRow], None] | None = None,
 ) -> JobRow:
+    """`memory_check` raises InvalidRequest for a job no host could ever hold
+    (orchestrator.scheduling.sizing.HostSizing.refuse_if_never_fits): nothing is stored."""
     limit = settings.max_active_jobs_per_tenant
     if store.count_unfinished_jobs(tenant) >= limit:
         raise RateLimited(
@@ -103,6 +106,13 @@ def create_job(
             f"model {request.model!r} is not a base model here (available: {known})",
             param="model",
             code="model_not_found",
+        )
+    allowed = max_priority(settings.tenant_max_priority, tenant)
+    if request.priority > allowed:
+        raise InvalidRequest(
+            f"priority {request.priority} is above {allowed}, the highest priority this "
+            "tenant may use (set by the operator)",
+            param="priority",
         )
     for param in ("training_file", "validation_file"):
         file_id = getattr(request, param)
@@ -121,7 +131,7 @@ def create_job(
     resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
     if request.from_checkpoint:
         source, start = _checkpoint_source(store, tenant, request.from_checkpoint)
-        if request.lora_given and resolved["lora"] != source.settings["lora"]:
+        if request.lora_given and resolved.lora != source.settings.lora:
             raise InvalidRequest(
                 "lora must match the checkpoint's job (or be left out to inherit it)",
                 param="lora",
@@ -131,8 +141,9 @@ def create_job(
                 f"the checkpoint was trained on {source.model!r}, not {request.model!r}",
                 param="model",
             )
-        resolved["lora"] = source.settings["lora"]
-        resolved["from_checkpoint"] = start
+        resolved = resolved.model_copy(
+            update={"lora": source.settings.lora, "from_checkpoint": start}
+        )
     job = JobRow(
         id=new_id("ftjob"),
         tenant=tenant,
@@ -150,12 +161,14 @@ def create_job(
         priority=request.priority,
         max_runtime=request.max_runtime,
     )
+    if memory_check is not None:
+        memory_check(job)
     return store.add_job(job, f"Created fine-tuning job: {job.id}", idempotency)
 
 
 def _checkpoint_source(
     store: JobStore, tenant: str, checkpoint_id: str
-) -> tuple[JobRow, dict[str, Any]]:
+) -> tuple[JobRow, StartFrom]:
     """The job a checkpoint id (`ftckpt-{job}-{step}`) belongs to, and where its adapter is."""
     body, _, step = checkpoint_id.removeprefix("ftckpt-").rpartition("-")
     try:
@@ -175,7 +188,7 @@ def _checkpoint_source(
         prefix = adapter_prefix(source.tenant, source.id, source.attempt)
     else:
         prefix = checkpoint_prefix(source.tenant, source.id, source.attempt, int(step))
-    return source, {"checkpoint": checkpoint_id, "adapter_prefix": prefix}
+    return source, StartFrom(checkpoint=checkpoint_id, adapter_prefix=prefix)
 
 
 def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:
@@ -207,9 +220,7 @@ def fine_tuned_model_name(job: JobRow) -> str:
 
 
 def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
-    lora = dict(job.settings["lora"])
-    if not isinstance(lora["target_modules"], str):
-        lora["target_modules"] = tuple(lora["target_modules"])
+    start = job.settings.from_checkpoint
     return JobSpec(
         job_id=job.id,
         tenant=job.tenant,
@@ -217,16 +228,15 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         base_model=job.model,
         base_model_uri=settings.base_models[job.model],
         training_file_key=file_key(job.tenant, job.training_file),
-        lora=LoraSettings(**lora),
-        training=TrainingSettings(**job.settings["training"], seed=job.seed),
-        start_from=(job.settings.get("from_checkpoint") or {}).get("adapter_prefix"),
-        start_from_name=(job.settings.get("from_checkpoint") or {}).get("checkpoint"),
+        lora=job.settings.lora,
+        training=HostTraining(**job.settings.training.model_dump(), seed=job.seed),
+        start_from=start and start.adapter_prefix,
+        start_from_name=start and start.checkpoint,
     )
 
 
 def training_fields(settings: Settings) -> dict[str, Any]:
-    """What a run and a pack host both take from the settings, so a job trains the same way
-    in every scheduling mode (orchestrator.scheduling.placement.host_spec uses it too)."""
+    """What a pack host takes from the settings (orchestrator.scheduling.placement.host_spec)."""
     assert settings.model_cache_dir is not None and settings.ray_storage_path is not None
     return {
         "object_store": settings.object_store_config,
@@ -238,18 +248,3 @@ def training_fields(settings: Settings) -> dict[str, Any]:
         "loss_chunk_tokens": settings.loss_chunk_tokens,
         "gradient_checkpointing": settings.gradient_checkpointing,
     }
-
-
-def run_spec_for(run_id: str, jobs: list[JobRow], settings: Settings, use_gpu: bool) -> RunSpec:
-    """The run that trains a pack of jobs (which share base model and run shape)."""
-    return RunSpec(
-        run_id=run_id,
-        jobs=tuple(job_spec_for(job, settings) for job in jobs),
-        num_workers=jobs[0].settings["resources"]["num_workers"],
-        use_gpu=use_gpu,
-        max_worker_restarts=settings.max_worker_restarts,
-        # The pack key includes it, so every job of the pack agrees; None: by device.
-        precision=jobs[0].settings["training"].get("precision") or "",
-        setup_timeout_seconds=settings.setup_timeout_seconds,
-        **training_fields(settings),
-    )

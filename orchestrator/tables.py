@@ -5,7 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+from sqlalchemy.types import TypeDecorator
+
+from core.job_settings import JobSettings
+
+
+class JobSettingsJSON(TypeDecorator[JobSettings]):
+    """A job's typed settings, stored as JSON with their version (core/job_settings.py)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else JobSettings.stored(value).to_stored()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> JobSettings | None:
+        return None if value is None else JobSettings.stored(value)
 
 
 class Base(DeclarativeBase):
@@ -41,15 +58,17 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(32), index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[int] = mapped_column(BigInteger)
-    started_at: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger)  # the current attempt's start
+    # The first attempt's start: `max_runtime` counts from here, across attempts (0009).
+    first_started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512))
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_param: Mapped[str | None] = mapped_column(String(128))
-    # The job's full, validated settings (hyperparameters, lora, training, resources).
-    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The job's resolved settings (core/job_settings.py), read as attributes.
+    settings: Mapped[JobSettings] = mapped_column(JobSettingsJSON)
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     # The run (a pack of jobs on Ray) of the job's current attempt.
     run_id: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -62,6 +81,10 @@ class JobRow(Base):
     # Raised by a trigger on every UPDATE of the row (migration 0008), never written here:
     # the API's cache of response bodies is keyed on (id, version).
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    @validates("settings")
+    def _typed_settings(self, _key: str, value: JobSettings | dict[str, Any]) -> JobSettings:
+        return JobSettings.stored(value)
 
 
 class JobEventRow(Base):

@@ -31,15 +31,16 @@ from sqlalchemy import (
     select,
 )
 
+from core.job_settings import JobSettings
 from orchestrator.errors import NotFound
 from orchestrator.store.prepared import PreparedRead, read_cursor
-from orchestrator.tables import JobRow
+from orchestrator.tables import JobRow, JobSettingsJSON
 
 # JobRow's columns, labelled with its attribute names (`user_metadata`, not the column's
 # `metadata`); the JSON ones as text, labelled `<name>_json`.
 JOB_FIELDS = [
     cast(column, Text).label(f"{attribute.key}_json")
-    if isinstance(column.type, JSON)
+    if isinstance(column.type, JSON | JobSettingsJSON)
     else column.label(attribute.key)
     for attribute in inspect(JobRow).column_attrs
     for column in attribute.columns
@@ -70,8 +71,8 @@ class JobFields(namedtuple("JobColumns", [c.key for c in JOB_FIELDS])):  # type:
         def __getattr__(self, name: str) -> Any: ...
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return read_json(self.settings_json)  # type: ignore[no-any-return]
+    def settings(self) -> JobSettings:
+        return JobSettings.stored(read_json(self.settings_json))
 
     @property
     def user_metadata(self) -> dict[str, str] | None:

@@ -13,42 +13,58 @@ from sqlalchemy import text
 
 from api.objects import job_document, job_json, job_object, page_json
 from api.schemas import FineTuningJob, ListPage
+from core.job_settings import (
+    JobSettings,
+    LoraSettings,
+    ResourceSettings,
+    StartFrom,
+    TrainingSettings,
+)
 from orchestrator.store import JobStore
 from orchestrator.store.job_reads import JobFields
 from orchestrator.tables import JobRow
 from tests.api.conftest import GOOD_RECORDS, upload
 from tests.conftest import job_row
 
-# What a job's JSON settings can hold once decoded (json.loads of what json.dumps wrote).
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats()  # NaN and infinities too: both sides write them as null
-    | st.text(st.characters(exclude_categories=["Cs"])),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-    max_leaves=8,
-)
-settings_dicts = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 numbers = st.integers(min_value=1, max_value=1024) | st.floats(min_value=1, max_value=1024)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def job_settings(draw: st.DrawFn) -> JobSettings:
+    """Any typed settings a job row can hold (core/job_settings.py)."""
+    text = st.text(max_size=8)
+    return JobSettings(
+        lora=LoraSettings(
+            r=draw(st.integers(1, 1024)),
+            alpha=draw(numbers),
+            dropout=draw(floats),
+            target_modules=draw(st.just("all-linear") | st.tuples(text) | st.tuples(text, text)),
+        ),
+        training=TrainingSettings(
+            n_epochs=draw(st.integers(min_value=1, max_value=100)),
+            batch_size=draw(st.integers(min_value=1, max_value=1024)),
+            # Stored as given: an int multiplier is written 2.0 by the model.
+            learning_rate_multiplier=draw(numbers),
+            learning_rate=draw(floats),
+            max_seq_len=draw(st.integers(-(2**70), 2**70)),
+            precision=draw(st.sampled_from([None, "bf16", "fp32"])),
+        ),
+        resources=ResourceSettings(
+            num_workers=draw(st.integers(1, 64)), use_gpu=draw(st.none() | st.booleans())
+        ),
+        packing=draw(st.booleans()),
+        from_checkpoint=draw(
+            st.none() | st.builds(StartFrom, checkpoint=text, adapter_prefix=text)
+        ),
+    )
 
 
 @st.composite
 def job_rows(draw: st.DrawFn) -> Any:
     failed = draw(st.booleans())
     return job_row(
-        settings={
-            "hyperparameters": {
-                "n_epochs": draw(st.integers(min_value=1, max_value=100)),
-                "batch_size": draw(st.integers(min_value=1, max_value=1024)),
-                # Stored as given: an int multiplier is written 2.0 by the model.
-                "learning_rate_multiplier": draw(numbers),
-            },
-            "lora": draw(settings_dicts),
-            "training": draw(settings_dicts),
-            "resources": draw(settings_dicts),
-            "from_checkpoint": draw(st.none() | st.fixed_dictionaries({"checkpoint": st.text()})),
-        },
+        settings=draw(job_settings()),
         user_metadata=draw(st.none() | st.dictionaries(st.text(), st.text(), max_size=3)),
         suffix=draw(st.none() | st.text(max_size=8)),
         priority=draw(st.none() | st.integers(-1000, 1000)),
@@ -70,7 +86,10 @@ def fields_of(row: JobRow) -> JobFields:
     for name in JobFields._fields:
         column: str
         column = name.removesuffix("_json")
-        values[name] = json.dumps(columns[column]) if name != column else columns[column]
+        value = columns[column]
+        if isinstance(value, JobSettings):
+            value = value.to_stored()
+        values[name] = json.dumps(value) if name != column else value
     return JobFields(**values)
 
 
@@ -87,9 +106,7 @@ def test_a_job_document_serializes_to_the_models_bytes(
 
 
 def test_a_document_has_every_field_of_the_model_in_its_order() -> None:
-    row = job_row(settings={"hyperparameters": {"n_epochs": 1, "batch_size": 1,
-                                                "learning_rate_multiplier": 1},
-                            "lora": {}, "training": {}, "resources": {}})  # fmt: skip
+    row = job_row(settings={"training": {"n_epochs": 1, "batch_size": 1}})
     assert list(job_document(row)) == list(FineTuningJob.model_fields)
 
 
