@@ -2,7 +2,8 @@
 host memory budget that holds two of these jobs (by admission's estimate) and one host at
 most, two jobs train together and the third stays queued while they train; it joins once
 one of them leaves. Each job's "memory" events show, per membership, the peak per rank the
-host measured and admission's estimate for the same jobs, within ±20% of each other."""
+host measured and admission's estimate for the same jobs, within ±20% of each other. A job
+no host could hold is refused at submission (400, the estimate and the budget named)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from core.memory_estimate import BaseShape, estimate_rank_bytes, host_run_shape, slot_demand
+from core.base_catalog import local_base_shape
+from core.memory_estimate import estimate_rank_bytes, host_run_shape, slot_demand
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer, end_pack_hosts
 from tests.e2e.test_training_job import submit, upload
-from tests.workers.test_host_memory import MAX_SEQ_LEN, long_rows
+from tests.workers.test_host_memory import MAX_SEQ_LEN, ROWS, long_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 WORKERS, BATCH, RANK = 2, 4, 8
@@ -27,7 +29,7 @@ LORA = {"r": RANK, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 
 def budget_for_two(tiny_base: Path) -> tuple[int, int, int]:
     """(estimate of two jobs, a budget between two and three jobs, estimate of three)."""
-    base = BaseShape.from_config(json.loads((tiny_base / "config.json").read_text()))
+    base = local_base_shape(tiny_base)
     run = host_run_shape(
         num_workers=WORKERS,
         precision="fp32",
@@ -41,6 +43,7 @@ def budget_for_two(tiny_base: Path) -> tuple[int, int, int]:
         max_seq_len=MAX_SEQ_LEN,
         lora_r=RANK,
         target_modules="all-linear",
+        dataset_rows=ROWS,  # every job trains on one file of ROWS rows
     )
     two = estimate_rank_bytes(base, run, [demand] * 2).total
     three = estimate_rank_bytes(base, run, [demand] * 3).total
@@ -150,3 +153,27 @@ def test_jobs_are_admitted_until_the_estimate_says_full_and_the_next_waits(
             assert 0.8 <= ratio <= 1.2, (members, m)
         assert {a, b} in [set(members) for members in memberships]
         assert any(c in members for members in memberships)
+
+
+def test_a_job_no_host_could_hold_is_refused_when_submitted(
+    budget_server: LorafleetServer, tiny_base: Path
+) -> None:
+    _, budget, _ = budget_for_two(tiny_base)
+    with budget_server.client() as client:
+        file_id = upload(client, [json.loads(line) for line in long_rows(8).splitlines()])
+        before = client.get("/v1/fine_tuning/jobs").json()["data"]
+        response = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-llama",
+                "training_file": file_id,
+                "resources": {"num_workers": WORKERS},
+                "hyperparameters": {"batch_size": 64},
+                "training": {"precision": "fp32", "max_seq_len": 2048},
+            },
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "training.max_seq_len"
+        assert "estimated" in error["message"] and f"{budget:,} bytes" in error["message"]
+        assert client.get("/v1/fine_tuning/jobs").json()["data"] == before  # nothing stored
