@@ -1,17 +1,15 @@
 """The scheduler's host mode: queued jobs join warm pack hosts; one poll per host per tick.
 
-Each tick, `watch()` polls every host once (all its jobs' states and new events in one
-call), stores each job's events, finishes the jobs that ended, and runs the watchdog: a
-job past its `max_runtime` fails with `timeout`; a host with jobs and no step for
-`step_timeout_seconds` is ended and its jobs are requeued, to resume from their
-checkpoints on another host (never a silent hang). Then `launch()` places queued jobs
-(orchestrator.scheduling.admission): join a host, start one, or wait.
+Each tick, `watch()` polls every host and runs the watchdog (orchestrator.scheduling.host_watch);
+then `launch()`, here, places queued jobs (orchestrator.scheduling.admission): join a
+host, start one, or wait, with reservations for jobs whose host cannot be placed
+(orchestrator.scheduling.reservation).
 
 Nothing is kept only in memory that a restarted scheduler would need: a job's host is its
 `run_id`, and hosts are found again by listing them. A job is claimed in the database (one
 guarded UPDATE per attempt: with several schedulers one wins) before a host admits it, so
 an attempt never trains where no row points, nor on two hosts. A host that does not answer
-costs only its own jobs: the tick goes on without it (`_silent_host`).
+costs only its own jobs: the tick goes on without it (`HostWatch._silent_host`).
 """
 
 from __future__ import annotations
@@ -25,20 +23,17 @@ from typing import Any
 
 from core.host_protocol import (
     NO_ANSWER,
-    SETUP_PHASES,
     AdmissionRequest,
     HostReport,
     HostShape,
     PackHosts,
-    Unanswered,
 )
 from core.memory_estimate import SlotDemand
 from core.objectstore import ObjectStore
-from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import job_spec_for
-from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training
 from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
+from orchestrator.scheduling.host_watch import HOST_ID_PREFIX, HostWatch, runtime_left
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.scheduling.placement import (
     Resources,
@@ -60,10 +55,10 @@ from orchestrator.tables import JobRow
 
 log = logging.getLogger(__name__)
 
-HOST_ID_PREFIX = "host-"  # new_id("host"): a job's run_id in host mode
 
+class HostScheduling(HostWatch):
+    """Both halves of a tick: `watch()` (orchestrator.scheduling.host_watch), then `launch()`."""
 
-class HostScheduling:
     def __init__(
         self,
         settings: Settings,
@@ -98,180 +93,6 @@ class HostScheduling:
         self.reservations = Reservations(settings.reserve_after_seconds)
         self._holding: dict[str, list[Resources]] = {}  # reserved shape -> its bundles
         self._closed: set[str] = set()  # hosts draining for a reservation
-
-    # ---- watch: one poll per host ----
-    def watch(self) -> None:
-        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if on_host(j)]
-        by_host: dict[str, list[JobRow]] = defaultdict(list)
-        for job in active:
-            by_host[job.run_id or ""].append(job)
-        alive = set(self.hosts.list_hosts())
-        answers = self.hosts.poll_all(
-            {h: {j.id: j.event_cursor for j in by_host.get(h, [])} for h in sorted(alive)}
-        )
-        self.reports, self.unanswered = {}, set()
-        for host_id in sorted(alive | set(by_host)):
-            jobs = by_host.get(host_id, [])
-            report = answers.get(host_id)
-            if isinstance(report, Unanswered):
-                self.unanswered.add(host_id)
-                self._silent_host(host_id, report, jobs)
-                continue
-            self._missed_polls.pop(host_id, None)  # answered: a next stall counts afresh
-            if report is None:
-                for job in jobs:
-                    self._host_lost(job, f"its pack host {host_id} disappeared")
-                continue
-            self._first_seen.setdefault(host_id, self.clock())
-            if self._hung(host_id, report):
-                self._restart_hung(host_id, jobs)
-                continue
-            self.reports[host_id] = report
-            for job in jobs:
-                self._watch_job(host_id, job, report)
-            self._tidy(host_id, report, {j.id for j in jobs})
-        self.hosts.reap()
-
-    def _silent_host(self, host_id: str, unanswered: Unanswered, jobs: list[JobRow]) -> None:
-        """A host that did not answer its poll: its jobs stay running (it may only be slow),
-        each gets one warning event per stall, and once it has been silent for
-        `max_run_poll_timeouts` poll timeouts in a row it is ended and its jobs requeue.
-        Nothing else waits for it: the tick goes on with the other hosts."""
-        timeout = self.settings.run_poll_timeout_seconds
-        limit = self.settings.max_run_poll_timeouts
-        missed = max(1, int((self.clock() - unanswered.since) / timeout))
-        counted = self._missed_polls.get(host_id, 0)
-        RUN_POLL_TIMEOUTS.inc(max(0, missed - counted))
-        self._missed_polls[host_id] = max(missed, counted)
-        if not counted:
-            log.warning(
-                "pack host %s did not answer a poll within %g s",
-                host_id,
-                timeout,
-                extra={"host_id": host_id, "run_id": host_id},
-            )
-            for job in jobs:
-                self.outcomes.guarded(
-                    self.store.warn,
-                    job.id,
-                    job.attempt,
-                    f"Pack host {host_id} did not answer within {timeout:g} s; waiting for "
-                    f"it (its jobs are requeued after {limit} missed polls in a row)",
-                    {"host_id": host_id, "missed_polls": missed},
-                )
-        if missed < limit:
-            return
-        del self._missed_polls[host_id]
-        log.warning(
-            "pack host %s did not answer %d polls in a row; ending it",
-            host_id,
-            missed,
-            extra={"host_id": host_id, "run_id": host_id},
-        )
-        self.hosts.kill(host_id)
-        for job in jobs:
-            self.outcomes.retry_or_fail(
-                job, f"its pack host {host_id} did not answer {missed} polls in a row"
-            )
-
-    def _watch_job(self, host_id: str, job: JobRow, report: HostReport) -> None:
-        polled = report["jobs"].get(job.id)
-        if polled is None or polled["attempt"] != job.attempt:
-            # Claimed by another scheduler that has not admitted it yet, or lost by the host.
-            self._host_lost(job, f"its pack host {host_id} does not have it")
-            return
-        state = polled["state"]
-        if job.status == JobStatus.CANCELLING.value and state is RunJobState.RUNNING:
-            self.hosts.stop(host_id, job.id)
-        events = [_event(e) for e in polled["events"]]
-        tokens = [
-            e["data"]["trained_tokens"]
-            for e in events
-            if e["type"] == "metrics" and "trained_tokens" in (e["data"] or {})
-        ]
-        stored = self.store.record_run_events(
-            job.id, job.attempt, events, polled["cursor"], trained_tokens=(tokens or [None])[-1]
-        )
-        if not stored:
-            return
-        observe_training(job.created_at, events)  # counted once: a fenced-off batch is not
-        if state is RunJobState.SUCCEEDED:
-            if not self.outcomes.succeed(job):
-                return  # the store is away: the host keeps the job for a later tick
-        elif state is RunJobState.CANCELLED:
-            self.outcomes.guarded(self.store.cancel, job.id, attempt=job.attempt)
-        elif state is RunJobState.FAILED:
-            self.outcomes.fail(
-                job, polled["error_code"] or "training_error", polled["error"] or "failed"
-            )
-        elif self._over_runtime(job):
-            self.hosts.stop(host_id, job.id)
-            limit = _max_runtime(job)
-            self.outcomes.fail(
-                job, "timeout", f"the job ran longer than its max_runtime ({limit} s)"
-            )
-            return
-        if state is not RunJobState.RUNNING:
-            self.hosts.release(host_id, job.id)
-
-    def _tidy(self, host_id: str, report: HostReport, ours: set[str]) -> None:
-        """Jobs on the host that no active job of this host's is: release the ended ones,
-        stop the ones still training (their job moved on: timed out, requeued). A job is
-        claimed before it is admitted, so one admitted by another scheduler since this
-        tick read the jobs is in the database already (read again here)."""
-        for job_id, polled in report["jobs"].items():
-            if job_id in ours:
-                continue
-            if polled["state"] is not RunJobState.RUNNING:
-                self.hosts.release(host_id, job_id)
-                continue
-            current = self._row(job_id)
-            if current is not None and current.attempt > polled["attempt"]:
-                self.hosts.fence(host_id, job_id, current.attempt)  # a stale attempt leaves
-            elif current is None or current.run_id != host_id:
-                self.hosts.stop(host_id, job_id)
-
-    def _hosts_up(self) -> int:
-        """Hosts up as of this tick's poll, a silent one included (it holds its workers)."""
-        return len(self.reports) + len(self.unanswered)
-
-    def capacity(self) -> Capacity:
-        """Pack hosts by state and the slots they report in use, from this tick's poll."""
-        hosts = Counter(("hosts", _host_state(r)) for r in self.reports.values())
-        hosts.update(("hosts", "unresponsive") for _ in self.unanswered)
-        return Capacity(dict(hosts), sum(r["slots_in_use"] for r in self.reports.values()))
-
-    def _hung(self, host_id: str, report: HostReport) -> bool:
-        if not report["slots_in_use"]:
-            return False
-        activity = max(
-            report["last_step_at"] or 0.0,
-            report["started_at"],
-            self._first_seen.get(host_id, 0.0),
-            self._admitted_at.get(host_id, 0.0),
-        )
-        timeout = self.settings.step_timeout_seconds
-        if report["last_step_at"] is None:
-            # Never stepped: still starting (worker group, base load and partitioning take
-            # minutes for a large base or on a loaded machine), not hung yet.
-            timeout = max(timeout, host_start_allowance(self.settings))
-        return self.clock() - activity > timeout
-
-    def _restart_hung(self, host_id: str, jobs: list[JobRow]) -> None:
-        timeout = self.settings.step_timeout_seconds
-        log.warning(
-            "pack host %s made no step for %s s; ending it",
-            host_id,
-            timeout,
-            extra={"host_id": host_id, "run_id": host_id},
-        )
-        self.hosts.kill(host_id)
-        for job in jobs:
-            self.outcomes.retry_or_fail(job, f"pack host {host_id} made no step for {timeout:g} s")
-
-    def _over_runtime(self, job: JobRow) -> bool:
-        left = runtime_left(job, self.clock())
-        return left is not None and left < 0
 
     # ---- launch: place queued jobs ----
     def launch(self) -> None:
@@ -511,13 +332,6 @@ class HostScheduling:
                 if left is not None and self._start_host(new_id("host"), shape, warm=True):
                     room, free = room - 1, left
 
-    # ---- outcomes (orchestrator.scheduling.outcomes: each a guarded change) ----
-    def _host_lost(self, job: JobRow, reason: str) -> None:
-        started = job.started_at or 0
-        if self.clock() - started < self.settings.run_start_grace_seconds:
-            return  # claimed a moment ago: its admission may not be visible yet
-        self.outcomes.retry_or_fail(job, reason)
-
     def _training_file_rows(self, job: JobRow) -> int:
         """The rows of the job's training file (the memory estimate's dataset term)."""
         key = (job.tenant, job.training_file)
@@ -527,16 +341,6 @@ class HostScheduling:
             except Exception:  # noqa: BLE001 - a file gone since: its job fails when it loads
                 return 0
         return self._file_rows[key]
-
-    def _row(self, job_id: str) -> JobRow | None:
-        try:
-            return self.store.job(job_id)
-        except Exception:
-            return None
-
-
-def on_host(job: JobRow) -> bool:
-    return bool(job.run_id and job.run_id.startswith(HOST_ID_PREFIX))
 
 
 def _context(job: JobRow, host_id: str | None = None, attempt: int | None = None) -> dict[str, Any]:
@@ -551,50 +355,13 @@ def _context(job: JobRow, host_id: str | None = None, attempt: int | None = None
     }
 
 
-def _host_state(report: HostReport) -> str:
-    if report["ending"] or not report["alive"]:
-        return "ending"
-    return "busy" if report["slots_in_use"] else "idle"
-
-
 def _priority(job: JobRow) -> int:
     return job.priority or 0
-
-
-def _max_runtime(job: JobRow) -> float | None:
-    return float(job.max_runtime) if job.max_runtime else None
-
-
-def runtime_left(job: JobRow, now: float) -> float | None:
-    """Seconds left of the job's `max_runtime` (None: no limit), counted from its first
-    start across every attempt: a job requeued after a lost host does not start afresh."""
-    limit = _max_runtime(job)
-    if limit is None:
-        return None
-    first = job.first_started_at or job.started_at
-    return limit if first is None else limit - (now - first)
 
 
 def _admitted_runtime(job: JobRow, now: float) -> float | None:
     left = runtime_left(job, now)
     return None if left is None else max(left, 0.0)
-
-
-def host_start_allowance(settings: Settings) -> float:
-    """The watchdog's least wait for a host's first step: each setup phase of its workers
-    may take `setup_timeout_seconds` (the host fails its jobs past that itself), and the
-    worker group's own start one more."""
-    return settings.setup_timeout_seconds * (len(SETUP_PHASES) + 1)
-
-
-def _event(event: Any) -> dict[str, Any]:
-    level = "error" if event["type"] == "job_failed" else "info"
-    return {
-        "type": event["type"],
-        "message": event["message"],
-        "level": level,
-        "data": event["data"],
-    }
 
 
 def wants_packing(job: JobRow) -> bool:
