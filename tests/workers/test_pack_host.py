@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from core.fault_injection import StepFault
 from core.host_protocol import AdmissionRequest, HostReport, HostShape, HostSpec
 from core.objectstore import ObjectStoreConfig
 from core.run_states import RunJobState
@@ -254,5 +255,65 @@ def test_a_worker_killed_after_a_late_join_brings_every_member_back(
         assert len(restarted) == 1
         worst = worst_difference(adapter(store_config, "host-kill", j.job_id), alone[j.job_id])
         assert worst <= 1e-5, f"{j.job_id}: after the kill differs from alone by {worst}"
+    hosts.kill(spec.host_id)
+    free_placement_groups()
+
+
+def test_a_job_whose_step_raises_fails_alone_and_its_mates_train_as_alone(
+    ray_address: str,
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path: Path,
+    alone: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """Issue 17: X raises in its slot math inside the forward it shares with A (one rank only,
+    mid-way through ZeRO-3's gathers), Y in its backward on the other rank. Both fail alone
+    with their tracebacks; A and B finish equal to their solo twins, charged no restart."""
+    tenant = "host-fault"
+    x = replace(
+        JOB_A, job_id="job-x", training=JOB_A.training.model_copy(update={"seed": 7})
+    )  # A's width
+    y = replace(JOB_B, job_id="job-y", training_file_key="files/shared/data-2.jsonl")
+    faults = (
+        StepFault("job-x", step=2, phase="forward", ranks=(1,)),
+        StepFault("job-y", step=1, phase="backward", ranks=(0,)),
+    )
+    spec = host_spec(tiny_base, store_config, tmp_path, test_faults=faults)
+    hosts = RayHosts()
+    hosts.start_host(spec)
+    watch = Watch(hosts, spec.host_id)
+    for j in (JOB_A, x, y, JOB_B):
+        assert hosts.admit(
+            spec.host_id, AdmissionRequest(for_tenant(j, tenant, tiny_base))
+        ).admitted
+    report = watch.until(all_ended)
+
+    assert states(report) == {
+        "job-a": SUCCEEDED,
+        "job-b": SUCCEEDED,
+        "job-x": FAILED,
+        "job-y": FAILED,
+    }
+    for job_id, phase, rank, step in (("job-x", "forward", 1, 2), ("job-y", "backward", 0, 1)):
+        polled = report["jobs"][job_id]
+        assert polled["error_code"] == "training_error"
+        assert "InjectedFault" in (polled["error"] or "")
+        [failed] = [e for e in watch.events[job_id] if e["type"] == "job_failed"]
+        data = failed["data"]
+        assert (data["phase"], data["rank"], data["step"]) == (phase, rank, step)
+        assert data["error_code"] == "training_error"
+        assert "Traceback" in data["traceback"] and "InjectedFault" in data["traceback"]
+        assert watch.steps(job_id) == list(range(1, step + 1))
+    # X raised inside the packed layers, mid-forward.
+    [x_failed] = [e for e in watch.events["job-x"] if e["type"] == "job_failed"]
+    assert "packed_layer.py" in x_failed["data"]["traceback"]
+
+    assert report["worker_starts"] == 1  # no restart: nobody was charged one
+    for j in (JOB_A, JOB_B):
+        assert not [e for e in watch.events[j.job_id] if "Workers restarted" in e["message"]]
+        worst = worst_difference(adapter(store_config, tenant, j.job_id), alone[j.job_id])
+        print(f"{j.job_id}: max abs difference from alone = {worst}")
+        assert worst <= 1e-5, f"{j.job_id}: beside failing mates differs from alone by {worst}"
+    assert watch.steps("job-a") == list(range(1, 25)) and watch.steps("job-b") == list(range(1, 13))
     hosts.kill(spec.host_id)
     free_placement_groups()

@@ -1,7 +1,7 @@
 """One training step of a pack: every active job's rows through the shared base at once.
 
 Free functions over an explicit `PackContext` (model, routing, rank, world size, how to
-report) so that a one-shot run (`workers.recipe`) and a long-lived pack host share them.
+report), called by each worker of a pack host (`workers.host.worker_loop`) and by tests.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.fault_injection import StepFault, StepPhase
 from workers.data.tokenization import collate
+from workers.host.failures import StepFailures, fail_agreed
 from workers.host.slot import JobSlot, SlotState
 from workers.lora.packed_layer import Routing
 from workers.training.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_next_token_loss
@@ -44,6 +46,8 @@ class PackContext:
     report: Report
     # Tokens whose fp32 logits the loss makes at a time (HostSpec.loss_chunk_tokens).
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    # TEST HOOK: HostSpec.test_faults (core.fault_injection); empty outside tests.
+    faults: tuple[StepFault, ...] = ()
 
 
 def use_gradient_checkpointing(model: nn.Module, routing: Routing) -> None:
@@ -110,56 +114,59 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     Rows are padded per job, never to a pack-mate's width: slots are grouped by width and
     each group goes through the base in its own forward and backward, so a job's numerics
     (bf16 included) are the same packed as alone.
+
+    A job whose own part of the step raises (its slot math, loss, loss backward or optimizer
+    step) fails alone (workers.host.failures): its rows get no delta and no gradient, every
+    rank still makes the same collectives, and the others' numbers are those of a step
+    without it (rows never mix), so they still equal their solo twins.
     """
     started = time.perf_counter()
     forward_s = backward_s = 0.0
+    failures = StepFailures(ctx.rank, ctx.faults)
     losses: dict[str, torch.Tensor] = {}
     tokens: dict[str, torch.Tensor] = {}
     for group in width_groups(active):
         group_started = time.perf_counter()
-        width = width_of(group[0])
-        shards = [slot.next_micro_batch(ctx.rank, ctx.world_size) for slot in group]
-        ctx.routing.blocks = [
-            (slot.job_id, len(shard)) for slot, shard in zip(group, shards, strict=True)
-        ]
-        batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        # The module itself, not the engine: the engine's forward/backward are built around
-        # an optimizer it owns; ZeRO-3's gather/release hooks live on the module and run.
-        logits = ctx.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        # Each job's own mean loss over its own tokens, in chunks of tokens (no fp32 copy of
-        # the whole vocabulary's logits); their sum keeps gradients apart. The chunks are cut
-        # within each job's own block, so a job's loss is the same packed as alone.
-        # One split, not a slice per job: a slice's backward writes its gradient into a
-        # zeroed copy of the whole batch's logits, once per job of the pack.
-        rows = [len(shard) for shard in shards]
-        group_losses = []
-        for slot, job_logits, job_labels, job_mask in zip(
-            group,
-            logits.split(rows),
-            batch["labels"].split(rows),
-            batch["attention_mask"].split(rows),
-            strict=True,
-        ):
-            group_losses.append(
-                chunked_next_token_loss(job_logits, job_labels, ctx.loss_chunk_tokens)
-            )
-            losses[slot.job_id] = group_losses[-1]
-            tokens[slot.job_id] = job_mask.sum()
+        logits, labels, mask, rows = _group_forward(ctx, group, failures)
         forward_done = time.perf_counter()
-        torch.stack(group_losses).sum().backward()
+        grads = []
+        for slot, job_logits, job_labels, job_mask in zip(
+            group, logits.split(rows), labels.split(rows), mask.split(rows), strict=True
+        ):
+            tokens[slot.job_id] = job_mask.sum()
+            grads.append(_job_loss_grad(ctx, slot, job_logits, job_labels, failures, losses))
+        # The base's backward, shared by the group (a collective under ZeRO-3): every rank
+        # makes it whatever failed; a failed job's block carries no gradient.
+        logits.backward(torch.cat(grads))
+        for job_id, caught in (ctx.routing.failures or {}).items():  # in a recompute
+            failures.add(job_id, "backward", caught)
+        ctx.routing.failures = None
         forward_s += forward_done - group_started
         backward_s += time.perf_counter() - forward_done
     ctx.routing.blocks = []
     backward_done = time.perf_counter()
-    average_gradients([p for slot in active for p in slot.params], ctx.world_size)
+    # Who failed rides in the gradient all-reduce: every rank drops the same jobs.
+    summed = average_gradients(
+        [p for slot in active for p in slot.params],
+        ctx.world_size,
+        agree=failures.flags(active, ctx.device),
+    )
+    assert summed is not None
+    failed = {
+        s.job_id for s in fail_agreed(failures, active, summed.tolist(), ctx.report, ctx.world_size)
+    }
+    trained = [slot for slot in active if slot.job_id not in failed]
     sync_done = time.perf_counter()
     first = {
-        slot.job_id: dtypes_of(ctx, slot, losses[slot.job_id]) for slot in active if slot.step == 0
+        slot.job_id: dtypes_of(ctx, slot, losses[slot.job_id]) for slot in trained if slot.step == 0
     }
-    norms = [slot.apply_gradients() for slot in active]
+    norms = {}
+    for slot in trained:
+        try:
+            failures.check(slot, "optimizer")
+            norms[slot.job_id] = slot.apply_gradients()
+        except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
+            failures.add(slot.job_id, "optimizer", exc)
     elapsed = time.perf_counter() - started
     phases = {
         "forward": forward_s,
@@ -167,14 +174,31 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
         "gradient_sync": sync_done - backward_done,
         "optimizer": elapsed - (sync_done - started),
     }
-    # Every job's loss and tokens in one tensor: one all-reduce and one sync for the metrics.
+    if not trained:
+        return
+    # Every job's loss, tokens and optimizer failure in one tensor: one all-reduce and one
+    # sync for the metrics, and the ranks agree on who failed in the optimizer.
     totals = torch.stack(
-        [torch.stack([losses[s.job_id].detach().float(), tokens[s.job_id].float()]) for s in active]
+        [
+            torch.stack(
+                [
+                    losses[s.job_id].detach().float(),
+                    tokens[s.job_id].float(),
+                    torch.tensor(float(s.job_id in failures.caught), device=ctx.device),
+                ]
+            )
+            for s in trained
+        ]
     )
     dist.all_reduce(totals)
     reduced = totals.tolist()
-    pack_tokens = sum(slot_tokens for _, slot_tokens in reduced)
-    for slot, (loss_sum, slot_tokens), norm in zip(active, reduced, norms, strict=True):
+    flags = [row[2] for row in reduced]
+    failed = {s.job_id for s in fail_agreed(failures, trained, flags, ctx.report, ctx.world_size)}
+    pack_tokens = sum(row[1] for row in reduced)
+    for slot, (loss_sum, slot_tokens, _) in zip(trained, reduced, strict=True):
+        if slot.job_id in failed:
+            continue
+        norm = norms[slot.job_id]
         mean_loss = loss_sum / ctx.world_size
         slot.trained_tokens += int(slot_tokens)
         slot.last_loss = mean_loss
@@ -206,6 +230,67 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
                 ),
             },
         )
+
+
+def _group_forward(
+    ctx: PackContext, group: list[JobSlot], failures: StepFailures
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """One forward of a width group's rows (logits, labels, attention mask, rows per job).
+    A job whose
+    slot math raises is caught in its packed layers (`Routing.failures`) and recorded."""
+    width = width_of(group[0])
+    shards = [slot.next_micro_batch(ctx.rank, ctx.world_size) for slot in group]
+    ctx.routing.blocks = [
+        (slot.job_id, len(shard)) for slot, shard in zip(group, shards, strict=True)
+    ]
+    batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
+    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    ctx.routing.failures = {}
+    for slot in group:
+        try:
+            failures.check(slot, "forward")
+        except Exception as exc:  # noqa: BLE001 - a test's fault: raised inside the forward
+            ctx.routing.injected[slot.job_id] = exc
+    try:
+        # The module itself, not the engine: the engine's forward/backward are built around
+        # an optimizer it owns; ZeRO-3's gather/release hooks live on the module and run.
+        logits = ctx.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    finally:
+        ctx.routing.injected.clear()
+    for job_id, caught in ctx.routing.failures.items():
+        failures.add(job_id, "forward", caught)
+    rows = [len(shard) for shard in shards]
+    return logits, batch["labels"], batch["attention_mask"], rows
+
+
+def _job_loss_grad(
+    ctx: PackContext,
+    slot: JobSlot,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    failures: StepFailures,
+    losses: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The job's own mean loss over its own tokens (chunked: no fp32 copy of the whole
+    vocabulary's logits; the chunks are cut within the job's block, so its loss is the same
+    packed as alone), and its gradient with respect to the job's block of logits: the job's
+    own part of backward, local to this rank. Zeros when the job failed."""
+    phase: StepPhase = "loss"
+    if slot.job_id not in failures.caught:
+        try:
+            failures.check(slot, phase)
+            loss = chunked_next_token_loss(logits, labels, ctx.loss_chunk_tokens)
+            losses[slot.job_id] = loss
+            phase = "backward"
+            failures.check(slot, phase)
+            (grad,) = torch.autograd.grad(loss, logits)
+            return grad
+        except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
+            failures.add(slot.job_id, phase, exc)
+    losses.setdefault(slot.job_id, torch.zeros((), device=logits.device))
+    return torch.zeros_like(logits)
 
 
 def dtypes_of(ctx: PackContext, slot: JobSlot, loss: torch.Tensor) -> dict[str, str]:

@@ -47,6 +47,12 @@ class Routing:
         self.blocks: list[tuple[str, int]] = []
         self.generators: dict[str, torch.Generator] = {}
         self.slots: set[str] = set()  # every slot added to any layer (and not removed)
+        # None: a slot's math that raises fails the forward. A dict (a pack host's step):
+        # the slot's exception is kept here and its rows get no delta for the rest of the
+        # forward, so the shared forward (a collective under ZeRO-3) goes on for the others.
+        self.failures: dict[str, Exception] | None = None
+        # TEST HOOK (core.fault_injection): slot name -> the exception its delta raises.
+        self.injected: dict[str, Exception] = {}
 
 
 class PackedLoraLinear(nn.Module):
@@ -83,6 +89,22 @@ class PackedLoraLinear(nn.Module):
                 raise KeyError(f"routing names {name!r}, which is no slot of this pack")
             # NO_ADAPTER, or a job of the pack that does not adapt this layer.
             return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        failures = self.routing.failures
+        if failures is None:
+            return self._slot_delta(slot, x)
+        if name in failures:
+            return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        try:
+            return self._slot_delta(slot, x)
+        except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
+            failures[name] = exc
+            return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
+
+    def _slot_delta(self, slot: SlotConfig, x: torch.Tensor) -> torch.Tensor:
+        name = slot.name
+        injected = self.routing.injected.get(name)
+        if injected is not None:
+            raise injected
         x = x.to(torch.float32)
         if slot.dropout > 0 and self.training:
             keep = 1.0 - slot.dropout
