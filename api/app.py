@@ -16,6 +16,8 @@ from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
 from orchestrator.db import make_engine, migrate
 from orchestrator.idempotency import IdempotencyKeys
+from orchestrator.scheduling.memory_budget import ray_node_memory
+from orchestrator.scheduling.sizing import HostSizing
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
 from orchestrator.webhooks import WebhookDeliverer
@@ -24,6 +26,21 @@ from orchestrator.webhooks import WebhookDeliverer
 class ServeRefused(SystemExit):
     """The server must not start (e.g. a catalog entry has no model folder): exits with the
     message and no traceback, since the operator's configuration, not the code, is wrong."""
+
+
+def submission_sizing(
+    settings: Settings, store: JobStore, catalog: BaseModelCatalog, with_scheduler: bool
+) -> HostSizing:
+    """The memory check at submission. With the scheduler in this process the cluster's
+    nodes are read from its Ray connection; an API replica (no Ray) knows a budget only from
+    LORAFLEET_HOST_MEMORY_BYTES, and otherwise leaves the check to the scheduler (said in the
+    log once)."""
+    return HostSizing(
+        settings,
+        nodes=ray_node_memory if with_scheduler else tuple,
+        file_rows=lambda job: store.get_file(job.tenant, job.training_file).examples,
+        catalog=catalog,
+    )
 
 
 def create_app(settings: Settings | None = None, *, run_scheduler: bool = False) -> FastAPI:
@@ -53,14 +70,17 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             idempotency=IdempotencyKeys(engine),
             catalog=catalog,
             db_readers=CapacityLimiter(db_readers_for(engine)),
+            memory_check=submission_sizing(
+                settings, store, catalog, run_scheduler
+            ).refuse_if_never_fits,
         )
         scheduler = None
         if run_scheduler:
             # Imported here: an API replica (--no-scheduler) never loads Ray.
-            from orchestrator.scheduling.ray_runs import RayRuns
+            from orchestrator.scheduling.ray_connection import RayConnection
             from orchestrator.scheduling.scheduler import Scheduler
 
-            scheduler = Scheduler(settings, store, objects, RayRuns(settings))
+            scheduler = Scheduler(settings, store, objects, RayConnection(settings))
             scheduler.start()
         # Webhooks go out from their own thread wherever a scheduler runs; never from it.
         deliverer = WebhookDeliverer(settings, engine) if run_scheduler else None

@@ -22,7 +22,7 @@ from orchestrator.api_keys import OPEN_TENANT, ApiKeys
 from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
-from orchestrator.tables import ApiKeyRow
+from orchestrator.tables import ApiKeyRow, JobRow
 
 T = TypeVar("T")
 TENANT_CACHE_SECONDS = 1.0
@@ -115,6 +115,8 @@ class Services:
     idempotency: IdempotencyKeys
     catalog: BaseModelCatalog
     db_readers: CapacityLimiter  # db_readers_for(engine) threads
+    # Refuses a job no host could ever hold (orchestrator.scheduling.sizing); None: no check.
+    memory_check: Callable[[JobRow], None] | None = None
 
 
 async def read_in_thread(services: Services, read: Callable[[], T]) -> T:

@@ -77,7 +77,15 @@ def create(
     )
 
     if not idempotency_key:
-        return job_object(create_job(services.store, services.settings, tenant, request))
+        return job_object(
+            create_job(
+                services.store,
+                services.settings,
+                tenant,
+                request,
+                memory_check=services.memory_check,
+            )
+        )
     idempotency = Idempotency(
         tenant=tenant,
         endpoint="fine_tuning.jobs.create",
@@ -87,7 +95,14 @@ def create(
     )
     created = services.idempotency.create_once(
         idempotency,
-        lambda: create_job(services.store, services.settings, tenant, request, idempotency),
+        lambda: create_job(
+            services.store,
+            services.settings,
+            tenant,
+            request,
+            idempotency,
+            memory_check=services.memory_check,
+        ),
     )
     return FineTuningJob.model_validate(created)
 

@@ -3,7 +3,6 @@ joining, fencing, cancel, retries and the watchdog, each in milliseconds."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from orchestrator.store import JobStore
 from orchestrator.tables import JobRow
 from tests.conftest import job_row
 from tests.fakes.in_memory_hosts import InMemoryHosts
+from tests.orchestrator.test_memory_estimate import write_base
 
 BASE_CONFIG = {
     "hidden_size": 64,
@@ -85,9 +85,8 @@ class World:
 
 
 def make_world(tmp_path: Path, **overrides: Any) -> World:
-    base = tmp_path / "tiny"
-    base.mkdir(exist_ok=True)
-    (base / "config.json").write_text(json.dumps(BASE_CONFIG))
+    # A base folder as a real one: config.json and safetensors headers (the estimate's source).
+    base = write_base(tmp_path / "tiny", BASE_CONFIG)
     settings = Settings(
         data_dir=tmp_path / "state",
         base_models={"tiny": str(base)},
@@ -396,6 +395,33 @@ def test_a_job_past_its_max_runtime_fails_with_timeout_and_leaves_the_host(world
     world.tick()
     assert slow not in world.hosts.hosts[host].members  # … and it is released
     assert world.job(other).status == "running"  # the other job goes on
+
+
+def test_max_runtime_counts_the_jobs_whole_life_across_attempts(tmp_path: Path) -> None:
+    """A job 20 s into its 30 s whose host is lost resumes elsewhere with the 10 s left (the
+    new host is told so), and fails with `timeout` 11 s into its second attempt."""
+    world = make_world(tmp_path, run_start_grace_seconds=0)
+    world.hosts.steps_per_job = 100
+    slow = world.submit(max_runtime=30)
+    world.tick()
+    first = world.job(slow)
+    assert first.first_started_at == first.started_at is not None
+    with world.store.sessions.begin() as session:  # it started 20 s ago
+        row = session.get(JobRow, slow)
+        assert row is not None and row.started_at is not None
+        row.first_started_at = row.started_at = row.started_at - 20
+    world.hosts.lose(first.run_id or "")
+    world.tick()  # requeued, and placed on a new host at once
+    second = world.job(slow)
+    assert second.attempt == 2 and second.run_id != first.run_id
+    assert second.first_started_at == (first.started_at or 0) - 20  # the first claim's only
+    assert (second.started_at or 0) >= (first.started_at or 0)  # the current attempt's
+    request = world.hosts.hosts[second.run_id or ""].members[slow].request
+    assert request.max_runtime_seconds is not None and 8 < request.max_runtime_seconds <= 10
+    world.clock.shift += 11
+    world.tick()
+    job = world.job(slow)
+    assert job.status == "failed" and job.error_code == "timeout"
 
 
 def test_priority_and_max_runtime_come_from_the_request() -> None:
