@@ -7,8 +7,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from core.memory_estimate import SlotDemand
 from orchestrator.jobs import NewJob, resolve_settings
-from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
+from orchestrator.scheduling.admission import HostRoom, Join, WaitingJob, plan_admissions
 from orchestrator.scheduling.reservation import (
     HostHolding,
     Reservations,
@@ -178,3 +179,27 @@ def test_without_a_reservation_the_stream_starves_it(tmp_path: Path) -> None:
     )
     big, started_in = big_job_under_a_stream_of_small_ones(world, rounds=40)
     assert started_in is None
+
+
+def test_a_reserved_job_goes_first_and_closed_hosts_take_no_job_and_end_once_idle() -> None:
+    small = [WaitingJob(f"s{i}", "small", SHAPE, created_at=i) for i in range(3)]
+    big = WaitingJob("big", "big", "tiny/2xcpu/fp32", created_at=9, reserved=True)
+    hosts = [
+        HostRoom("host-busy", SHAPE, 4, demands=[SlotDemand(1, 8, 8)]),
+        HostRoom("host-idle", SHAPE, 4),
+        HostRoom("host-open", SHAPE, 4),
+    ]
+    ids = (f"host-new-{i}" for i in itertools.count())
+    plan = plan_admissions(
+        [*small, big],
+        hosts,
+        running_per_tenant={"big": 0, "small": 5},
+        free_host_starts=1,
+        max_slots=4,
+        fits=fits_any,
+        new_host_id=lambda: next(ids),
+        closed={"host-busy", "host-idle"},
+    )
+    assert plan.joins[0] == Join("big", "host-new-0")  # first, though its tenant is new
+    assert {j.host_id for j in plan.joins[1:]} == {"host-open"}  # never a closed host
+    assert plan.retire == ["host-idle"]  # the idle closed one ends now; the busy one drains
