@@ -163,6 +163,28 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         default=None, description="When set, GET /metrics needs `Authorization: Bearer <it>`."
     )
+    # The front door against a hostile tenant (webhooks, request rates).
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR, e.g. 10.1.2.0/24) a webhook may reach although they are "
+        "private, loopback or link-local: an operator's internal receivers. Empty: none.",
+    )
+    webhook_deadline_seconds: float = Field(
+        default=10.0, gt=0, description="Whole time one delivery may take (connect to body)."
+    )
+    webhook_max_response_bytes: int = Field(
+        default=64 * 1024, ge=0, description="Of a receiver's answer, read at most this much."
+    )
+    webhook_workers: int = Field(
+        default=4, ge=1, description="Deliveries in flight at once (at most one per endpoint)."
+    )
+    max_webhooks_per_tenant: int = Field(default=10, ge=1, description="Endpoints per tenant.")
+    rate_limit_per_second: float = Field(
+        default=50.0, ge=0, description="Requests per second per API key, sustained (0: off)."
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, description="Requests one API key may send at once above the rate."
+    )
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

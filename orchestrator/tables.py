@@ -89,10 +89,14 @@ class JobRow(Base):
 
 class JobEventRow(Base):
     __tablename__ = "job_events"
+    __table_args__ = (Index("uq_job_events_job_seq", "job_id", "job_seq", unique=True),)
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # 1, 2, 3 … per job, taken under the job's row lock (store/rows.py add_events), so they
+    # commit in order: readers of one job page and stream by it, never by `seq`.
+    job_seq: Mapped[int] = mapped_column(Integer, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     level: Mapped[str] = mapped_column(String(16))
     type: Mapped[str] = mapped_column(String(16))

@@ -5,20 +5,28 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import AnyHttpUrl, BaseModel
+from pydantic import AnyHttpUrl, BaseModel, Field, UrlConstraints
 
-from api.deps import TenantDep
+from api.deps import ServicesDep, TenantDep
 from api.schemas import ErrorResponse, ListPage
+from orchestrator.errors import InvalidRequest
 from orchestrator.store.webhooks import WebhookDeliveryRow, WebhookEndpointRow, WebhookStore
+from orchestrator.webhook_addresses import RefusedAddress, check_url, parse_networks
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 422)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429)
 }
+MAX_URL_CHARS = 2048  # the database column's length
 
 
 class WebhookCreate(BaseModel):
-    url: AnyHttpUrl
+    url: Annotated[AnyHttpUrl, UrlConstraints(max_length=MAX_URL_CHARS)] = Field(
+        description="http(s) URL of a receiver outside the cluster: loopback, private, "
+        "link-local, CGNAT, multicast, unspecified and metadata addresses are refused, here "
+        "and again after DNS resolution at each delivery (an operator may allow internal "
+        "networks with LORAFLEET_WEBHOOK_ALLOWED_NETWORKS)."
+    )
 
 
 class WebhookEndpoint(BaseModel):
@@ -37,8 +45,10 @@ class WebhookDelivery(BaseModel):
     event_type: str
     status: str
     attempts: int
-    last_status_code: int | None
+    # 2xx, 3xx, 4xx, 5xx, or unreachable: never what the network said (no port-scan oracle).
+    last_status_class: str | None
     last_error: str | None
+    next_attempt_at: int | None = Field(description="When it is retried (pending only).")
     created_at: int
     delivered_at: int | None
     payload: dict[str, Any]
@@ -67,8 +77,9 @@ def _delivery(row: WebhookDeliveryRow) -> WebhookDelivery:
         event_type=row.event_type,
         status=row.status,
         attempts=row.attempts,
-        last_status_code=row.last_status_code,
+        last_status_class=row.last_status_class,
         last_error=row.last_error,
+        next_attempt_at=int(row.next_attempt_at) if row.status == "pending" else None,
         created_at=row.created_at,
         delivered_at=row.delivered_at,
         payload=row.payload,
@@ -76,11 +87,22 @@ def _delivery(row: WebhookDeliveryRow) -> WebhookDelivery:
 
 
 @router.post("", response_model=WebhookEndpoint, responses=ERRORS)
-def create(webhooks: WebhooksDep, tenant: TenantDep, body: WebhookCreate) -> WebhookEndpoint:
+def create(
+    webhooks: WebhooksDep, services: ServicesDep, tenant: TenantDep, body: WebhookCreate
+) -> WebhookEndpoint:
     """Register a URL; each job of yours that ends from now on is POSTed to it, signed with
     the returned secret (HMAC-SHA256, `webhook-id`/`webhook-timestamp`/`webhook-signature`
-    headers as in Standard Webhooks), retried with backoff until it answers 2xx."""
-    return _endpoint(webhooks.add_endpoint(tenant, str(body.url)), with_secret=True)
+    headers as in Standard Webhooks), retried with backoff until it answers 2xx. Each
+    delivery has a total deadline; a tenant has at most LORAFLEET_MAX_WEBHOOKS_PER_TENANT
+    endpoints (429 past it)."""
+    settings = services.settings
+    url = str(body.url)
+    try:
+        check_url(url, parse_networks(settings.webhook_allowed_networks))
+    except RefusedAddress as exc:
+        raise InvalidRequest(f"url: {exc}", param="url", code="invalid_url") from exc
+    row = webhooks.add_endpoint(tenant, url, settings.max_webhooks_per_tenant)
+    return _endpoint(row, with_secret=True)
 
 
 @router.get("", response_model=ListPage[WebhookEndpoint], responses=ERRORS)

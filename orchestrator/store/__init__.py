@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.errors import NotFound
 from orchestrator.states import JobStatus
 from orchestrator.store.job_reads import JobFields, JobReads
+from orchestrator.store.rows import add_events, new_id, now
 from orchestrator.store.rows import event_row as _event
-from orchestrator.store.rows import new_id, now
 from orchestrator.store.transitions import JobTransitions
 from orchestrator.tables import ApiKeyRow, FileRow, IdempotencyRow, JobEventRow, JobRow
 
@@ -74,7 +74,7 @@ class JobStore(JobTransitions):
         with self._creating(idempotency) as session:
             session.add(row)
             session.flush()
-            session.add(_event(row.id, message, data={"status": row.status}))
+            add_events(session, row.id, [_event(row.id, message, data={"status": row.status})])
             if idempotency:
                 _record(session, idempotency, row)
         return row
@@ -172,11 +172,15 @@ class JobStore(JobTransitions):
         query = select(JobEventRow).where(JobEventRow.job_id == job_id)
         if after:
             with self.sessions() as session:
-                anchor = session.scalar(select(JobEventRow.seq).where(JobEventRow.id == after))
+                anchor = session.scalar(
+                    select(JobEventRow.job_seq).where(
+                        JobEventRow.id == after, JobEventRow.job_id == job_id
+                    )
+                )
             if anchor is None:
                 raise NotFound("event", after, "after")
-            query = query.where(JobEventRow.seq < anchor)
-        query = query.order_by(JobEventRow.seq.desc()).limit(limit + 1)
+            query = query.where(JobEventRow.job_seq < anchor)
+        query = query.order_by(JobEventRow.job_seq.desc()).limit(limit + 1)
         with self.sessions() as session:
             rows = list(session.scalars(query))
         return rows[:limit], len(rows) > limit
@@ -185,18 +189,19 @@ class JobStore(JobTransitions):
         query = (
             select(JobEventRow.data)
             .where(JobEventRow.job_id == job_id, JobEventRow.type == "metrics")
-            .order_by(JobEventRow.seq.desc())
+            .order_by(JobEventRow.job_seq.desc())
             .limit(1)
         )
         with self.sessions() as session:
             return session.scalar(query)
 
     def events_since(self, job_id: str, seq: int) -> list[JobEventRow]:
-        """Oldest first, for live streams."""
+        """Oldest first, for live streams: the job's events numbered above `seq` (job_seq,
+        which commits in order, so a stream that asks again from its last never skips one)."""
         query = (
             select(JobEventRow)
-            .where(JobEventRow.job_id == job_id, JobEventRow.seq > seq)
-            .order_by(JobEventRow.seq)
+            .where(JobEventRow.job_id == job_id, JobEventRow.job_seq > seq)
+            .order_by(JobEventRow.job_seq)
         )
         with self.sessions() as session:
             return list(session.scalars(query))

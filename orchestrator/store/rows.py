@@ -6,7 +6,10 @@ import secrets
 import time
 from typing import Any
 
-from orchestrator.tables import JobEventRow
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from orchestrator.tables import JobEventRow, JobRow
 
 
 def new_id(prefix: str) -> str:
@@ -35,3 +38,30 @@ def event_row(
         message=message,
         data=data,
     )
+
+
+def add_events(session: Session, job_id: str, events: list[JobEventRow]) -> None:
+    """Appends a job's events numbered after its last one (`job_seq`), under the job's row
+    lock: PostgreSQL's FOR UPDATE (already held by a transition's UPDATE), SQLite's one
+    writer. Numbers therefore commit in order, and a reader that has seen number n never
+    sees a number below n appear later. Each INSERT computes its number itself: on SQLite an
+    INSERT takes the write lock before it reads, so no other writer can come between."""
+    session.execute(select(JobRow.id).where(JobRow.id == job_id).with_for_update())
+    for event in events:
+        following = (
+            select(func.coalesce(func.max(JobEventRow.job_seq), 0) + 1)
+            .where(JobEventRow.job_id == job_id)
+            .scalar_subquery()
+        )
+        session.execute(
+            insert(JobEventRow).values(
+                id=event.id,
+                job_id=job_id,
+                job_seq=following,
+                created_at=event.created_at,
+                level=event.level,
+                type=event.type,
+                message=event.message,
+                data=event.data,
+            )
+        )

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.job_settings import JobSettings
 from orchestrator.errors import InvalidTransition
 from orchestrator.states import JobStatus, is_allowed, sources_of
+from orchestrator.store.rows import add_events, now
 from orchestrator.store.rows import event_row as _event
-from orchestrator.store.rows import now
 from orchestrator.tables import JobRow
 
 
@@ -141,11 +141,13 @@ class JobTransitions:
         the job moved on."""
         with self.sessions.begin() as session:
             current = session.scalar(
-                select(JobRow.id).where(JobRow.id == job_id, JobRow.attempt == attempt)
+                select(JobRow.id)
+                .where(JobRow.id == job_id, JobRow.attempt == attempt)
+                .with_for_update()
             )
             if current is None:
                 return False
-            session.add(_event(job_id, message, level="warn", data=data))
+            add_events(session, job_id, [_event(job_id, message, level="warn", data=data)])
         return True
 
     def _move(
@@ -175,9 +177,10 @@ class JobTransitions:
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 current = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
                 raise InvalidTransition(job_id, target.value, current)
-            session.add(
-                _event(job_id, message, level=level, data={**(data or {}), "status": target.value})
+            event = _event(
+                job_id, message, level=level, data={**(data or {}), "status": target.value}
             )
+            add_events(session, job_id, [event])
             row = session.get(JobRow, job_id, populate_existing=True)
             assert row is not None
             return row
@@ -211,14 +214,15 @@ class JobTransitions:
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 return False
-            for event in events:
-                session.add(
-                    _event(
-                        job_id,
-                        event.get("message", ""),
-                        level=event.get("level", "info"),
-                        type_="metrics" if event.get("type") == "metrics" else "message",
-                        data=event.get("data"),
-                    )
+            rows = [
+                _event(
+                    job_id,
+                    event.get("message", ""),
+                    level=event.get("level", "info"),
+                    type_="metrics" if event.get("type") == "metrics" else "message",
+                    data=event.get("data"),
                 )
+                for event in events
+            ]
+            add_events(session, job_id, rows)
         return True

@@ -3,7 +3,8 @@ the only code that reads or writes them.
 
 A delivery is one job's end announced to one endpoint; it is created once (unique per
 endpoint and job), claimed by a guarded update before each attempt (so two delivery
-workers never POST the same attempt), and ends `succeeded` or `failed`.
+workers never POST the same attempt), and ends `succeeded` or `failed`. What a tenant reads
+of an attempt is its status class (2xx … 5xx, or `unreachable`), never what the network said.
 """
 
 from __future__ import annotations
@@ -26,17 +27,26 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from orchestrator.errors import NotFound
+from orchestrator.errors import NotFound, RateLimited
 from orchestrator.states import JobStatus
 from orchestrator.store.rows import new_id, now
 from orchestrator.tables import Base, JobEventRow, JobRow
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+UNREACHABLE = "unreachable"  # refused address, no answer, or no answer within the deadline
+OUTCOME_TEXT = {
+    UNREACHABLE: "the receiver could not be reached, or did not answer within the deadline",
+    "1xx": "the receiver answered 1xx",
+    "3xx": "the receiver answered a redirect (not followed)",
+    "4xx": "the receiver answered 4xx",
+    "5xx": "the receiver answered 5xx",
+}
 ENDED = [s.value for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)]
 
 
@@ -73,6 +83,7 @@ class WebhookDeliveryRow(Base):
     next_attempt_at: Mapped[float] = mapped_column(Float)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    last_status_class: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[int] = mapped_column(BigInteger)
     delivered_at: Mapped[int | None] = mapped_column(BigInteger)
 
@@ -101,7 +112,14 @@ class WebhookStore:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
 
     # ---- endpoints (per tenant) ----
-    def add_endpoint(self, tenant: str, url: str) -> WebhookEndpointRow:
+    def add_endpoint(self, tenant: str, url: str, max_per_tenant: int) -> WebhookEndpointRow:
+        """Registers `url`; RateLimited when the tenant has `max_per_tenant` already.
+
+        The mark is the newest event once every event transaction in flight has committed
+        (on PostgreSQL a SHARE lock waits for them and holds new ones back for this short
+        transaction): an event committed after the mark always numbers above it, so no job
+        ending around registration is missed. SQLite writes one transaction at a time.
+        """
         row = WebhookEndpointRow(
             id=new_id("whep"),
             tenant=tenant,
@@ -111,6 +129,14 @@ class WebhookStore:
             after_event_seq=0,
         )
         with self.sessions.begin() as session:
+            count = select(func.count()).where(WebhookEndpointRow.tenant == tenant)
+            if (session.scalar(count) or 0) >= max_per_tenant:
+                raise RateLimited(
+                    f"a tenant may have {max_per_tenant} webhook endpoints; delete one first",
+                    param="url",
+                )
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text("LOCK TABLE job_events IN SHARE MODE"))
             row.after_event_seq = session.scalar(select(func.max(JobEventRow.seq))) or 0
             session.add(row)
         return row
@@ -223,11 +249,11 @@ class WebhookStore:
         self,
         delivery_id: str,
         status_code: int | None,
-        error: str | None,
+        status_class: str,
         retry_at: float | None,
     ) -> None:
         """One attempt's outcome: delivered (2xx), retried at `retry_at`, or given up."""
-        delivered = status_code is not None and 200 <= status_code < 300
+        delivered = status_class == "2xx"
         status = SUCCEEDED if delivered else (PENDING if retry_at is not None else FAILED)
         with self.sessions.begin() as session:
             session.execute(
@@ -237,7 +263,8 @@ class WebhookStore:
                     status=status,
                     attempts=WebhookDeliveryRow.attempts + 1,
                     last_status_code=status_code,
-                    last_error=error,
+                    last_status_class=status_class,
+                    last_error=None if delivered else OUTCOME_TEXT.get(status_class),
                     next_attempt_at=retry_at if retry_at is not None else time.time(),
                     delivered_at=now() if delivered else None,
                 )
