@@ -44,6 +44,9 @@ class HostWatch:
     _admitted_at: dict[str, float]
 
     def watch(self) -> None:
+        """Polls every host at once (each job's events from its cursor), then per host: a
+        silent one waits or is ended, a lost one's jobs requeue, a hung one is ended, and
+        each job of an answering one is stored and finished if it ended."""
         active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if on_host(j)]
         by_host: dict[str, list[JobRow]] = defaultdict(list)
         for job in active:
