@@ -118,63 +118,154 @@ def parse_record(record: Any, line: int) -> Example | LineProblem:
     return LineProblem(line, "line", "needs one of: messages, prompt/completion, text")
 
 
-def parse_jsonl(data: bytes, max_line_bytes: int = 1 << 20) -> list[Example]:
-    """Parses a whole JSONL file; raises DatasetError naming every bad line (up to a bound)."""
-    examples: list[Example] = []
-    problems: list[LineProblem] = []
-    total_problems = 0
-    first_format: tuple[Format, int] | None = None
+MAX_LINE_BYTES = 1 << 20
 
-    def report(problem: LineProblem) -> None:
-        nonlocal total_problems
-        total_problems += 1
-        if len(problems) < MAX_REPORTED_PROBLEMS:
-            problems.append(problem)
 
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError([LineProblem(line, "line", "is not valid UTF-8")], 1) from exc
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        if len(raw.encode()) > max_line_bytes:
-            report(LineProblem(number, "line", f"is longer than {max_line_bytes} bytes"))
-            continue
+class TooManyLines(ValueError):
+    """More examples (non-blank lines) than the limit."""
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """JSON Lines' lines: split on `\n` only, with an optional `\r` before it dropped.
+    (`str.splitlines` also breaks on U+2028, U+2029 and U+0085, which JSON allows raw inside
+    a string.) A UTF-8 multi-byte character never holds the byte 0x0A, so bytes split exactly."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line.removesuffix(b"\r") for line in lines]
+
+
+class JsonlCheck:
+    """Checks a JSONL file as its bytes arrive (`feed`, then `finish`): memory is one
+    partial line (at most `max_line_bytes`), whatever the file's size. The one count of
+    lines: the examples limit counts the non-blank lines this parser reads."""
+
+    def __init__(
+        self,
+        max_lines: int | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        keep: bool = False,
+    ) -> None:
+        self.max_lines = max_lines
+        self.max_line_bytes = max_line_bytes
+        self.examples: list[Example] = []  # kept only with `keep`
+        self.count = 0  # valid examples
+        self.lines = 0  # non-blank lines read
+        self.number = 0  # lines read, blank ones too
+        self.problems: list[LineProblem] = []
+        self.total_problems = 0
+        self.first_format: tuple[Format, int] | None = None
+        self.keep = keep
+        self._partial = bytearray()
+        self._overlong = False  # the current line is past max_line_bytes: skip to its end
+
+    def feed(self, data: bytes) -> None:
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            self._take(data[start:end])
+            self._end_line()
+            start = end + 1
+        self._take(data[start:])
+
+    def _take(self, piece: bytes) -> None:
+        if self._overlong or not piece:
+            return
+        if len(self._partial) + len(piece) > self.max_line_bytes + 1:  # + a final \r
+            self._overlong = True
+            self._partial.clear()
+            return
+        self._partial += piece
+
+    def _end_line(self) -> None:
+        self.number += 1
+        if self._overlong:
+            self._overlong = False
+            self._count_line()
+            self._report(
+                LineProblem(self.number, "line", f"is longer than {self.max_line_bytes} bytes")
+            )
+            return
+        raw = bytes(self._partial).removesuffix(b"\r")
+        self._partial.clear()
+        self._line(raw)
+
+    def _count_line(self) -> None:
+        self.lines += 1
+        if self.max_lines is not None and self.lines > self.max_lines:
+            raise TooManyLines(f"file has more than the {self.max_lines}-line limit")
+
+    def _report(self, problem: LineProblem) -> None:
+        self.total_problems += 1
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(problem)
+
+    def _line(self, raw: bytes) -> None:
+        number = self.number
         try:
-            record = json.loads(raw)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._count_line()
+            self._report(LineProblem(number, "line", "is not valid UTF-8"))
+            return
+        if not line.strip():
+            return
+        self._count_line()
+        if len(raw) > self.max_line_bytes:
+            self._report(LineProblem(number, "line", f"is longer than {self.max_line_bytes} bytes"))
+            return
+        try:
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
-            report(LineProblem(number, "line", f"is not valid JSON ({exc.msg})"))
-            continue
+            self._report(LineProblem(number, "line", f"is not valid JSON ({exc.msg})"))
+            return
         except RecursionError:
             # The decoder recurses per nesting level; a hostile line exhausts the stack.
-            report(LineProblem(number, "line", "is nested too deeply to be a training example"))
-            continue
+            self._report(
+                LineProblem(number, "line", "is nested too deeply to be a training example")
+            )
+            return
         parsed = parse_record(record, number)
         if isinstance(parsed, LineProblem):
-            report(parsed)
-            continue
-        if first_format is None:
-            first_format = (parsed.format, number)
-        elif parsed.format != first_format[0]:
-            report(
+            self._report(parsed)
+            return
+        if self.first_format is None:
+            self.first_format = (parsed.format, number)
+        elif parsed.format != self.first_format[0]:
+            self._report(
                 LineProblem(
                     number,
                     "line",
-                    f"is {parsed.format} but line {first_format[1]} is {first_format[0]}; "
-                    "use one format per file",
+                    f"is {parsed.format} but line {self.first_format[1]} is "
+                    f"{self.first_format[0]}; use one format per file",
                 )
             )
-            continue
-        examples.append(parsed)
-    if not examples and not problems:
-        report(LineProblem(1, "file", "has no examples"))
-    if problems:
-        raise DatasetError(problems, total_problems)
-    return examples
+            return
+        self.count += 1
+        if self.keep:
+            self.examples.append(parsed)
+
+    def finish(self) -> DatasetSummary:
+        """The file's summary once its last byte came; DatasetError naming its bad lines."""
+        if self._partial or self._overlong:  # a last line without its \n
+            self._end_line()
+        if self.first_format is None and not self.problems:
+            self._report(LineProblem(1, "file", "has no examples"))
+        if self.problems:
+            raise DatasetError(self.problems, self.total_problems)
+        assert self.first_format is not None
+        return DatasetSummary(format=self.first_format[0], examples=self.count)
 
 
-def summarize_jsonl(data: bytes) -> DatasetSummary:
-    examples = parse_jsonl(data)
-    return DatasetSummary(format=examples[0].format, examples=len(examples))
+def parse_jsonl(data: bytes, max_line_bytes: int = MAX_LINE_BYTES) -> list[Example]:
+    """Parses a whole JSONL file; raises DatasetError naming every bad line (up to a bound)."""
+    check = JsonlCheck(max_line_bytes=max_line_bytes, keep=True)
+    check.feed(data)
+    check.finish()
+    return check.examples
+
+
+def summarize_jsonl(data: bytes, max_lines: int | None = None) -> DatasetSummary:
+    """The format and example count; TooManyLines past `max_lines` non-blank lines."""
+    check = JsonlCheck(max_lines=max_lines)
+    check.feed(data)
+    return check.finish()

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024  # an object streamed through a server is read this much at a time
 CONNECT_TIMEOUT_S = 5.0
+PART_BYTES = 5 * 1024 * 1024  # S3's smallest multipart part: what a streamed write holds
 
 # Called with (outcome, error) on every transport failure of a store call: outcome is
 # "retried" or "gave_up". A hook rather than a metric here: core stays free of any metrics
@@ -73,6 +74,16 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None: ...
     def iter_chunks(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]: ...
+    def open_writer(self, key: str) -> ObjectWriter: ...
+
+
+class ObjectWriter(Protocol):
+    """An object written in parts as its bytes arrive: `write` any number of times, then
+    `commit` (the object appears whole under its key) or `abort` (nothing is left)."""
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 def open_object_store(config: ObjectStoreConfig, retries: int | None = None) -> ObjectStore:
@@ -115,6 +126,9 @@ class LocalObjectStore:
 
     def put_file(self, key: str, path: Path) -> None:
         self._write_atomically(key, lambda tmp: shutil.copyfile(path, tmp))
+
+    def open_writer(self, key: str) -> ObjectWriter:
+        return _LocalWriter(self._path(key))
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -237,6 +251,9 @@ class S3ObjectStore:
         # once the whole upload completes, so readers never see part of it.
         self._with_backoff(lambda: self.client.upload_file(str(path), self.bucket, self._key(key)))
 
+    def open_writer(self, key: str) -> ObjectWriter:
+        return _S3Writer(self, self._key(key))
+
     def _get_object(self, key: str) -> dict[str, Any]:
         """GetObject, retried; a missing key raises `ObjectNotFound` before any byte is read."""
         from botocore.exceptions import ClientError
@@ -308,6 +325,93 @@ class S3ObjectStore:
             ExpiresIn=expires_s,
         )
         return url
+
+
+class _LocalWriter:
+    """A temp file beside the final path, renamed in by `commit`."""
+
+    def __init__(self, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.final = final
+        fd, self.tmp = tempfile.mkstemp(dir=final.parent, prefix=".partial-")
+        self.file = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+class _S3Writer:
+    """A multipart upload holding at most one part (PART_BYTES) in memory; an object
+    smaller than one part is one PUT. S3 shows it only once completed; `abort` removes the
+    parts already sent."""
+
+    def __init__(self, store: S3ObjectStore, key: str) -> None:
+        self.store = store
+        self.key = key
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= PART_BYTES:
+            part = bytes(self.buffer[:PART_BYTES])
+            del self.buffer[:PART_BYTES]
+            self._send(part)
+
+    def _send(self, part: bytes) -> None:
+        client, bucket = self.store.client, self.store.bucket
+        if self.upload_id is None:
+            created = self.store._with_backoff(
+                lambda: client.create_multipart_upload(Bucket=bucket, Key=self.key)
+            )
+            self.upload_id = str(created["UploadId"])
+        number = len(self.parts) + 1
+        sent = self.store._with_backoff(
+            lambda: client.upload_part(
+                Bucket=bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=part
+            )
+        )
+        self.parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    def commit(self) -> None:
+        client, bucket = self.store.client, self.store.bucket
+        if self.upload_id is None:
+            body = bytes(self.buffer)
+            self.store._with_backoff(
+                lambda: client.put_object(Bucket=bucket, Key=self.key, Body=body)
+            )
+            return
+        if self.buffer:
+            self._send(bytes(self.buffer))
+            self.buffer.clear()
+        self.store._with_backoff(
+            lambda: client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+            )
+        )
+
+    def abort(self) -> None:
+        self.buffer.clear()
+        if self.upload_id is not None:
+            client, bucket = self.store.client, self.store.bucket
+            self.store._with_backoff(
+                lambda: client.abort_multipart_upload(
+                    Bucket=bucket, Key=self.key, UploadId=self.upload_id
+                )
+            )
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -2,80 +2,104 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import IdempotencyKeyHeader, ServicesDep, TenantDep
+from api.multipart_upload import read_upload
 from api.objects import file_object
 from api.schemas import ErrorResponse, FileDeleted, FileObject, ListPage
-from orchestrator.errors import PayloadTooLarge
-from orchestrator.files import upload_file
-from orchestrator.idempotency import Idempotency, request_hash
-from orchestrator.tables import FileRow
+from orchestrator.errors import InvalidRequest
+from orchestrator.files import PURPOSES, FileUpload, check_purpose, commit_file
+from orchestrator.idempotency import Idempotency
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422)
 }
-CHUNK = 1 << 20
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "JSONL: chat, prompt/completion or text lines "
+                        "(one example a line, lines end with \\n). One file part.",
+                    },
+                    "purpose": {"type": "string", "enum": list(PURPOSES)},
+                },
+            }
+        }
+    },
+}
 
 
-async def _read_bounded(upload: UploadFile, limit: int) -> bytes:
-    """Reads at most limit + 1 bytes, so an oversized upload is refused without holding it."""
-    chunks, size = [], 0
-    while chunk := await upload.read(CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"file is larger than the {limit}-byte limit", param="file")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-@router.post("", response_model=FileObject, responses=ERRORS)
+@router.post(
+    "", response_model=FileObject, responses=ERRORS, openapi_extra={"requestBody": UPLOAD_BODY}
+)
 async def create_file(
+    request: Request,
     services: ServicesDep,
     tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="JSONL: chat, prompt/completion or text lines")],
-    purpose: Annotated[str, Form()],
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> FileObject:
-    data = await _read_bounded(file, services.settings.max_upload_bytes)
-    filename = file.filename or "upload.jsonl"
+    """Upload a training file. It is read as it arrives: a body past
+    LORAFLEET_MAX_UPLOAD_BYTES is cut off with 413, each line is checked as it comes, and
+    the file is written to the store in parts; it exists (is listed, usable) only once whole
+    and valid."""
+    settings = services.settings
 
+    def new_upload() -> FileUpload:
+        return FileUpload(
+            services.objects,
+            tenant,
+            max_bytes=settings.max_upload_bytes,
+            max_lines=settings.max_file_lines,
+        )
+
+    read = await read_upload(request, settings.max_upload_bytes, new_upload)
+    upload = read.upload
+    if upload is None:
+        raise InvalidRequest("file: a file part is required", param="file")
+    try:
+        purpose = read.fields.get("purpose")
+        if purpose is None:
+            raise InvalidRequest("purpose: a purpose field is required", param="purpose")
+        check_purpose(purpose)
+        summary = await run_in_threadpool(upload.finish)
+    except BaseException:
+        await run_in_threadpool(upload.abort)
+        raise
+    row = upload.row(read.filename, purpose, summary)
     idempotency = (
         Idempotency(
             tenant=tenant,
             endpoint="files.create",
             key=idempotency_key,
-            request_hash=request_hash(filename, purpose, data),
-            render=lambda row: file_object(row).model_dump(mode="json"),
+            request_hash=upload.request_hash(read.filename, purpose),
+            render=lambda created: file_object(created).model_dump(mode="json"),
         )
         if idempotency_key
         else None
     )
 
-    def upload() -> FileObject:
-        def store_file() -> FileRow:
-            return upload_file(
-                services.store,
-                services.objects,
-                tenant=tenant,
-                filename=filename,
-                purpose=purpose,
-                data=data,
-                max_bytes=services.settings.max_upload_bytes,
-                max_lines=services.settings.max_file_lines,
-                idempotency=idempotency,
-            )
-
-        if idempotency is None:
-            return file_object(store_file())
-        return FileObject.model_validate(services.idempotency.create_once(idempotency, store_file))
+    def commit() -> dict[str, object]:
+        return commit_file(
+            services.store,
+            services.objects,
+            services.idempotency,
+            row,
+            idempotency,
+            lambda created: file_object(created).model_dump(mode="json"),
+        )
 
     # Storage and database calls block: keep them off the event loop.
-    return await run_in_threadpool(upload)
+    return FileObject.model_validate(await run_in_threadpool(commit))
 
 
 @router.get("", response_model=ListPage[FileObject])
