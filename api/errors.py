@@ -62,9 +62,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(400, "; ".join(problems), param=first, code="invalid_value")
 
 
-async def _invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+async def _invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
     status = 413 if isinstance(exc, PayloadTooLarge) else 400
-    return error_response(status, exc.message, exc.param, exc.code)
+    response = error_response(status, exc.message, exc.param, exc.code)
+    if isinstance(exc, PayloadTooLarge) or getattr(request.state, "body_left_unread", False):
+        # The server would otherwise read (and discard) the rest of the body to keep the
+        # connection: closing it is what cuts an oversized upload off.
+        response.headers["Connection"] = "close"
+    return response
 
 
 async def _not_found(_: Request, exc: NotFound) -> JSONResponse:

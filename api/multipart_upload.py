@@ -169,6 +169,7 @@ async def read_upload(
             raise InvalidRequest("the multipart body ends before its closing boundary", "file")
         await _hand_on(parts, read)
     except BaseException:
+        request.state.body_left_unread = True  # api/errors.py closes the connection
         if read.upload is not None:
             await run_in_threadpool(read.upload.abort)
         raise
