@@ -138,7 +138,8 @@ class SlotWriter:
                         f"{self.publish_retry_seconds:g} s)",
                         {
                             "level": "warning",
-                            "attempt": window.failures + 1,
+                            # Not "attempt": that key is the job's attempt in every event.
+                            "publish_attempt": window.failures + 1,
                             "retry_in_seconds": delay,
                             "retry_window_seconds": self.publish_retry_seconds,
                             "error": str(exc),
