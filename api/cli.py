@@ -68,7 +68,7 @@ def run_scheduler(
 
     from core.objectstore import open_object_store
     from orchestrator.db import make_engine, migrate
-    from orchestrator.scheduling.ray_runs import RayRuns
+    from orchestrator.scheduling.ray_connection import RayConnection
     from orchestrator.scheduling.scheduler import Scheduler
     from orchestrator.settings import Settings
     from orchestrator.store import JobStore
@@ -80,7 +80,7 @@ def run_scheduler(
     migrate(engine)
     objects = open_object_store(settings.object_store_config)
     store = JobStore(engine)
-    loop = Scheduler(settings, store, objects, RayRuns(settings))
+    loop = Scheduler(settings, store, objects, RayConnection(settings))
     deliverer = WebhookDeliverer(settings, engine)
     if metrics_port:
         serve_metrics(store, metrics_host, metrics_port, settings.metrics_token)

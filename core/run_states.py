@@ -1,7 +1,7 @@
-"""A job's state inside its run, as the run reports it to the scheduler.
+"""A job's state on its pack host, as the host reports it to the scheduler.
 
 Same terminal rule as `orchestrator.states.JobStatus`: a state with no way out is terminal,
-and a run never moves a job out of a terminal state (late events for it are refused).
+and a host never moves a job out of a terminal state (late events for it are refused).
 """
 
 from __future__ import annotations
@@ -30,7 +30,3 @@ RUN_TRANSITIONS: dict[RunJobState, frozenset[RunJobState]] = {
     S.CANCELLED: frozenset(),
 }
 del S
-
-
-def run_actor_name(run_id: str) -> str:
-    return f"lorafleet-run-{run_id}"

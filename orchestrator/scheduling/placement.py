@@ -11,7 +11,6 @@ resources.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 from core.host_protocol import HostReport, HostShape, HostSpec
 from orchestrator.jobs import training_fields
@@ -49,32 +48,28 @@ def free_after_unplaced(
     return left
 
 
-@dataclass
-class StartRoom:
-    """What a tick has left for starting hosts and runs alike (a `packing: false` job's run
-    of its own counts as a host does): starts under `max_concurrent_runs`, and the nodes'
-    free resources."""
-
-    starts: int = 0
-    free: list[Resources] = field(default_factory=list)
-
-    def take(self, shape: HostShape) -> bool:
-        """Takes the room for one host or run of `shape`; False (nothing taken) if none."""
-        left = place(bundles_of(shape), self.free) if self.starts > 0 else None
-        if left is None:
-            return False
-        self.starts, self.free = self.starts - 1, left
-        return True
-
-
-def host_spec(settings: Settings, host_id: str, shape: HostShape, *, warm: bool) -> HostSpec:
+def host_spec(
+    settings: Settings,
+    host_id: str,
+    shape: HostShape,
+    *,
+    warm: bool,
+    exclusive: bool = False,
+    memory_budget_bytes: int = 0,  # per rank (orchestrator.scheduling.sizing.spec_budget)
+) -> HostSpec:
+    """`exclusive`: a host for one `packing: false` job, of one slot that admits no one
+    else, ending as soon as its job leaves (no idle wait: nobody else may use it)."""
     return HostSpec(
         host_id=host_id,
         shape=shape,
-        max_slots=settings.max_slots_per_host,
-        idle_seconds=settings.host_idle_seconds,
+        max_slots=1 if exclusive else settings.max_slots_per_host,
+        idle_seconds=0.0 if exclusive else settings.host_idle_seconds,
         warm=warm,
+        exclusive=exclusive,
+        memory_budget_bytes=memory_budget_bytes,
+        setup_timeout_seconds=settings.setup_timeout_seconds,
         step_timeout_seconds=settings.step_timeout_seconds,
         max_job_restarts=settings.max_worker_restarts,
+        publish_retry_seconds=settings.publish_retry_seconds,
         **training_fields(settings),
     )

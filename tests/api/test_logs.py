@@ -14,7 +14,7 @@ import pytest
 
 from api.ops import configure_logging
 from orchestrator.jobs import NewJob, resolve_settings
-from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.scheduler import Scheduler
 from tests.conftest import job_row
 from tests.orchestrator.test_host_scheduling import make_world
@@ -44,9 +44,9 @@ def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def test_a_scheduler_tick_logs_json_with_job_host_and_attempt(
     json_logs: Any, tmp_path: Path, ray_address: str
 ) -> None:
-    world = make_world(tmp_path, scheduling_mode="hosts")
+    world = make_world(tmp_path)
     scheduler = Scheduler(
-        world.settings, world.store, world.objects, RayRuns(world.settings), hosts=world.hosts
+        world.settings, world.store, world.objects, RayConnection(world.settings), world.hosts
     )
     job_id = world.submit()
     scheduler.tick()
@@ -65,9 +65,11 @@ def test_a_scheduler_tick_logs_json_with_job_host_and_attempt(
 
 
 def test_a_failed_job_logs_its_context(json_logs: Any, tmp_path: Path, ray_address: str) -> None:
-    """Window mode: a job whose training file is gone fails at validation, attempt 0, no run."""
-    world = make_world(tmp_path, scheduling_mode="window")
-    scheduler = Scheduler(world.settings, world.store, world.objects, RayRuns(world.settings))
+    """A job whose training file is gone fails at validation: attempt 0, on no host."""
+    world = make_world(tmp_path)
+    scheduler = Scheduler(
+        world.settings, world.store, world.objects, RayConnection(world.settings), world.hosts
+    )
     job = job_row(
         training_file="file-gone",
         settings=resolve_settings(NewJob(model="tiny", training_file="file-gone"), 2),

@@ -20,7 +20,7 @@ from api.app import create_app
 from api.routers.metrics import exposition
 from api.server_process import free_port
 from core.objectstore import ObjectStoreConfig, S3ObjectStore
-from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from tests.api.conftest import GOOD_RECORDS, upload
@@ -133,9 +133,9 @@ def test_hosts_and_slots_in_use_are_what_the_pack_hosts_report(
 ) -> None:
     """A scheduler in host mode on in-memory pack hosts (Ray only for its run side); the
     figures are read through the same exposition GET /metrics serves for this store."""
-    world = make_world(tmp_path, scheduling_mode="hosts", max_slots_per_host=4)
+    world = make_world(tmp_path, max_slots_per_host=4)
     scheduler = Scheduler(
-        world.settings, world.store, world.objects, RayRuns(world.settings), hosts=world.hosts
+        world.settings, world.store, world.objects, RayConnection(world.settings), world.hosts
     )
     steps_before = samples(exposition(world.store).decode())[("lorafleet_trained_steps_total", ())]
     first, second = world.submit(), world.submit(tenant="t2")
@@ -205,26 +205,16 @@ def exposition_of_registry() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("mode", "busy"),
-    [
-        ("hosts", ("hosts", "busy")),
-        # The window mode's run path: a later stage (see README, Development).
-        pytest.param("window", ("window", "running"), marks=pytest.mark.long),
-    ],
-)
 def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
-    settings: Settings, ray_address: str, mode: str, busy: tuple[str, str]
+    settings: Settings, ray_address: str
 ) -> None:
-    """One real job (Ray Train + DeepSpeed, on a pack host or in a run of its own) through
-    the API with its scheduler: while it trains, one busy host or run and one slot; once
-    published, the publish histogram holds the seconds its worker put in the published
-    event (each mode has its own publish path), and every stored step was counted."""
+    """One real job (Ray Train + DeepSpeed, on a pack host) through the API with its
+    scheduler: while it trains, one busy host and one slot; once published, the publish
+    histogram holds the seconds its worker put in the published event, and every stored
+    step was counted."""
     on_ray = settings.model_copy(
         update={
-            "scheduling_mode": mode,
             "scheduler_poll_seconds": 0.2,
-            "pack_window_seconds": 0.0,
             "host_idle_seconds": 2.0,  # the host leaves the session's Ray soon after
         }
     )
@@ -262,7 +252,7 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
     assert len(published) == 1, [e["message"] for e in data]
     steps = [e for e in data if e["type"] == "metrics" and "step" in (e["data"] or {})]
     assert seen_training, "never saw the job's slot in use"
-    assert hosts(seen_training[-1], *busy) == 1
+    assert hosts(seen_training[-1], "hosts", "busy") == 1
     assert after[("lorafleet_slots_in_use", ())] == 0
 
     # The host's memory per rank, by shape: what its memory event told the job.
@@ -271,12 +261,9 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
         for e in data
         if "measured_peak_bytes" in (e["data"] or {})
     }
-    if mode == "hosts":
-        assert len(told) == 1 and seen_memory == told, (seen_memory, told)
-        [(peak, estimate)] = told
-        assert peak > 0 and estimate > 0  # how close they are: tests/e2e/test_memory_*
-    else:  # a run measures nothing per membership
-        assert told == set() and seen_memory == set()
+    assert len(told) == 1 and seen_memory == told, (seen_memory, told)
+    [(peak, estimate)] = told
+    assert peak > 0 and estimate > 0  # how close they are: tests/e2e/test_memory_*
 
     def delta(name: str) -> float:
         return after[(name, ())] - before[(name, ())]

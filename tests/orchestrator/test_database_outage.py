@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from core.objectstore import open_object_store
-from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
@@ -68,15 +68,16 @@ def test_the_api_answers_503_and_the_scheduler_rides_out_a_database_outage(
     # Acknowledged means durable: the test server's default (synchronous_commit=off) could
     # lose the last commits to an immediate stop, which is not what this test is about.
     own_postgres.psql("ALTER DATABASE outage SET synchronous_commit = on")
-    settings = Settings(
-        data_dir=tmp_path, database_url=url, ray_address=ray_address, scheduling_mode="window"
-    )
+    settings = Settings(data_dir=tmp_path, database_url=url, ray_address=ray_address)
     with TestClient(create_app(settings)) as client:
         before = upload(client, "before.jsonl")
         assert before.status_code == 200, before.text
         store: JobStore = client.app.state.services.store  # type: ignore[attr-defined]
         scheduler = Scheduler(
-            settings, store, open_object_store(settings.object_store_config), RayRuns(settings)
+            settings,
+            store,
+            open_object_store(settings.object_store_config),
+            RayConnection(settings),
         )
         assert scheduler.tick_safely()
 

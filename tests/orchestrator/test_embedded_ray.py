@@ -45,21 +45,23 @@ def test_ray_stop_ends_the_ray_recorded_in_a_data_dir(tmp_path: Path) -> None:
 def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator.scheduling import ray_runs as runs_module
-    from orchestrator.scheduling.ray_runs import RayRuns
+    from orchestrator.scheduling import ray_connection as connection_module
+    from orchestrator.scheduling.ray_connection import RayConnection
     from orchestrator.settings import Settings
     from tests.conftest import wait_for_condition
 
     data_dir = tmp_path / "state"
-    runs = RayRuns(Settings(data_dir=data_dir, max_concurrent_runs=1, default_num_workers=1))
+    ray_connection = RayConnection(
+        Settings(data_dir=data_dir, max_concurrent_runs=1, default_num_workers=1)
+    )
     # Earlier tests of this session may have left this process a Ray driver (the session's
     # cluster); this scheduler connects as a fresh serve would, to its data dir's own Ray.
-    monkeypatch.setattr(runs_module.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(connection_module.ray, "is_initialized", lambda: False)
     outcome: list[BaseException | None] = []
 
     def connect() -> None:
         try:
-            runs.connect()
+            ray_connection.connect()
             outcome.append(None)
         except BaseException as error:  # noqa: BLE001 - the test reads it
             outcome.append(error)
@@ -73,13 +75,13 @@ def test_a_scheduler_stopped_while_its_ray_starts_leaves_no_ray(
         wait_for_condition(lambda: embedded_ray.read_record(data_dir) is not None, timeout=60)
         recorded = embedded_ray.read_record(data_dir)
         assert recorded is not None and recorded.alive()
-        runs.close()  # what a stopping scheduler does
+        ray_connection.close()  # what a stopping scheduler does
         thread.join(timeout=120)
         assert isinstance(outcome[0], embedded_ray.StartAborted), outcome
         assert not recorded.alive() and embedded_ray.session_pids(recorded.pid) == []
         assert embedded_ray.read_record(data_dir) is None
         with pytest.raises(embedded_ray.StartAborted):
-            runs.connect()  # a tick after the stop starts no Ray
+            ray_connection.connect()  # a tick after the stop starts no Ray
     finally:
         thread.join(timeout=120)
         embedded_ray.stop(data_dir)

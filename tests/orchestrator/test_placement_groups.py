@@ -1,7 +1,7 @@
-"""A run killed with ray.kill leaves its placement group reserved (Ray without its dashboard
-does not release it); the scheduler's reap removes it and its CPUs are free again. A
-placement group that is not one of our runs' is never touched. Real Ray Train run on the
-session's cluster (tiny model, 2 workers)."""
+"""A pack host killed with ray.kill leaves its placement group reserved (Ray without its
+dashboard does not release it); the scheduler's reap removes it and its CPUs are free
+again. A placement group that is not one of our hosts' is never touched. Real Ray Train host
+on the session's cluster (tiny model, 2 workers)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import ray
 
+from core.host_protocol import AdmissionRequest, HostShape, HostSpec, host_actor_name
 from core.objectstore import ObjectStoreConfig, open_object_store
-from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
-from orchestrator.scheduling.ray_runs import RayRuns
+from core.spec import JobSpec, LoraSettings, TrainingSettings
+from orchestrator.scheduling.ray_hosts import RayHosts
 from orchestrator.settings import Settings
 from tests.conftest import wait_for_condition
-from workers.run_actor import run_actor_name
 from workers.runtime.placement_groups import recorded_placement_groups
 
 pytestmark = pytest.mark.slow
@@ -31,14 +31,14 @@ def group_state(group_id: str) -> str:
     return str(ray.util.placement_group_table().get(group_id, {}).get("state", "REMOVED"))
 
 
-def long_run(run_id: str, tiny_base: Path, tmp_path: Path) -> RunSpec:
+def long_job_on_a_host(host_id: str, tiny_base: Path, tmp_path: Path) -> tuple[HostSpec, JobSpec]:
     store = ObjectStoreConfig(url=str(tmp_path / "objects"))
     rows = [{"text": f"the {w} is {w[::-1]}"} for w in ("cat", "river", "stone", "cloud") * 4]
     open_object_store(store).put_bytes(
         "files/pg/data.jsonl", "\n".join(json.dumps(r) for r in rows).encode()
     )
     job = JobSpec(
-        job_id=f"{run_id}-job",
+        job_id=f"{host_id}-job",
         tenant="pg",
         attempt=1,
         base_model="tiny-llama",
@@ -47,44 +47,45 @@ def long_run(run_id: str, tiny_base: Path, tmp_path: Path) -> RunSpec:
         lora=LoraSettings(r=4, alpha=8),
         training=TrainingSettings(n_epochs=500, batch_size=4, max_seq_len=32),
     )
-    return RunSpec(
-        run_id=run_id,
-        jobs=(job,),
-        num_workers=2,
-        use_gpu=False,
+    host = HostSpec(
+        host_id=host_id,
+        shape=HostShape("tiny-llama", str(tiny_base), 2, use_gpu=False, precision="fp32"),
         object_store=store,
         model_cache_dir=tmp_path / "cache",
         storage_path=tmp_path / "ray",
     )
+    return host, job
 
 
-def test_reap_removes_a_killed_runs_placement_group(
+def test_reap_removes_a_killed_hosts_placement_group(
     ray_address: str, tiny_base: Path, tmp_path: Path
 ) -> None:
     settings = Settings(ray_namespace=ray.get_runtime_context().namespace)
-    runs = RayRuns(settings)
+    hosts = RayHosts(settings)
     foreign = ray.util.placement_group([{"CPU": 0.5}])  # another user's, on the same cluster
     ray.get(foreign.ready(), timeout=60)
     free_before = free_cpus()
 
-    run_id = f"pg-{uuid.uuid4().hex[:8]}"
-    runs.launch(long_run(run_id, tiny_base, tmp_path))
-    owner = run_actor_name(run_id)
+    host_id = f"pg-{uuid.uuid4().hex[:8]}"
+    spec, job = long_job_on_a_host(host_id, tiny_base, tmp_path)
+    hosts.start_host(spec)
+    assert hosts.admit(host_id, AdmissionRequest(job)).admitted
+    owner = host_actor_name(host_id)
 
     def recorded() -> list[str]:
         groups = recorded_placement_groups(settings.ray_namespace).items()
         return [group_id for group_id, name in groups if name == owner]
 
-    wait_for_condition(lambda: bool(recorded()), timeout=180, what="the run's placement group")
+    wait_for_condition(lambda: bool(recorded()), timeout=180, what="the host's placement group")
     [group_id] = recorded()
     assert group_state(group_id) == "CREATED"
     assert free_cpus() <= free_before - 2  # one CPU per worker
 
     ray.kill(ray.get_actor(owner, namespace=settings.ray_namespace))
-    wait_for_condition(lambda: runs._actor(run_id) is None, timeout=30, what="the run gone")
+    wait_for_condition(lambda: host_id not in hosts.list_hosts(), timeout=30, what="it gone")
     assert group_state(group_id) == "CREATED", "Ray released it itself: nothing to test"
 
-    runs.reap(live_run_ids=set())
+    hosts.reap()
     wait_for_condition(
         lambda: group_state(group_id) == "REMOVED" and free_cpus() == free_before,
         timeout=30,

@@ -1,5 +1,5 @@
 """Fencing reaches the object store: each attempt of a job writes its adapter and its
-checkpoints under its own keys, so a stale run (an older attempt still alive after a
+checkpoints under its own keys, so a stale host (an older attempt still alive after a
 requeue) can never replace what the current attempt published, nor be resumed from."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from core.object_keys import (
 )
 from core.objectstore import ObjectStore, open_object_store
 from core.publish import publish_adapter, sha256_hex, verify_adapter
-from orchestrator.scheduling.ray_runs import RayRuns
+from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
@@ -54,8 +54,8 @@ def test_a_stale_attempts_late_publish_cannot_replace_the_current_one(tmp_path: 
         current = store.claim(job.id, 1, "run-2", "attempt 2")
 
         publish_adapter(objects, "default", job.id, 2, adapter_folder(tmp_path / "a2", b"two"))
-        scheduler = Scheduler(settings, store, objects, RayRuns(settings))
-        scheduler._succeed(current)  # verifies and archives attempt 2's adapter
+        scheduler = Scheduler(settings, store, objects, RayConnection(settings))
+        scheduler.outcomes.succeed(current)  # verifies and archives attempt 2's adapter
         assert store.job(job.id).status == "succeeded"
 
         # The stale attempt finishes late and publishes too.

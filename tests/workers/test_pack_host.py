@@ -10,39 +10,32 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from core.fault_injection import StepFault
-from core.host_protocol import AdmissionRequest, HostReport, HostShape, HostSpec
+from core.host_protocol import AdmissionRequest, HostReport
 from core.objectstore import ObjectStoreConfig
 from core.run_states import RunJobState
-from core.spec import JobSpec, LoraSettings, TrainingSettings
+from core.spec import LoraSettings
 from orchestrator.scheduling.ray_hosts import RayHosts
-from tests.workers.conftest import adapter
+from tests.workers.conftest import (
+    Watch,
+    adapter,
+    all_ended,
+    for_tenant,
+    free_placement_groups,
+    host_spec,
+    job,
+    states,
+    worst_difference,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 SUCCEEDED, FAILED, RUNNING = RunJobState.SUCCEEDED, RunJobState.FAILED, RunJobState.RUNNING
-
-
-def job(job_id: str, data: int, lora: LoraSettings, **training: Any) -> JobSpec:
-    return JobSpec(
-        job_id=job_id,
-        tenant="",  # set per use
-        attempt=1,
-        base_model="tiny-llama",
-        base_model_uri="",  # the tiny base's folder, set per use
-        training_file_key=f"files/shared/data-{data}.jsonl",
-        lora=lora,
-        training=TrainingSettings(**{"batch_size": 4, "max_seq_len": 48, **training}),
-    )
 
 
 # A: long (24 steps), dropout on so its own random stream must survive the join and resume.
@@ -60,83 +53,6 @@ JOB_B = job(
     warmup_steps=1,
     seed=1,
 )
-
-
-def for_tenant(spec: JobSpec, tenant: str, tiny_base: Path) -> JobSpec:
-    return replace(spec, tenant=tenant, base_model_uri=str(tiny_base))
-
-
-def host_spec(tiny_base: Path, store: ObjectStoreConfig, tmp: Path, **options: Any) -> HostSpec:
-    return HostSpec(
-        host_id=f"test-{uuid.uuid4().hex[:8]}",
-        shape=HostShape(
-            "tiny-llama", str(tiny_base), num_workers=2, use_gpu=False, precision="fp32"
-        ),
-        object_store=store,
-        model_cache_dir=tmp / "cache",
-        storage_path=tmp / "ray",
-        zero3_param_persistence_threshold=0,
-        **{"idle_seconds": 3.0, "checkpoint_every_steps": 4, **options},
-    )
-
-
-class Watch:
-    """Polls one host until every job it was given has ended, keeping each job's events."""
-
-    def __init__(self, hosts: RayHosts, host_id: str) -> None:
-        self.hosts, self.host_id = hosts, host_id
-        self.events: dict[str, list[dict[str, Any]]] = {}
-        self.report: HostReport | None = None
-
-    def poll(self) -> HostReport:
-        cursors = {job_id: len(seen) for job_id, seen in self.events.items()}
-        report = self.hosts.poll(self.host_id, cursors)
-        assert report is not None, "the host disappeared"
-        for job_id, polled in report["jobs"].items():
-            seen = self.events.setdefault(job_id, [])
-            assert [e["seq"] for e in polled["events"]] == list(
-                range(len(seen), len(seen) + len(polled["events"]))
-            )
-            seen.extend(dict(e) for e in polled["events"])
-        self.report = report
-        return report
-
-    def until(self, condition: Callable[[HostReport], bool], timeout: float = 300) -> HostReport:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            report = self.poll()
-            if condition(report):
-                return report
-            time.sleep(0.1)
-        raise AssertionError(f"timed out; last report: {self.report}")
-
-    def steps(self, job_id: str) -> list[int]:
-        return [e["data"]["step"] for e in self.events.get(job_id, []) if e["type"] == "metrics"]
-
-
-def states(report: HostReport) -> dict[str, RunJobState]:
-    return {job_id: job["state"] for job_id, job in report["jobs"].items()}
-
-
-def all_ended(report: HostReport) -> bool:
-    return bool(report["jobs"]) and all(j["state"] != RUNNING for j in report["jobs"].values())
-
-
-def free_placement_groups() -> None:
-    """Removes placement groups left by ended runs of this session's own cluster: with the
-    dashboard off, Ray Train's cleaner cannot remove them (it fails to find "the" cluster
-    when several run on the machine), and their CPUs would keep a new host from starting."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, placement_group_table
-
-    for pg_id, info in placement_group_table().items():
-        if info["state"] == "CREATED":
-            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-
-
-def worst_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    assert ours.keys() == reference.keys() and ours
-    return max((ours[k] - reference[k]).abs().max().item() for k in ours)
 
 
 @pytest.fixture(scope="module")

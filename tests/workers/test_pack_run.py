@@ -1,16 +1,16 @@
-"""A pack on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3), in fp32 and in bf16:
-every job's adapter equals the one it gets when trained alone bit for bit, a short job
-leaves early, cancelling one job changes nothing for the others, the frozen base is held
-once per rank (bytes from the element size), the dtypes are as promised (base in the run's
-precision; LoRA factors, their grads, Adam's state and the loss in fp32) and loss goes
-down. The bf16 run also starts with a stale DeepSpeed build lock in place (as a killed
-build leaves it): setup must not wait on it."""
+"""A pack on a pack host on the real stack (Ray Train, 2 workers, DeepSpeed ZeRO-3), in fp32
+and in bf16: jobs admitted together train in one pack, and each job's adapter equals the one
+it gets trained alone (one after another on a host) bit for bit; a short job leaves early,
+cancelling one job changes nothing for the others, the frozen base is held once per rank
+(bytes from the element size), the dtypes are as promised (base in the host's precision;
+LoRA factors, their grads, Adam's state and the loss in fp32) and loss goes down. The bf16
+host also starts with a stale DeepSpeed build lock in place (as a killed build leaves it):
+setup must not wait on it."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,27 +18,26 @@ from typing import Any
 import pytest
 import torch
 
+from core.host_protocol import AdmissionRequest, HostReport
 from core.object_keys import adapter_key
 from core.objectstore import ObjectStoreConfig, open_object_store
-from core.spec import JobSpec, LoraSettings, TrainingSettings
-from tests.workers.conftest import adapter, run, spec_for
-from workers.run_actor import CANCELLED, RUNNING, SUCCEEDED
+from core.run_states import RunJobState
+from core.spec import LoraSettings
+from orchestrator.scheduling.ray_hosts import RayHosts
+from tests.workers.conftest import (
+    Watch,
+    adapter,
+    all_ended,
+    for_tenant,
+    free_placement_groups,
+    host_spec,
+    job,
+    one_after_another,
+    states,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def job(job_id: str, data: int, lora: LoraSettings, **training: Any) -> JobSpec:
-    return JobSpec(
-        job_id=job_id,
-        tenant="pack",
-        attempt=1,
-        base_model="tiny-llama",
-        base_model_uri="",  # filled in by the test
-        training_file_key=f"files/shared/data-{data}.jsonl",
-        lora=lora,
-        training=TrainingSettings(**{"batch_size": 4, "max_seq_len": 48, **training}),
-    )
-
+SUCCEEDED, CANCELLED, RUNNING = RunJobState.SUCCEEDED, RunJobState.CANCELLED, RunJobState.RUNNING
 
 JOBS = [
     # Short, with a tight clip so clipping is active.
@@ -102,44 +101,57 @@ def test_a_pack_trains_each_job_exactly_as_alone(
 ) -> None:
     if precision == "bf16":
         request.getfixturevalue("stale_build_lock")
+    pack_tenant, alone_tenant = f"pack-{precision}", f"alone-{precision}"
+    hosts = RayHosts()
+    # Long enough idle for the comparison to follow on the same host (no second base load).
+    spec = host_spec(tiny_base, store_config, tmp_path, precision, idle_seconds=60)
+    hosts.start_host(spec)
+    watch = Watch(hosts, spec.host_id)
     observed: dict[str, Any] = {"a_done_while_b_ran": False, "cancel_sent": False}
 
-    def watch(actor: Any, states: dict[str, str], events: dict[str, list[dict[str, Any]]]) -> None:
-        if states["job-a"] == SUCCEEDED and states["job-b"] == RUNNING:
+    def watched(report: HostReport) -> bool:
+        now = states(report)
+        if now.get("job-a") == SUCCEEDED and now.get("job-b") == RUNNING:
             observed["a_done_while_b_ran"] = True
-        d_steps = [e for e in events["job-d"] if e["type"] == "metrics"]
-        if len(d_steps) >= 3 and not observed["cancel_sent"]:
-            actor.stop.remote("job-d")
+        if len(watch.steps("job-d")) >= 3 and not observed["cancel_sent"]:
+            hosts.stop(spec.host_id, "job-d")
             observed["cancel_sent"] = True
+        return all_ended(report)
 
-    pack_tenant, alone_tenant = f"pack-{precision}", f"alone-{precision}"
-    started = time.monotonic()
-    packed = run(
-        spec_for(
-            f"pack-4-{precision}",
-            [*JOBS, CANCELLED_JOB],
-            tiny_base,
-            store_config,
-            tmp_path,
-            pack_tenant,
-            precision,
-        ),
-        watch,
-    )
-    packed_s = time.monotonic() - started
-    assert packed["states"] == {
-        "job-a": SUCCEEDED,
-        "job-b": SUCCEEDED,
-        "job-c": SUCCEEDED,
-        "job-d": CANCELLED,
-    }
+    try:
+        # Admitted together while the host loads its base: they go live at the same step.
+        for one in [*JOBS, CANCELLED_JOB]:
+            admitted = hosts.admit(
+                spec.host_id, AdmissionRequest(for_tenant(one, pack_tenant, tiny_base))
+            )
+            assert admitted.admitted
+        report = watch.until(watched)
+        assert states(report) == {
+            "job-a": SUCCEEDED,
+            "job-b": SUCCEEDED,
+            "job-c": SUCCEEDED,
+            "job-d": CANCELLED,
+        }
+        packed = {j: list(events) for j, events in watch.events.items()}
+        # The same jobs, each alone, one after another on the same host. In bf16 that
+        # comparison is made over HTTP, for two jobs of different shapes
+        # (tests/e2e/test_bf16_packing_over_http.py); one bf16 pack here keeps CI short.
+        compared = JOBS if precision == "fp32" else []
+        alone_jobs = [for_tenant(j, alone_tenant, tiny_base) for j in compared]
+        for job_id in list(report["jobs"]):
+            hosts.release(spec.host_id, job_id)
+        alone = one_after_another(hosts, spec, alone_jobs, Watch(hosts, spec.host_id))
+    finally:
+        hosts.kill(spec.host_id)
+        free_placement_groups()
+
     assert observed["a_done_while_b_ran"], "the short job did not leave the pack early"
     assert not open_object_store(store_config).exists(
         adapter_key(pack_tenant, "job-d", 1, "manifest.json")
     )
-    assert packed_s < 240, f"the pack took {packed_s:.0f} s (a setup wait on a build lock?)"
     for job_id in ("job-a", "job-b", "job-c"):
         metrics = [e["data"] for e in packed[job_id] if e["type"] == "metrics"]
+        assert metrics[0]["pack_size"] == 4, "the jobs did not start in one pack"
         assert metrics[0]["dtypes"] == {
             "base": "bfloat16" if precision == "bf16" else "float32",
             "lora": "float32",
@@ -154,26 +166,10 @@ def test_a_pack_trains_each_job_exactly_as_alone(
     a_norms = [e["data"]["grad_norm"] for e in packed["job-a"] if e["type"] == "metrics"]
     assert max(a_norms) > 0.05, "clipping was never active for job-a"
 
-    # The same jobs, each alone in its own run. In bf16 that comparison is made over HTTP, for
-    # two jobs of different shapes (tests/e2e/test_bf16_packing_over_http.py); one bf16 run
-    # here keeps CI short.
-    compared = JOBS if precision == "fp32" else []
-    alone = {
-        j.job_id: run(
-            spec_for(
-                f"alone-{j.job_id}-{precision}",
-                [j],
-                tiny_base,
-                store_config,
-                tmp_path,
-                alone_tenant,
-                precision,
-            )
-        )
-        for j in compared
-    }
     for j in compared:
-        assert alone[j.job_id]["states"] == {j.job_id: SUCCEEDED}
+        assert alone.events[j.job_id][-1]["type"] == "published"
+        metrics = [e["data"] for e in alone.events[j.job_id] if e["type"] == "metrics"]
+        assert {m["pack_size"] for m in metrics} == {1}, "not alone"
         ours, reference = (
             adapter(store_config, pack_tenant, j.job_id),
             adapter(store_config, alone_tenant, j.job_id),
@@ -189,8 +185,8 @@ def test_a_pack_trains_each_job_exactly_as_alone(
         return sorted(p["base_bytes_held"] for p in published["data"]["partitioning"])
 
     k4 = held(packed["job-a"])
-    if "job-a" in alone:
-        assert k4 == held(alone["job-a"]["job-a"])
+    if compared:
+        assert k4 == held(alone.events["job-a"])
     element = 2 if precision == "bf16" else 4
     total = sum(p.numel() * element for p in _base_parameters(tiny_base))
     assert all(0.45 * total <= h <= 0.55 * total for h in k4), (k4, total)
@@ -263,7 +259,7 @@ def steps_in_one_rank(base: str, store_url: str, checkpointing: bool, out: str) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from workers.host.slot import load_job_slot
+    from workers.host.slot import DROPOUT_STREAM, INIT_STREAM, load_job_slot
     from workers.host.step import PackContext, train_step, use_gradient_checkpointing
     from workers.lora.packed_layer import (
         Routing,
@@ -272,7 +268,6 @@ def steps_in_one_rank(base: str, store_url: str, checkpointing: bool, out: str) 
         slot_state_dict,
         wrap_linear_layers,
     )
-    from workers.recipe import DROPOUT_STREAM, INIT_STREAM
     from workers.runtime.deepspeed_config import build_deepspeed_config
     from workers.runtime.deepspeed_ops import use_prebuilt_ops
 

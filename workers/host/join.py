@@ -18,7 +18,7 @@ from core.checkpoint_index import list_checkpoints
 from core.host_protocol import HostSpec
 from core.objectstore import ObjectStore, open_object_store
 from core.spec import JobSpec
-from workers.host.slot import JobSlot, SlotState, load_job_slot
+from workers.host.slot import DROPOUT_STREAM, INIT_STREAM, JobSlot, SlotState, load_job_slot
 from workers.host.step import Report
 from workers.lora.packed_layer import (
     PackedLoraLinear,
@@ -27,7 +27,6 @@ from workers.lora.packed_layer import (
     matching_linear_layers,
     slot_parameters,
 )
-from workers.recipe import DROPOUT_STREAM, INIT_STREAM
 from workers.training.checkpoints import read_checkpoint
 from workers.training.rng_state import reseed_for, restore_dropout_rng
 
@@ -226,7 +225,7 @@ class HostJoins:
             load_slot_state(self.model, slot.job_id, tensors)
             slot.restore(state)
             generator = self.routing.generators.get(slot.job_id)
-            if generator is not None:  # the same format as a one-shot run's checkpoints
+            if generator is not None:
                 reseed = reseed_for(slot.spec.training.seed, slot.step, self.rank)
                 restore_dropout_rng(
                     generator, state.get("dropout_rng"), self.rank, self.world_size, reseed

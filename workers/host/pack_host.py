@@ -128,10 +128,12 @@ class PackHost:
         """The workers (re)start: every running member will be announced to them again."""
         with self._lock:
             self.worker_pids = list(worker_pids)
-            began = self.membership.begin_attempt()
-            # Workers restarted after a setup timeout find nothing to do: they leave at once
-            # rather than load the base again.
-            return {**began, "end": began["end"] or self.setup_failed}
+            return self.membership.begin_attempt()
+
+    def setup_gave_up(self) -> bool:
+        """Asked by each worker as it starts: workers restarted after a setup timeout leave
+        at once, rather than time out again and again."""
+        return self.setup_failed
 
     def fail_setup(self, phase: str, error: str) -> None:
         """A rank's setup phase passed its time limit (`workers.runtime.setup_guard`): the

@@ -21,6 +21,10 @@ from workers.data.batching import micro_batch_per_rank, plan_batches, rank_share
 from workers.data.tokenization import TokenizedExample, tokenize_example
 from workers.lora.packed_layer import SlotConfig
 
+# A job's own random streams (`JobSlot.generator`): its LoRA dropout masks and the
+# initialisation of its factors, each seeded from the job's seed alone.
+DROPOUT_STREAM, INIT_STREAM = 1, 2
+
 
 class TrainingDataError(ValueError):
     """The job's data cannot be trained on (for example: nothing left after truncation)."""

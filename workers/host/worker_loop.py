@@ -38,7 +38,7 @@ from workers.runtime.deepspeed_config import build_deepspeed_config
 from workers.runtime.deepspeed_ops import use_prebuilt_ops
 from workers.runtime.memory_report import rank_memory_report
 from workers.runtime.placement_groups import record_placement_group
-from workers.slot_io import partitioning
+from workers.runtime.setup_guard import SetupPhases
 from workers.training.rng_state import saved_dropout_rng
 
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
@@ -55,16 +55,29 @@ class HostWorker(HostJoins):
         self._holding_since: float | None = None  # idle, holding loaded joins back (rank 0)
         self.outbox: list[dict[str, Any]] = []
         self._outbox_lock = threading.Lock()
+        self.writer: SlotWriter | None = None  # rank 0's, once set up
         self.steps = 0
         self.last_step_at: float | None = None
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> bool:
-        """Loads the base; False when the host actor says the host should end instead."""
-        self._setup_distributed()
-        self._setup_base()
+        """Loads the base, each phase (core.host_protocol.SETUP_PHASES) under the setup time
+        limit, so that setup can fail but never hang; False when the host actor says the
+        host should end instead (then nothing is loaded)."""
+        import ray
+
+        if ray.get(self.host.setup_gave_up.remote(), timeout=30):
+            return False  # restarted after a setup timeout: the host is ending
+        phases = SetupPhases(self.spec.setup_timeout_seconds, self._setup_timed_out)
+        with phases.phase("distributed"):
+            self._setup_distributed()
         self.writer = (
-            SlotWriter(self.spec.object_store, self.spec.checkpoint_keep_last, self._report)
+            SlotWriter(
+                self.spec.object_store,
+                self.spec.checkpoint_keep_last,
+                self._report,
+                self.spec.publish_retry_seconds,
+            )
             if self.rank == 0
             else None
         )
@@ -72,13 +85,23 @@ class HostWorker(HostJoins):
         dist.all_gather_object(pids, os.getpid())
         box: list[Any] = [None]
         if self.rank == 0:
-            import ray
-
             # So that the scheduler can free it should Ray not (runtime/placement_groups.py).
             record_placement_group(host_actor_name(self.spec.host_id))
             box[0] = ray.get(self.host.begin_attempt.remote(pids))
         dist.broadcast_object_list(box, src=0)
-        return not box[0]["end"]
+        if box[0]["end"]:
+            return False
+        with phases.phase("base_model"):
+            self._load_base()
+        with phases.phase("deepspeed"):
+            self._setup_deepspeed()
+        return True
+
+    def _setup_timed_out(self, phase: str, error: str) -> None:
+        import ray
+
+        # Any rank may be the stuck one: each tells the host actor (the first word counts).
+        ray.get(self.host.fail_setup.remote(phase, error), timeout=30)
 
     def _setup_distributed(self) -> None:
         import deepspeed
@@ -97,28 +120,33 @@ class HostWorker(HostJoins):
         # Ray Train already created the process group; DeepSpeed adopts it as it is.
         deepspeed.init_distributed(dist_backend="nccl" if shape.use_gpu else "gloo")
         self.dtype = torch.bfloat16 if shape.precision == "bf16" else torch.float32
-        self.base_path = resolve_base_model(
-            shape.base_model_uri, self.spec.model_cache_dir, self.spec.object_store
-        )
 
-    def _setup_base(self) -> None:
-        import deepspeed
+    def _load_base(self) -> None:
+        """The base (fetched first when it is on s3://), loaded already partitioned."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
+        self.base_path = resolve_base_model(
+            self.spec.shape.base_model_uri, self.spec.model_cache_dir, self.spec.object_store
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        ds_config = build_deepspeed_config(
+        self.ds_config = build_deepspeed_config(
             micro_batch_per_rank=1,  # DeepSpeed only partitions the base: no batch of its own
             precision=self.spec.shape.precision,
             param_persistence_threshold=self.spec.zero3_param_persistence_threshold,
         )
         # Kept alive on purpose: while it exists, from_pretrained loads under zero.Init.
-        self._hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
-        base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
-        base.requires_grad_(False)
-        self.engine, *_ = deepspeed.initialize(model=base, config=ds_config)
+        self._hf_deepspeed_config = HfDeepSpeedConfig(self.ds_config)
+        self.base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
+        self.base.requires_grad_(False)
+
+    def _setup_deepspeed(self) -> None:
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=self.base, config=self.ds_config)
+        del self.base  # the engine holds it
         self.model = self.engine.module
         if self.spec.gradient_checkpointing:
             use_gradient_checkpointing(self.model, self.routing)
@@ -136,6 +164,7 @@ class HostWorker(HostJoins):
             world_size=self.world_size,
             report=self._report,
             loss_chunk_tokens=self.spec.loss_chunk_tokens,
+            faults=self.spec.test_faults,  # TEST HOOK: empty outside tests
         )
         self.memory = MembershipMemory(self.spec, self.base_path, self.ctx)
 
@@ -163,6 +192,7 @@ class HostWorker(HostJoins):
             "step": self.steps,
             "last_step_at": self.last_step_at,
             "live": [s.job_id for s in self.slots],
+            "pending": sorted(self.pending),  # announced, still loading
             "memory": {
                 "base_bytes_per_rank": self.base_bytes,
                 # The second step of the latest membership (workers.host.memory).
@@ -280,9 +310,19 @@ class HostWorker(HostJoins):
     def cleanup(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self._boundary(final=True)  # the last events (publishes) reach the actor
+            if hasattr(self, "model"):
+                self._boundary(final=True)  # the last events (publishes) reach the actor
         dist.barrier()
-        del self.engine, self.model, self._hf_deepspeed_config
+        for name in ("engine", "model", "_hf_deepspeed_config"):  # absent if setup ended early
+            self.__dict__.pop(name, None)
+
+
+def partitioning(ctx: PackContext) -> list[dict[str, Any]]:
+    """What every rank holds of the frozen base, and its memory (a collective)."""
+    mine = rank_memory_report(ctx.model, ctx.rank)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def host_loop_per_worker(config: dict[str, Any]) -> None:
