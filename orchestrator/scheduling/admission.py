@@ -82,6 +82,13 @@ class AdmissionPlan:
     waiting: list[str] = field(default_factory=list)
 
 
+def max_priority(limits: dict[str, int], tenant: str) -> int:
+    """The highest `priority` a tenant may ask for: its own entry in the operator's
+    `tenant_max_priority`, else the "*" entry, else 0 (priority orders a tenant's own jobs
+    only, so the limit keeps a tenant's use of it deliberate, not a queue jump)."""
+    return limits.get(tenant, limits.get("*", 0))
+
+
 def fair_order(
     waiting: Iterable[WaitingJob],
     running: dict[str, int],
