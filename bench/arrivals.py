@@ -1,16 +1,17 @@
 """Arrivals benchmark: short jobs of mixed sizes arriving as a Poisson stream, trained three
-ways side by side in one run, on the same local Ray cluster (2 workers per run, ZeRO-3, the
-tiny Llama):
+ways side by side in one run, on the same local Ray cluster (2 workers per host, ZeRO-3, the
+tiny Llama), every way on pack hosts (the one training path):
 
-  hosts   warm pack hosts: one host is up and has loaded the base before the stream starts
-          (as `LORAFLEET_WARM_HOSTS=1` keeps one), and jobs join it at a step boundary
+  hosts       warm pack hosts: one host is up and has loaded the base before the stream
+              starts (as `LORAFLEET_WARM_HOSTS=1` keeps one), and jobs join it at a step
+              boundary
   hosts-cold  the same, but the host is started when the first job arrives (every early
-          job waits for the base to load)
-  window  a pack per arrival window: queued jobs wait `--window` s for others, one run each
-  solo    one run per job
+              job waits for the base to load)
+  alone       each job on a host of its own that ends with it, as `training.packing: false`
+              trains (what one run per job was before hosts: a base load per job)
 
 The dispatch rules are the scheduler's, reduced to what the comparison needs (no database,
-no API): at most `--runs` runs (or hosts) at once, the same for every mode. Submit → first
+no API): at most `--runs` hosts at once, the same for every mode. Submit → first
 training step is read from the step's own event time (wall clock, stamped on rank 0 when the
 step ended, as the API shows it); submit → published is when the driver's poll (every 0.1 s)
 sees the job end. The host modes also print where a join's time goes (p50): submit →
@@ -18,8 +19,8 @@ admitted → live (its slot added at a step boundary) → first step.
 
     .venv/bin/python bench/arrivals.py [--jobs 24] [--gap 2] [--seed 0]
 
-Last line: `arrivals jobs=N first_step_p50=<s, hosts> makespan_speedup=<solo/hosts>
-p95_speedup=<solo/hosts, submit→succeeded> p95_vs_window=<window/hosts>`.
+Last line: `arrivals jobs=N first_step_p50=<s, hosts> makespan_speedup=<alone/hosts>
+p95_speedup=<alone/hosts, submit→succeeded> cold_p95_ratio=<hosts-cold/hosts>`.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ from core.host_protocol import AdmissionRequest, HostShape, HostSpec
 from core.objectstore import ObjectStoreConfig, open_object_store
 from core.run_states import NAMESPACE, RunJobState
 from core.sample_data import shout_chats
-from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
+from core.spec import JobSpec, LoraSettings, TrainingSettings
 from orchestrator.scheduling.ray_hosts import RayHosts
-from workers.run_actor import RunActor, run_actor_name
 from workers.tiny_base import build_tiny_base
 
 console = Console(width=150)
@@ -56,7 +56,7 @@ class Timing:
     submitted: float  # wall clock (time.time()), as event times are
     first_step: float | None = None
     done: float | None = None
-    admitted: float | None = None  # host modes: the host's admission, its slot going live
+    admitted: float | None = None  # the host's admission, its slot going live
     live: float | None = None
     load_seconds: float | None = None  # the join's data load on rank 0
     steps_waited: int | None = None  # host steps from its announcement to going live
@@ -82,7 +82,7 @@ class ModeResult:
         }
 
     def join_phases(self) -> dict[str, float]:
-        """Host modes: p50 seconds of submit→admitted, admitted→live, live→first step."""
+        """p50 seconds of submit→admitted, admitted→live, live→first step."""
         done = [t for t in self.timings.values() if t.admitted and t.live and t.first_step]
         return {
             "admit": percentile([t.admitted - t.submitted for t in done], 50),  # type: ignore[operator]
@@ -132,25 +132,13 @@ class Bench:
             ),
         )
 
-    def run_spec(self, run_id: str, jobs: list[JobSpec]) -> RunSpec:
-        return RunSpec(
-            run_id=run_id,
-            jobs=tuple(jobs),
-            num_workers=2,
-            use_gpu=False,
-            object_store=self.store,
-            model_cache_dir=self.folder / "cache",
-            storage_path=self.folder / "ray",
-            zero3_param_persistence_threshold=0,
-        )
-
     # ---- the driver loop shared by every mode ------------------------------------------
     def drive(self, mode: str) -> ModeResult:
         result = ModeResult()
         queue: list[JobSpec] = []
-        runs: dict[str, Any] = {}  # run/host id -> actor (or host id)
+        runs: dict[str, Any] = {}  # host id -> host id
         cursors: dict[str, int] = {}
-        where: dict[str, str] = {}  # job id -> run/host id
+        where: dict[str, str] = {}  # job id -> host id
         hosts = RayHosts()
         if mode == "hosts":  # warm: up, with its base loaded, before the first arrival
             host_id = self.start_host(hosts)
@@ -168,20 +156,13 @@ class Bench:
                 job = self.job(mode, index, epochs)
                 queue.append(job)
                 result.timings[job.job_id] = Timing(submitted=time.time())
-            if mode == "solo":
+            if mode == "alone":
                 while queue and len(runs) < self.args.runs:
                     job = queue.pop(0)
-                    runs[job.job_id] = self.launch(job.job_id, [job])
-                    where[job.job_id] = job.job_id
-                    result.worker_groups += 1
-            elif mode == "window":
-                waited = time.time() - result.timings[queue[0].job_id].submitted if queue else 0
-                if queue and waited >= self.args.window and len(runs) < self.args.runs:
-                    pack, queue = queue[:8], queue[8:]
-                    run_id = f"window-run-{result.worker_groups}"
-                    runs[run_id] = self.launch(run_id, pack)
-                    where.update({j.job_id: run_id for j in pack})
-                    result.worker_groups += 1
+                    host_id = self.start_host(hosts, exclusive=True)
+                    assert hosts.admit(host_id, AdmissionRequest(job)).admitted
+                    runs[host_id] = host_id
+                    where[job.job_id] = host_id
             else:
                 if queue and not runs:
                     host_id = self.start_host(hosts)
@@ -191,41 +172,30 @@ class Bench:
                         where[queue.pop(0).job_id] = host_id
             self.observe(mode, runs, where, cursors, result, hosts)
             time.sleep(0.1)
-        if mode.startswith("hosts"):
-            for host_id in runs:
-                report = hosts.poll(host_id, {})
-                result.worker_groups += report["worker_starts"] if report else 1
-                hosts.kill(host_id)
-            # As the scheduler does: a killed host's placement group is released (Ray keeps
-            # it reserved otherwise, and the next mode's runs would wait for its CPUs).
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                hosts.reap()
-                if ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]:
-                    break
-                time.sleep(0.5)
+        for host_id in runs:
+            report = hosts.poll(host_id, {})
+            result.worker_groups += report["worker_starts"] if report else 1
+            hosts.kill(host_id)
+        release_cpus(hosts)
         return result
 
-    def launch(self, run_id: str, jobs: list[JobSpec]) -> Any:
-        actor = RunActor.options(  # type: ignore[attr-defined]
-            name=run_actor_name(run_id), namespace=NAMESPACE, lifetime="detached"
-        ).remote(self.run_spec(run_id, jobs))
-        ray.get(actor.start.remote())
-        return actor
-
-    def start_host(self, hosts: RayHosts) -> str:
+    def start_host(self, hosts: RayHosts, *, exclusive: bool = False) -> str:
         host_id = f"bench-{time.time_ns()}"
-        hosts.start_host(self.host_spec(host_id))
+        hosts.start_host(self.host_spec(host_id, exclusive))
         return host_id
 
-    def host_spec(self, host_id: str) -> HostSpec:
+    def host_spec(self, host_id: str, exclusive: bool = False) -> HostSpec:
+        """As the scheduler's (orchestrator.scheduling.placement.host_spec): an exclusive
+        host has one slot and ends as soon as its job leaves."""
         return HostSpec(
             host_id=host_id,
             shape=HostShape("tiny-llama", str(self.base), 2, False, "fp32"),
             object_store=self.store,
             model_cache_dir=self.folder / "cache",
             storage_path=self.folder / "ray",
-            idle_seconds=60,
+            max_slots=1 if exclusive else 8,
+            idle_seconds=0.0 if exclusive else 60,
+            exclusive=exclusive,
             zero3_param_persistence_threshold=0,
         )
 
@@ -259,28 +229,32 @@ class Bench:
                 if state != RunJobState.SUCCEEDED:
                     console.print(f"[red]{job_id} ended {state}")
 
-        if mode.startswith("hosts"):
-            for host_id in runs:
-                mine = {j: c for j, c in cursors.items() if where.get(j) == host_id}
-                report = hosts.poll(host_id, mine)
-                unfinished = [
-                    j for j, h in where.items() if h == host_id and not result.timings[j].done
-                ]
-                if report is None or (not report["alive"] and unfinished):
-                    raise RuntimeError(f"host {host_id} ended with jobs on it: {report}")
-                for job_id, job in report["jobs"].items():
-                    cursors[job_id] = job["cursor"]
-                    seen(job_id, job["events"], job["state"])
-            return
-        for run_id, actor in list(runs.items()):
-            jobs = [j for j, r in where.items() if r == run_id]
-            for job_id in jobs:
-                polled = ray.get(actor.poll.remote(job_id, cursors.get(job_id, 0)))
-                cursors[job_id] = polled["cursor"]
-                seen(job_id, polled["events"], polled["state"])
-            if all(result.timings[j].done for j in jobs) and ray.get(actor.finished.remote()):
-                ray.kill(actor)
-                del runs[run_id]
+        for host_id in list(runs):
+            mine = {j: c for j, c in cursors.items() if where.get(j) == host_id}
+            report = hosts.poll(host_id, mine)
+            unfinished = [
+                j for j, h in where.items() if h == host_id and not result.timings[j].done
+            ]
+            if report is None or (not report["alive"] and unfinished):
+                raise RuntimeError(f"host {host_id} ended with jobs on it: {report}")
+            for job_id, job in report["jobs"].items():
+                cursors[job_id] = job["cursor"]
+                seen(job_id, job["events"], job["state"])
+            if mode == "alone" and not report["alive"]:  # its job left: it ended, as its
+                result.worker_groups += report["worker_starts"]  # spec says
+                del runs[host_id]
+                hosts.reap()
+
+
+def release_cpus(hosts: RayHosts) -> None:
+    """As the scheduler does: a killed host's placement group is released (Ray keeps it
+    reserved otherwise, and the next mode's hosts would wait for its CPUs)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        hosts.reap()
+        if ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]:
+            break
+        time.sleep(0.5)
 
 
 def main() -> None:
@@ -289,9 +263,8 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=24)
     parser.add_argument("--gap", type=float, default=2.0, help="mean seconds between arrivals")
-    parser.add_argument("--window", type=float, default=2.0, help="pack window (window mode)")
-    parser.add_argument("--runs", type=int, default=2, help="runs or hosts at once")
-    parser.add_argument("--modes", default="hosts,hosts-cold,window,solo")
+    parser.add_argument("--runs", type=int, default=2, help="hosts at once")
+    parser.add_argument("--modes", default="hosts,hosts-cold,alone")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -303,24 +276,26 @@ def main() -> None:
         namespace=NAMESPACE,
         log_to_driver=False,
     )
-    console.print("warm-up run (first DeepSpeed use compiles its ops)…")
-    warm = bench.launch("warmup", [bench.job("warmup", 0, 1)])
-    while not ray.get(warm.finished.remote()):
+    console.print("warm-up host (first DeepSpeed use compiles its ops)…")
+    hosts = RayHosts()
+    warm = bench.start_host(hosts, exclusive=True)
+    assert hosts.admit(warm, AdmissionRequest(bench.job("warmup", 0, 1))).admitted
+    while (report := hosts.poll(warm, {})) is not None and report["alive"]:
         time.sleep(0.5)
-    ray.kill(warm)
+    hosts.kill(warm)
+    release_cpus(hosts)
 
     figures = {}
     for mode in args.modes.split(","):
         console.print(f"{mode}: {args.jobs} jobs, mean gap {args.gap} s…")
         result = bench.drive(mode)
         figures[mode] = result.figures()
-        if mode.startswith("hosts"):
-            phases = result.join_phases()
-            console.print(
-                f"{mode} join p50: submit→admitted {phases['admit']:.2f} s, "
-                f"admitted→live {phases['load']:.2f} s (loading {phases['load_seconds']:.2f} s, "
-                f"{phases['steps_waited']:.0f} host steps), live→first step {phases['step']:.2f} s"
-            )
+        phases = result.join_phases()
+        console.print(
+            f"{mode} join p50: submit→admitted {phases['admit']:.2f} s, "
+            f"admitted→live {phases['load']:.2f} s (loading {phases['load_seconds']:.2f} s, "
+            f"{phases['steps_waited']:.0f} host steps), live→first step {phases['step']:.2f} s"
+        )
     table = Table("mode", "makespan s", "first step p50/p95 s", "done p50/p95 s", "worker groups")
     for mode, f in figures.items():
         table.add_row(
@@ -331,16 +306,18 @@ def main() -> None:
             f"{f['groups']:.0f}",
         )
     console.print(table)
-    hosts, solo = figures.get("hosts"), figures.get("solo")
-    window = figures.get("window")
-    nan = float("nan")
+    warm_hosts, alone = figures.get("hosts"), figures.get("alone")
+    cold = figures.get("hosts-cold")
+
+    def ratio(slow: dict[str, float] | None, key: str) -> float:
+        return slow[key] / warm_hosts[key] if slow and warm_hosts else float("nan")
+
+    first = warm_hosts["first_p50"] if warm_hosts else float("nan")
     print(
-        f"arrivals jobs={args.jobs} "
-        f"first_step_p50={hosts['first_p50'] if hosts else nan:.2f} "
-        f"makespan_speedup={solo['makespan'] / hosts['makespan'] if hosts and solo else nan:.2f} "
-        f"p95_speedup={solo['done_p95'] / hosts['done_p95'] if hosts and solo else nan:.2f} "
-        f"p95_vs_window="
-        f"{window['done_p95'] / hosts['done_p95'] if hosts and window else nan:.2f}"
+        f"arrivals jobs={args.jobs} first_step_p50={first:.2f} "
+        f"makespan_speedup={ratio(alone, 'makespan'):.2f} "
+        f"p95_speedup={ratio(alone, 'done_p95'):.2f} "
+        f"cold_p95_ratio={ratio(cold, 'done_p95'):.2f}"
     )
 
 

@@ -1,7 +1,9 @@
 """Packing benchmark: K jobs of equal size in one pack vs the same jobs one after another.
 
-Both sides run through the same code path (a RunActor on a local Ray cluster: Ray Train,
-2 workers, DeepSpeed ZeRO-3, the tiny Llama), side by side in one run. Printed per K:
+Both sides run through the same code path, the one training path (a pack host on a local
+Ray cluster: Ray Train, 2 workers, DeepSpeed ZeRO-3, the tiny Llama), side by side in one
+run: packed, K jobs admitted together to a fresh host; sequential, each job alone on a fresh
+host of its own (as `training.packing: false` trains), one after another. Printed per K:
 end-to-end aggregate tokens/s (start-up included, as a user feels it), steady-state
 tokens/s (training steps after each run's first WARMUP_STEPS), both ratios
 packed/sequential, and peak RSS per rank.
@@ -26,10 +28,12 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
+from core.host_protocol import AdmissionRequest, HostShape, HostSpec
 from core.objectstore import ObjectStoreConfig, open_object_store
+from core.run_states import NAMESPACE, RunJobState
 from core.sample_data import shout_chats
-from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
-from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
+from core.spec import JobSpec, LoraSettings, TrainingSettings
+from orchestrator.scheduling.ray_hosts import RayHosts
 from workers.tiny_base import build_tiny_base
 
 console = Console(width=150)
@@ -56,39 +60,46 @@ def dataset() -> bytes:
     return "\n".join(json.dumps(r) for r in shout_chats(WORDS, partners=4)).encode()
 
 
-def run(spec: RunSpec) -> RunResult:
-    actor = RunActor.options(  # type: ignore[attr-defined]
-        name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached"
-    ).remote(spec)
+def run(spec: HostSpec, jobs: list[JobSpec]) -> RunResult:
+    """Starts a host of `spec`, admits `jobs` together (they go live at the same step) and
+    waits for all of them to end; the host is ended and its CPUs freed before returning."""
+    hosts = RayHosts()
     started = time.time()
-    ray.get(actor.start.remote())
-    events: dict[str, list[dict[str, Any]]] = {j.job_id: [] for j in spec.jobs}
+    hosts.start_host(spec)
+    for job in jobs:
+        assert hosts.admit(spec.host_id, AdmissionRequest(job)).admitted
+    events: dict[str, list[dict[str, Any]]] = {j.job_id: [] for j in jobs}
     while True:
-        states = {}
-        for job_id, seen in events.items():
-            polled = ray.get(actor.poll.remote(job_id, len(seen)))
-            seen.extend(polled["events"])
-            states[job_id] = polled["state"]
-        if all(s != RUNNING for s in states.values()):
+        report = hosts.poll(spec.host_id, {j: len(seen) for j, seen in events.items()})
+        if report is None:
+            raise SystemExit(f"host {spec.host_id} disappeared")
+        for job_id, polled in report["jobs"].items():
+            events[job_id].extend(polled["events"])
+        states = {j: p["state"] for j, p in report["jobs"].items()}
+        if all(s != RunJobState.RUNNING for s in states.values()):
             break
-        # Seldom: the workers share these CPUs, and a poll per job costs them more at larger K.
+        # Seldom: the workers share these CPUs, and a poll costs them more at larger K.
         # Times come from the events' own stamps, not from when a poll saw them.
         time.sleep(POLL_SECONDS)
     wall = max((e.get("data") or {}).get("time", 0.0) for evs in events.values() for e in evs)
     wall -= started
-    # Only kill the actor once fit() has returned: a killed run keeps its placement group
-    # (and CPUs) reserved when Ray runs without its dashboard.
-    while not ray.get(actor.finished.remote()):
+    hosts.kill(spec.host_id)
+    # As the scheduler does: a killed host's placement group is released (Ray keeps it
+    # reserved otherwise, and the next host would wait for its CPUs).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        hosts.reap()
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
+            break
         time.sleep(POLL_SECONDS)
-    ray.kill(actor)
-    if any(s != "succeeded" for s in states.values()):
-        raise SystemExit(f"run {spec.run_id} failed: {states} {events}")
+    if any(s != RunJobState.SUCCEEDED for s in states.values()):
+        raise SystemExit(f"host {spec.host_id} failed: {states} {events}")
     metrics = {j: [e["data"] for e in evs if e["type"] == "metrics"] for j, evs in events.items()}
     # Every job of the pack reports the same pack steps; count them once (from the longest).
     longest = max(metrics.values(), key=len)
     steady = longest[WARMUP_STEPS:]
     if not steady:
-        raise SystemExit(f"run {spec.run_id} has no step after {WARMUP_STEPS} warm-up steps")
+        raise SystemExit(f"{spec.host_id} has no step after {WARMUP_STEPS} warm-up steps")
     first_step = min(m[0]["time"] for m in metrics.values() if m) - started
     published = [e["data"] for evs in events.values() for e in evs if e["type"] == "published"]
     return RunResult(
@@ -132,10 +143,10 @@ def main() -> None:
         log_to_driver=False,
     )
 
-    def spec(run_id: str, seeds: list[int]) -> RunSpec:
-        jobs = tuple(
+    def jobs(name: str, seeds: list[int]) -> list[JobSpec]:
+        return [
             JobSpec(
-                job_id=f"{run_id}-job{seed}",
+                job_id=f"{name}-job{seed}",
                 tenant="bench",
                 attempt=1,
                 base_model="tiny-llama",
@@ -151,26 +162,28 @@ def main() -> None:
                 ),
             )
             for seed in seeds
-        )
-        return RunSpec(
-            run_id=run_id,
-            jobs=jobs,
-            num_workers=args.workers,
-            use_gpu=False,
+        ]
+
+    def host(name: str, slots: int) -> HostSpec:
+        return HostSpec(
+            host_id=name,
+            shape=HostShape("tiny-llama", str(base), args.workers, False, "fp32"),
             object_store=store,
             model_cache_dir=folder / "cache",
             storage_path=folder / "ray",
+            max_slots=slots,
+            exclusive=slots == 1,
             zero3_param_persistence_threshold=0,
         )
 
-    console.print("warm-up run (first DeepSpeed use compiles its ops)…")
-    run(spec("warmup", [0]))
-    console.print(f"sequential: {max(ks)} single-job runs one after another…")
-    sequential = [run(spec(f"seq{i}", [i])) for i in range(max(ks))]
+    console.print("warm-up host (first DeepSpeed use compiles its ops)…")
+    run(host("warmup", 1), jobs("warmup", [0]))
+    console.print(f"sequential: {max(ks)} jobs, each alone on a host, one after another…")
+    sequential = [run(host(f"seq{i}", 1), jobs(f"seq{i}", [i])) for i in range(max(ks))]
     packed = {}
     for k in ks:
-        console.print(f"packed: K={k} in one run…")
-        packed[k] = run(spec(f"pack{k}", list(range(k))))
+        console.print(f"packed: K={k} together on one host…")
+        packed[k] = run(host(f"pack{k}", k), jobs(f"pack{k}", list(range(k))))
 
     table = Table(
         "K",

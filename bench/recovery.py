@@ -5,7 +5,7 @@
   step the job resumed from).
 - control-plane kill: SIGKILL of `lorafleet serve` mid-run, then a restart; prints the time
   from the kill until the restarted server records the job's next step, and the steps lost
-  (runs live in detached Ray actors, so training itself never stops).
+  (pack hosts live in detached Ray actors, so training itself never stops).
 
     .venv/bin/python bench/recovery.py
 """
@@ -24,9 +24,11 @@ import ray
 
 from api.client import LorafleetClient
 from api.server_process import ServerProcess
+from core.host_protocol import AdmissionRequest, HostShape, HostSpec
 from core.objectstore import ObjectStoreConfig, open_object_store
-from core.spec import JobSpec, LoraSettings, RunSpec, TrainingSettings
-from workers.run_actor import NAMESPACE, RUNNING, RunActor, run_actor_name
+from core.run_states import NAMESPACE, RunJobState
+from core.spec import JobSpec, LoraSettings, TrainingSettings
+from orchestrator.scheduling.ray_hosts import RayHosts
 from workers.tiny_base import build_tiny_base
 
 DATA = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(4)]
@@ -35,58 +37,56 @@ DATA = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for 
 def worker_kill(folder: Path, base: Path) -> tuple[float, int]:
     store = ObjectStoreConfig(url=str(folder / "objects"))
     open_object_store(store).put_bytes("files/b/d.jsonl", "\n".join(map(json.dumps, DATA)).encode())
-    spec = RunSpec(
-        run_id="recovery-worker",
-        jobs=(
-            JobSpec(
-                job_id="job",
-                tenant="b",
-                attempt=1,
-                base_model="tiny",
-                base_model_uri=str(base),
-                training_file_key="files/b/d.jsonl",
-                lora=LoraSettings(r=8, alpha=16),
-                training=TrainingSettings(n_epochs=40, batch_size=4, learning_rate=1e-3),
-            ),
-        ),
-        num_workers=2,
-        use_gpu=False,
+    job = JobSpec(
+        job_id="job",
+        tenant="b",
+        attempt=1,
+        base_model="tiny",
+        base_model_uri=str(base),
+        training_file_key="files/b/d.jsonl",
+        lora=LoraSettings(r=8, alpha=16),
+        training=TrainingSettings(n_epochs=40, batch_size=4, learning_rate=1e-3),
+    )
+    spec = HostSpec(
+        host_id="recovery-worker",
+        shape=HostShape("tiny", str(base), num_workers=2, use_gpu=False, precision="fp32"),
         object_store=store,
         model_cache_dir=folder / "cache",
         storage_path=folder / "ray",
         checkpoint_every_steps=20,
+        max_slots=1,
+        exclusive=True,
     )
-    actor = RunActor.options(  # type: ignore[attr-defined]
-        name=run_actor_name(spec.run_id), namespace=NAMESPACE, lifetime="detached"
-    ).remote(spec)
-    ray.get(actor.start.remote())
+    hosts = RayHosts()
+    hosts.start_host(spec)
+    assert hosts.admit(spec.host_id, AdmissionRequest(job)).admitted
     events: list[dict[str, Any]] = []
     killed_at = kill_step = None
     resumed_step = recovered_s = None
     while True:
-        polled = ray.get(actor.poll.remote("job", len(events)))
+        report = hosts.poll(spec.host_id, {"job": len(events)})
+        assert report is not None, "the host disappeared"
+        polled = report["jobs"]["job"]
         fresh = polled["events"]
         events.extend(fresh)
         for event in fresh:
             data = event.get("data") or {}
             # Mid-way between checkpoints (every 20 steps): 10 steps are expected to be redone.
             if event["type"] == "metrics" and killed_at is None and data["step"] == 50:
-                # Exactly this run's last rank (never other people's training by name).
-                workers = ray.get(actor.workers.remote())
-                os.kill(int(workers[-1]["pid"]), signal.SIGKILL)
+                # Exactly this host's last rank (never other people's training by name).
+                os.kill(report["worker_pids"][-1], signal.SIGKILL)
                 killed_at = time.perf_counter()
                 kill_step = max(e["data"]["step"] for e in events if e["type"] == "metrics")
-            if "resumed_from_step" in data:
+            if data.get("resumed_from_step") is not None:
                 resumed_step = data["resumed_from_step"]
             if event["type"] == "metrics" and resumed_step is not None and recovered_s is None:
                 assert killed_at is not None
                 recovered_s = time.perf_counter() - killed_at
-        if polled["state"] != RUNNING:
+        if polled["state"] != RunJobState.RUNNING:
             break
         time.sleep(0.05)
-    while not ray.get(actor.finished.remote()):
-        time.sleep(0.1)
-    ray.kill(actor)
+    hosts.kill(spec.host_id)
+    hosts.reap()
     assert polled["state"] == "succeeded", polled
     assert recovered_s is not None and kill_step is not None and resumed_step is not None
     return recovered_s, kill_step - resumed_step
