@@ -95,3 +95,73 @@ def test_a_store_outage_delays_a_job_but_never_publishes_half_an_adapter(
         ]
         published_after = TOTAL_STEPS in due and final["finished_at"] >= restarted_at
         assert landed_after or published_after, (due, restarted_at, events)
+
+
+LONG_OUTAGE_S = 60
+LONG_EPOCHS = 10  # 60 steps: trained within the outage, so the last step falls inside it
+
+
+def test_a_60_s_store_outage_across_the_last_step_delays_the_job_and_it_succeeds(
+    server: LorafleetServer,
+) -> None:
+    s3 = server.s3
+    assert s3 is not None
+    store = open_object_store(
+        ObjectStoreConfig(
+            url=f"s3://{server.bucket}/lorafleet",
+            endpoint_url=s3.endpoint_url,
+            access_key_id=s3.access_key_id,
+            secret_access_key=s3.secret_access_key,
+        )
+    )
+    total_steps = LONG_EPOCHS * len(DATA) // BATCH
+    with server.client() as client:
+        job = submit(
+            client,
+            model="tiny-llama",
+            training_file=upload(client, DATA),
+            hyperparameters={"n_epochs": LONG_EPOCHS, "batch_size": BATCH},
+            resources={"num_workers": 2},
+        )
+
+        def events() -> list[dict[str, Any]]:
+            return server.all_events(client, job["id"])
+
+        wait_for_condition(
+            lambda: last_step(events()) > 0, timeout=300, interval=0.2, what="the first step"
+        )
+        attempt = started(server, client, job["id"])["attempt"]
+        s3.stop_gateway()
+        stopped_at = time.monotonic()
+        try:
+            # Training goes on without the store; the finished job's publish then waits.
+            try:
+                wait_for_condition(
+                    lambda: any("retrying publish" in e["message"] for e in events()),
+                    timeout=300,
+                    interval=0.5,
+                    what="the publish to wait for the store",
+                )
+            except AssertionError as exc:
+                said = [(e["type"], e["message"]) for e in events() if e["type"] != "metrics"]
+                raise AssertionError(f"{exc}; last step {last_step(events())}: {said}") from None
+            assert last_step(events()) == total_steps
+            # The store stays away for the whole outage (the test's fault, not a wait).
+            time.sleep(max(0.0, LONG_OUTAGE_S - (time.monotonic() - stopped_at)))
+            away_s = time.monotonic() - stopped_at
+            during = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            assert during["status"] == "running", during
+            retries = [e for e in events() if "retrying publish" in e["message"]]
+            assert 1 <= len(retries) <= 1 + away_s // 60, retries  # not one per try
+        finally:
+            s3.start_gateway()
+        back_at = int(time.time())
+        final = server.wait_until_terminal(client, job["id"], timeout=300)
+        assert final["status"] == "succeeded", final
+        assert final["finished_at"] >= back_at
+        verify_adapter(store, "default", job["id"], attempt)
+        published = [e for e in events() if e["message"].startswith("Adapter published")]
+        assert len(published) == 1 and published[0]["data"]["publish_attempts"] > len(retries)
+        # Checkpoints that fell due in the outage were skipped, said once.
+        skipped = [e for e in events() if "checkpoint at step" in e["message"]]
+        assert len(skipped) <= 1, skipped
