@@ -141,15 +141,9 @@ class HostWatch:
         if not stored:
             return
         observe_training(job.created_at, events)  # counted once: a fenced-off batch is not
-        if state is RunJobState.SUCCEEDED:
-            if not self.outcomes.succeed(job):
+        if state is not RunJobState.RUNNING:
+            if not self.outcomes.settle(job, state, polled["error"], polled["error_code"]):
                 return  # the store is away: the host keeps the job for a later tick
-        elif state is RunJobState.CANCELLED:
-            self.outcomes.guarded(self.store.cancel, job.id, attempt=job.attempt)
-        elif state is RunJobState.FAILED:
-            self.outcomes.fail(
-                job, polled["error_code"] or "training_error", polled["error"] or "failed"
-            )
         elif self._over_runtime(job):
             self.hosts.stop(host_id, job.id)
             limit = _max_runtime(job)

@@ -1,6 +1,7 @@
-"""What the scheduler does with a job whose run or pack host reached an outcome, in every
-scheduling mode: succeed (after verifying the published adapter), requeue or fail. Each is a
-guarded change: a job that moved on meanwhile (cancelled, fenced out) is left alone.
+"""What the scheduler does with a job whose pack host reached an outcome: succeed (after
+verifying the published adapter), cancel, requeue or fail; `settle` is the one mapping of a
+host's job state to the job's status. Each is a guarded change: a job that moved on
+meanwhile (cancelled, fenced out) is left alone.
 
 An object store that is away while a job's adapter is verified fails nothing: the job stays
 running (one warning event) and a later tick verifies it once the store is back."""
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core.objectstore import ObjectStore, ObjectStoreUnavailable
+from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name
 from orchestrator.settings import Settings
@@ -42,6 +44,18 @@ class JobOutcomes:
         self.context = context
         self._store_away_since: float | None = None  # monotonic; None: the store answers
         self._waiting_for_store: set[str] = set()  # jobs told so in this outage
+
+    def settle(self, job: JobRow, state: RunJobState, error: str | None, code: str | None) -> bool:
+        """A job its host reports ended (`state` terminal): succeeded once its adapter is
+        verified, cancelled, or failed with the host's code. False when nothing could be
+        decided yet (the object store is away): the caller keeps the job for a later tick."""
+        if state is RunJobState.SUCCEEDED:
+            return self.succeed(job)
+        if state is RunJobState.CANCELLED:
+            self.guarded(self.store.cancel, job.id, attempt=job.attempt)
+        elif state is RunJobState.FAILED:
+            self.fail(job, code or "training_error", error or "training failed")
+        return True
 
     def succeed(self, job: JobRow) -> bool:
         """Verifies the published adapter, then succeeds (or fails) the job. False when the
