@@ -1,7 +1,7 @@
-"""Warm pack hosts through the public API (`LORAFLEET_SCHEDULING_MODE=hosts`): a second job
+"""Warm pack hosts through the public API: a second job
 joins the pack host the first is training on, while it trains; the first job's pack size
 goes 1 → 2 → 1; both succeed on one host, and each adapter equals the same job trained
-alone in a run of its own (fp32, ≤ 1e-5); a job past its max_runtime fails with timeout."""
+alone on a host of its own (fp32, ≤ 1e-5); a job past its max_runtime fails with timeout."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ def hosts_server(
                 folder / "server.log",
                 data_dir=str(folder / "state"),
                 base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-                scheduling_mode="hosts",
                 scheduler_poll_seconds="0.2",
                 host_idle_seconds="30",
                 max_concurrent_runs="1",
@@ -91,7 +90,7 @@ def test_a_second_job_joins_the_running_host(hosts_server: LorafleetServer) -> N
         }
         assert len(hosts) == 1 and next(iter(hosts)).startswith("host-")
 
-        # Exactness (fp32): each job equals the same job trained alone, in a run of its own
+        # Exactness (fp32): each job equals the same job trained alone, on a host of its own
         # (`packing: false`): B is not changed by joining, A not by B's join and leave.
         alone = {
             job["id"]: submit(client, **{**common, "training": {**FP32, "packing": False}}, **spec)

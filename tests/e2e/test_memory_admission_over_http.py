@@ -62,7 +62,6 @@ def budget_server(
                 folder / "server.log",
                 data_dir=str(folder / "state"),
                 base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-                scheduling_mode="hosts",
                 scheduler_poll_seconds="0.2",
                 host_idle_seconds="30",
                 max_concurrent_runs="1",  # one host: the third job cannot go elsewhere

@@ -49,7 +49,6 @@ def test_two_schedulers_run_each_of_12_jobs_exactly_once(
         "LORAFLEET_OBJECT_STORE": str(tmp_path / "objects"),
         "LORAFLEET_BASE_MODELS": json.dumps({"tiny": str(tiny_base)}),
         "LORAFLEET_MAX_CONCURRENT_RUNS": "1",  # a host each: both contend for every job
-        "LORAFLEET_PACK_WINDOW_SECONDS": "0",
         "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
         "RAY_ADDRESS": ray_address,
     }

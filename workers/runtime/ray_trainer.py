@@ -1,5 +1,5 @@
-"""The Ray Train run that a run actor (window mode) and a pack host (hosts mode) own: how its
-`TorchTrainer` is built, and what a failed `fit()` says about why (an error, a failure code).
+"""The Ray Train run that a pack host owns: how its `TorchTrainer` is built, and what a
+failed `fit()` says about why (an error, a failure code).
 """
 
 from __future__ import annotations
