@@ -14,7 +14,7 @@ The dispatch rules are the scheduler's, reduced to what the comparison needs (no
 no API): at most `--runs` hosts at once, the same for every mode. Submit → first
 training step is read from the step's own event time (wall clock, stamped on rank 0 when the
 step ended, as the API shows it); submit → published is when the driver's poll (every 0.1 s)
-sees the job end. The host modes also print where a join's time goes (p50): submit →
+sees the job end. Each way also prints where a join's time goes (p50): submit →
 admitted → live (its slot added at a step boundary) → first step.
 
     .venv/bin/python bench/arrivals.py [--jobs 24] [--gap 2] [--seed 0]

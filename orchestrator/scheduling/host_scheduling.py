@@ -1,4 +1,4 @@
-"""The scheduler's host mode: queued jobs join warm pack hosts; one poll per host per tick.
+"""Scheduling on pack hosts: queued jobs join warm pack hosts; one poll per host per tick.
 
 Each tick, `watch()` polls every host and runs the watchdog (orchestrator.scheduling.host_watch);
 then `launch()`, here, places queued jobs (orchestrator.scheduling.admission): join a

@@ -1,4 +1,4 @@
-"""Watching pack hosts, the first half of the host mode's tick: one poll per host (all its
+"""Watching pack hosts, the first half of the scheduler's tick: one poll per host (all its
 jobs' states and new events in one call, every host at once), each job's events stored, the
 jobs that ended finished, and the watchdog: a job past its `max_runtime` fails with
 `timeout`; a host with jobs and no step for `step_timeout_seconds` is ended and its jobs
@@ -22,10 +22,10 @@ from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
 from orchestrator.store import JobStore
 from orchestrator.tables import JobRow
 
-# The host mode's one logger: a tick's lines name one module, whichever half wrote them.
+# The scheduling's one logger: a tick's lines name one module, whichever half wrote them.
 log = logging.getLogger("orchestrator.scheduling.host_scheduling")
 
-HOST_ID_PREFIX = "host-"  # new_id("host"): a job's run_id in host mode
+HOST_ID_PREFIX = "host-"  # new_id("host"): a job's run_id is its host's id
 
 
 class HostWatch:

@@ -34,7 +34,7 @@ class JobOutcomes:
         settings: Settings,
         store: JobStore,
         objects: ObjectStore,
-        log: logging.Logger,  # the scheduling mode's own logger
+        log: logging.Logger,  # the scheduling's own logger
         context: LogContext,
     ) -> None:
         self.log = log

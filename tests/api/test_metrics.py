@@ -131,7 +131,7 @@ def hosts(found: Samples, mode: str, state: str) -> float:
 def test_hosts_and_slots_in_use_are_what_the_pack_hosts_report(
     tmp_path: Path, ray_address: str
 ) -> None:
-    """A scheduler in host mode on in-memory pack hosts (Ray only for its run side); the
+    """A scheduler on in-memory pack hosts (Ray only for its connection); the
     figures are read through the same exposition GET /metrics serves for this store."""
     world = make_world(tmp_path, max_slots_per_host=4)
     scheduler = Scheduler(

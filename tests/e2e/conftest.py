@@ -1,5 +1,5 @@
 """A real `lorafleet serve` process: S3 on radosgw, the session's Ray cluster, SQLite, and
-the default scheduling mode (warm pack hosts)."""
+pack hosts (where every job trains)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def server(
         "LORAFLEET_CHECKPOINT_EVERY_STEPS": "20",
         # Partition every weight of the tiny model, so ZeRO-3 sharding is observable.
         "LORAFLEET_ZERO3_PARAM_PERSISTENCE_THRESHOLD": "0",
-        # The default scheduling mode (warm pack hosts); a host with no job ends after a few
+        # Pack hosts: a host with no job ends after a few
         # seconds here, so a test can see it end and give its CPUs back.
         "LORAFLEET_HOST_IDLE_SECONDS": "5",
         # Its own Ray namespace: pack hosts outlive a serve (detached, by design), and a

@@ -1,5 +1,5 @@
 """Control-plane failure: `lorafleet serve` killed with SIGKILL mid-run and started again.
-The running job's pack host (the default scheduling mode) lives on in Ray and is adopted by
+The running job's pack host lives on in Ray and is adopted by
 the restarted serve, not restarted: the job succeeds, a job acknowledged just before the kill
 is still there and runs, and nothing is duplicated. In the embedded default (no Ray address)
 serve's own Ray is a process of its own: it and its hosts outlive a SIGKILL of serve, the

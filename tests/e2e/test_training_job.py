@@ -171,7 +171,7 @@ def test_cancelling_a_running_job_stops_its_ray_run(server: LorafleetServer) -> 
 
         wait_for_condition(training, timeout=300, interval=0.5, what="the first training step")
         # Actors are named by pack host, not by job: the job's host is the run id of its
-        # "started" event (the default scheduling mode trains on warm pack hosts).
+        # "started" event (every job trains on a pack host).
         host_id = started(server, client, job_id)["run_id"]
         assert host_id.startswith("host-"), host_id
         run_name = host_actor_name(host_id)

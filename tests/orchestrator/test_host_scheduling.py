@@ -1,4 +1,4 @@
-"""The scheduler's host mode on in-memory pack hosts and a real SQLite store: admission,
+"""Scheduling on in-memory pack hosts and a real SQLite store: admission,
 joining, fencing, cancel, retries and the watchdog, each in milliseconds."""
 
 from __future__ import annotations
