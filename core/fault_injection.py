@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 # The per-job parts of a pack step where a job's own failure is caught: its LoRA slot math in
-# the shared forward, its loss, its loss's backward to the logits, its optimizer step.
-StepPhase = Literal["forward", "loss", "backward", "optimizer"]
-STEP_PHASES: tuple[StepPhase, ...] = ("forward", "loss", "backward", "optimizer")
+# the shared forward, its loss, its loss's backward to the logits, its optimizer step. And
+# "crash": the worker process dies as the job's step starts (a worker crash, not a failure
+# the step can catch: the worker group restarts).
+StepPhase = Literal["forward", "loss", "backward", "optimizer", "crash"]
+STEP_PHASES: tuple[StepPhase, ...] = ("forward", "loss", "backward", "optimizer", "crash")
 
 
 @dataclass(frozen=True)

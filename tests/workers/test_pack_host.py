@@ -233,3 +233,48 @@ def test_a_job_whose_step_raises_fails_alone_and_its_mates_train_as_alone(
     assert watch.steps("job-a") == list(range(1, 25)) and watch.steps("job-b") == list(range(1, 13))
     hosts.kill(spec.host_id)
     free_placement_groups()
+
+
+@pytest.mark.faults
+def test_a_job_that_crashes_the_workers_as_it_joins_fails_alone_and_its_mates_pay_nothing(
+    ray_address: str,
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path: Path,
+    alone: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """Issue 17: X kills a worker process at its first step, every time it joins. The group
+    restarts twice (the crash is X's: it never finished a step, its mates had); then X
+    fails alone, and A and B, charged no restart, finish equal to their solo twins."""
+    tenant = "host-crash"
+    x = replace(JOB_B, job_id="job-x")
+    crash = StepFault("job-x", step=0, phase="crash", ranks=(1,))
+    spec = host_spec(
+        tiny_base, store_config, tmp_path, checkpoint_every_steps=2, test_faults=(crash,)
+    )
+    hosts = RayHosts()
+    hosts.start_host(spec)
+    watch = Watch(hosts, spec.host_id)
+    for j in (JOB_A, JOB_B):
+        assert hosts.admit(
+            spec.host_id, AdmissionRequest(for_tenant(j, tenant, tiny_base))
+        ).admitted
+    watch.until(lambda r: any(e["type"] == "checkpoint" for e in watch.events.get("job-b", [])))
+    assert hosts.admit(spec.host_id, AdmissionRequest(for_tenant(x, tenant, tiny_base))).admitted
+    report = watch.until(all_ended)
+
+    assert states(report) == {"job-a": SUCCEEDED, "job-b": SUCCEEDED, "job-x": FAILED}
+    assert report["worker_starts"] == 3
+    x_report = report["jobs"]["job-x"]
+    assert x_report["error_code"] == "training_error"
+    assert "before this job finished a step" in (x_report["error"] or "")
+    assert watch.steps("job-x") == []
+    for j in (JOB_A, JOB_B):
+        restarted = [e for e in watch.events[j.job_id] if "Workers restarted" in e["message"]]
+        assert len(restarted) == 2 and all("not counted" in e["message"] for e in restarted)
+        assert {e["data"]["restart"] for e in restarted} == {0}
+        worst = worst_difference(adapter(store_config, tenant, j.job_id), alone[j.job_id])
+        print(f"{j.job_id}: max abs difference from alone after X's crashes = {worst}")
+        assert worst <= 1e-5, f"{j.job_id}: after X's crashes differs from alone by {worst}"
+    hosts.kill(spec.host_id)
+    free_placement_groups()

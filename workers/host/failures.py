@@ -16,6 +16,7 @@ the host lays repeated crashes on a job that never finished a step (workers.host
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,8 +53,12 @@ class StepFailures:
             self.caught[job_id] = (phase, exc)
 
     def check(self, slot: JobSlot, phase: StepPhase) -> None:
-        """TEST HOOK: raises here if a test injected a fault for this job, step and phase."""
+        """TEST HOOK: raises here if a test injected a fault for this job, step and phase;
+        for "crash", this worker process dies instead."""
         fault = injected_fault(self.faults, slot.job_id, slot.step, phase, self.rank)
+        if fault is not None and phase == "crash":
+            logger.error("job %s: %s: this worker exits", slot.job_id, fault)
+            os._exit(1)
         if fault is not None:
             raise fault
 

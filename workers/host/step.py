@@ -123,6 +123,9 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     started = time.perf_counter()
     forward_s = backward_s = 0.0
     failures = StepFailures(ctx.rank, ctx.faults)
+    if ctx.faults:  # TEST HOOK: a worker crash as a job's step starts
+        for slot in active:
+            failures.check(slot, "crash")
     losses: dict[str, torch.Tensor] = {}
     tokens: dict[str, torch.Tensor] = {}
     for group in width_groups(active):
