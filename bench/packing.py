@@ -74,7 +74,7 @@ def run(spec: HostSpec, jobs: list[JobSpec]) -> RunResult:
         if report is None:
             raise SystemExit(f"host {spec.host_id} disappeared")
         for job_id, polled in report["jobs"].items():
-            events[job_id].extend(polled["events"])
+            events[job_id].extend(dict(e) for e in polled["events"])
         states = {j: p["state"] for j, p in report["jobs"].items()}
         if all(s != RunJobState.RUNNING for s in states.values()):
             break

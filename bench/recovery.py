@@ -68,7 +68,7 @@ def worker_kill(folder: Path, base: Path) -> tuple[float, int]:
         assert report is not None, "the host disappeared"
         polled = report["jobs"]["job"]
         fresh = polled["events"]
-        events.extend(fresh)
+        events.extend(dict(e) for e in fresh)
         for event in fresh:
             data = event.get("data") or {}
             # Mid-way between checkpoints (every 20 steps): 10 steps are expected to be redone.

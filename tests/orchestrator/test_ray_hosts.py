@@ -40,7 +40,8 @@ def test_hosts_are_found_and_reaped_in_the_configured_namespace(
         assert default.poll(host_id, {}) is None
         assert host_id not in default.reap()
         assert host_id in ours.list_hosts()
-        assert (ours.poll(host_id, {}) or {}).get("host_id") == host_id
+        report = ours.poll(host_id, {})
+        assert report is not None and report["host_id"] == host_id
         assert ours.reap() == [host_id]
         assert host_id not in ours.list_hosts() and ours.poll(host_id, {}) is None
     finally:
