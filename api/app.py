@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.deps import CachedApiKeys, Services, db_readers_for
 from api.errors import install_error_handlers
+from api.front_door import RateLimiter
 from api.request_timing import RequestTiming
 from api.routers import dashboard, files, jobs, metrics, models, webhooks
 from core.base_catalog import BaseModelCatalog, CatalogError
@@ -103,6 +104,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Per API key, in this process (each replica limits what reaches it).
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(models.router)

@@ -16,6 +16,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
+from api.front_door import check_open_mode_host
 from core.base_catalog import BaseModelCatalog
 from core.objectstore import ObjectStore
 from orchestrator.api_keys import OPEN_TENANT, ApiKeys
@@ -134,9 +135,15 @@ async def get_tenant(
     request: Request,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
 ) -> str:
-    """Every lookup is scoped by the caller's tenant, taken from its API key."""
-    keys: CachedApiKeys = request.app.state.services.keys
-    return await keys.tenant_for_request(authorization)
+    """Every lookup is scoped by the caller's tenant, taken from its API key; each key's
+    requests are rate limited, and open mode serves loopback Host names only
+    (api/front_door.py)."""
+    services: Services = request.app.state.services
+    request.app.state.rate_limiter.take(CachedApiKeys._digest(authorization))
+    tenant = await services.keys.tenant_for_request(authorization)
+    if tenant == OPEN_TENANT and not await run_in_threadpool(services.keys.any_exist):
+        check_open_mode_host(request.headers.get("host"), tuple(services.settings.open_mode_hosts))
+    return tenant
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -6,6 +6,7 @@ The one place where domain exceptions become HTTP statuses.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.base_catalog import CatalogError
 from orchestrator.errors import (
     Conflict,
+    Forbidden,
     IdempotencyMismatch,
     InvalidRequest,
     InvalidTransition,
@@ -91,7 +93,14 @@ async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
 
 
 async def _rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
-    return error_response(429, exc.message, exc.param, "rate_limit_exceeded")
+    response = error_response(429, exc.message, exc.param, "rate_limit_exceeded")
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return response
+
+
+async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+    return error_response(403, exc.message, exc.param, "forbidden")
 
 
 async def _idempotency(_: Request, exc: IdempotencyMismatch) -> JSONResponse:
@@ -169,6 +178,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidTransition, _transition)  # type: ignore[arg-type]
     app.add_exception_handler(Unauthorized, _unauthorized)  # type: ignore[arg-type]
     app.add_exception_handler(RateLimited, _rate_limited)  # type: ignore[arg-type]
+    app.add_exception_handler(Forbidden, _forbidden)  # type: ignore[arg-type]
     app.add_exception_handler(IdempotencyMismatch, _idempotency)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(DBAPIError, _database)  # type: ignore[arg-type]

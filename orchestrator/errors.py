@@ -56,7 +56,18 @@ class Unauthorized(LorafleetError):
 
 
 class RateLimited(LorafleetError):
-    """A per-tenant quota is used up; the caller may retry later."""
+    """A per-tenant quota is used up; the caller may retry later (after `retry_after`
+    seconds, when known)."""
+
+    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class Forbidden(LorafleetError):
+    """The request may not be served as sent (e.g. a Host that is not this machine's)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)

@@ -25,7 +25,7 @@ from core.objectstore import ObjectStore
 from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.spec import JobSpec
 from core.spec import TrainingSettings as HostTraining
-from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from orchestrator.errors import Conflict, InvalidRequest, NotFound
 from orchestrator.idempotency import Idempotency
 from orchestrator.scheduling.admission import max_priority
 from orchestrator.settings import Settings
@@ -93,13 +93,9 @@ def create_job(
     memory_check: Callable[[JobRow], None] | None = None,
 ) -> JobRow:
     """`memory_check` raises InvalidRequest for a job no host could ever hold
-    (orchestrator.scheduling.sizing.HostSizing.refuse_if_never_fits): nothing is stored."""
-    limit = settings.max_active_jobs_per_tenant
-    if store.count_unfinished_jobs(tenant) >= limit:
-        raise RateLimited(
-            f"tenant {tenant!r} already has {limit} unfinished jobs (the limit); "
-            "wait for some to finish or cancel them"
-        )
+    (orchestrator.scheduling.sizing.HostSizing.refuse_if_never_fits): nothing is stored.
+    The tenant's unfinished-jobs quota is checked and taken as the job is stored (RateLimited;
+    JobStore.add_job), so concurrent creates never pass it together."""
     if request.model not in settings.base_models:
         known = ", ".join(sorted(settings.base_models)) or "none configured"
         raise InvalidRequest(
@@ -163,7 +159,12 @@ def create_job(
     )
     if memory_check is not None:
         memory_check(job)
-    return store.add_job(job, f"Created fine-tuning job: {job.id}", idempotency)
+    return store.add_job(
+        job,
+        f"Created fine-tuning job: {job.id}",
+        idempotency,
+        max_unfinished=settings.max_active_jobs_per_tenant,
+    )
 
 
 def _checkpoint_source(

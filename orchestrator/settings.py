@@ -180,10 +180,15 @@ class Settings(BaseSettings):
     )
     max_webhooks_per_tenant: int = Field(default=10, ge=1, description="Endpoints per tenant.")
     rate_limit_per_second: float = Field(
-        default=50.0, ge=0, description="Requests per second per API key, sustained (0: off)."
+        default=1000.0, ge=0, description="Requests per second per API key, sustained (0: off)."
     )
     rate_limit_burst: int = Field(
-        default=200, ge=1, description="Requests one API key may send at once above the rate."
+        default=2000, ge=1, description="Requests one API key may send at once above the rate."
+    )
+    open_mode_hosts: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Host names served while no API key exists (open mode): loopback only, "
+        "so a web page cannot reach the open API through DNS rebinding.",
     )
 
     @model_validator(mode="after")

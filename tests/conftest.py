@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Starlette's TestClient sends `Host: testserver`: an in-process name, served in open mode
+# beside the loopback names (production serves loopback names only).
+os.environ.setdefault(
+    "LORAFLEET_OPEN_MODE_HOSTS", '["localhost", "127.0.0.1", "::1", "testserver"]'
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

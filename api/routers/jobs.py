@@ -176,16 +176,16 @@ async def _live_events(
 ) -> AsyncIterator[str]:
     seen = 0
     if resume_after:
-        # Event ids are opaque to clients; their order is the table's sequence number.
+        # Event ids are opaque to clients; their order is the job's own event number.
         past = await asyncio.to_thread(services.store.events_since, job_id, 0)
-        seen = next((row.seq for row in past if row.id == resume_after), 0)
+        seen = next((row.job_seq for row in past if row.id == resume_after), 0)
     while True:
         # Read the status before the events: a job seen terminal has all its events stored.
         # Store calls block: in a thread, so open streams never stall other requests.
         job = await asyncio.to_thread(services.store.get_job, tenant, job_id)
         terminal = JobStatus(job.status).is_terminal()
         for row in await asyncio.to_thread(services.store.events_since, job_id, seen):
-            seen = row.seq
+            seen = row.job_seq
             yield f"id: {row.id}\ndata: {event_object(row).model_dump_json()}\n\n"
         if terminal:
             yield "data: [DONE]\n\n"

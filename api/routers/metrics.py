@@ -42,8 +42,8 @@ def job_gauges(store: JobStore) -> bytes:
     if capacity is not None:  # only a process that runs the scheduler has seen the hosts
         hosts = Gauge(
             "lorafleet_hosts",
-            "Pack hosts (mode hosts: busy, idle, ending) and runs (window or solo: running, "
-            "unresponsive) up at the scheduler's last tick.",
+            "Pack hosts (mode hosts) by state (busy, idle, ending, unresponsive) at the "
+            "scheduler's last tick.",
             ["mode", "state"],
             registry=registry,
         )
@@ -65,6 +65,8 @@ def metrics(
     """For dashboards and alerts. With LORAFLEET_METRICS_TOKEN set, a scraper must send
     `Authorization: Bearer <token>`."""
     token = services.settings.metrics_token
-    if token and not secrets.compare_digest(authorization or "", f"Bearer {token}"):
+    # As bytes: compare_digest refuses a str with non-ASCII characters (TypeError, a 500).
+    sent = (authorization or "").encode("utf-8", "surrogateescape")
+    if token and not secrets.compare_digest(sent, f"Bearer {token}".encode()):
         raise Unauthorized("GET /metrics needs the metrics token as a Bearer token.")
     return PlainTextResponse(exposition(services.store), media_type=CONTENT_TYPE_LATEST)

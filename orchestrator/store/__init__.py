@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.errors import NotFound
+from orchestrator.errors import NotFound, RateLimited
 from orchestrator.states import JobStatus
 from orchestrator.store.job_reads import JobFields, JobReads
 from orchestrator.store.rows import add_events, new_id, now
@@ -70,10 +70,32 @@ class JobStore(JobTransitions):
         return row
 
     # ---- jobs ----
-    def add_job(self, row: JobRow, message: str, idempotency: Idempotency | None = None) -> JobRow:
+    def add_job(
+        self,
+        row: JobRow,
+        message: str,
+        idempotency: Idempotency | None = None,
+        max_unfinished: int | None = None,
+    ) -> JobRow:
+        """Adds the job and its first event; with `max_unfinished`, only if its tenant then
+        has no more unfinished jobs than that (RateLimited otherwise, nothing stored).
+
+        The quota is checked and taken in this one transaction, under a lock per tenant:
+        PostgreSQL's advisory lock on the tenant, held to commit; on SQLite the INSERT comes
+        first and takes the one write lock, so the count after it sees every other writer's
+        job. Concurrent creates can therefore never pass the quota together."""
         with self._creating(idempotency) as session:
+            if max_unfinished is not None and session.get_bind().dialect.name == "postgresql":
+                session.execute(select(func.pg_advisory_xact_lock(func.hashtext(row.tenant))))
             session.add(row)
             session.flush()
+            if max_unfinished is not None:
+                taken = session.scalar(_unfinished_of(row.tenant)) or 0
+                if taken > max_unfinished:
+                    raise RateLimited(
+                        f"tenant {row.tenant!r} already has {max_unfinished} unfinished jobs "
+                        "(the limit); wait for some to finish or cancel them"
+                    )
             add_events(session, row.id, [_event(row.id, message, data={"status": row.status})])
             if idempotency:
                 _record(session, idempotency, row)
@@ -149,10 +171,8 @@ class JobStore(JobTransitions):
             return {status: int(n) for status, n in session.execute(query)}
 
     def count_unfinished_jobs(self, tenant: str) -> int:
-        unfinished = [s.value for s in JobStatus if not s.is_terminal()]
-        query = select(func.count()).where(JobRow.tenant == tenant, JobRow.status.in_(unfinished))
         with self.sessions() as session:
-            return int(session.scalar(query) or 0)
+            return int(session.scalar(_unfinished_of(tenant)) or 0)
 
     def jobs_with_status(self, statuses: Iterable[JobStatus]) -> list[JobRow]:
         """Oldest first, so the scheduler serves jobs in the order they came."""
@@ -223,6 +243,11 @@ class JobStore(JobTransitions):
                 update(ApiKeyRow).where(ApiKeyRow.id == row.id).values(revoked_at=now())
             )
         return row
+
+
+def _unfinished_of(tenant: str) -> Select[tuple[int]]:
+    unfinished = [s.value for s in JobStatus if not s.is_terminal()]
+    return select(func.count()).where(JobRow.tenant == tenant, JobRow.status.in_(unfinished))
 
 
 def _record(session: Session, idempotency: Idempotency, created: Any) -> None:

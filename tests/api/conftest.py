@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,13 +18,26 @@ GOOD_RECORDS = [{"prompt": "1+1=", "completion": "2"}]
 
 
 @pytest.fixture()
-def settings(tmp_path: Path, tiny_base: Path) -> Settings:
-    """Embedded defaults in a fresh folder, with the tiny base in the catalog."""
+def settings(tmp_path: Path, tiny_base: Path, database_url: str) -> Settings:
+    """Embedded defaults in a fresh folder, with the tiny base in the catalog, on SQLite
+    and again on PostgreSQL (`database_url`): every API test runs on both databases."""
     return Settings(
         data_dir=tmp_path / "state",
+        database_url=database_url,
         base_models={"tiny": str(tiny_base)},
         max_upload_bytes=MAX_UPLOAD,
     )
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """`database_url` for a module's shared server (the fuzz runs): SQLite, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'lorafleet.db'}"
+    server = request.getfixturevalue("postgres")
+    return str(server.create_database(f"m_{secrets.token_hex(6)}"))
 
 
 @pytest.fixture()
@@ -41,8 +56,8 @@ def upload(client: httpx.Client, records: list[dict], purpose: str = "fine-tune"
     return response.json()  # type: ignore[no-any-return]
 
 
-@pytest.fixture()
-def live_server(settings: Settings) -> Iterator[str]:
+@contextmanager
+def serve_live(settings: Settings) -> Iterator[str]:
     """The API served over real HTTP by uvicorn in a thread (no scheduler: nothing trains)."""
     import socket
     import threading
@@ -62,6 +77,14 @@ def live_server(settings: Settings) -> Iterator[str]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture()
+def live_server(settings: Settings) -> Iterator[str]:
+    with serve_live(settings) as url:
+        yield url

@@ -80,9 +80,13 @@ def test_arbitrary_bytes_never_crash_the_validator(data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def module_client(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):  # type: ignore[no-untyped-def]
+def module_client(  # type: ignore[no-untyped-def]
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, module_database_url: str
+):
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("fuzz"), base_models={"tiny": str(tiny_base)}
+        data_dir=tmp_path_factory.mktemp("fuzz"),
+        database_url=module_database_url,
+        base_models={"tiny": str(tiny_base)},
     )
     with TestClient(create_app(settings)) as client:
         yield client

@@ -11,9 +11,10 @@ from orchestrator.settings import Settings
 from tests.api.conftest import GOOD_RECORDS, upload
 
 
-def test_line_and_job_quotas(tmp_path: Path, tiny_base: Path) -> None:
+def test_line_and_job_quotas(tmp_path: Path, tiny_base: Path, database_url: str) -> None:
     settings = Settings(
         data_dir=tmp_path,
+        database_url=database_url,
         base_models={"tiny": str(tiny_base)},
         max_file_lines=3,
         max_active_jobs_per_tenant=2,

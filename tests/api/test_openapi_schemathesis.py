@@ -21,10 +21,15 @@ AUTH: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[object]:
+def api_schema(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, module_database_url: str
+) -> Iterator[object]:
+    """The app on SQLite, then on PostgreSQL (module_database_url): no 5xx on either."""
     app = create_app(
         Settings(
-            data_dir=tmp_path_factory.mktemp("schemathesis"), base_models={"tiny": str(tiny_base)}
+            data_dir=tmp_path_factory.mktemp("schemathesis"),
+            database_url=module_database_url,
+            base_models={"tiny": str(tiny_base)},
         )
     )
     with TestClient(app) as client:  # runs the lifespan: database, store, keys

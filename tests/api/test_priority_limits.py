@@ -17,9 +17,10 @@ from tests.api.test_tenants import bearer, keys
 
 
 @pytest.fixture()
-def limited(tmp_path: Path, tiny_base: Path) -> Iterator[TestClient]:
+def limited(tmp_path: Path, tiny_base: Path, database_url: str) -> Iterator[TestClient]:
     settings = Settings(
         data_dir=tmp_path / "state",
+        database_url=database_url,
         base_models={"tiny": str(tiny_base)},
         tenant_max_priority={"acme": 10, "*": 2},
     )
