@@ -1,7 +1,7 @@
-"""A job's state on its pack host, as the host reports it to the scheduler.
-
-Same terminal rule as `orchestrator.states.JobStatus`: a state with no way out is terminal,
-and a host never moves a job out of a terminal state (late events for it are refused).
+"""A job's state on its pack host, as the host reports it to the scheduler: running, or one
+of three ends (the host never moves a job out of an end; late events for it are dropped).
+The scheduler maps an end to the job's status in one place
+(`orchestrator.scheduling.outcomes.JobOutcomes.settle`).
 """
 
 from __future__ import annotations
@@ -17,16 +17,3 @@ class RunJobState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-    def is_terminal(self) -> bool:
-        return not RUN_TRANSITIONS[self]
-
-
-S = RunJobState
-RUN_TRANSITIONS: dict[RunJobState, frozenset[RunJobState]] = {
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
-    S.SUCCEEDED: frozenset(),
-    S.FAILED: frozenset(),
-    S.CANCELLED: frozenset(),
-}
-del S
