@@ -123,6 +123,7 @@ def test_a_stopped_host_actor_costs_only_its_own_job(server: LorafleetServer) ->
                 timeout=120,
                 what="the new job's first step",
             )
+            first_step_after = time.time() - stopped_at
             still_waiting = client.get(f"/v1/fine_tuning/jobs/{victim}").json()
             assert still_waiting["status"] == "running"
             assert started(server, client, victim)["attempt"] == 1  # not requeued yet
@@ -138,6 +139,11 @@ def test_a_stopped_host_actor_costs_only_its_own_job(server: LorafleetServer) ->
                 lambda: started(server, client, victim)["attempt"] == 2,
                 timeout=POLL_TIMEOUT_S * MISSED_POLLS + 120,
                 what="the victim's requeue",
+            )
+            # Figures for the reader (-s), not assertions: wall-clock varies by machine.
+            print(
+                f"stopped host: new job's first step {first_step_after:.1f} s after the "
+                f"SIGSTOP; victim restarted {time.time() - stopped_at:.1f} s after it"
             )
             assert started(server, client, victim)["run_id"] != silent_host
             for job_id in (victim, bystander, newcomer):
