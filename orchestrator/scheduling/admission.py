@@ -149,9 +149,11 @@ def plan_admissions(
         for h in hosts
         if not h.ending and h.host_id not in closed
     ]
-    blocked: set[str] = set()  # shapes whose first waiting job could not be placed
+    # (shape, exclusive) of the first waiting job that could not be placed: an exclusive
+    # job waits for a host of its own, which packable jobs joining a host do not take.
+    blocked: set[tuple[str, bool]] = set()
     for job in fair_order(waiting, running_per_tenant, last_started):
-        if job.shape in blocked:
+        if (job.shape, job.exclusive) in blocked:
             plan.waiting.append(job.job_id)
             continue
         if not fits(job.shape, [job.demand]):
@@ -175,19 +177,20 @@ def plan_admissions(
             rooms.append(host)
             plan.starts.append(StartHost(host.host_id, job.shape, job.exclusive))
         else:
-            blocked.add(job.shape)
+            blocked.add((job.shape, job.exclusive))
             plan.unhosted.append(job.job_id)
             plan.waiting.append(job.job_id)
             continue
         host.demands.append(job.demand)
         plan.joins.append(Join(job.job_id, host.host_id))
-    # An idle host of another shape holds resources a blocked shape could use: end one per
-    # blocked shape (its workers are free by a later tick). A warm host is never retired.
+    # An idle host of another shape (of any shape, for an exclusive job) holds resources a
+    # blocked job could use: end one per blocked shape (its workers are free by a later
+    # tick). A warm host is never retired.
     idle = sorted(
         (h for h in rooms if not h.demands and not h.warm), key=lambda h: h.host_id, reverse=True
     )
-    for shape in sorted(blocked):
-        other = [h for h in idle if h.shape != shape]
+    for shape, exclusive in sorted(blocked):
+        other = [h for h in idle if exclusive or h.shape != shape]
         if other:
             plan.retire.append(other[-1].host_id)
             idle.remove(other[-1])

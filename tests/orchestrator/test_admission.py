@@ -158,3 +158,20 @@ def test_with_nobody_running_the_tenant_that_started_longest_ago_goes_next() -> 
     assert [j.job_id for j in order] == ["b0", "a1", "a2"]
     order = fair_order(waiting, {}, last_started={"alice": 100.0, "bob": 200.0})
     assert [j.job_id for j in order] == ["a1", "b0", "a2"]
+
+
+def test_an_unpacked_job_starts_a_host_of_one_slot_that_no_one_joins() -> None:
+    alone = WaitingJob("alone", "t1", SHAPE, 0, exclusive=True)
+    result = plan(
+        [alone, job("b", at=1)], [HostRoom("hot", SHAPE, 4, [SlotDemand(1, 8, 8)])], starts=2
+    )
+    assert [(s.host_id, s.exclusive) for s in result.starts] == [("new-0", True)]
+    assert {(j.job_id, j.host_id) for j in result.joins} == {("alone", "new-0"), ("b", "hot")}
+    # With no start left, it waits, and the jobs behind it that can join a host still do;
+    # an idle host, even of its own shape, is ended to make it room.
+    idle = HostRoom("idle", SHAPE, 4)
+    result = plan([alone, job("b", at=1)], [idle], starts=0)
+    assert result.waiting == ["alone"] and [j.host_id for j in result.joins] == ["idle"]
+    assert result.retire == []  # b is on it now
+    result = plan([alone], [HostRoom("idle", SHAPE, 4)], starts=0)
+    assert result.retire == ["idle"]
