@@ -82,7 +82,7 @@ on_store_error(lambda outcome, _error: OBJECT_STORE_ERRORS.labels(outcome=outcom
 
 @dataclass(frozen=True)
 class Capacity:
-    """What the scheduler saw at its last tick: pack hosts and runs by (mode, state), and
+    """What the scheduler saw at its last tick: pack hosts by (mode, state), and
     the slots they report training a job."""
 
     hosts: dict[tuple[str, str], int] = field(default_factory=dict)
