@@ -1,10 +1,11 @@
-"""A time limit per setup phase of a run, so that setup can fail but never hang.
+"""A time limit per setup phase of a pack host's workers, so that setup can fail but never hang.
 
 Setup can block in places we do not own (seen: DeepSpeed waiting forever on a build lock
 left by a killed compile). Each phase runs under a timer; past the limit the timer raises
 `SetupTimeoutError` inside the training thread (an asynchronous exception: it lands at the
-thread's next Python bytecode, which covers the lock-polling loops that hang), and the run's
-actor is told, so every job of the run fails with an error naming the phase.
+thread's next Python bytecode, which covers the lock-polling loops that hang), and the host's
+actor is told, so every job on the host fails with an error naming the phase
+(`workers.host.worker_loop.HostWorker.setup`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ logger = logging.getLogger("lorafleet.worker")
 
 
 class SetupTimeoutError(TimeoutError):
-    """A setup phase of a run took longer than the setup time limit."""
+    """A setup phase took longer than the setup time limit."""
 
 
 class SetupPhases:
     def __init__(self, limit_s: float, on_timeout: Callable[[str, str], None]) -> None:
         self.limit_s = limit_s
-        self.on_timeout = on_timeout  # (phase, error) → tells the run's actor
+        self.on_timeout = on_timeout  # (phase, error) → tells the host's actor
         self.current: str | None = None
         self.timed_out: str | None = None
 
@@ -40,7 +41,7 @@ class SetupPhases:
         def expire() -> None:
             self.timed_out = name
             error = self._message(name)
-            logger.error("%s; failing the run", error)
+            logger.error("%s; failing the host's jobs", error)
             try:
                 self.on_timeout(name, error)
             finally:
