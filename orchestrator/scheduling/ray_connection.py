@@ -35,7 +35,7 @@ class RayConnection:
         else:
             # The data dir's own local cluster, in a process of its own: it (and every warm
             # pack host on it) outlives a crash of this process, and the next one reconnects.
-            # Enough logical CPUs for the configured concurrent runs, even on a small
+            # Enough logical CPUs for the configured concurrent hosts, even on a small
             # machine (workers then share cores rather than wait in line).
             cpus = max(
                 os.cpu_count() or 1,

@@ -35,7 +35,7 @@ Outstanding = dict[str, tuple[Any, float]]  # host id -> (a call's reference, wh
 
 
 class RayHosts:
-    """Needs a connected Ray (`orchestrator.scheduling.ray_runs.RayRuns.connect`)."""
+    """Needs a connected Ray (`orchestrator.scheduling.ray_connection.RayConnection`)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         settings = settings or Settings()
@@ -172,7 +172,7 @@ class RayHosts:
 
     def reap(self) -> list[str]:
         """Removes host actors whose workers have ended (idle, stopped or failed), then the
-        placement groups of hosts and runs that are gone (`workers.runtime.placement_groups`).
+        placement groups of hosts that are gone (`workers.runtime.placement_groups`).
         Every host is asked at once; one that does not answer is looked at again next time
         (the watch ends it if it stays silent), and one silent to polls is not asked."""
         hosts = [h for h in self.list_hosts() if h not in self._polls]

@@ -273,8 +273,8 @@ class HostWorker(HostJoins):
 
     def _publish(self, slot: JobSlot) -> None:
         slot.state = SlotState.DONE
-        # What each rank holds of the frozen base (ZeRO-3), shown with the published adapter
-        # as a run shows it; every rank takes part (a collective), once per job.
+        # What each rank holds of the frozen base (ZeRO-3), shown with the published adapter;
+        # every rank takes part (a collective), once per job.
         held = partitioning(self.ctx)
         if self.writer is not None:
             factors = slot_state_dict(self.model, slot.job_id)  # copies, taken now

@@ -1,11 +1,11 @@
-"""Which Ray placement groups are ours, so that the scheduler can remove a dead run's.
+"""Which Ray placement groups are ours, so that the scheduler can remove a dead host's.
 
-Ray Train removes a run's placement group when `fit()` returns, but not when the run's actor
-is killed while Ray runs without its dashboard, nor when its cleaner process fails (seen:
-"Found multiple active Ray instances" on a machine with several Ray clusters): the group
-then keeps its CPUs reserved until the job that created it ends. Ray's placement-group
-table does not say which run a group belongs to, so rank 0 of each run or pack host
-records its group under the owning actor's name in the cluster's key-value store (kept by
+Ray Train removes a run's placement group when `fit()` returns, but not when the pack
+host's actor that owns the run is killed while Ray runs without its dashboard, nor when its
+cleaner process fails (seen: "Found multiple active Ray instances" on a machine with several
+Ray clusters): the group then keeps its CPUs reserved until the job that created it ends.
+Ray's placement-group table does not say which run a group belongs to, so rank 0 of each
+pack host records its group under the owning actor's name in the cluster's key-value store (kept by
 Ray itself, so it survives the actor). A group is removed only when it was recorded here
 and its owner's named actor no longer exists: never another user's group.
 """
