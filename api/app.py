@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from anyio import CapacityLimiter
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api.deps import CachedApiKeys, Services, db_readers_for
 from api.errors import install_error_handlers
-from api.front_door import RateLimiter
+from api.front_door import RateLimiter, refuse_nul_characters
 from api.request_timing import RequestTiming
 from api.routers import dashboard, files, jobs, metrics, models, webhooks
 from core.base_catalog import BaseModelCatalog, CatalogError
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         description="LoRA fine-tuning jobs over an OpenAI-compatible API, trained on Ray "
         "with DeepSpeed ZeRO-3; adapters in PEFT format.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_nul_characters)],
     )
     install_error_handlers(app)
     # Per API key, in this process (each replica limits what reaches it).

@@ -11,7 +11,7 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -113,6 +113,11 @@ DATABASE_RETRY_AFTER_S = 5
 async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
     """The database is away (down, restarting, unreachable): 503 with Retry-After, so clients
     retry instead of treating it as a bug; any other database error stays a 500."""
+    if isinstance(exc, DataError):
+        # A value the database cannot hold (PostgreSQL: a NUL, an over-long string): the
+        # schemas bound every field, so this is a value they missed, and still the caller's.
+        log.warning("database refused a request's value: %s", exc.orig or exc)
+        return error_response(400, "a value in the request cannot be stored", None, "invalid_value")
     if not (exc.connection_invalidated or _is_connection_error(exc)):
         log.error("database error", exc_info=exc)
         return error_response(500, "internal error; the server log has the details")

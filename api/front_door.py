@@ -1,5 +1,6 @@
 """What every tenant-scoped request passes before its key is looked up: a per-key request
-rate (token bucket) and, while the server is open (no API key created yet), a Host check.
+rate (token bucket) and, while the server is open (no API key created yet), a Host check;
+and, before every route, no NUL character where a database would see it.
 
 Open mode serves anyone who reaches it, which is safe only on loopback; but a web page can
 reach loopback too, through DNS rebinding (its own name re-pointed at 127.0.0.1). The
@@ -13,7 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.errors import Forbidden, RateLimited
+from starlette.requests import Request
+
+from orchestrator.errors import Forbidden, InvalidRequest, RateLimited
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MAX_BUCKETS = 100_000  # keys remembered; past it all are forgotten (each starts full again)
@@ -79,3 +82,17 @@ class RateLimiter:
             f"(bursts of {self.burst}); retry after {wait:.1f} s",
             retry_after=wait,
         )
+
+
+def refuse_nul_characters(request: Request) -> None:
+    """A NUL character in the path, the query or a header is a 400 naming where it was:
+    PostgreSQL refuses NUL in text outright (DataError, which would be a 500), and no id,
+    filter or key of ours holds one."""
+    if "\x00" in request.url.path:
+        raise InvalidRequest("the path must not contain NUL characters", param="path")
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name or "\x00" in value:
+            raise InvalidRequest("query parameters must not contain NUL characters", name)
+    for name, value in request.headers.items():
+        if "\x00" in value:
+            raise InvalidRequest("headers must not contain NUL characters", param=name)

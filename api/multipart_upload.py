@@ -104,6 +104,8 @@ class _Parts:
             raise InvalidRequest("send one file part, named file", param="file")
         self.file_seen = self.current.is_file = True
         filename = options.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")
+        if "\x00" in filename:
+            raise InvalidRequest("the file name must not contain NUL characters", param="file")
         if len(filename) > MAX_FILENAME_CHARS:
             raise InvalidRequest(
                 f"the file name is longer than {MAX_FILENAME_CHARS} characters", param="file"

@@ -42,6 +42,8 @@ class Method(Strict):
 
 
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")]
+# Text a database sees: bounded, and without NUL (PostgreSQL refuses it in text: a 500).
+NO_NUL = r"^[^\x00]*$"
 
 
 class LoraOptions(Strict):
@@ -78,13 +80,17 @@ class ResourceOptions(Strict):
 
 
 class FineTuningJobCreate(Strict):
-    model: str = Field(min_length=1, max_length=256)
-    training_file: str = Field(min_length=1, max_length=64)
-    validation_file: str | None = Field(default=None, max_length=64)
+    model: str = Field(min_length=1, max_length=256, pattern=NO_NUL)
+    training_file: str = Field(min_length=1, max_length=64, pattern=NO_NUL)
+    validation_file: str | None = Field(default=None, max_length=64, pattern=NO_NUL)
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: (
-        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+        dict[
+            Annotated[str, Field(max_length=64, pattern=NO_NUL)],
+            Annotated[str, Field(max_length=512, pattern=NO_NUL)],
+        ]
+        | None
     ) = Field(default=None, max_length=16)
     method: Method | None = None
     hyperparameters: Hyperparameters | None = Field(
@@ -94,6 +100,7 @@ class FineTuningJobCreate(Strict):
     from_checkpoint: str | None = Field(
         default=None,
         max_length=128,
+        pattern=NO_NUL,
         description="Start from a checkpoint (an id from GET …/{id}/checkpoints) of one of "
         "your jobs, with the same LoRA settings.",
     )

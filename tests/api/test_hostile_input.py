@@ -129,3 +129,40 @@ def test_serve_refuses_to_start_naming_the_entry_and_the_folder(
     assert done.returncode != 0
     assert "ghost" in done.stderr and str(missing) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_nul_characters_and_over_long_values_are_400s_on_both_databases(
+    client: TestClient,
+) -> None:
+    """PostgreSQL refuses NUL in text and values past a column's length (a DataError, once
+    a 500); each is refused before the database sees it, naming where it was."""
+    file_id = upload(client, GOOD_RECORDS)["id"]
+    job = {"model": "tiny", "training_file": file_id}
+    assert_envelope(client.get("/v1/fine_tuning/jobs/ftjob-%00"), 400, "path")
+    assert_envelope(client.get("/v1/files", params={"purpose": "a\x00b"}), 400, "purpose")
+    assert_envelope(client.get("/v1/fine_tuning/jobs", params={"after": "\x00"}), 400, "after")
+    bad_bodies = [
+        ({**job, "training_file": "file-\x00"}, "training_file"),
+        ({**job, "validation_file": "\x00"}, "validation_file"),
+        ({**job, "from_checkpoint": "ftckpt-\x00-1"}, "from_checkpoint"),
+        ({**job, "metadata": {"k": "v\x00"}}, "metadata.k"),
+        ({**job, "training_file": "f" * 65}, "training_file"),
+    ]
+    for body, param in bad_bodies:
+        assert_envelope(client.post("/v1/fine_tuning/jobs", json=body), 400, param)
+    # (httpx would percent-encode a NUL in a file name: the body is written out.)
+    named = client.post(
+        "/v1/files",
+        content=b"--b\r\nContent-Disposition: form-data; name=purpose\r\n\r\nfine-tune\r\n"
+        b'--b\r\nContent-Disposition: form-data; name=file; filename="a\x00.jsonl"\r\n\r\n'
+        b'{"text": "a"}\n\r\n--b--\r\n',
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert_envelope(named, 400, "file", "NUL")
+    too_long = client.post(
+        "/v1/files", files={"file": ("a" * 513, b'{"text": "a"}\n')}, data={"purpose": "fine-tune"}
+    )
+    assert_envelope(too_long, 400, "file", "512")
+    hook = client.post("/v1/webhooks", json={"url": "https://example.com/" + "a" * 2100})
+    assert_envelope(hook, 400, "url")
+    assert [f["id"] for f in client.get("/v1/files").json()["data"]] == [file_id]
