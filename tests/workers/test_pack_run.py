@@ -140,6 +140,7 @@ def test_a_pack_trains_each_job_exactly_as_alone(
         alone_jobs = [for_tenant(j, alone_tenant, tiny_base) for j in compared]
         for job_id in list(report["jobs"]):
             hosts.release(spec.host_id, job_id)
+        watch.until(lambda r: not r["jobs"])  # the releases are not waited for
         alone = one_after_another(hosts, spec, alone_jobs, Watch(hosts, spec.host_id))
     finally:
         hosts.kill(spec.host_id)
