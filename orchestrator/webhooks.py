@@ -88,7 +88,9 @@ class WebhookDeliverer:
         a worker is free."""
         self.store.enqueue_ended_jobs()
         lease_s = self.settings.webhook_deadline_seconds * 3
-        for delivery, endpoint in self.store.due():
+        with self._lock:
+            busy = set(self._in_flight)
+        for delivery, endpoint in self.store.due(busy=busy):
             with self._lock:
                 if len(self._in_flight) >= self.settings.webhook_workers:
                     return

@@ -29,7 +29,7 @@ from orchestrator.states import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 429)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 429)
 }
 Limit = Annotated[int, Query(ge=1, le=100)]
 METADATA_FILTER = re.compile(r"metadata\[(.+)\]")

@@ -15,7 +15,7 @@ from orchestrator.webhook_addresses import RefusedAddress, check_url, parse_netw
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429)
 }
 MAX_URL_CHARS = 2048  # the database column's length
 

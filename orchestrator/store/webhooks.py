@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import (
@@ -217,13 +218,18 @@ class WebhookStore:
             return 0
         return 1
 
-    def due(self, limit: int = 20) -> list[tuple[WebhookDeliveryRow, WebhookEndpointRow]]:
+    def due(
+        self, limit: int = 20, busy: Collection[str] = ()
+    ) -> list[tuple[WebhookDeliveryRow, WebhookEndpointRow]]:
+        """Deliveries whose next attempt is due, but for the `busy` endpoints (one in flight
+        already): a stuck endpoint's backlog never hides other endpoints' deliveries."""
         query = (
             select(WebhookDeliveryRow, WebhookEndpointRow)
             .join(WebhookEndpointRow, WebhookEndpointRow.id == WebhookDeliveryRow.endpoint_id)
             .where(
                 WebhookDeliveryRow.status == PENDING,
                 WebhookDeliveryRow.next_attempt_at <= time.time(),
+                WebhookDeliveryRow.endpoint_id.not_in(list(busy)),
             )
             .order_by(WebhookDeliveryRow.next_attempt_at)
             .limit(limit)

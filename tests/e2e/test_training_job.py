@@ -294,3 +294,32 @@ def test_a_job_can_start_from_another_jobs_checkpoint(server: LorafleetServer) -
         assert any(m.startswith(f"Started from checkpoint {final['id']}") for m in messages)
         # It starts where the source ended, not from the base.
         assert first_loss(forked["id"]) < first_loss(source["id"]) - 0.05
+
+
+def test_a_file_with_raw_line_separators_inside_strings_trains(server: LorafleetServer) -> None:
+    """U+2028/U+2029/U+0085 are allowed raw inside JSON strings: such a file is accepted
+    (JSON Lines splits on \\n only) and the job trains on it to the end."""
+    lines = [
+        json.dumps(
+            {"prompt": f"{a}\u2028+{b}=", "completion": f"{a + b}\u2029"}, ensure_ascii=False
+        )
+        for a, b in DATA_PAIRS[:8]
+    ]
+    body = ("\r\n".join(lines) + "\n").encode()
+    with server.client() as client:
+        uploaded = client.post(
+            "/v1/files", files={"file": ("seps.jsonl", body)}, data={"purpose": "fine-tune"}
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        assert uploaded.json()["bytes"] == len(body)
+        job = submit(
+            client,
+            model="tiny-llama",
+            training_file=uploaded.json()["id"],
+            hyperparameters={"n_epochs": 1, "batch_size": 4},
+            training={"max_seq_len": 32},
+            resources={"num_workers": 1},
+        )
+        job = server.wait_until_terminal(client, job["id"])
+        assert job["status"] == "succeeded", job
+        assert job["trained_tokens"] > 0
