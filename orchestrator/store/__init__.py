@@ -245,7 +245,7 @@ class JobStore(JobTransitions):
         return row
 
 
-def _unfinished_of(tenant: str) -> Select[tuple[int]]:
+def _unfinished_of(tenant: str) -> Select[int]:
     unfinished = [s.value for s in JobStatus if not s.is_terminal()]
     return select(func.count()).where(JobRow.tenant == tenant, JobRow.status.in_(unfinished))
 

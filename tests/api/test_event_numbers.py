@@ -46,7 +46,9 @@ def tail_with_pages(url: str, job_id: str, seen: list[str], done: threading.Even
             new: list[str] = []
             after: str | None = None
             while True:
-                params = {"limit": 7, **({"after": after} if after else {})}
+                params: dict[str, str | int] = {"limit": 7}
+                if after:
+                    params["after"] = after
                 page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
                 ids = [e["id"] for e in page["data"]]
                 fresh = ids[: ids.index(seen[-1])] if seen and seen[-1] in ids else ids

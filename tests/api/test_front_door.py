@@ -91,7 +91,7 @@ def test_a_non_ascii_authorization_on_metrics_is_a_401(tmp_path: Path, settings:
     with_token = settings.model_copy(update={"metrics_token": "s3cret"})
     with TestClient(create_app(with_token)) as client:
         for sent in ("Bearer é", "Bearer s3cret\u00e9", "\u00ff"):
-            response = client.get("/metrics", headers={"Authorization": sent.encode("latin-1")})
+            response = client.get("/metrics", headers={b"Authorization": sent.encode("latin-1")})
             assert response.status_code == 401, response.text
         ok = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200

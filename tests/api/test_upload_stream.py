@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
@@ -102,7 +103,7 @@ def test_a_file_is_listed_only_once_it_is_whole(live_server: str) -> None:
     assert listed["bytes"] == len(LINE) * 200
 
 
-def post_raw(client: TestClient, body: bytes, **headers: str) -> httpx.Response:
+def post_raw(client: TestClient, body: bytes, **headers: str) -> Any:
     return client.post(
         "/v1/files",
         content=body,
