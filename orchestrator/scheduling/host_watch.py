@@ -15,6 +15,7 @@ from typing import Any
 
 from core.host_protocol import SETUP_PHASES, HostReport, PackHosts, Unanswered
 from core.run_states import RunJobState
+from orchestrator.errors import NotFound
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.settings import Settings
@@ -221,9 +222,11 @@ class HostWatch:
         self.outcomes.retry_or_fail(job, reason)
 
     def _row(self, job_id: str) -> JobRow | None:
+        """The job's row now; None only if there is none (a database error is raised: a
+        job must not be stopped because its row could not be read)."""
         try:
             return self.store.job(job_id)
-        except Exception:
+        except NotFound:
             return None
 
 
