@@ -120,6 +120,7 @@ class WebhookStore:
         (on PostgreSQL a SHARE lock waits for them and holds new ones back for this short
         transaction): an event committed after the mark always numbers above it, so no job
         ending around registration is missed. SQLite writes one transaction at a time.
+        The cap is checked in the same transaction, under a lock per tenant.
         """
         row = WebhookEndpointRow(
             id=new_id("whep"),
@@ -130,16 +131,22 @@ class WebhookStore:
             after_event_seq=0,
         )
         with self.sessions.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                # One registration per tenant at a time, so two cannot pass the cap together.
+                tenant_lock = func.pg_advisory_xact_lock(func.hashtext("webhooks:" + tenant))
+                session.execute(select(tenant_lock))
+                session.execute(text("LOCK TABLE job_events IN SHARE MODE"))
+            # SQLite: the INSERT comes first and takes the one write lock, so the count and
+            # the mark after it see every other writer's rows, committed.
+            session.add(row)
+            session.flush()
             count = select(func.count()).where(WebhookEndpointRow.tenant == tenant)
-            if (session.scalar(count) or 0) >= max_per_tenant:
+            if (session.scalar(count) or 0) > max_per_tenant:
                 raise RateLimited(
                     f"a tenant may have {max_per_tenant} webhook endpoints; delete one first",
                     param="url",
                 )
-            if session.get_bind().dialect.name == "postgresql":
-                session.execute(text("LOCK TABLE job_events IN SHARE MODE"))
             row.after_event_seq = session.scalar(select(func.max(JobEventRow.seq))) or 0
-            session.add(row)
         return row
 
     def get_endpoint(self, tenant: str, endpoint_id: str) -> WebhookEndpointRow:

@@ -11,7 +11,9 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -20,7 +22,7 @@ from orchestrator.api_keys import ApiKeys
 from orchestrator.db import make_engine
 from orchestrator.settings import Settings
 from orchestrator.webhooks import WebhookDeliverer
-from tests.api.conftest import GOOD_RECORDS
+from tests.api.conftest import GOOD_RECORDS, serve_live
 from tests.conftest import wait_for_condition
 
 CHUNK = b"x" * 65536
@@ -167,6 +169,21 @@ def test_a_tenant_has_at_most_the_endpoint_cap(settings: Settings) -> None:
         third = client.post("/v1/webhooks", json={"url": "https://hooks.example.com/3"})
         assert third.status_code == 429
         assert third.json()["error"]["param"] == "url"
+
+
+def test_concurrent_registrations_never_pass_the_endpoint_cap(settings: Settings) -> None:
+    capped = settings.model_copy(update={"max_webhooks_per_tenant": 2})
+    with serve_live(capped) as url:
+
+        def register(n: int) -> int:
+            with httpx.Client(base_url=url, timeout=120) as client:
+                hook = {"url": f"https://hooks.example.com/{n}"}
+                return client.post("/v1/webhooks", json=hook).status_code
+
+        with ThreadPoolExecutor(20) as pool:
+            statuses = sorted(pool.map(register, range(20)))
+        assert statuses == [200, 200] + [429] * 18
+        assert len(httpx.get(f"{url}/v1/webhooks").json()["data"]) == 2
 
 
 def test_a_name_that_resolves_or_rebinds_to_a_refused_address_is_never_connected(
