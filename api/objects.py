@@ -69,7 +69,7 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "lora": settings.lora.model_dump(mode="json"),
         "training": settings.training.model_dump(mode="json"),
         "resources": settings.resources.model_dump(mode="json"),
-        "from_checkpoint": settings.from_checkpoint and settings.from_checkpoint.checkpoint,
+        "from_checkpoint": start.checkpoint if (start := settings.from_checkpoint) else None,
         "priority": row.priority or 0,
         "max_runtime": row.max_runtime,
     }

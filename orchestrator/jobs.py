@@ -231,8 +231,8 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         training_file_key=file_key(job.tenant, job.training_file),
         lora=job.settings.lora,
         training=HostTraining(**job.settings.training.model_dump(), seed=job.seed),
-        start_from=start and start.adapter_prefix,
-        start_from_name=start and start.checkpoint,
+        start_from=start.adapter_prefix if start else None,
+        start_from_name=start.checkpoint if start else None,
     )
 
 
