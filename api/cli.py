@@ -4,7 +4,9 @@ data dir's embedded Ray that no serve will end)."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -17,6 +19,43 @@ app.add_typer(keys, name="keys")
 app.add_typer(files, name="files")
 app.add_typer(jobs, name="jobs")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# On SIGTERM open connections (an event stream a client follows) get this long to end
+# before they are closed: with the scheduler's stop and its Ray's end, serve exits in
+# seconds (README: within 10 s).
+GRACEFUL_SHUTDOWN_S = 3
+
+
+class StartupErrorInOneLine:
+    """`serve`'s app: an error while starting (an unreachable database, a bad setting) is
+    printed once, as one line naming it, then serve exits. Starlette would print its
+    traceback, whose frames repeat once per router (dozens of lines for one error)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_unless_failed(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "lifespan.startup.complete"
+            if message["type"] != "lifespan.startup.failed":  # said below, from the error
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_unless_failed)
+        except Exception as exc:
+            if started:
+                raise
+            await send({"type": "lifespan.startup.failed", "message": f"not starting: {said(exc)}"})
+
+
+def said(error: BaseException) -> str:
+    """An error as one line: its type and message, without the traceback."""
+    return "".join(traceback.format_exception_only(error)).strip()
 
 
 def _api_keys():  # type: ignore[no-untyped-def]
@@ -51,7 +90,13 @@ def serve(
         )
 
     configure_logging()
-    uvicorn.run(create_app(run_scheduler=scheduler), host=host, port=port, log_level="info")
+    uvicorn.run(
+        StartupErrorInOneLine(create_app(run_scheduler=scheduler)),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
 
 
 @app.command("scheduler")
@@ -75,10 +120,14 @@ def run_scheduler(
     from orchestrator.webhooks import WebhookDeliverer
 
     configure_logging()
-    settings = Settings()
-    engine = make_engine(settings.database_url)
-    migrate(engine)
-    objects = open_object_store(settings.object_store_config)
+    try:
+        settings = Settings()
+        engine = make_engine(settings.database_url)
+        migrate(engine)
+        objects = open_object_store(settings.object_store_config)
+    except Exception as exc:  # the operator's setup: said once, in one line
+        typer.echo(f"lorafleet scheduler: not starting: {said(exc)}", err=True)
+        raise typer.Exit(1) from None
     store = JobStore(engine)
     loop = Scheduler(settings, store, objects, RayConnection(settings))
     deliverer = WebhookDeliverer(settings, engine)

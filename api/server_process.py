@@ -78,7 +78,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 120) -> None:
         """SIGTERM: a clean shutdown (in the embedded default it also ends the data dir's
-        own Ray, which may drain for up to 30 s); SIGKILL after `timeout`."""
+        own Ray), within seconds (README: 10 s); SIGKILL after `timeout`."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:

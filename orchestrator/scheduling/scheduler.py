@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import threading
+import time
+from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy.engine import make_url
@@ -31,24 +34,57 @@ from orchestrator.tables import JobRow
 log = logging.getLogger(__name__)
 
 
-def hold_single_scheduler_lock(database_url: str) -> IO[str] | None:
-    """SQLite supports one scheduler: a second one on the same file refuses to start.
+LOCK_POLL_S = 0.2  # how often a scheduler waiting for the SQLite lock tries again
+LOCK_REMIND_S = 60.0  # and how often it says again whom it waits for
+STOP_JOIN_S = 5.0  # how long a stop waits for a tick under way before ending Ray beneath it
 
-    PostgreSQL needs no lock: every claim is a guarded UPDATE that one scheduler wins.
-    """
+
+def hold_single_scheduler_lock(
+    database_url: str, stop: threading.Event | None = None
+) -> IO[str] | None:
+    """SQLite supports one scheduler per database: a second one on the same file waits until
+    the first has exited (a serve restarted while the old one still shuts down), saying
+    which process it waits for, and returns the held lock. None: PostgreSQL, which needs no
+    lock (every claim is a guarded UPDATE that one scheduler wins), or `stop` was set while
+    waiting."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return None
-    handle = open(f"{url.database}.scheduler.lock", "a+")  # noqa: SIM115 - held for life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RuntimeError(
-            f"another scheduler already runs on the SQLite database {url.database}; SQLite "
-            "supports one scheduler (use PostgreSQL, LORAFLEET_DATABASE_URL, for several)"
-        ) from None
+    path = f"{url.database}.scheduler.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held for the scheduler's life
+    told_at: float | None = None
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            now = time.monotonic()
+            if told_at is None or now - told_at >= LOCK_REMIND_S:
+                log.warning(
+                    "waiting for the scheduler lock held by pid %s: SQLite supports one "
+                    "scheduler per database (%s); this one starts when that one exits (use "
+                    "PostgreSQL, LORAFLEET_DATABASE_URL, for several at once)",
+                    _lock_holder(path),
+                    url.database,
+                )
+                told_at = now
+            if (stop or threading.Event()).wait(LOCK_POLL_S):  # no `stop`: waits for good
+                handle.close()
+                return None
+    if told_at is not None:
+        log.warning("scheduler lock acquired; scheduling")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))  # whom a scheduler that waits says it waits for
+    handle.flush()
     return handle
+
+
+def _lock_holder(path: str) -> str:
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 class Scheduler:
@@ -76,6 +112,7 @@ class Scheduler:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock: IO[str] | None = None  # SQLite's one-scheduler lock, once held
         self._database_away = False
 
     # ---- the loop ----
@@ -86,6 +123,8 @@ class Scheduler:
         self.host_scheduling.launch()
 
     def run_forever(self) -> None:
+        # Waits here, not in start(): the API serves meanwhile, and a stop ends the wait.
+        self._lock = hold_single_scheduler_lock(self.settings.database_url, self._stop)
         while not self._stop.is_set():
             self.tick_safely()
             self._stop.wait(self.settings.scheduler_poll_seconds)
@@ -103,8 +142,11 @@ class Scheduler:
                 log.error("database unavailable, retrying each tick: %s", exc.orig or exc)
             self._database_away = True
             return False
-        except Exception:  # one bad tick must not end the loop; the next one retries
-            log.exception("scheduler tick failed")
+        except Exception as exc:  # one bad tick must not end the loop; the next one retries
+            if self._stop.is_set():  # Ray ended beneath a tick cut short by the stop
+                log.info("scheduler tick cut short by the stop: %s", exc)
+            else:
+                log.exception("scheduler tick failed")
             return False
         if self._database_away:
             log.warning("database available again")
@@ -112,16 +154,20 @@ class Scheduler:
         return True
 
     def start(self) -> None:
-        self._lock = hold_single_scheduler_lock(self.settings.database_url)
         self._thread = threading.Thread(target=self.run_forever, name="scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops within seconds: the loop ends at once (a tick under way gets `STOP_JOIN_S`
+        to finish), then the data dir's Ray is ended; the lock goes once the loop has."""
         self._stop.set()
         self.ray.abandon_start()  # a Ray still starting (on a loaded machine, 30 s) ends now
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=STOP_JOIN_S)
         self.ray.close()
+        if self._lock is not None and not (self._thread and self._thread.is_alive()):
+            self._lock.close()  # a scheduler waiting for it may start now
+            self._lock = None
 
     # ---- validating_files → queued ----
     def _validate_new_jobs(self) -> None:

@@ -1,13 +1,17 @@
 """Several schedulers: on PostgreSQL two scheduler processes share a dozen queued jobs and
-each job runs exactly once; on SQLite a second scheduler refuses to start and says why."""
+each job runs exactly once; on SQLite a second scheduler waits for the first to end and
+says for which process."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,14 +27,34 @@ from tests.services.postgres import Postgres
 JOBS = 12
 
 
-def test_sqlite_keeps_a_single_scheduler(tmp_path: Path) -> None:
+def test_sqlite_keeps_a_single_scheduler_and_a_second_waits_for_the_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     url = f"sqlite:///{tmp_path / 'lorafleet.db'}"
     first = hold_single_scheduler_lock(url)
     assert first is not None
-    with pytest.raises(RuntimeError, match="PostgreSQL"):
-        hold_single_scheduler_lock(url)
-    first.close()
-    assert hold_single_scheduler_lock(url) is not None  # free again once the first is gone
+    caplog.set_level(logging.WARNING, logger="orchestrator.scheduling.scheduler")
+    got: list[IO[str] | None] = []
+    second = threading.Thread(target=lambda: got.append(hold_single_scheduler_lock(url)))
+    second.start()
+    wait_for_condition(lambda: "waiting for the scheduler lock" in caplog.text, timeout=10)
+    assert f"held by pid {os.getpid()}" in caplog.text and "PostgreSQL" in caplog.text
+    second.join(timeout=1)
+    assert second.is_alive() and not got  # still waiting: never two at once
+    first.close()  # the first scheduler exits
+    second.join(timeout=10)
+    assert got and got[0] is not None
+    assert "scheduler lock acquired" in caplog.text
+    # A stop while waiting ends the wait with no lock.
+    stop = threading.Event()
+    third: list[IO[str] | None] = []
+    waiting = threading.Thread(target=lambda: third.append(hold_single_scheduler_lock(url, stop)))
+    waiting.start()
+    stop.set()
+    waiting.join(timeout=10)
+    assert third == [None]
+    got[0].close()
+    assert hold_single_scheduler_lock(url) is not None  # free again once the others are gone
 
 
 def test_postgresql_needs_no_lock(postgres: Postgres) -> None:
