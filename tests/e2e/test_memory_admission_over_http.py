@@ -176,3 +176,39 @@ def test_a_job_no_host_could_hold_is_refused_when_submitted(
         assert error["param"] == "training.max_seq_len"
         assert "estimated" in error["message"] and f"{budget:,} bytes" in error["message"]
         assert client.get("/v1/fine_tuning/jobs").json()["data"] == before  # nothing stored
+
+
+def test_the_budget_comes_from_the_cluster_for_a_base_on_s3(
+    server: LorafleetServer, ray_address: str
+) -> None:
+    """With LORAFLEET_HOST_MEMORY_BYTES unset, serve sizes hosts from what Ray says of its
+    nodes (a CPU node's memory over its CPUs, less the reserve) and reads an s3:// base's
+    sizes from the store: a job bigger than that is refused, a small one is taken."""
+    from orchestrator.scheduling.memory_budget import RankBudgets, ray_node_memory
+    from orchestrator.settings import Settings
+
+    largest = RankBudgets(Settings(), tuple(ray_node_memory())).largest(use_gpu=False)
+    assert largest is not None and largest > 0
+    with server.client() as client:
+        file_id = upload(client, [json.loads(line) for line in long_rows(9).splitlines()])
+
+        def create(max_seq_len: int, batch_size: int) -> Any:
+            return client.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "model": "tiny-llama-s3",
+                    "training_file": file_id,
+                    "resources": {"num_workers": WORKERS},
+                    "hyperparameters": {"batch_size": batch_size, "n_epochs": 1},
+                    "training": {"max_seq_len": max_seq_len},
+                },
+            )
+
+        refused = create(max_seq_len=131_072, batch_size=64)
+        assert refused.status_code == 400, refused.text
+        message = refused.json()["error"]["message"]
+        assert f"{largest:,} bytes per worker" in message, message
+        assert "the largest node's memory less the reserve" in message
+        taken = create(max_seq_len=64, batch_size=4)
+        assert taken.status_code == 200, taken.text
+        client.post(f"/v1/fine_tuning/jobs/{taken.json()['id']}/cancel")
