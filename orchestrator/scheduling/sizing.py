@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from core.base_catalog import BaseModelCatalog, CatalogError
 from core.host_protocol import HostShape
+from core.job_settings import JobSettings
 from core.memory_estimate import (
     BaseShape,
     MemoryEstimate,
@@ -62,13 +63,19 @@ class HostSizing:
 
     # ---- the shape a job needs ----
     def shape_of(self, job: JobRow) -> HostShape:
-        settings = job.settings
+        settings = self.launched(job)
         return self.shape(
             job.model,
             settings.resources.num_workers,
             settings.resources.use_gpu,
             settings.training.precision,
         )
+
+    def launched(self, job: JobRow) -> JobSettings:
+        """The job's settings as its launch resolves them on this cluster (kept once set)."""
+        if job.settings.resolved_at_launch:
+            return job.settings
+        return job.settings.launched(gpu=self.gpu_available())
 
     def shape(
         self, base: str, workers: int, use_gpu: bool | None = None, precision: str | None = None
