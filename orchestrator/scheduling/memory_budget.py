@@ -48,7 +48,13 @@ class RankBudgets:
     nodes: tuple[NodeMemory, ...]
 
     def _per_node(self, use_gpu: bool) -> list[int]:
-        able = [n for n in self.nodes if n.cpus >= 1 and (n.gpus >= 1 or not use_gpu)]
+        """Each node's budget, over the nodes that could hold a worker and whose memory is
+        known (a GPU node whose devices could not be asked is left out, not counted as 0)."""
+        able = [
+            n
+            for n in self.nodes
+            if n.cpus >= 1 and (n.gpu_memory_bytes > 0 if use_gpu else n.memory_bytes > 0)
+        ]
         return [rank_budget(n, use_gpu, self.settings) for n in able]
 
     def host(self, use_gpu: bool) -> int | None:

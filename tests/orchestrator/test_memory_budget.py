@@ -48,6 +48,8 @@ def test_a_host_gets_the_smallest_node_budget_and_a_job_is_refused_above_the_lar
     assert budgets.host(use_gpu=False) == 4 * GIB  # Ray may place its workers on either
     assert budgets.largest(use_gpu=False) == 16 * GIB
     assert budgets.host(use_gpu=True) is None  # no GPU node: nothing known
+    unasked = RankBudgets(settings, (NodeMemory(64 * GIB, 8, gpus=8, gpu_memory_bytes=0),))
+    assert unasked.host(use_gpu=True) is None  # its devices' memory unknown: not a 0 budget
     pinned = RankBudgets(settings_with(host_memory_bytes=GIB), nodes)
     assert pinned.host(use_gpu=False) == pinned.largest(use_gpu=True) == GIB  # the override
 
