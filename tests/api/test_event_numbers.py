@@ -20,7 +20,7 @@ from tests.api.conftest import GOOD_RECORDS, serve_live, upload
 WRITERS, EACH = 4, 40
 SLOW_INSERTS = [
     """CREATE FUNCTION slow_event() RETURNS trigger AS $$
-    BEGIN PERFORM pg_sleep(random() * 0.01); RETURN NEW; END $$ LANGUAGE plpgsql""",
+    BEGIN PERFORM pg_sleep(random() * 0.02); RETURN NEW; END $$ LANGUAGE plpgsql""",
     """CREATE TRIGGER slow_event AFTER INSERT ON job_events FOR EACH ROW
     EXECUTE FUNCTION slow_event()""",
 ]
