@@ -170,6 +170,9 @@ class HostReport(TypedDict):
     last_step_at: float | None  # wall-clock time of the last step
     started_at: float
     slots_in_use: int
+    # Of those, jobs done training whose adapter is being published (it may wait a while
+    # for an object store that is away): no step is owed for them.
+    publishing: NotRequired[int]
     max_slots: int
     worker_pids: list[int]  # per rank, gathered by rank 0
     worker_starts: int  # how many times the worker group (re)started

@@ -183,7 +183,8 @@ class HostWatch:
         return Capacity(dict(hosts), sum(r["slots_in_use"] for r in self.reports.values()))
 
     def _hung(self, host_id: str, report: HostReport) -> bool:
-        if not report["slots_in_use"]:
+        # A job waiting for its publish (a store that is away) is owed no step.
+        if not report["slots_in_use"] - report.get("publishing", 0):
             return False
         activity = max(
             report["last_step_at"] or 0.0,

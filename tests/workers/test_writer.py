@@ -95,6 +95,7 @@ def test_a_publish_waits_for_the_store_and_lands_when_it_is_back(
         what="the publish to report the store away",
     )
     assert not events.of("published") and not events.of("job_failed")
+    assert writer.publishing() == [JOB.job_id]  # what the host tells its watchdog
     time.sleep(5)  # several tries fail meanwhile; they are not each reported
     (waiting,) = events.saying("retrying publish")  # once, not once per try
     # "attempt" in an event's data is the job's attempt: the host drops a mismatch.
@@ -102,6 +103,7 @@ def test_a_publish_waits_for_the_store_and_lands_when_it_is_back(
     radosgw.start_gateway()
     wait_for_condition(lambda: bool(events.of("published")), timeout=90, what="the publish")
     writer.close()
+    assert writer.publishing() == []
     published = events.of("published")[0]
     assert published["data"]["publish_attempts"] > 2 and published["data"]["steps"] == 10
     assert not events.of("job_failed")

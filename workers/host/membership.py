@@ -89,6 +89,7 @@ class Membership:
         self.step = 0
         self.last_step_at: float | None = None
         self.base_bytes_per_rank = 0  # the workers' report; 0 until they loaded the base
+        self.publishing = 0  # running members done training, their adapter being written
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def running(self) -> list[Member]:
@@ -284,6 +285,7 @@ class Membership:
             self.restarts_without_step = 0
         memory = status.get("memory") or {}
         self.base_bytes_per_rank = memory.get("base_bytes_per_rank", self.base_bytes_per_rank)
+        self.publishing = len(status.get("publishing", ()))
         on_workers = set(status.get("live", [])) | set(status.get("pending", []))
         stops: list[str] = []
         for job_id in sorted(self.retiring):

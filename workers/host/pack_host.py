@@ -113,6 +113,7 @@ class PackHost:
                 "last_step_at": membership.last_step_at,
                 "started_at": self.started_at,
                 "slots_in_use": len(membership.running()),
+                "publishing": membership.publishing,
                 "max_slots": self.spec.max_slots,
                 "worker_pids": list(self.worker_pids),
                 "worker_starts": membership.worker_starts,

@@ -193,6 +193,8 @@ class HostWorker(HostJoins):
             "last_step_at": self.last_step_at,
             "live": [s.job_id for s in self.slots],
             "pending": sorted(self.pending),  # announced, still loading
+            # Done training, adapter being written (rank 0's writer; the store may be away).
+            "publishing": self.writer.publishing() if self.writer is not None else [],
             "memory": {
                 "base_bytes_per_rank": self.base_bytes,
                 # The second step of the latest membership (workers.host.memory).

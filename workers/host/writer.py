@@ -76,6 +76,7 @@ class SlotWriter:
         self._checkpoints: dict[str, _PendingCheckpoint] = {}
         self._checkpoints_lock = threading.Lock()
         self._checkpoints_skipped: set[str] = set()  # told "skipped" in this outage
+        self._publishing: set[str] = set()  # jobs whose publish is queued or under way
         self._thread = threading.Thread(target=self._run, name="slot-writer", daemon=True)
         self._thread.start()
 
@@ -89,6 +90,8 @@ class SlotWriter:
     ) -> None:
         """Publishes a finished job's adapter from a copy of its factors."""
         window = RetryWindow(self.publish_retry_seconds, started_at=self.clock())
+        with self._checkpoints_lock:
+            self._publishing.add(job.job_id)
 
         def work() -> None:
             started = time.monotonic()  # publish_seconds: the scheduler's histogram
@@ -97,6 +100,7 @@ class SlotWriter:
                     write_peft_adapter(factors, job, paths, Path(folder))
                     manifest = self._publish_within(window, job, Path(folder))
             except Exception as exc:  # noqa: BLE001 - reported as the job's failure
+                self._published(job.job_id)
                 code = "publish_failed" if isinstance(exc, PublishWindowOver) else "infrastructure"
                 self.report(
                     job.job_id,
@@ -105,6 +109,7 @@ class SlotWriter:
                     {"error": str(exc), "error_code": code},
                 )
                 return
+            self._published(job.job_id)
             data = {"files": manifest.files, "publish_seconds": time.monotonic() - started}
             message = "Adapter published"
             if window.failures:
@@ -113,6 +118,16 @@ class SlotWriter:
             self.report(job.job_id, "published", message, {**data, **extra})
 
         self._queue.put(work)
+
+    def publishing(self) -> list[str]:
+        """Jobs done training whose adapter is not published yet (queued, or waiting for
+        the store): the host owes them no step, so its watchdog must not count them."""
+        with self._checkpoints_lock:
+            return sorted(self._publishing)
+
+    def _published(self, job_id: str) -> None:
+        with self._checkpoints_lock:
+            self._publishing.discard(job_id)
 
     def _publish_within(self, window: RetryWindow, job: JobSpec, folder: Path) -> Manifest:
         """Publishes the folder, trying again while the store is away and the window lasts."""
