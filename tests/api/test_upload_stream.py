@@ -7,14 +7,23 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError
 
 from api.multipart_upload import FORM_BYTES
+from core.objectstore import open_object_store
+from orchestrator.db import make_engine, migrate
+from orchestrator.files import FileUpload, commit_file
+from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.settings import Settings
+from orchestrator.store import JobStore
+from orchestrator.tables import FileRow
 from tests.api.conftest import MAX_UPLOAD
 
 BOUNDARY = "lorafleet-test-boundary"
@@ -150,4 +159,54 @@ def test_a_repeated_idempotency_key_stores_one_object(
     assert len(objects_in(settings)) == 1
     other = multipart(("purpose", None, b"fine-tune"), ("file", "a.jsonl", LINE * 4))
     assert post_raw(client, other, **{"Idempotency-Key": "k1"}).status_code == 422
+    assert len(objects_in(settings)) == 1
+
+
+def test_concurrent_uploads_with_one_idempotency_key_leave_one_object(
+    live_server: str, settings: Settings
+) -> None:
+    body = multipart(("purpose", None, b"fine-tune"), ("file", "a.jsonl", LINE * 50))
+
+    def send(_: int) -> str:
+        response = httpx.post(
+            f"{live_server}/v1/files",
+            content=body,
+            headers={
+                "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+                "Idempotency-Key": "same",
+            },
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(send, range(8)))
+    assert len(ids) == 1
+    assert len(objects_in(settings)) == 1  # the losers' objects were removed
+
+
+def test_an_object_whose_row_cannot_be_added_is_removed(settings: Settings) -> None:
+    """A database insert that fails (here: the id is taken) leaves no object behind."""
+    store = JobStore(make_engine(settings.database_url))
+    migrate(store.engine)
+    objects = open_object_store(settings.object_store_config)
+    keys = IdempotencyKeys(store.engine)
+
+    def uploaded() -> FileRow:
+        upload = FileUpload(objects, "acme", max_bytes=MAX_UPLOAD, max_lines=100)
+        upload.feed(LINE * 3)
+        return upload.row("a.jsonl", "fine-tune", upload.finish())
+
+    def render(row: FileRow) -> dict[str, object]:
+        return {"id": row.id}
+
+    first = uploaded()
+    commit_file(store, objects, keys, first, None, render)
+    second = uploaded()
+    second.id = first.id  # the insert fails on the primary key
+    with pytest.raises(IntegrityError):
+        commit_file(store, objects, keys, second, None, render)
+    assert objects.exists(first.object_key)
+    assert not objects.exists(second.object_key)
     assert len(objects_in(settings)) == 1
