@@ -80,6 +80,7 @@ def test_a_killed_worker_costs_only_the_steps_since_the_last_checkpoint(
         assert states(report) == {"job-r": SUCCEEDED}
         interrupted = list(watch.events["job-r"])
         hosts.release(spec.host_id, "job-r")
+        watch.until(lambda r: not r["jobs"])  # the release is not waited for
         # The uninterrupted reference, on the same host once it is whole again.
         clean = one_after_another(hosts, spec, [for_tenant(JOB, "clean-bf16", tiny_base)])
         assert clean.events["job-r"][-1]["type"] == "published"
