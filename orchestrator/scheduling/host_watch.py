@@ -48,7 +48,9 @@ class HostWatch:
         """Polls every host at once (each job's events from its cursor), then per host: a
         silent one waits or is ended, a lost one's jobs requeue, a hung one is ended, and
         each job of an answering one is stored and finished if it ended."""
-        active = [j for j in self.store.jobs_with_status(ACTIVE_RUN_STATUSES) if on_host(j)]
+        # Every running job, whatever its run id: one left by an older lorafleet in a run
+        # of its own (`run-…`, before hosts were the only path) is on no host: it requeues.
+        active = self.store.jobs_with_status(ACTIVE_RUN_STATUSES)
         by_host: dict[str, list[JobRow]] = defaultdict(list)
         for job in active:
             by_host[job.run_id or ""].append(job)
@@ -229,10 +231,6 @@ class HostWatch:
             return self.store.job(job_id)
         except NotFound:
             return None
-
-
-def on_host(job: JobRow) -> bool:
-    return bool(job.run_id and job.run_id.startswith(HOST_ID_PREFIX))
 
 
 def _host_state(report: HostReport) -> str:

@@ -424,6 +424,20 @@ def test_max_runtime_counts_the_jobs_whole_life_across_attempts(tmp_path: Path) 
     assert job.status == "failed" and job.error_code == "timeout"
 
 
+def test_a_job_left_in_a_run_of_its_own_by_an_older_lorafleet_resumes_on_a_host(
+    tmp_path: Path,
+) -> None:
+    """Before hosts were the only path, a job could train in a run actor (`run-…`); after an
+    upgrade nothing answers for it: it is requeued and trains on a pack host."""
+    world = make_world(tmp_path, run_start_grace_seconds=0)
+    job_id = world.submit()
+    world.store.claim(job_id, 0, "run-from-before", "Fine-tuning job started (attempt 1)")
+    run_until_done(world, [job_id])
+    job = world.job(job_id)
+    assert job.status == "succeeded" and job.attempt == 2
+    assert (job.run_id or "").startswith("host-")
+
+
 def test_priority_and_max_runtime_come_from_the_request() -> None:
     from pydantic import ValidationError
 
