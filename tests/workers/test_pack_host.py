@@ -108,6 +108,8 @@ def test_a_job_joins_a_running_pack_and_both_train_exactly_as_alone(
     assert states(report) == {"job-a": SUCCEEDED, "job-b": SUCCEEDED, "job-broken": FAILED}
     assert report["jobs"]["job-a"]["error"] is None
     assert "missing.jsonl" in (report["jobs"]["job-broken"]["error"] or "")
+    [load_failed] = [e for e in watch.events["job-broken"] if e["type"] == "job_failed"]
+    assert "Traceback" in load_failed["data"]["traceback"]  # the failing rank's own
     # B joined while A trained, and left first: A's pack went 1 → 2 → 1.
     sizes = [e["data"]["pack_size"] for e in watch.events["job-a"] if e["type"] == "metrics"]
     assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [1, 2, 1], sizes

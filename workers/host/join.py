@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from core.checkpoint_index import list_checkpoints
 from core.host_protocol import HostSpec
 from core.objectstore import ObjectStore, open_object_store
 from core.spec import JobSpec
+from workers.host.failures import TRACEBACK_CHARS
 from workers.host.slot import DROPOUT_STREAM, INIT_STREAM, JobSlot, SlotState, load_job_slot
 from workers.host.step import Report
 from workers.lora.packed_layer import (
@@ -142,12 +144,13 @@ class HostJoins:
         for job_id, (loaded, failed) in zip(ids, per_job, strict=True):
             if failed > 0:
                 self.pending.pop(job_id)
-                rank, kind, error = causes.get(job_id, (None, "RuntimeError", UNKNOWN_CAUSE))
+                unknown = (None, "RuntimeError", UNKNOWN_CAUSE, "")
+                rank, kind, error, trace = causes.get(job_id, unknown)
                 self._report(
                     job_id,
                     "job_failed",
                     f"Training failed: {kind}: {error}",
-                    {"error": error, "rank": rank},
+                    {"error": error, "rank": rank, "traceback": trace},
                 )
             elif loaded == self.world_size and not hold:
                 self._go_live(self.pending.pop(job_id))
@@ -159,18 +162,18 @@ class HostJoins:
             self._store = open_object_store(self.spec.object_store)
         return self._store
 
-    def _load_errors(self, job_ids: list[str]) -> dict[str, tuple[int, str, str]]:
-        """Each failed job's own load error, (rank, type, text), from the first rank that has
-        one. A collective (every rank saw the same failures in the all-reduce): the rank that
-        reports, rank 0, may not be the one that failed, or may still be loading it."""
+    def _load_errors(self, job_ids: list[str]) -> dict[str, tuple[int, str, str, str]]:
+        """Each failed job's own load error, (rank, type, text, traceback), from the first
+        rank that has one. A collective (every rank saw the same failures in the all-reduce):
+        the rank that reports, rank 0, may not be the one that failed, or still loading it."""
         mine = {
-            job_id: (self.rank, type(error).__name__, str(error))
+            job_id: (self.rank, type(error).__name__, str(error), _traceback_of(error))
             for job_id in job_ids
             if (error := self.pending[job_id].error) is not None
         }
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
-        causes: dict[str, tuple[int, str, str]] = {}
+        causes: dict[str, tuple[int, str, str, str]] = {}
         for per_rank in gathered:  # rank order: the same choice on every rank
             for job_id, cause in per_rank.items():
                 causes.setdefault(job_id, cause)
@@ -240,3 +243,8 @@ class HostJoins:
                 {"start_from": slot.spec.start_from_name},
             )
         return None
+
+
+def _traceback_of(error: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return text[-TRACEBACK_CHARS:]
