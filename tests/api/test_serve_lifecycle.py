@@ -136,3 +136,35 @@ def test_a_serve_whose_scheduler_lock_is_held_serves_and_says_whose_until_it_is_
 def _other_ray_up(data_dir: Path, not_pid: int) -> bool:
     recorded = embedded_ray.read_record(data_dir)
     return recorded is not None and recorded.pid != not_pid and recorded.answers()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_sigterm_ends_lorafleet_scheduler_and_its_ray_within_the_bound(tmp_path: Path) -> None:
+    data_dir = tmp_path / "state"
+    log = tmp_path / "scheduler.log"
+    with open(log, "wb") as out:
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "scheduler"],
+            env=embedded_env(data_dir),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def connected() -> bool:  # its Ray up and the scheduler ticking on it
+            assert scheduler.poll() is None, log.read_text()
+            return "Connected to Ray cluster" in log.read_text()
+
+        wait_for_condition(connected, timeout=120, what="the scheduler on its Ray")
+        ray = embedded_ray.read_record(data_dir)
+        assert ray is not None
+        scheduler.terminate()
+        assert scheduler.wait(timeout=EXIT_ALLOWANCE_S) == 0, log.read_text()
+        assert not ray.alive() and embedded_ray.session_pids(ray.pid) == []
+        assert "Traceback" not in log.read_text()
+    finally:
+        if scheduler.poll() is None:
+            scheduler.kill()
+            scheduler.wait(timeout=30)
+        embedded_ray.stop(data_dir)
