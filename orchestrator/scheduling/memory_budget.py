@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from dataclasses import dataclass
 
 from orchestrator.settings import Settings
@@ -100,21 +101,30 @@ def ray_node_memory() -> list[NodeMemory]:
 _gpu_memory_by_node: dict[str, int] = {}
 
 
+_gpu_memory_unknown_until: dict[str, float] = {}  # node -> when to ask it again
+GPU_MEMORY_RETRY_S = 300.0
+
+
 def _gpu_memory(node_id: str) -> int:
     """The smallest device's memory on a node (nvidia-smi there, in a task pinned to it
-    that takes no GPU, so it never waits for one); 0 if it cannot tell, which is logged."""
-    if node_id not in _gpu_memory_by_node:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    that takes no GPU, so it never waits for one); 0 (unknown: the node gets no budget) if it
+    cannot tell, which is logged, and it is asked again only after GPU_MEMORY_RETRY_S."""
+    if node_id in _gpu_memory_by_node:
+        return _gpu_memory_by_node[node_id]
+    if time.monotonic() < _gpu_memory_unknown_until.get(node_id, float("-inf")):
+        return 0
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        probe = ray.remote(num_cpus=0)(_smallest_gpu_memory).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
-        )
-        try:
-            _gpu_memory_by_node[node_id] = ray.get(probe.remote(), timeout=30)
-        except Exception as exc:  # noqa: BLE001 - a node that cannot tell gets no budget
-            log.warning("GPU memory of node %s unknown (%s); no host budget there", node_id, exc)
-            return 0
+    probe = ray.remote(num_cpus=0)(_smallest_gpu_memory).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+    )
+    try:
+        _gpu_memory_by_node[node_id] = ray.get(probe.remote(), timeout=30)
+    except Exception as exc:  # noqa: BLE001 - a node that cannot tell gets no budget
+        log.warning("GPU memory of node %s unknown (%s); no host budget there", node_id, exc)
+        _gpu_memory_unknown_until[node_id] = time.monotonic() + GPU_MEMORY_RETRY_S
+        return 0
     return _gpu_memory_by_node[node_id]
 
 

@@ -192,6 +192,16 @@ def test_ray_names_each_node_memory_and_cpus(ray_address: str) -> None:
 
     nodes = ray_node_memory()
     assert len(nodes) == 1 and nodes[0].cpus == 4 and nodes[0].memory_bytes > 0
+    # A node's device memory is asked of the node itself (here, with no nvidia-smi, it cannot
+    # tell: unknown, logged, not an error).
+    import shutil
+
+    import ray
+
+    from orchestrator.scheduling.memory_budget import _gpu_memory
+
+    asked = _gpu_memory(ray.nodes()[0]["NodeID"])
+    assert asked > 0 if shutil.which("nvidia-smi") else asked == 0
     settings = settings_with(host_memory_reserve_fraction=0.1, host_memory_reserve_bytes=0)
     largest = RankBudgets(settings, tuple(nodes)).largest(use_gpu=False)
     assert largest == int(nodes[0].memory_bytes // 4 * 0.9)
