@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,9 @@ def test_a_trained_job_shows_in_hosts_slots_steps_and_publish_seconds(
     on_ray = settings.model_copy(
         update={
             "scheduler_poll_seconds": 0.2,
+            # Its own namespace: a host another test left idle on the session's Ray (its
+            # object store elsewhere) is never adopted here.
+            "ray_namespace": f"lf-metrics-{uuid.uuid4().hex[:8]}",
             "host_idle_seconds": 2.0,  # the host leaves the session's Ray soon after
         }
     )

@@ -23,6 +23,12 @@ class SetupTimeoutError(TimeoutError):
     """A setup phase took longer than the setup time limit."""
 
 
+class _PhaseExpired(BaseException):
+    """What the timer raises in the setup thread: not an `Exception`, so that no library's
+    `except Exception` the thread happens to be in (an import's fallbacks) swallows it; the
+    phase turns it into a SetupTimeoutError."""
+
+
 class SetupPhases:
     def __init__(self, limit_s: float, on_timeout: Callable[[str, str], None]) -> None:
         self.limit_s = limit_s
@@ -46,7 +52,7 @@ class SetupPhases:
                 self.on_timeout(name, error)
             finally:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread_id), ctypes.py_object(SetupTimeoutError)
+                    ctypes.c_ulong(thread_id), ctypes.py_object(_PhaseExpired)
                 )
 
         timer = threading.Timer(self.limit_s, expire)
@@ -54,7 +60,7 @@ class SetupPhases:
         timer.start()
         try:
             yield
-        except SetupTimeoutError as exc:
+        except (_PhaseExpired, SetupTimeoutError) as exc:
             raise SetupTimeoutError(self._message(name)) from exc
         finally:
             timer.cancel()
