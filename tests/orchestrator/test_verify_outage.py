@@ -42,7 +42,7 @@ def test_a_published_job_waits_out_the_store_and_then_succeeds(
         for _ in range(3):  # the first tick finds the store away; the next ones wait
             scheduling.watch()
         job = world.job(job_id)
-        assert job.status == "running", job.error
+        assert job.status == "running", job.error_message
         warnings = [e for e in world.events(job_id) if "Object store unavailable" in e.message]
         assert len(warnings) == 1, [e.message for e in world.events(job_id)]
         assert hosts.job_host(job_id) is not None  # the host still keeps the job

@@ -72,11 +72,12 @@ class SlotWriter:
         self.clock = clock
         self.sleep = sleep
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # Guards `_checkpoints` and `_publishing`: the training thread adds, this one takes.
+        self._lock = threading.Lock()
         # job -> its newest checkpoint not written yet (an older one waiting is dropped)
         self._checkpoints: dict[str, _PendingCheckpoint] = {}
-        self._checkpoints_lock = threading.Lock()
-        self._checkpoints_skipped: set[str] = set()  # told "skipped" in this outage
         self._publishing: set[str] = set()  # jobs whose publish is queued or under way
+        self._checkpoints_skipped: set[str] = set()  # told "skipped" in this outage
         self._thread = threading.Thread(target=self._run, name="slot-writer", daemon=True)
         self._thread.start()
 
@@ -90,7 +91,7 @@ class SlotWriter:
     ) -> None:
         """Publishes a finished job's adapter from a copy of its factors."""
         window = RetryWindow(self.publish_retry_seconds, started_at=self.clock())
-        with self._checkpoints_lock:
+        with self._lock:
             self._publishing.add(job.job_id)
 
         def work() -> None:
@@ -122,11 +123,11 @@ class SlotWriter:
     def publishing(self) -> list[str]:
         """Jobs done training whose adapter is not published yet (queued, or waiting for
         the store): the host owes them no step, so its watchdog must not count them."""
-        with self._checkpoints_lock:
+        with self._lock:
             return sorted(self._publishing)
 
     def _published(self, job_id: str) -> None:
-        with self._checkpoints_lock:
+        with self._lock:
             self._publishing.discard(job_id)
 
     def _publish_within(self, window: RetryWindow, job: JobSpec, folder: Path) -> Manifest:
@@ -174,12 +175,12 @@ class SlotWriter:
         """Writes a checkpoint from copies taken at the step boundary (training goes on)."""
         # The optimizer's tensors keep changing after this: a copy, taken now.
         pending = _PendingCheckpoint(job, paths, factors, copy.deepcopy(state), metrics)
-        with self._checkpoints_lock:
+        with self._lock:
             self._checkpoints[job.job_id] = pending
         self._queue.put(lambda: self._write_checkpoint(job.job_id))
 
     def _write_checkpoint(self, job_id: str) -> None:
-        with self._checkpoints_lock:
+        with self._lock:
             # None: a newer checkpoint of the job came and was written by an earlier turn.
             pending = self._checkpoints.pop(job_id, None)
         if pending is None:
