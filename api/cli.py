@@ -68,6 +68,22 @@ def _api_keys():  # type: ignore[no-untyped-def]
     return ApiKeys(engine)
 
 
+def _bootstrap_api_key(api_keys: Any) -> None:
+    """The deployment's first key, from its secret, while no key was ever created."""
+    from orchestrator.api_keys import bootstrap_key_from
+    from orchestrator.settings import Settings
+
+    settings = Settings()
+    try:
+        key = bootstrap_key_from(settings.bootstrap_api_key, settings.bootstrap_api_key_file)
+        row = api_keys.bootstrap(key, settings.bootstrap_tenant) if key else None
+    except ValueError as exc:
+        typer.echo(f"lorafleet: not starting: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if row is not None:
+        typer.echo(f"stored the bootstrap API key as {row.id} for tenant {row.tenant}", err=True)
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
@@ -82,10 +98,13 @@ def serve(
 
     from api.app import create_app
 
-    if host not in LOOPBACK and not _api_keys().any_exist():
+    api_keys = _api_keys()
+    _bootstrap_api_key(api_keys)
+    if host not in LOOPBACK and not api_keys.any_exist():
         raise typer.BadParameter(
             f"refusing to serve on {host} with no API key: anyone could use it. Create one "
-            "first with `lorafleet keys create --tenant NAME`, or bind to 127.0.0.1.",
+            "first with `lorafleet keys create --tenant NAME`, set LORAFLEET_BOOTSTRAP_API_KEY "
+            "(or LORAFLEET_BOOTSTRAP_API_KEY_FILE) to a secret, or bind to 127.0.0.1.",
             param_hint="--host",
         )
 

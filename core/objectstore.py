@@ -58,6 +58,8 @@ class ObjectStoreConfig:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     region: str = "us-east-1"
+    # The endpoint as the API's clients reach it (presigned URLs only); None: endpoint_url.
+    public_endpoint_url: str | None = None
 
     @property
     def is_s3(self) -> bool:
@@ -184,18 +186,30 @@ class S3ObjectStore:
     """
 
     def __init__(self, config: ObjectStoreConfig, retries: int = 8) -> None:
-        import boto3
-        from botocore.config import Config
-
         bucket, _, prefix = config.url.removeprefix("s3://").partition("/")
         if not bucket:
             raise ValueError(f"object_store: no bucket in {config.url!r}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.retries = retries
-        self.client = boto3.client(
+        self.client = self._client(config, config.endpoint_url)
+        # Presigned URLs are used by the API's clients, who may know the store by another
+        # name than the servers do (compose: s3:9000 inside, 127.0.0.1:9000 outside). The
+        # signature covers the host, so they are signed for the public endpoint.
+        self.presigner = (
+            self._client(config, config.public_endpoint_url)
+            if config.public_endpoint_url
+            else self.client
+        )
+
+    @staticmethod
+    def _client(config: ObjectStoreConfig, endpoint_url: str | None) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
             "s3",
-            endpoint_url=config.endpoint_url,
+            endpoint_url=endpoint_url,
             aws_access_key_id=config.access_key_id,
             aws_secret_access_key=config.secret_access_key,
             region_name=config.region,
@@ -319,7 +333,7 @@ class S3ObjectStore:
         return chunks
 
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None:
-        url: str = self.client.generate_presigned_url(
+        url: str = self.presigner.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=expires_s,

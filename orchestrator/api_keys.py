@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from pathlib import Path
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from orchestrator.errors import Unauthorized
@@ -14,6 +16,8 @@ from orchestrator.tables import ApiKeyRow
 
 KEY_PREFIX = "lf-"
 OPEN_TENANT = "default"  # the one tenant while no key exists (embedded, loopback only)
+TENANT_RULE = "letters, digits, - and _ only (1-128 characters)"
+MIN_BOOTSTRAP_KEY_CHARS = 20
 
 
 def _hash(key: str) -> str:
@@ -27,12 +31,8 @@ class ApiKeys:
 
     def create(self, tenant: str) -> tuple[ApiKeyRow, str]:
         """A new key for `tenant`; the plain key is returned once and never stored."""
-        if (
-            not tenant
-            or len(tenant) > 128
-            or not tenant.replace("-", "").replace("_", "").isalnum()
-        ):
-            raise ValueError("tenant: letters, digits, - and _ only (1-128 characters)")
+        if not self._valid_tenant(tenant):
+            raise ValueError(f"tenant: {TENANT_RULE}")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKeyRow(
             id=new_id("key"),
@@ -42,6 +42,40 @@ class ApiKeys:
             created_at=now(),
         )
         return self.store.add_api_key(row), key
+
+    def bootstrap(self, key: str, tenant: str) -> ApiKeyRow | None:
+        """Stores `key` (hashed) for `tenant` if no key was ever created: a deployment's
+        first key, from a secret, so a fresh server starts closed. Once any key exists the
+        secret is ignored (revoking the bootstrap key never brings it back). None: not
+        stored (another key exists, or another replica stored it at the same moment)."""
+        if not self._valid_tenant(tenant):
+            raise ValueError(f"bootstrap_tenant: {TENANT_RULE}")
+        if len(key) < MIN_BOOTSTRAP_KEY_CHARS or key != key.strip() or " " in key:
+            raise ValueError(
+                f"bootstrap_api_key: at least {MIN_BOOTSTRAP_KEY_CHARS} characters, no spaces "
+                "(e.g. `python -c 'import secrets; print(\"lf-\" + secrets.token_urlsafe(32))'`)"
+            )
+        if self.any_exist():
+            return None
+        row = ApiKeyRow(
+            id=new_id("key"),
+            tenant=tenant,
+            key_hash=_hash(key),
+            key_prefix=key[:8],
+            created_at=now(),
+        )
+        try:
+            return self.store.add_api_key(row)
+        except IntegrityError:  # another replica stored the same key first
+            return None
+
+    @staticmethod
+    def _valid_tenant(tenant: str) -> bool:
+        return (
+            bool(tenant)
+            and len(tenant) <= 128
+            and tenant.replace("-", "").replace("_", "").isalnum()
+        )
 
     def revoke(self, key_or_id: str) -> ApiKeyRow:
         return self.store.revoke_api_key(key_or_id, _hash(key_or_id))
@@ -78,3 +112,14 @@ class ApiKeys:
         if self.any_exist():
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
         return OPEN_TENANT
+
+
+def bootstrap_key_from(key: str | None, key_file: Path | None) -> str | None:
+    """The bootstrap key from the settings: given directly, or read from a file (a mounted
+    secret; surrounding whitespace, such as a final newline, is not part of it)."""
+    if key_file is not None:
+        try:
+            return key_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"bootstrap_api_key_file: cannot read {key_file}: {exc}") from exc
+    return key

@@ -33,8 +33,24 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
     s3_region: str = "us-east-1"
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as clients reach it, for the presigned URLs the API hands "
+        "out (e.g. http://127.0.0.1:9000 when the servers know the store as http://s3:9000); "
+        "unset: s3_endpoint_url.",
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster to use; unset means RAY_ADDRESS or a local one."
+    )
+    shared_paths: list[str] = Field(
+        default_factory=list,
+        description="Absolute folders mounted at the same path on every Ray node (NFS…): on a "
+        "cluster, a local object store or base model may live under them (JSON list in env).",
+    )
+    control_resource: str = Field(
+        default="lorafleet-control",
+        description="Custom Ray resource marking the nodes pack hosts live on (never lost "
+        "with a worker node); no node has it: the head node.",
     )
     ray_namespace: str = Field(
         default="lorafleet", description="Ray namespace of the pack hosts (and of this driver)."
@@ -185,6 +201,17 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         default=2000, ge=1, description="Requests one API key may send at once above the rate."
     )
+    bootstrap_api_key: str | None = Field(
+        default=None,
+        description="A first API key (a secret of 20+ characters), stored hashed at start "
+        "while no key was ever created, so a fresh deployment starts closed.",
+    )
+    bootstrap_api_key_file: Path | None = Field(
+        default=None, description="A file holding bootstrap_api_key (a mounted secret)."
+    )
+    bootstrap_tenant: str = Field(
+        default="default", description="The tenant the bootstrap API key acts for."
+    )
     open_mode_hosts: list[str] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
         description="Host names served while no API key exists (open mode): loopback only, "
@@ -211,4 +238,5 @@ class Settings(BaseSettings):
             access_key_id=self.s3_access_key_id,
             secret_access_key=self.s3_secret_access_key,
             region=self.s3_region,
+            public_endpoint_url=self.s3_public_endpoint_url,
         )

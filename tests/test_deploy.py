@@ -190,7 +190,7 @@ def test_dockerfile_runs_as_non_root_and_checks_api_health() -> None:
 
 def test_compose_has_the_stack_and_dependencies_exist() -> None:
     services = compose()["services"]
-    assert {"api", "postgres", "s3", "ray-head", "ray-worker"} <= set(services)
+    assert {"api", "scheduler", "postgres", "s3", "ray-head", "ray-worker"} <= set(services)
     for name, service in services.items():
         depends_on = service.get("depends_on", {})
         for target in depends_on:
@@ -203,8 +203,14 @@ def test_compose_has_the_stack_and_dependencies_exist() -> None:
                 assert check.get("test") and not check.get("disable"), (
                     f"{name} waits for {target} to be healthy, but {target} has no healthcheck"
                 )
-    assert {"postgres", "s3", "ray-head"} <= set(services["api"]["depends_on"])
+    assert {"postgres", "s3"} <= set(services["api"]["depends_on"])
+    assert {"postgres", "ray-head"} <= set(services["scheduler"]["depends_on"])
     assert services["postgres"]["image"].startswith("postgres:15")
+
+
+def address_host(value: str) -> str | None:
+    """The host of a URL or of a bare `host:port` (a Ray GCS address)."""
+    return urlparse(value if "://" in value else f"//{value}").hostname
 
 
 def test_compose_addresses_name_compose_services() -> None:
@@ -212,8 +218,10 @@ def test_compose_addresses_name_compose_services() -> None:
     hosts = []
     for name, service in services.items():
         for key, value in (service.get("environment") or {}).items():
-            if key.startswith(ENV_PREFIX) and key.endswith(("_URL", "_ADDRESS")):
-                hosts.append((f"{name}: {key}", urlparse(str(value)).hostname))
+            # A public endpoint is for the user's machine, not for the services (below).
+            wired = key.startswith(ENV_PREFIX) and key.endswith(("_URL", "_ADDRESS"))
+            if wired and "_PUBLIC_" not in key:
+                hosts.append((f"{name}: {key}", address_host(str(value))))
         for arg in argv(service.get("command")):
             if arg.startswith("--address="):
                 hosts.append((f"{name}: {arg}", arg.partition("=")[2].rpartition(":")[0]))
@@ -234,28 +242,60 @@ def compose_mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def compose_lorafleet_nodes() -> dict[str, dict[str, Any]]:
-    """The API and the Ray nodes: every service where lorafleet code runs a job."""
+    """The lorafleet processes and the Ray nodes: every service that reads a base model."""
     return {
         name: service
         for name, service in compose()["services"].items()
-        if argv(service.get("command"))[:2] in (["lorafleet", "serve"], ["ray", "start"])
+        if argv(service.get("command"))[:2]
+        in (["lorafleet", "serve"], ["lorafleet", "scheduler"], ["ray", "start"])
     }
 
 
-def test_compose_api_and_ray_nodes_share_data_dir_and_base_models() -> None:
+def test_compose_base_models_are_on_a_shared_path_every_node_mounts() -> None:
     nodes = compose_lorafleet_nodes()
-    assert {"api", "ray-head", "ray-worker"} <= set(nodes)
-    # Ray Train checkpoints live under LORAFLEET_DATA_DIR, at paths the scheduler resolves: every
-    # node must see the same volume there.
-    data_dir = dockerfile_env()[f"{ENV_PREFIX}DATA_DIR"]
-    sources = {name: compose_mounts(s).get(data_dir) for name, s in nodes.items()}
-    assert None not in sources.values() and len(set(sources.values())) == 1, sources
-    catalog = json.loads(nodes["api"]["environment"][f"{ENV_PREFIX}BASE_MODELS"])
+    assert {"api", "scheduler", "ray-head", "ray-worker"} <= set(nodes)
+    env = nodes["api"]["environment"]
+    catalog = json.loads(env[f"{ENV_PREFIX}BASE_MODELS"])
+    shared = json.loads(env.get(f"{ENV_PREFIX}SHARED_PATHS", "[]"))
     for name, service in nodes.items():
         for model, location in catalog.items():
-            assert location.startswith("s3://") or any(
-                location.startswith(target.rstrip("/") + "/") for target in compose_mounts(service)
-            ), f"{name}: base model {model} at {location} is neither s3:// nor on a volume"
+            if location.startswith("s3://"):
+                continue
+            mounted = [t for t in compose_mounts(service) if location.startswith(t + "/")]
+            assert mounted, f"{name}: base model {model} at {location} is on no volume"
+            assert any(location.startswith(p.rstrip("/") + "/") for p in shared), (
+                f"{model} at {location}: not under LORAFLEET_SHARED_PATHS {shared}"
+            )
+
+
+def test_compose_scheduler_is_a_ray_driver_on_the_heads_node() -> None:
+    services = compose()["services"]
+    scheduler, head = services["scheduler"], services["ray-head"]
+    assert argv(scheduler["command"]) == ["lorafleet", "scheduler"]
+    address = scheduler["environment"][f"{ENV_PREFIX}RAY_ADDRESS"]
+    assert "://" not in address, "the GCS address, never Ray Client (ray://)"
+    assert address_host(address) == "ray-head"
+    assert "--port=" + address.rpartition(":")[2] in argv(head["command"])
+    # A driver attaches to the raylet of its own node: the head's network and its /tmp/ray.
+    assert scheduler["network_mode"] == "service:ray-head"
+    assert compose_mounts(scheduler)["/tmp/ray"] == compose_mounts(head)["/tmp/ray"]
+    for name, service in services.items():
+        for word in argv(service.get("command")):
+            assert "ray-client-server" not in word and "ray://" not in word, name
+
+
+def test_compose_api_opens_with_a_bootstrap_key_and_presigns_for_the_users_machine() -> None:
+    services = compose()["services"]
+    api = services["api"]
+    words = argv(api["command"])
+    assert words[:2] == ["lorafleet", "serve"] and "--no-scheduler" in words
+    assert words[words.index("--host") + 1] == "0.0.0.0"
+    assert api["environment"][f"{ENV_PREFIX}BOOTSTRAP_API_KEY"].startswith("${API_KEY:?")
+    public = urlparse(
+        re.sub(r"\$\{\w+:-(.*)\}", r"\1", api["environment"][f"{ENV_PREFIX}S3_PUBLIC_ENDPOINT_URL"])
+    )
+    assert public.hostname in ("127.0.0.1", "localhost")
+    assert f"{public.port}:9000" in services["s3"]["ports"]
 
 
 # --- KubeRay ------------------------------------------------------------------------------------
@@ -297,41 +337,53 @@ def test_api_deployment_probes_healthz_and_the_service_selects_it() -> None:
     assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
 
 
-def test_api_reaches_the_ray_head_service_kuberay_creates() -> None:
+def head_containers() -> dict[str, dict[str, Any]]:
+    cluster = k8s_object(RAYCLUSTER, "RayCluster")
+    pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    return {c["name"]: c for c in pod["containers"]}
+
+
+def test_the_scheduler_runs_in_the_head_pod_by_the_gcs_address() -> None:
     cluster = k8s_object(RAYCLUSTER, "RayCluster")
     config = k8s_object(CONTROL_PLANE, "ConfigMap")["data"]
-    address = urlparse(config[f"{ENV_PREFIX}RAY_ADDRESS"])
+    raw = config[f"{ENV_PREFIX}RAY_ADDRESS"]
+    assert "://" not in raw, "the GCS address, never Ray Client (ray://)"
+    address = urlparse(f"//{raw}")
     assert address.hostname == f"{cluster['metadata']['name']}-head-svc"
-    (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    containers = head_containers()
+    head, scheduler = containers["ray-head"], containers["scheduler"]
     assert address.port in {p["containerPort"] for p in head["ports"]}
+    assert scheduler["command"] == ["lorafleet", "scheduler"]
+    # A driver attaches to its node's raylet, whose socket is under /tmp/ray.
+    mounts = [{m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (head, scheduler)]
+    assert mounts[0]["/tmp/ray"] == mounts[1]["/tmp/ray"]
     assert all(
         uri.startswith("s3://") for uri in json.loads(config[f"{ENV_PREFIX}BASE_MODELS"]).values()
     )
 
 
-def test_api_and_ray_pods_share_data_dir_and_gpu_pods_cache_models() -> None:
+def test_no_pod_needs_a_shared_volume_and_gpu_pods_cache_models() -> None:
+    # Checkpoints and adapters live in the object store: no ReadWriteMany claim to provision.
+    for path in (CONTROL_PLANE, RAYCLUSTER):
+        assert not [d for d in yaml_documents(path) if d.get("kind") == "PersistentVolumeClaim"]
+        assert "persistentVolumeClaim" not in path.read_text()
     config = k8s_object(CONTROL_PLANE, "ConfigMap")["data"]
-    claim = k8s_object(CONTROL_PLANE, "PersistentVolumeClaim")
-    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    for setting in ("DATA_DIR", "MODEL_CACHE_DIR"):
+        assert config[f"{ENV_PREFIX}{setting}"].startswith("/"), "relative: refused on a cluster"
     cluster = k8s_object(RAYCLUSTER, "RayCluster")
-    pods = {"api": k8s_object(CONTROL_PLANE, "Deployment")["spec"]["template"]["spec"]}
-    pods["ray-head"] = cluster["spec"]["headGroupSpec"]["template"]["spec"]
     for group in cluster["spec"]["workerGroupSpecs"]:
-        pods[f"ray-{group['groupName']}"] = group["template"]["spec"]
-    for name, pod in pods.items():
-        claims = {
-            v["name"]: v["persistentVolumeClaim"]["claimName"]
-            for v in pod.get("volumes", [])
-            if "persistentVolumeClaim" in v
-        }
-        (container,) = pod["containers"]
-        mounted = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        data_dir = config[f"{ENV_PREFIX}DATA_DIR"]
-        assert claims.get(mounted.get(data_dir)) == claim["metadata"]["name"], (
-            f"{name} does not mount {claim['metadata']['name']} at {data_dir}"
-        )
-        if name.startswith("ray-") and name != "ray-head":
-            assert config[f"{ENV_PREFIX}MODEL_CACHE_DIR"] in mounted, f"{name}: no model cache"
+        (container,) = group["template"]["spec"]["containers"]
+        mounted = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert config[f"{ENV_PREFIX}MODEL_CACHE_DIR"] in mounted, f"{group['groupName']}"
+
+
+def test_the_api_replicas_start_closed_with_the_bootstrap_key() -> None:
+    deployment = k8s_object(CONTROL_PLANE, "Deployment")
+    (api,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--no-scheduler" in api["command"] and "0.0.0.0" in api["command"]
+    env = {e["name"]: e for e in api["env"]}
+    assert env[f"{ENV_PREFIX}BOOTSTRAP_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "api-key"
+    assert "initContainers" not in deployment["spec"]["template"]["spec"], "the API needs no Ray"
 
 
 def test_manifests_use_only_the_secret_keys_and_config_map_the_runbook_creates() -> None:
@@ -361,7 +413,10 @@ def test_manifests_use_only_the_secret_keys_and_config_map_the_runbook_creates()
 def referenced_lorafleet_commands() -> set[str]:
     commands = [argv(args) for keyword, args in dockerfile_instructions() if keyword == "CMD"]
     commands += [argv(s.get("command")) for s in compose()["services"].values()]
-    commands += [c.get("command", []) + c.get("args", []) for c in containers(CONTROL_PLANE)]
+    commands += [
+        c.get("command", []) + c.get("args", [])
+        for c in containers(CONTROL_PLANE) + containers(RAYCLUSTER)
+    ]
     in_code_blocks = re.findall(r"^```\w*\n(.*?)^```", RUNBOOK.read_text(), re.M | re.S)
     commands += [
         shlex.split(ln.lstrip("$ "))
@@ -378,7 +433,7 @@ def test_referenced_subcommands_exist() -> None:
     from api.cli import app
 
     referenced = referenced_lorafleet_commands()
-    assert "serve" in referenced
+    assert {"serve", "scheduler"} <= referenced
     group = typer.main.get_command(app)
     available = set(getattr(group, "commands", {}))
     assert referenced <= available, (

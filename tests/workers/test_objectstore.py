@@ -16,6 +16,7 @@ from core.objectstore import (
     open_object_store,
 )
 from core.publish import PublishError, publish_adapter, verify_adapter
+from tests.services import radosgw as radosgw_service
 
 
 @pytest.fixture(params=["local", "radosgw"])
@@ -91,3 +92,27 @@ def test_publish_writes_the_manifest_last_and_verify_catches_tampering(
     store.delete(adapter_key("t", "ftjob-1", 1, MANIFEST))
     with pytest.raises(PublishError, match="no manifest"):
         verify_adapter(store, "t", "ftjob-1", 1)
+
+
+def test_presigned_urls_name_the_public_endpoint_and_work_there(
+    radosgw: radosgw_service.RadosGW, s3_bucket: str
+) -> None:
+    # The servers know the store by one name, the API's clients by another (compose: s3:9000
+    # inside, 127.0.0.1:9000 outside): the URL is signed for the clients' name.
+    internal = radosgw.endpoint_url
+    public = internal.replace("127.0.0.1", "localhost")
+    assert public != internal
+    store = open_object_store(
+        ObjectStoreConfig(
+            url=f"s3://{s3_bucket}/p",
+            endpoint_url=internal,
+            access_key_id=radosgw.access_key_id,
+            secret_access_key=radosgw.secret_access_key,
+            public_endpoint_url=public,
+        )
+    )
+    store.put_bytes("files/t/p.txt", b"public")
+    url = store.presigned_url("files/t/p.txt", expires_s=60)
+    assert url is not None and url.startswith(public + "/")
+    with urllib.request.urlopen(url) as response:  # noqa: S310 - a loopback test server
+        assert response.read() == b"public"
