@@ -1,7 +1,8 @@
 """The object store stops answering while a job trains and publishes (the S3 server is
-killed, then started again): a checkpoint or the adapter falls due during the outage, its
-write is retried, the job succeeds once the store is back, and no manifest ever points at
-an incomplete adapter."""
+killed, then started again): a checkpoint or the adapter falls due during the outage; a
+checkpoint is skipped (said once) while training goes on, the adapter waits for the store;
+the job succeeds once the store is back, and no manifest ever points at an incomplete
+adapter."""
 
 from __future__ import annotations
 
@@ -83,18 +84,22 @@ def test_a_store_outage_delays_a_job_but_never_publishes_half_an_adapter(
         final = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
         assert final["status"] == "succeeded", final
         verify_adapter(store, "default", job["id"], attempt)
-        # A write that fell due in the outage landed only after the store came back: the
-        # outage hit it (and it was retried), rather than happening beside it.
+        # A write that fell due in the outage was hit by it, rather than happening beside
+        # it: a checkpoint skipped (or landed once the store was back, its own retries
+        # outlasting the outage), or the adapter published only after the store came back.
         events = server.all_events(client, job["id"])
-        landed_after = [
+        hit = [
             e["data"]["step"]
             for e in events
-            if e["message"].startswith("Checkpoint saved")
-            and e["data"]["step"] in due
-            and e["created_at"] >= restarted_at
+            if (e["data"] or {}).get("step") in due
+            and (
+                "checkpoint at step" in e["message"]
+                or e["message"].startswith("Checkpoint saved")
+                and e["created_at"] >= restarted_at
+            )
         ]
         published_after = TOTAL_STEPS in due and final["finished_at"] >= restarted_at
-        assert landed_after or published_after, (due, restarted_at, events)
+        assert hit or published_after, (due, restarted_at, events)
 
 
 LONG_OUTAGE_S = 60
