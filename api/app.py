@@ -15,9 +15,9 @@ from api.request_timing import RequestTiming
 from api.routers import dashboard, files, jobs, metrics, models, webhooks
 from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
+from orchestrator.cluster_settings import ClusterSettingsError, refuse_what_other_nodes_cannot_see
 from orchestrator.db import make_engine, migrate
 from orchestrator.idempotency import IdempotencyKeys
-from orchestrator.scheduling.memory_budget import ray_node_memory
 from orchestrator.scheduling.sizing import HostSizing
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
@@ -29,16 +29,13 @@ class ServeRefused(SystemExit):
     message and no traceback, since the operator's configuration, not the code, is wrong."""
 
 
-def submission_sizing(
-    settings: Settings, store: JobStore, catalog: BaseModelCatalog, with_scheduler: bool
-) -> HostSizing:
-    """The memory check at submission. With the scheduler in this process the cluster's
-    nodes are read from its Ray connection; an API replica (no Ray) knows a budget only from
+def replica_sizing(settings: Settings, store: JobStore, catalog: BaseModelCatalog) -> HostSizing:
+    """The memory check at submission in an API replica (no Ray): it knows a budget only from
     LORAFLEET_HOST_MEMORY_BYTES, and otherwise leaves the check to the scheduler (said in the
-    log once)."""
+    log once). With the scheduler in the process, its own sizing (the cluster's nodes from
+    its Ray connection) checks submissions instead."""
     return HostSizing(
         settings,
-        nodes=ray_node_memory if with_scheduler else tuple,
         file_rows=lambda job: store.get_file(job.tenant, job.training_file).examples,
         catalog=catalog,
     )
@@ -51,6 +48,10 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
     otherwise every job on it would be accepted and fail only once it trains.
     """
     settings = settings or Settings()
+    try:  # on a Ray cluster, nothing only this machine can see
+        refuse_what_other_nodes_cannot_see(settings)
+    except ClusterSettingsError as exc:
+        raise ServeRefused(f"lorafleet: not starting: {exc}") from exc
     catalog = BaseModelCatalog(settings.base_models, settings.object_store_config)
     try:
         catalog.check_all()
@@ -71,9 +72,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             idempotency=IdempotencyKeys(engine),
             catalog=catalog,
             db_readers=CapacityLimiter(db_readers_for(engine)),
-            memory_check=submission_sizing(
-                settings, store, catalog, run_scheduler
-            ).refuse_if_never_fits,
+            memory_check=replica_sizing(settings, store, catalog).refuse_if_never_fits,
         )
         scheduler = None
         if run_scheduler:
@@ -82,6 +81,9 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             from orchestrator.scheduling.scheduler import Scheduler
 
             scheduler = Scheduler(settings, store, objects, RayConnection(settings))
+            # Submissions are sized against the cluster the scheduler sees.
+            sizing = scheduler.host_scheduling.sizing
+            app.state.services.memory_check = sizing.refuse_if_never_fits
             scheduler.start()
         # Webhooks go out from their own thread wherever a scheduler runs; never from it.
         deliverer = WebhookDeliverer(settings, engine) if run_scheduler else None

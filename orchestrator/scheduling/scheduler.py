@@ -23,9 +23,9 @@ from core.object_keys import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore
 from orchestrator.metrics import Capacity, memory_by_shape, record_capacity
 from orchestrator.scheduling.host_scheduling import HostScheduling
-from orchestrator.scheduling.memory_budget import ray_node_memory
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.scheduling.ray_connection import RayConnection
+from orchestrator.scheduling.ray_nodes import ray_node_memory
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore

@@ -184,7 +184,8 @@ def test_the_budget_comes_from_the_cluster_for_a_base_on_s3(
     """With LORAFLEET_HOST_MEMORY_BYTES unset, serve sizes hosts from what Ray says of its
     nodes (a CPU node's memory over its CPUs, less the reserve) and reads an s3:// base's
     sizes from the store: a job bigger than that is refused, a small one is taken."""
-    from orchestrator.scheduling.memory_budget import RankBudgets, ray_node_memory
+    from orchestrator.scheduling.memory_budget import RankBudgets
+    from orchestrator.scheduling.ray_nodes import ray_node_memory
     from orchestrator.settings import Settings
 
     largest = RankBudgets(Settings(), tuple(ray_node_memory())).largest(use_gpu=False)

@@ -188,7 +188,7 @@ def test_two_schedulers_racing_into_one_host_never_exceed_its_budget(tmp_path: P
 
 @pytest.mark.slow
 def test_ray_names_each_node_memory_and_cpus(ray_address: str) -> None:
-    from orchestrator.scheduling.memory_budget import ray_node_memory
+    from orchestrator.scheduling.ray_nodes import ray_node_memory
 
     nodes = ray_node_memory()
     assert len(nodes) == 1 and nodes[0].cpus == 4 and nodes[0].memory_bytes > 0
@@ -198,7 +198,7 @@ def test_ray_names_each_node_memory_and_cpus(ray_address: str) -> None:
 
     import ray
 
-    from orchestrator.scheduling.memory_budget import _gpu_memory
+    from orchestrator.scheduling.ray_nodes import _gpu_memory
 
     asked = _gpu_memory(ray.nodes()[0]["NodeID"])
     assert asked > 0 if shutil.which("nvidia-smi") else asked == 0
