@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024  # an object streamed through a server is read this much at a time
 CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 30.0  # waiting for an answer (per socket read, not per object)
 PART_BYTES = 5 * 1024 * 1024  # S3's smallest multipart part: what a streamed write holds
 
 # Called with (outcome, error) on every transport failure of a store call: outcome is
@@ -218,10 +219,14 @@ class S3ObjectStore:
                 response_checksum_validation="when_required",
                 s3={"addressing_style": "path"},
                 signature_version="s3v4",  # presigned URLs: SigV2 is refused by many servers
-                retries={"max_attempts": 3, "mode": "standard"},
-                # A store that accepts no connection within this is away (the default, 60 s,
-                # times botocore's and our retries, kept a call hanging for many minutes).
+                # One retry policy, ours (`_with_backoff`): botocore's own tries would
+                # multiply its waits and hide how many tries a call really made.
+                retries={"max_attempts": 1, "mode": "standard"},
+                # A store that accepts no connection, or answers nothing, within these is
+                # away (botocore's 60 s each, times its tries and ours, kept one call
+                # hanging for many minutes on a stopped server).
                 connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
             ),
         )
 
