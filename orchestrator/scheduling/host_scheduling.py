@@ -103,6 +103,8 @@ class HostScheduling(HostWatch):
         waiting = []
         for job in queued:
             shape = self.sizing.shape_of(job)
+            if not self.sizing.estimable(shape):
+                continue  # its base's sizes cannot be read now: it waits (logged once)
             shapes[shape.key] = shape
             waiting.append(
                 WaitingJob(

@@ -138,6 +138,19 @@ class HostSizing:
         """Raises CatalogError when the base's sizes cannot be read."""
         return estimate_rank_bytes(*self.memory_model(shape), demands)
 
+    def estimable(self, shape: HostShape) -> bool:
+        """Whether jobs of `shape` can be sized now (always, with no budget to size against).
+        A base whose files cannot be read (the store away a moment) keeps its jobs waiting,
+        said in the log once, rather than failing them: they were sized when submitted."""
+        if self.host_budget(shape) is None:
+            return True
+        try:
+            self.memory_model(shape)
+        except CatalogError as exc:
+            self._say(f"estimate/{shape.key}", "no memory estimate for %s: %s", shape.key, exc)
+            return False
+        return True
+
     def base_bytes(self, shape: HostShape) -> int:
         parts = self.estimate(shape, []).parts
         return sum(parts[k] for k in BASE_TERMS)

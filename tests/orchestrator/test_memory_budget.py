@@ -186,6 +186,20 @@ def test_two_schedulers_racing_into_one_host_never_exceed_its_budget(tmp_path: P
     assert [world.job(j).status for j in jobs] == ["succeeded"] * 5
 
 
+def test_a_job_whose_base_cannot_be_read_now_waits_instead_of_failing(tmp_path: Path) -> None:
+    world = make_world(tmp_path, host_memory_bytes=GIB)
+    weights = tmp_path / "tiny" / "model.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()  # the base's files away for a moment (a store outage, say)
+    job_id = world.submit()
+    world.tick()
+    world.tick()
+    assert world.job(job_id).status == "queued"
+    weights.write_bytes(kept)
+    world.tick()
+    assert world.job(job_id).status == "running"
+
+
 @pytest.mark.slow
 def test_ray_names_each_node_memory_and_cpus(ray_address: str) -> None:
     from orchestrator.scheduling.ray_nodes import ray_node_memory
