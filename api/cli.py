@@ -131,6 +131,7 @@ def run_scheduler(
     import threading
 
     from core.objectstore import open_object_store
+    from orchestrator.cluster_settings import refuse_what_other_nodes_cannot_see
     from orchestrator.db import make_engine, migrate
     from orchestrator.scheduling.ray_connection import RayConnection
     from orchestrator.scheduling.scheduler import Scheduler
@@ -141,6 +142,7 @@ def run_scheduler(
     configure_logging()
     try:
         settings = Settings()
+        refuse_what_other_nodes_cannot_see(settings)  # on a Ray cluster
         engine = make_engine(settings.database_url)
         migrate(engine)
         objects = open_object_store(settings.object_store_config)

@@ -98,6 +98,8 @@ def control_plane_kill(folder: Path, base: Path, ray_address: str) -> tuple[floa
         data_dir=str(folder / "state"),
         base_models=json.dumps({"tiny": str(base)}),
         scheduler_poll_seconds="0.2",
+        # A Ray of this machine only: its local folders are every node's.
+        shared_paths=json.dumps([str(folder), str(base.parent)]),
     )
     server.env["RAY_ADDRESS"] = ray_address
 

@@ -6,6 +6,7 @@ what to install.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -113,8 +114,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    """One local Ray cluster for the session; servers under test join it by address."""
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One local Ray cluster for the session; servers under test join it by address.
+
+    Every node of it is this machine, so the session's temp folder (base models, local
+    object stores) is the same folder on each: said in LORAFLEET_SHARED_PATHS, which the
+    servers and settings made from here inherit (a cluster refuses other local folders:
+    orchestrator.cluster_settings)."""
     import ray
 
     ray.init(
@@ -124,5 +130,11 @@ def ray_address() -> Iterator[str]:
         namespace="lorafleet",
         log_to_driver=False,
     )
+    before = os.environ.get("LORAFLEET_SHARED_PATHS")
+    os.environ["LORAFLEET_SHARED_PATHS"] = json.dumps([str(tmp_path_factory.getbasetemp())])
     yield ray.get_runtime_context().gcs_address
+    if before is None:
+        os.environ.pop("LORAFLEET_SHARED_PATHS", None)
+    else:
+        os.environ["LORAFLEET_SHARED_PATHS"] = before
     ray.shutdown()

@@ -8,6 +8,7 @@ the mistakes that otherwise show up only at deploy time: a renamed setting, a da
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import tomllib
@@ -439,3 +440,49 @@ def test_referenced_subcommands_exist() -> None:
     assert referenced <= available, (
         f"deploy/ runs {referenced - available}, the CLI has {available}"
     )
+
+
+# --- a cluster is settings only ----------------------------------------------------------------
+
+
+def interpolated(value: str) -> str:
+    """A compose value with ${VAR:-default} as its default and ${VAR:?…} as a stand-in."""
+    value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{\w+:\?[^}]*\}", "stand-in-secret-of-enough-characters", value)
+
+
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from orchestrator.settings import Settings
+
+    for name in [n for n in os.environ if n.startswith((ENV_PREFIX, "RAY_"))]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.setenv(name, interpolated(str(value)))
+    # The image's defaults, as the containers have them.
+    monkeypatch.setenv(f"{ENV_PREFIX}DATA_DIR", dockerfile_env()[f"{ENV_PREFIX}DATA_DIR"])
+    if f"{ENV_PREFIX}DATA_DIR" in env:
+        monkeypatch.setenv(f"{ENV_PREFIX}DATA_DIR", str(env[f"{ENV_PREFIX}DATA_DIR"]))
+    return Settings()
+
+
+@pytest.mark.parametrize("service", ["api", "scheduler"])
+def test_compose_settings_pass_the_cluster_check(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.cluster_settings import cluster_address, problems
+
+    settings = settings_from(compose()["services"][service]["environment"], monkeypatch)
+    address = cluster_address(settings)
+    assert address is not None
+    assert problems(settings, address) == []
+
+
+def test_kuberay_settings_pass_the_cluster_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.cluster_settings import cluster_address, problems
+
+    config = k8s_object(CONTROL_PLANE, "ConfigMap")["data"]
+    settings = settings_from(config, monkeypatch)
+    address = cluster_address(settings)
+    assert address is not None
+    assert problems(settings, address) == []
