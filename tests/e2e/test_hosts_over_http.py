@@ -103,7 +103,9 @@ def test_a_second_job_joins_the_running_host(hosts_server: LorafleetServer) -> N
                 for e in server.all_events(client, own["id"])
                 if "run_id" in (e["data"] or {})
             }
-            assert own_run and not next(iter(own_run)).startswith("host-"), own_run
+            assert len(own_run) == 1 and not own_run & hosts, own_run  # a host of its own
+            sizes = [m["pack_size"] for m in metrics(server, client, own["id"])]
+            assert set(sizes) == {1}, sizes
             mine, reference = (
                 adapter_tensors(client, packed_id),
                 adapter_tensors(client, own["id"]),
