@@ -221,7 +221,7 @@ class S3ObjectStore:
                 signature_version="s3v4",  # presigned URLs: SigV2 is refused by many servers
                 # One retry policy, ours (`_with_backoff`): botocore's own tries would
                 # multiply its waits and hide how many tries a call really made.
-                retries={"max_attempts": 1, "mode": "standard"},
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 # A store that accepts no connection, or answers nothing, within these is
                 # away (botocore's 60 s each, times its tries and ours, kept one call
                 # hanging for many minutes on a stopped server).
