@@ -45,7 +45,7 @@ ACTIVATION_PER_KV = 2
 # The loss over the whole pack at once keeps, per token and vocabulary entry, the logits
 # (model dtype) and three fp32 tensors: the upcast, the log-softmax and their gradient.
 # In chunks (workers/training/chunked_loss.py), the logits and their gradient stay whole and the
-# fp32 tensors exist for one chunk at a time.
+# fp32 tensors exist for one chunk of one job's tokens at a time.
 LOSS_FP32_COPIES = 3
 # Measured (tests/orchestrator/test_memory_estimate.py): a job with dropout keeps two fp32
 # tensors of each adapted layer's input per token, the mask and the dropped input.
@@ -345,7 +345,11 @@ def estimate_rank_bytes(
     if run.logits_chunk_tokens is None:
         logits = tokens * vocab * (e + LOSS_FP32_COPIES * FP32)
     else:
-        chunk = min(tokens, run.logits_chunk_tokens)
+        # Each job's loss is taken on its own rows, one job after another
+        # (workers.host.step), so one chunk of one job's tokens is upcast at a time.
+        chunk = max(
+            (min(s.rows_per_rank * s.seq_len, run.logits_chunk_tokens) for s in slots), default=0
+        )
         logits = tokens * vocab * 2 * e + chunk * vocab * LOSS_FP32_COPIES * FP32
     # Factors, their grads and Adam's two moments: four fp32 copies per slot.
     lora_state = sum(s.lora_parameters(base) for s in slots) * 4 * FP32

@@ -28,7 +28,8 @@ LORA = {"r": RANK, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def budget_for_two(tiny_base: Path) -> tuple[int, int, int]:
-    """(estimate of two jobs, a budget between two and three jobs, estimate of three)."""
+    """(two jobs, a budget between two and three jobs, three jobs), jobs counted as
+    admission and the host count them: the base's terms once, plus each job's share."""
     base = local_base_shape(tiny_base)
     run = host_run_shape(
         num_workers=WORKERS,
@@ -45,8 +46,9 @@ def budget_for_two(tiny_base: Path) -> tuple[int, int, int]:
         target_modules="all-linear",
         dataset_rows=ROWS,  # every job trains on one file of ROWS rows
     )
-    two = estimate_rank_bytes(base, run, [demand] * 2).total
-    three = estimate_rank_bytes(base, run, [demand] * 3).total
+    alone = estimate_rank_bytes(base, run, [demand]).parts
+    held = alone["base_shard"] + alone["live_parameters"]
+    two, three = (held + n * (sum(alone.values()) - held) for n in (2, 3))
     return two, (two + three) // 2, three
 
 

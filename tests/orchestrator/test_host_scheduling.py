@@ -195,8 +195,10 @@ def test_tenant_fairness_on_one_slot(tmp_path: Path) -> None:
 
 def test_jobs_are_admitted_until_the_memory_estimate_says_full(tmp_path: Path) -> None:
     base, run = BaseShape.from_config(BASE_CONFIG), RunShape(2, logits_chunk_tokens=4096)
-    demand = SlotDemand(2, 1024, 8)
-    two = estimate_rank_bytes(base, run, [demand] * 2).total
+    alone = estimate_rank_bytes(base, run, [SlotDemand(2, 1024, 8)]).parts
+    # Counted as admission and the host count jobs: the base's terms once, each job's share.
+    held = alone["base_shard"] + alone["live_parameters"]
+    two = held + 2 * (sum(alone.values()) - held)
     world = make_world(tmp_path, host_memory_bytes=two, max_concurrent_runs=1)
     jobs = [world.submit() for _ in range(3)]
     world.tick()

@@ -2,9 +2,9 @@
 jobs join one after another; after each join (and each leave) the host reports the peak
 live tensor bytes (plus the tokenized rows it holds) of one rank during the second step of
 that membership (largest rank) and admission's estimate for the same jobs
-(core.memory_estimate, the function admission uses). On the tiny Llama, with a job that
-adapts only q_proj and v_proj (the activation terms are an upper bound there), each peak is
-within ±20% of its estimate; on a Qwen2 base read from s3:// (radosgw), within ±15%."""
+(core.memory_estimate, the function admission uses). On the tiny Llama (one of its jobs
+adapts only q_proj and v_proj: the activation terms are an upper bound there), and on a Qwen2
+base read from s3:// (radosgw), each peak is within ±15% of its estimate."""
 
 from __future__ import annotations
 
@@ -162,13 +162,13 @@ def check_estimates(
     return ratios
 
 
-def test_each_membership_peaks_within_20_percent_of_its_estimate(
+def test_each_membership_peaks_within_15_percent_of_its_estimate(
     ray_address: str, tiny_base: Path, store_config: ObjectStoreConfig, tmp_path: Path
 ) -> None:
     spec = host_spec(tiny_base, store_config, tmp_path, checkpoint_every_steps=0)
     seen = run_memberships(spec, store_config, JOBS)
     ratios = check_estimates(seen, spec, tiny_base, JOBS)
-    assert all(0.8 <= ratio <= 1.2 for ratio in ratios), seen
+    assert all(0.85 <= ratio <= 1.15 for ratio in ratios), seen
     # Three joins, then the leaves (C, then B), each measured: a, ab, abc, ab, a.
     assert [len(m["members"]) for m in seen] == [1, 2, 3, 2, 1], seen
 
