@@ -157,6 +157,11 @@ class HostMemory(TypedDict):
     lora_bytes_held: int  # LoRA factors really held by the model now (0 once all left)
 
 
+class NodeRef(TypedDict):
+    node_id: str  # Ray's node id (hex)
+    ip: str
+
+
 class HostReport(TypedDict):
     host_id: str
     shape: HostShape
@@ -175,6 +180,8 @@ class HostReport(TypedDict):
     publishing: NotRequired[int]
     max_slots: int
     worker_pids: list[int]  # per rank, gathered by rank 0
+    worker_nodes: NotRequired[list[NodeRef]]  # per rank, beside its pid: where it runs
+    node: NotRequired[NodeRef]  # the host actor's node (and its Ray Train controller's)
     worker_starts: int  # how many times the worker group (re)started
     memory: HostMemory
     jobs: dict[str, JobReport]  # every job admitted and not yet released
@@ -232,8 +239,14 @@ class PackHosts(Protocol):
         ...
 
     def free_resources(self) -> list[dict[str, float]]:
-        """Resources free now on each node ({"CPU": …, "GPU": …}): a new host is started
-        only if its workers' bundles fit (orchestrator.scheduling.placement), else its job waits."""
+        """Resources free now on each node that takes new work ({"CPU": …, "GPU": …}): a
+        new host is started only if its workers' bundles fit
+        (orchestrator.scheduling.placement), else its job waits."""
+        ...
+
+    def request_resources(self, bundles: list[dict[str, float]]) -> None:
+        """Asks the cluster's autoscaler to grow until `bundles` fit (the whole cluster's
+        want, replacing the last request); an empty list withdraws it."""
         ...
 
 

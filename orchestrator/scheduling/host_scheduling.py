@@ -34,6 +34,7 @@ from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import job_spec_for
 from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
 from orchestrator.scheduling.host_watch import HOST_ID_PREFIX, HostWatch, runtime_left
+from orchestrator.scheduling.node_choice import autoscaler_request
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.scheduling.placement import (
     Resources,
@@ -93,6 +94,8 @@ class HostScheduling(HostWatch):
         self.reservations = Reservations(settings.reserve_after_seconds)
         self._holding: dict[str, list[Resources]] = {}  # reserved shape -> its bundles
         self._closed: set[str] = set()  # hosts draining for a reservation
+        self._requested: list[Resources] = []  # what the autoscaler was last asked for
+        self._told_no_room: set[str] = set()  # queued jobs told their host fits nowhere
 
     # ---- launch: place queued jobs ----
     def launch(self) -> None:
@@ -146,21 +149,29 @@ class HostScheduling(HostWatch):
             self.outcomes.fail(job, "insufficient_memory", self.sizing.never_fit_reason(job))
         started = set()
         unplaced = list(plan.unhosted)  # jobs left without a host they wanted
+        no_room: set[str] = set()  # shapes whose host fits on no node's free resources
+        started_shapes = []
         for start in plan.starts:
             left = self._placed(shapes[start.shape], free)
             shape = shapes[start.shape]
             if left is not None and self._start_host(start.host_id, shape, start.exclusive):
                 free = left
                 started.add(start.host_id)
+                started_shapes.append(shape)
                 self._holding.pop(start.shape, None)
             elif left is None:
+                no_room.add(start.shape)
                 unplaced += [j.job_id for j in plan.joins if j.host_id == start.host_id][:1]
         self._reserve(unplaced, by_id)
+        hosted = set()
         for join in plan.joins:
             if join.host_id.startswith(HOST_ID_PREFIX) and (
                 join.host_id in started or join.host_id in self.reports
             ):
                 self.join(by_id[join.job_id], join.host_id)
+                hosted.add(join.job_id)
+        waiting_jobs = [job for job in queued if job.id not in hosted]
+        self._ask_for_room(no_room, shapes, waiting_jobs, started_shapes)
         self._keep_warm_hosts(free, len(started))
 
     def _placed(self, shape: HostShape, free: list[Resources]) -> list[Resources] | None:
@@ -173,6 +184,44 @@ class HostScheduling(HostWatch):
             log.info("no free resources for a %s pack host now; its jobs wait", shape.key)
         (self._unplaceable.add if left is None else self._unplaceable.discard)(shape.key)
         return left
+
+    # ---- room the cluster lacks: ask its autoscaler (orchestrator.scheduling.node_choice) ----
+    def _ask_for_room(
+        self,
+        no_room: set[str],
+        shapes: dict[str, HostShape],
+        waiting: list[JobRow],
+        started: list[HostShape],
+    ) -> None:
+        """Shapes that fit on no node now: the autoscaler is asked for them (with the hosts
+        up and those `started` this tick, since Ray's request is for the whole cluster), once
+        per change; each of their `waiting` jobs is told once. With none left the request is
+        withdrawn."""
+        running = [bundles_of(r["shape"]) for r in self.reports.values() if r["alive"]]
+        running += [bundles_of(shape) for shape in started]
+        request = autoscaler_request(running, [bundles_of(shapes[k]) for k in sorted(no_room)])
+        if request != self._requested:
+            try:
+                self.hosts.request_resources(request)
+                self._requested = request
+            except Exception:  # no autoscaler to ask is not the tick's failure
+                log.exception("asking the autoscaler for %s failed", request)
+        self._told_no_room &= {job.id for job in waiting}
+        for job in waiting:
+            shape = self.sizing.shape_of(job)
+            if shape.key not in no_room or job.id in self._told_no_room:
+                continue
+            self._told_no_room.add(job.id)
+            bundles = bundles_of(shape)
+            self.outcomes.guarded(
+                self.store.warn,
+                job.id,
+                job.attempt,
+                f"No node has free resources for a {shape.key} pack host "
+                f"({len(bundles)} × {bundles[0]}); asked the cluster's autoscaler for them: the "
+                "job starts when a node has room",
+                {"requested_bundles": bundles, "shape": shape.key},
+            )
 
     # ---- reservations (orchestrator.scheduling.reservation) ----
     def _hold_for_reservations(

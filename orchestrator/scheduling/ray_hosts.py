@@ -26,6 +26,12 @@ from core.host_protocol import (
     host_actor_name,
 )
 from core.run_states import STOP_ALL
+from orchestrator.scheduling.node_choice import (
+    CONTROL_SHARE,
+    NodeView,
+    free_per_node,
+    host_placement,
+)
 from orchestrator.settings import Settings
 from workers.runtime.placement_groups import release_orphaned_placement_groups
 
@@ -42,6 +48,7 @@ class RayHosts:
         # The configured namespace: two deployments on one Ray cluster never adopt each
         # other's hosts.
         self.namespace = settings.ray_namespace
+        self.control_resource = settings.control_resource
         self.call_timeout = settings.run_poll_timeout_seconds
         # Calls sent and not answered yet. A host that does not answer is not asked again
         # until it does: a stopped one gathers no backlog of calls, and later ticks only
@@ -67,8 +74,22 @@ class RayHosts:
     def start_host(self, spec: HostSpec) -> None:
         from workers.host.pack_host import PackHost
 
+        placement = host_placement(self.nodes(), self.control_resource)
+        options: dict[str, Any] = {}
+        if placement.resource:
+            options["resources"] = {placement.resource: CONTROL_SHARE}
+        elif placement.node_id:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # Not soft: a host on a worker node would lose all its jobs with that node.
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                placement.node_id, soft=False
+            )
         actor = PackHost.options(  # type: ignore[attr-defined]
-            name=host_actor_name(spec.host_id), namespace=self.namespace, lifetime="detached"
+            name=host_actor_name(spec.host_id),
+            namespace=self.namespace,
+            lifetime="detached",
+            **options,
         ).remote(spec)
         ray.get(actor.start.remote(), timeout=START_TIMEOUT_S)
 
@@ -199,12 +220,31 @@ class RayHosts:
         release_orphaned_placement_groups(self.namespace)
         return reaped
 
-    def free_resources(self) -> list[dict[str, float]]:
-        # Per node: Ray's public API has only the cluster-wide sum (or, with the dashboard,
-        # the state API); a host's bundles must each fit on one node.
-        from ray._private.state import state
+    def nodes(self) -> list[NodeView]:
+        """Every node that is not dead, as the GCS's autoscaler state has it (Ray's public
+        autoscaler SDK: per node, its status, resources and what of them is free; no
+        dashboard needed)."""
+        from ray.autoscaler.v2.sdk import get_cluster_status
 
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
         return [
-            {key: float(amount) for key, amount in free.items() if key in ("CPU", "GPU")}
-            for free in state.available_resources_per_node().values()
+            NodeView(
+                node_id=node.node_id or "",
+                ip=node.ip_address,
+                status=node.node_status or "",
+                total=node.total_resources(),
+                available=node.available_resources(),
+            )
+            for node in [*status.active_nodes, *status.idle_nodes]
         ]
+
+    def free_resources(self) -> list[dict[str, float]]:
+        # Per node (a host's bundles must each fit on one), draining nodes left out.
+        return free_per_node(self.nodes())
+
+    def request_resources(self, bundles: list[dict[str, float]]) -> None:
+        """Asks the autoscaler (if any) to grow the cluster until `bundles` fit; an empty
+        list withdraws the request. Without an autoscaler it is a no-op."""
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)

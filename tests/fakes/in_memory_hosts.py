@@ -79,6 +79,7 @@ class InMemoryHosts:
         self.calls: list[tuple[str, str]] = []  # (call, host id), to count polls per tick
         # The cluster's nodes; a live host holds one bundle per worker of them.
         self.nodes: list[dict[str, float]] = [{"CPU": 1024.0, "GPU": 1024.0}]
+        self.requested: list[list[dict[str, float]]] = []  # each request to the autoscaler
 
     # ---- PackHosts ----
     def list_hosts(self) -> list[str]:
@@ -181,6 +182,9 @@ class InMemoryHosts:
                 free = place(bundles_of(host.spec.shape), free)
         assert free is not None, "more hosts live than the nodes hold"
         return free
+
+    def request_resources(self, bundles: list[dict[str, float]]) -> None:
+        self.requested.append([dict(b) for b in bundles])
 
     # ---- what a test does to the hosts ----
     def step(self) -> None:

@@ -19,7 +19,13 @@ from typing import Any
 
 import ray
 
-from core.host_protocol import AdmissionRequest, AdmissionResult, HostReport, HostSpec
+from core.host_protocol import (
+    AdmissionRequest,
+    AdmissionResult,
+    HostReport,
+    HostSpec,
+    NodeRef,
+)
 from core.run_states import STOP_ALL
 from workers.host.membership import Membership
 from workers.runtime.ray_trainer import FitFailure, trainer_for
@@ -32,6 +38,11 @@ class PackHost:
         self.membership = Membership(spec, clock=time.time)
         self.started_at = time.time()
         self.worker_pids: list[int] = []
+        self.worker_nodes: list[NodeRef] = []  # per rank: its node's id and IP
+        # The host's own node (its Ray Train controller runs there too).
+        self.node = NodeRef(
+            node_id=ray.get_runtime_context().get_node_id(), ip=ray.util.get_node_ip_address()
+        )
         self.memory: dict[str, Any] = {
             "base_bytes_per_rank": 0,
             "peak_bytes_per_rank": 0,
@@ -116,6 +127,8 @@ class PackHost:
                 "publishing": membership.publishing,
                 "max_slots": self.spec.max_slots,
                 "worker_pids": list(self.worker_pids),
+                "worker_nodes": list(self.worker_nodes),
+                "node": self.node,
                 "worker_starts": membership.worker_starts,
                 "memory": dict(self.memory),  # type: ignore[typeddict-item]
                 "jobs": membership.job_reports(cursors),
@@ -125,10 +138,15 @@ class PackHost:
         return self._thread is not None and not self._thread.is_alive()
 
     # ---- called by rank 0 of the workers -------------------------------------------------
-    def begin_attempt(self, worker_pids: list[int]) -> dict[str, Any]:
+    def begin_attempt(
+        self, worker_pids: list[int], worker_nodes: list[dict[str, str]] | None = None
+    ) -> dict[str, Any]:
         """The workers (re)start: every running member will be announced to them again."""
         with self._lock:
             self.worker_pids = list(worker_pids)
+            self.worker_nodes = [
+                NodeRef(node_id=n["node_id"], ip=n["ip"]) for n in worker_nodes or []
+            ]
             return self.membership.begin_attempt()
 
     def setup_gave_up(self) -> bool:

@@ -81,13 +81,17 @@ class HostWorker(HostJoins):
             if self.rank == 0
             else None
         )
-        pids: list[Any] = [None] * self.world_size
-        dist.all_gather_object(pids, os.getpid())
+        # Each rank's process and node, for the host's reports (which node a rank was on).
+        ranks: list[Any] = [None] * self.world_size
+        here = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+        dist.all_gather_object(ranks, (os.getpid(), *here))
+        pids = [pid for pid, _, _ in ranks]
+        nodes = [{"node_id": node_id, "ip": ip} for _, node_id, ip in ranks]
         box: list[Any] = [None]
         if self.rank == 0:
             # So that the scheduler can free it should Ray not (runtime/placement_groups.py).
             record_placement_group(host_actor_name(self.spec.host_id))
-            box[0] = ray.get(self.host.begin_attempt.remote(pids))
+            box[0] = ray.get(self.host.begin_attempt.remote(pids, nodes))
         dist.broadcast_object_list(box, src=0)
         if box[0]["end"]:
             return False
