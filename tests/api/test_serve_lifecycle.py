@@ -62,6 +62,8 @@ def test_sigterm_ends_serve_within_its_bound_and_a_new_serve_takes_over(
     second = ServerProcess(env=env, log=tmp_path / "second.log")
     try:
         first.start()
+        # A serve that has been up a while: its scheduler on the data dir's Ray.
+        wait_for_condition(lambda: "Connected to Ray cluster" in first.log.read_text(), timeout=120)
         with first.api() as api:
             file_id = api.upload_records("add.jsonl", RECORDS)["id"]
             job = api.create_job(
