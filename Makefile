@@ -39,10 +39,12 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo
 
 # Stages: the main suite; then the long comparisons and the fault tests (kills, outages);
-# then the dashboard in Debian's chromium.
+# then a multi-node Ray cluster on this machine (a pytest process of its own: the others
+# share one local Ray); then the dashboard in Debian's chromium.
 test: $(STAMP) system-packages
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not faults and not long and not browser"
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "(faults or long) and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not faults and not long and not browser and not multinode"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "(faults or long) and not browser and not multinode"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m multinode
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m browser
 
 test-quick: $(STAMP)
