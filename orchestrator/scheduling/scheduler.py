@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.host_protocol import PackHosts
 from core.object_keys import ADAPTER_WEIGHTS, file_key
-from core.objectstore import ObjectStore
+from core.objectstore import ObjectStore, ObjectStoreUnavailable
 from orchestrator.metrics import Capacity, memory_by_shape, record_capacity
 from orchestrator.scheduling.host_scheduling import HostScheduling
 from orchestrator.scheduling.outcomes import JobOutcomes
@@ -113,6 +113,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock: IO[str] | None = None  # SQLite's one-scheduler lock, once held
+        self._store_away = False  # the object store failed the last tick (logged once)
         self._database_away = False
 
     # ---- the loop ----
@@ -142,6 +143,11 @@ class Scheduler:
                 log.error("database unavailable, retrying each tick: %s", exc.orig or exc)
             self._database_away = True
             return False
+        except ObjectStoreUnavailable as exc:  # likewise (a job's files checked, say)
+            if not self._store_away:
+                log.error("object store unavailable, retrying each tick: %s", exc)
+            self._store_away = True
+            return False
         except Exception as exc:  # one bad tick must not end the loop; the next one retries
             if self._stop.is_set():  # Ray ended beneath a tick cut short by the stop
                 log.info("scheduler tick cut short by the stop: %s", exc)
@@ -151,6 +157,9 @@ class Scheduler:
         if self._database_away:
             log.warning("database available again")
             self._database_away = False
+        if self._store_away:
+            log.warning("object store available again")
+            self._store_away = False
         return True
 
     def start(self) -> None:
