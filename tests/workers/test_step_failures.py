@@ -19,7 +19,7 @@ from core.objectstore import ObjectStoreConfig, open_object_store
 from core.spec import JobSpec
 from tests.workers.test_pack_host import JOB_A, JOB_B
 from workers.host.slot import DROPOUT_STREAM, INIT_STREAM, JobSlot, SlotState, load_job_slot
-from workers.host.step import PackContext, train_step
+from workers.host.step import PackContext, train_step, use_gradient_checkpointing
 from workers.lora.packed_layer import (
     Routing,
     matching_linear_layers,
@@ -45,7 +45,11 @@ def one_rank_group() -> Any:
 
 
 def train(
-    tiny_base: Path, store: ObjectStoreConfig, jobs: list[JobSpec], faults: tuple[StepFault, ...]
+    tiny_base: Path,
+    store: ObjectStoreConfig,
+    jobs: list[JobSpec],
+    faults: tuple[StepFault, ...],
+    checkpointing: bool = False,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[Any, ...]], list[JobSlot]]:
     """STEPS steps of `jobs` packed on a fresh copy of the tiny base; (factors, events, slots)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,6 +59,8 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     model.requires_grad_(False)
     routing = Routing()
+    if checkpointing:
+        use_gradient_checkpointing(model, routing)
     layers = wrap_linear_layers(model, matching_linear_layers(model, "all-linear"), routing)
     slots = []
     for job in jobs:
@@ -125,3 +131,21 @@ def test_a_job_that_raises_in_its_step_fails_alone_and_its_mates_train_as_withou
         assert ours.keys() == reference.keys()
         for key in ours:
             assert torch.equal(ours[key], reference[key]), (mate, key)
+
+
+def test_a_slot_that_fails_in_a_checkpointed_forward_is_recomputed_as_it_ran(
+    tiny_base: Path, store_config: ObjectStoreConfig
+) -> None:
+    """With gradient checkpointing, backward recomputes each layer: a slot that failed
+    mid-forward must be recomputed exactly as the forward ran (torch checks), and the
+    mates still train as in a checkpointed pack without it."""
+    reference, _, _ = train(tiny_base, store_config, [JOB_A, JOB_B], (), checkpointing=True)
+    fault = StepFault("job-x", step=1, phase="forward")
+    factors, events, slots = train(
+        tiny_base, store_config, [JOB_A, JOB_X, JOB_B], (fault,), checkpointing=True
+    )
+    assert [s.state for s in slots] == [SlotState.TRAINING, SlotState.FAILED, SlotState.TRAINING]
+    assert [e[0] for e in events if e[1] == "job_failed"] == ["job-x"]
+    for mate in ("job-a", "job-b"):
+        for key, tensor in factors[mate].items():
+            assert torch.equal(tensor, reference[mate][key]), (mate, key)

@@ -249,11 +249,12 @@ def _group_forward(
     batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
     batch = {k: v.to(ctx.device) for k, v in batch.items()}
     ctx.routing.failures = {}
+    ctx.routing.forward_id += 1
     for slot in group:
         try:
             failures.check(slot, "forward")
         except Exception as exc:  # noqa: BLE001 - a test's fault: raised inside the forward
-            ctx.routing.injected[slot.job_id] = exc
+            ctx.routing.injected[slot.job_id] = [exc, 1]  # raised in its second layer
     try:
         # The module itself, not the engine: the engine's forward/backward are built around
         # an optimizer it owns; ZeRO-3's gather/release hooks live on the module and run.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,8 +52,12 @@ class Routing:
         # the slot's exception is kept here and its rows get no delta for the rest of the
         # forward, so the shared forward (a collective under ZeRO-3) goes on for the others.
         self.failures: dict[str, Exception] | None = None
-        # TEST HOOK (core.fault_injection): slot name -> the exception its delta raises.
-        self.injected: dict[str, Exception] = {}
+        # Counts the forwards a step makes: a layer called again within the same forward is
+        # a recompute in backward (gradient checkpointing), which must redo what it did.
+        self.forward_id = 0
+        # TEST HOOK (core.fault_injection): slot name -> [the exception its delta raises, how
+        # many of its layers run first] (1: it fails mid-forward, in its second layer).
+        self.injected: dict[str, list[Any]] = {}
 
 
 class PackedLoraLinear(nn.Module):
@@ -65,6 +70,8 @@ class PackedLoraLinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.slots: dict[str, SlotConfig] = {}
+        self._ran_in: int | None = None  # the routing's forward this layer last ran in
+        self._zeroed: set[str] = set()  # slots it gave no delta in that forward (failed)
 
     def add_slot(self, slot: SlotConfig, generator: torch.Generator, device: torch.device) -> None:
         """A starts random (as peft: Kaiming-uniform), B at zero: the slot starts as the base."""
@@ -82,7 +89,7 @@ class PackedLoraLinear(nn.Module):
             del self.lora_A[name], self.lora_B[name], self.slots[name]
             self.routing.slots.discard(name)  # a host removes it from every layer at once
 
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _delta(self, name: str, x: torch.Tensor, replay: bool) -> torch.Tensor:
         slot = self.slots.get(name)
         if slot is None:
             if name != NO_ADAPTER and name not in self.routing.slots:
@@ -90,21 +97,27 @@ class PackedLoraLinear(nn.Module):
             # NO_ADAPTER, or a job of the pack that does not adapt this layer.
             return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
         failures = self.routing.failures
-        if failures is None:
+        # A recompute redoes exactly what the forward did (the same tensors saved), and lets
+        # every exception through: torch's own early stop of a recompute is one.
+        if failures is None or (replay and name not in self._zeroed):
             return self._slot_delta(slot, x)
-        if name in failures:
+        if replay or name in failures:
+            self._zeroed.add(name)
             return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
         try:
             return self._slot_delta(slot, x)
         except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
             failures[name] = exc
+            self._zeroed.add(name)
             return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
 
     def _slot_delta(self, slot: SlotConfig, x: torch.Tensor) -> torch.Tensor:
         name = slot.name
         injected = self.routing.injected.get(name)
         if injected is not None:
-            raise injected
+            if injected[1] == 0:
+                raise injected[0]
+            injected[1] -= 1
         x = x.to(torch.float32)
         if slot.dropout > 0 and self.training:
             keep = 1.0 - slot.dropout
@@ -121,8 +134,11 @@ class PackedLoraLinear(nn.Module):
             raise ValueError(f"routing covers {sum(sizes)} rows but the batch has {x.shape[0]}")
         # One split, not a slice per slot: a slice's backward writes its gradient into a
         # zeroed copy of the whole input, once per slot of the pack.
+        replay = self._ran_in == self.routing.forward_id
+        if not replay:
+            self._ran_in, self._zeroed = self.routing.forward_id, set()
         deltas = [
-            self._delta(name, block)
+            self._delta(name, block, replay)
             for (name, _), block in zip(self.routing.blocks, x.split(sizes), strict=True)
         ]
         # Added in fp32 and rounded once, as peft does: rounding the delta to bf16 first and
