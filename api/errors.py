@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.base_catalog import CatalogError
+from core.objectstore import ObjectStoreUnavailable
 from orchestrator.errors import (
     Conflict,
     Forbidden,
@@ -129,6 +130,20 @@ async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
     return response
 
 
+STORE_RETRY_AFTER_S = 10
+
+
+async def _object_store(_: Request, exc: ObjectStoreUnavailable) -> JSONResponse:
+    """The object store is away (its every retry failed): 503 with Retry-After, as for the
+    database, not a 500 with a traceback in the log."""
+    log.warning("object store unavailable: %s", exc)
+    response = error_response(
+        503, "the object store is unavailable; retry shortly", None, "service_unavailable"
+    )
+    response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+    return response
+
+
 def _is_connection_error(exc: DBAPIError) -> bool:
     # OperationalError covers a refused or dropped connection on psycopg and SQLite alike;
     # InterfaceError a connection closed under the driver.
@@ -187,5 +202,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyMismatch, _idempotency)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(DBAPIError, _database)  # type: ignore[arg-type]
+    app.add_exception_handler(ObjectStoreUnavailable, _object_store)  # type: ignore[arg-type]
     app.add_exception_handler(CatalogError, _catalog)  # type: ignore[arg-type]
     app.add_middleware(UnexpectedErrors)
