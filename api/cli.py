@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.cli_jobs import files, jobs
 from api.ops import configure_logging, serve_metrics
@@ -30,16 +31,16 @@ class StartupErrorInOneLine:
     printed once, as one line naming it, then serve exits. Starlette would print its
     traceback, whose frames repeat once per router (dozens of lines for one error)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
         started = False
 
-        async def send_unless_failed(message: Any) -> None:
+        async def send_unless_failed(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "lifespan.startup.complete"
             if message["type"] != "lifespan.startup.failed":  # said below, from the error
