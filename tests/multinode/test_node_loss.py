@@ -115,6 +115,9 @@ def test_a_worker_node_lost_mid_training_costs_no_job_an_attempt(
                 assert job["status"] == "succeeded", job
                 steps = metrics_steps(server, client, job_id)
                 assert max(steps) > lost_at  # it trained on after the loss
+                # The restart names the lost node in the job's events.
+                said = [e for e in server.all_events(client, job_id) if "was lost" in e["message"]]
+                assert said and victim.node_id[:8] in said[0]["message"], said
                 # Placed once, on the one host, first attempt: not requeued by the loss.
                 placed = [
                     e["data"]

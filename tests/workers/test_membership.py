@@ -247,3 +247,21 @@ def test_release_forgets_only_an_ended_job() -> None:
     membership.stop("a")
     membership.release("a")
     assert membership.members == {}
+
+
+def test_a_restart_after_a_node_loss_names_the_node_in_each_jobs_events() -> None:
+    membership, _ = host(max_job_restarts=2)
+    for job_id in ("a", "b"):
+        membership.admit(request(job_id))
+    boundary(membership)
+    boundary(membership, [event("a", "metrics"), event("b", "metrics")], live=["a", "b"])
+    membership.begin_attempt(["10.0.0.7 (0123abcd)"])
+    for member in membership.running():
+        (restarted,) = [e for e in member.events if "restarted" in e["message"]]
+        assert "node 10.0.0.7 (0123abcd) was lost" in restarted["message"]
+        assert restarted["data"]["lost_nodes"] == ["10.0.0.7 (0123abcd)"]
+    boundary(membership, [event("a", "metrics"), event("b", "metrics")], live=["a", "b"])
+    membership.begin_attempt()  # no node lost this time: the cause is not guessed
+    for member in membership.running():
+        latest = [e for e in member.events if "restarted" in e["message"]][-1]
+        assert "after a failure" in latest["message"] and "lost_nodes" not in latest["data"]

@@ -77,6 +77,7 @@ class Membership:
         self.spec = spec
         self.clock = clock
         self.members: dict[str, Member] = {}
+        self._lost_nodes: list[str] = []  # dead nodes behind the last workers' restart
         # Job id -> a stale attempt still on the workers: leaves before the new one joins.
         self.retiring: dict[str, int] = {}
         self.ending = False  # admits nothing more; the workers leave once no job is on
@@ -214,9 +215,12 @@ class Membership:
         return jobs
 
     # ---- the workers' calls ---------------------------------------------------------------
-    def begin_attempt(self) -> dict[str, Any]:
+    def begin_attempt(self, lost_nodes: list[str] | None = None) -> dict[str, Any]:
         """The workers (re)start: every running member will be announced to them again, and
-        the members the dead workers held pay for the restart (module docstring)."""
+        the members the dead workers held pay for the restart (module docstring).
+        `lost_nodes`: the nodes the last workers ran on that Ray says are dead (named in the
+        jobs' events as the cause)."""
+        self._lost_nodes = list(lost_nodes or [])
         self.worker_starts += 1
         restart = self.worker_starts - 1
         self.retiring.clear()  # the new workers hold nobody
@@ -257,12 +261,14 @@ class Membership:
                 "infrastructure",
             )
         elif charged:
+            lost = self._lost_nodes
+            cause = f"node {', '.join(lost)} was lost" if lost else "a failure"
             self.append(
                 member,
                 "message",
-                f"Workers restarted after a failure (restart {member.restarts} of {budget}); "
+                f"Workers restarted after {cause} (restart {member.restarts} of {budget}); "
                 "resuming from the job's checkpoint",
-                {"restart": member.restarts},
+                {"restart": member.restarts, **({"lost_nodes": lost} if lost else {})},
             )
         else:
             self.append(

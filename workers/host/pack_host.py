@@ -142,12 +142,25 @@ class PackHost:
         self, worker_pids: list[int], worker_nodes: list[dict[str, str]] | None = None
     ) -> dict[str, Any]:
         """The workers (re)start: every running member will be announced to them again."""
+        lost = self._lost_nodes() if self.worker_nodes else []
         with self._lock:
             self.worker_pids = list(worker_pids)
             self.worker_nodes = [
                 NodeRef(node_id=n["node_id"], ip=n["ip"]) for n in worker_nodes or []
             ]
-            return self.membership.begin_attempt()
+            return self.membership.begin_attempt(lost)
+
+    def _lost_nodes(self) -> list[str]:
+        """The nodes the last workers ran on that Ray now says are dead ("ip (id…)")."""
+        try:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # only words in an event: never the restart's failure
+            return []
+        seen: dict[str, str] = {}
+        for rank in self.worker_nodes:
+            if rank["node_id"] not in alive:
+                seen[rank["node_id"]] = f"{rank['ip']} ({rank['node_id'][:8]})"
+        return list(seen.values())
 
     def setup_gave_up(self) -> bool:
         """Asked by each worker as it starts: workers restarted after a setup timeout leave
