@@ -133,7 +133,11 @@ class JobTransitions:
             JobStatus.QUEUED,
             message,
             expected_attempt=attempt,
-            values={"attempt": JobRow.attempt - 1},
+            # A first attempt that never trained did not start the job's life either.
+            values={
+                "attempt": JobRow.attempt - 1,
+                "first_started_at": None if attempt == 1 else JobRow.first_started_at,
+            },
         )
 
     def warn(self, job_id: str, attempt: int, message: str, data: dict[str, Any]) -> bool:

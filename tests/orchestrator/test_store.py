@@ -149,6 +149,29 @@ def test_the_started_event_names_its_run(store: JobStore) -> None:
     assert (started[0].data or {})["run_id"] == "run-7"
 
 
+def test_the_first_claim_alone_sets_when_the_job_first_started(store: JobStore) -> None:
+    """max_runtime counts from `first_started_at`: set by the first claim, kept by later
+    ones, and given back with a first attempt a host refused (it never trained)."""
+    job = add_job(store)
+    store.queue(job.id, "queued")
+    store.claim(job.id, 0, "host-1", "started")
+    store.unclaim(job.id, 1, "host-1 refused it")
+    assert store.job(job.id).first_started_at is None
+    first = store.claim(job.id, 0, "host-2", "started").first_started_at
+    assert first is not None
+    with store.sessions.begin() as session:  # as if it had started an hour ago
+        row = session.get(JobRow, job.id)
+        assert row is not None
+        row.first_started_at = row.started_at = first - 3600
+    store.requeue(job.id, 1, "host-2 lost")
+    second = store.claim(job.id, 1, "host-3", "started")
+    assert second.first_started_at == first - 3600 and (second.started_at or 0) >= first
+    store.requeue(job.id, 2, "host-3 lost")
+    store.claim(job.id, 2, "host-4", "started")
+    store.unclaim(job.id, 3, "host-4 refused it")  # a later attempt: the life goes on
+    assert store.job(job.id).first_started_at == first - 3600
+
+
 def test_concurrent_claims_let_exactly_one_win(store: JobStore) -> None:
     job = add_job(store)
     store.queue(job.id, "queued")
