@@ -81,9 +81,15 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
             from orchestrator.scheduling.scheduler import Scheduler
 
             scheduler = Scheduler(settings, store, objects, RayConnection(settings))
-            # Submissions are sized against the cluster the scheduler sees.
-            sizing = scheduler.host_scheduling.sizing
-            app.state.services.memory_check = sizing.refuse_if_never_fits
+            # Submissions are sized against the cluster the scheduler sees, once it sees one;
+            # until then (its first tick, or the SQLite lock it waits for) as a replica's are:
+            # asking Ray before the connection failed every submission with a 500.
+            on_cluster = scheduler.host_scheduling.sizing.refuse_if_never_fits
+            as_replica = app.state.services.memory_check
+            connected = scheduler.ray.connected
+            app.state.services.memory_check = lambda job: (
+                on_cluster(job) if connected() else as_replica(job)
+            )
             scheduler.start()
         # Webhooks go out from their own thread wherever a scheduler runs; never from it.
         deliverer = WebhookDeliverer(settings, engine) if run_scheduler else None

@@ -25,6 +25,11 @@ class RayConnection:
         self._closing = threading.Event()  # set: a Ray still starting is ended, none started
         self._connecting = threading.Lock()  # held while the data dir's Ray starts
 
+    def connected(self) -> bool:
+        """Whether this process is a driver of the cluster now (the scheduler's first tick
+        connects; until then, and while it waits for the SQLite lock, it is not)."""
+        return bool(ray.is_initialized())
+
     def connect(self) -> None:
         if ray.is_initialized():
             return
