@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_sigterm_ends_serve_within_its_bound_and_a_new_serve_takes_over(
         assert first.process is not None
         first.process.terminate()
         second.start()  # at once, on the same data dir: its API answers meanwhile
-        first.process.wait(timeout=EXIT_ALLOWANCE_S)
+        exits_within_bound(first.process)
         assert not ray.alive() and embedded_ray.session_pids(ray.pid) == []
         # The second serve's scheduler takes over: it starts the data dir's Ray anew.
         wait_for_condition(
@@ -125,7 +126,7 @@ def test_a_serve_whose_scheduler_lock_is_held_serves_and_says_whose_until_it_is_
         wait_for_condition(lambda: _other_ray_up(data_dir, 0), timeout=120, what="its Ray")
         assert server.process is not None
         server.process.terminate()
-        server.process.wait(timeout=EXIT_ALLOWANCE_S)
+        exits_within_bound(server.process)
         assert embedded_ray.read_record(data_dir) is None  # its Ray ended with it
         text = server.log.read_text()
         assert text.count("waiting for the scheduler lock") == 1 and "Traceback" not in text
@@ -133,6 +134,21 @@ def test_a_serve_whose_scheduler_lock_is_held_serves_and_says_whose_until_it_is_
         held.close()
         server.stop()
         embedded_ray.stop(data_dir)
+
+
+def exits_within_bound(process: subprocess.Popen[bytes]) -> int:
+    """Its exit status once it has exited; if it has not within the allowance, fails with
+    where each of its threads is (py-spy, where installed), to show what held it up."""
+    try:
+        return process.wait(timeout=EXIT_ALLOWANCE_S)
+    except subprocess.TimeoutExpired:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        stacks = "(py-spy not installed)"
+        if Path(spy).exists():
+            dump = [spy, "dump", "--pid", str(process.pid)]
+            stacks = subprocess.run(dump, capture_output=True, text=True, timeout=60).stdout
+        message = f"still running {EXIT_ALLOWANCE_S} s after SIGTERM:\n{stacks}"
+        raise AssertionError(message) from None
 
 
 def _other_ray_up(data_dir: Path, not_pid: int) -> bool:
@@ -162,7 +178,7 @@ def test_sigterm_ends_lorafleet_scheduler_and_its_ray_within_the_bound(tmp_path:
         ray = embedded_ray.read_record(data_dir)
         assert ray is not None
         scheduler.terminate()
-        assert scheduler.wait(timeout=EXIT_ALLOWANCE_S) == 0, log.read_text()
+        assert exits_within_bound(scheduler) == 0, log.read_text()
         assert not ray.alive() and embedded_ray.session_pids(ray.pid) == []
         assert "Traceback" not in log.read_text()
     finally:
