@@ -160,7 +160,10 @@ def run_scheduler(
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     loop.start()
     deliverer.start()
-    stopped.wait()
+    # Waits in short slices: the kernel may hand SIGTERM to one of Ray's threads, and then
+    # only a main thread that wakes by itself runs the Python handler (an endless wait hung).
+    while not stopped.wait(timeout=0.2):
+        pass
     deliverer.stop()
     loop.stop()
 
