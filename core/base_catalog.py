@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from core.memory_estimate import BaseShape
+from core.memory_estimate import CONV1D_MODEL_TYPES, BaseShape
 from core.objectstore import ObjectStoreConfig, S3ObjectStore
 
 ALL_LINEAR = "all-linear"
@@ -95,6 +95,7 @@ class BaseModelCatalog:
         self.store = store
         self._modules: dict[str, set[str]] = {}
         self._shapes: dict[str, BaseShape] = {}
+        self._model_types: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def check_all(self) -> None:
@@ -113,6 +114,7 @@ class BaseModelCatalog:
 
     def check_target_modules(self, name: str, targets: str | list[str]) -> None:
         """Raises when a target names no linear layer of the base; lists the valid ones."""
+        self._check_adaptable(name)
         if targets == ALL_LINEAR:
             return
         modules = self.linear_modules(name)
@@ -124,6 +126,31 @@ class BaseModelCatalog:
                 f"lora.target_modules {bad} match no linear layer of {name!r}; "
                 f"valid: {ALL_LINEAR!r} or any of {valid}",
                 param="lora.target_modules",
+            )
+
+    def _check_adaptable(self, name: str) -> None:
+        """Raises for a base whose projections are Hugging Face Conv1D layers (GPT-2 and its
+        kin): their 2-D weights look linear in the headers, but the packed LoRA layer wraps
+        nn.Linear only, so such a job would be accepted and then adapt nothing."""
+        location = self.entries[name]
+        with self._lock:
+            model_type = self._model_types.get(location)
+        if model_type is None:
+            try:
+                model_type = str(json.loads(self._read(location, CONFIG)).get("model_type", ""))
+            except (OSError, ValueError) as exc:
+                raise CatalogError(
+                    f"base model {name!r}: {location}/{CONFIG} cannot be read ({exc})",
+                    param="model",
+                ) from exc
+            with self._lock:
+                self._model_types[location] = model_type
+        if model_type in CONV1D_MODEL_TYPES:
+            raise CatalogError(
+                f"base model {name!r} is a {model_type} model: its layers are Conv1D, which "
+                "lorafleet cannot adapt yet; use a base with nn.Linear projections (Llama, "
+                "Qwen2, Mistral, …)",
+                param="model",
             )
 
     def linear_modules(self, name: str) -> set[str]:
