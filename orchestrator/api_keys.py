@@ -90,6 +90,15 @@ class ApiKeys:
         with self.sessions() as session:
             return session.scalar(select(ApiKeyRow.id).limit(1)) is not None
 
+    def key_id_for(self, authorization: str | None) -> str | None:
+        """The id (key-…) of the caller's key, for events that say who did something; None
+        in open mode."""
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token:
+            return None
+        with self.sessions() as session:
+            return session.scalar(select(ApiKeyRow.id).where(ApiKeyRow.key_hash == _hash(token)))
+
     def tenant_for(self, authorization: str | None) -> str:
         """The caller's tenant from `Authorization: Bearer <key>`.
 

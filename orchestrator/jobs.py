@@ -1,4 +1,5 @@
-"""Fine-tuning jobs: creating one from a request, cancelling one, and turning one into a run.
+"""Fine-tuning jobs: creating one from a request, cancelling, pausing or resuming one, and
+turning one into a run.
 
 A job's settings (core/job_settings.py) are resolved at creation, but for what depends on the
 cluster (at launch), and stored with it: what the job page shows is what the host trains.
@@ -25,7 +26,7 @@ from core.objectstore import ObjectStore
 from core.publish import PublishError, store_adapter_archive, verify_adapter
 from core.spec import JobSpec
 from core.spec import TrainingSettings as HostTraining
-from orchestrator.errors import Conflict, InvalidRequest, NotFound
+from orchestrator.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from orchestrator.idempotency import Idempotency
 from orchestrator.scheduling.admission import max_priority
 from orchestrator.settings import Settings
@@ -125,6 +126,12 @@ def create_job(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
     resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
+    if resolved.training.early_stopping_patience and request.validation_file is None:
+        raise InvalidRequest(
+            "training.early_stopping_patience needs a validation_file (it watches the "
+            "validation loss)",
+            param="training.early_stopping_patience",
+        )
     if request.from_checkpoint:
         source, start = _checkpoint_source(store, tenant, request.from_checkpoint)
         if request.lora_given and resolved.lora != source.settings.lora:
@@ -198,11 +205,40 @@ def cancel_job(store: JobStore, tenant: str, job_id: str) -> JobRow:
     status = JobStatus(job.status)
     if status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
         return store.cancel(job_id)
-    if status == JobStatus.RUNNING:
+    if status in (JobStatus.RUNNING, JobStatus.PAUSING):
         return store.request_cancel(job_id)
+    if status == JobStatus.PAUSED:  # holds no slot: nothing to stop
+        return store.cancel(job_id)
     if status == JobStatus.CANCELLING:
         return job
     raise Conflict(f"job {job_id} is already {status.value} and cannot be cancelled")
+
+
+def pause_job(store: JobStore, tenant: str, job_id: str, by: dict[str, Any]) -> JobRow:
+    """A running job is asked to pause: its host checkpoints it at the next step boundary
+    and frees its slot (the scheduler moves it to paused). `by`: who asked (tenant, key)."""
+    job = store.get_job(tenant, job_id)
+    status = JobStatus(job.status)
+    if status == JobStatus.PAUSING:
+        return job
+    if status != JobStatus.RUNNING:
+        raise Conflict(f"job {job_id} is {status.value}; only a running job can be paused")
+    try:
+        return store.request_pause(job_id, by)
+    except InvalidTransition as exc:  # it moved on between the read and the change
+        raise Conflict(f"job {job_id} is {exc.current}; only a running job can be paused") from None
+
+
+def resume_job(store: JobStore, tenant: str, job_id: str, by: dict[str, Any]) -> JobRow:
+    """A paused job is queued again, to continue from the checkpoint it paused at."""
+    job = store.get_job(tenant, job_id)
+    status = JobStatus(job.status)
+    if status != JobStatus.PAUSED:
+        raise Conflict(f"job {job_id} is {status.value}; only a paused job can be resumed")
+    try:
+        return store.resume(job_id, by)
+    except InvalidTransition as exc:
+        raise Conflict(f"job {job_id} is {exc.current}; only a paused job can be resumed") from None
 
 
 def archive_published_adapter(objects: ObjectStore, job: JobRow) -> str | None:
@@ -229,6 +265,9 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         base_model=job.model,
         base_model_uri=settings.base_models[job.model],
         training_file_key=file_key(job.tenant, job.training_file),
+        validation_file_key=(
+            file_key(job.tenant, job.validation_file) if job.validation_file else None
+        ),
         lora=job.settings.lora,
         training=HostTraining(**job.settings.training.model_dump(), seed=job.seed),
         start_from=start.adapter_prefix if start else None,

@@ -2,7 +2,10 @@
 
 Public statuses are OpenAI's; `cancelling` is ours: a running job asked to stop whose run
 has not stopped yet. `running → queued` is the infrastructure-failure path (the job runs
-again, with a new attempt number).
+again, with a new attempt number), and the hand-back of a drained host's jobs (checkpointed
+at a step boundary, the attempt given back). `running → pausing → paused` is OpenAI's pause:
+the job is checkpointed at its next step boundary and its slot freed, spending no attempt;
+`paused → queued` resumes it from that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ class JobStatus(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"
+    PAUSING = "pausing"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -27,15 +32,19 @@ S = JobStatus
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.VALIDATING_FILES: frozenset({S.QUEUED, S.FAILED, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLING, S.QUEUED, S.PAUSING}),
     S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED}),
+    # A job that ends (or fails) before its next step boundary ends as it would have.
+    S.PAUSING: frozenset({S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLING}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
 }
 del S
 
-ACTIVE_RUN_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING)
+# Statuses whose job is on a pack host (the scheduler polls it there).
+ACTIVE_RUN_STATUSES = (JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.PAUSING)
 
 
 def sources_of(target: JobStatus) -> tuple[JobStatus, ...]:

@@ -1,4 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events (paged or live), adapter."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events (paged or live),
+adapter."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ from core.checkpoint_index import list_checkpoints
 from core.object_keys import ARCHIVE, adapter_key
 from orchestrator.errors import Conflict
 from orchestrator.idempotency import Idempotency, request_hash
-from orchestrator.jobs import NewJob, cancel_job, create_job, fine_tuned_model_name
+from orchestrator.jobs import (
+    NewJob,
+    cancel_job,
+    create_job,
+    fine_tuned_model_name,
+    pause_job,
+    resume_job,
+)
 from orchestrator.states import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -142,6 +150,37 @@ async def retrieve(services: ServicesDep, tenant: TenantDep, job_id: str) -> Res
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=ERRORS)
 def cancel(services: ServicesDep, tenant: TenantDep, job_id: str) -> FineTuningJob:
     return job_object(cancel_job(services.store, tenant, job_id))
+
+
+def _caller(services: Services, tenant: str, authorization: str | None) -> dict[str, Any]:
+    """Who asked, for the job's events: the tenant and the API key's id (not the key)."""
+    return {"tenant": tenant, "key": services.keys.key_id_for(authorization)}
+
+
+@router.post("/{job_id}/pause", response_model=FineTuningJob, responses=ERRORS)
+def pause(
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: str,
+    authorization: Annotated[str | None, Header()] = None,
+) -> FineTuningJob:
+    """A running job is checkpointed at its next step boundary and its slot freed
+    (`pausing`, then `paused`); no attempt is spent. 409 for a job that is not running."""
+    by = _caller(services, tenant, authorization)
+    return job_object(pause_job(services.store, tenant, job_id, by))
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJob, responses=ERRORS)
+def resume(
+    services: ServicesDep,
+    tenant: TenantDep,
+    job_id: str,
+    authorization: Annotated[str | None, Header()] = None,
+) -> FineTuningJob:
+    """A paused job is queued again and continues from the step it paused at. 409 for a job
+    that is not paused."""
+    by = _caller(services, tenant, authorization)
+    return job_object(resume_job(services.store, tenant, job_id, by))
 
 
 @router.get(

@@ -96,10 +96,10 @@ class JobTransitions:
         )
 
     def cancel(self, job_id: str, *, attempt: int | None = None) -> JobRow:
-        """A job not yet running, or one whose run stopped (cancelling) → cancelled."""
+        """A job not yet running, or one whose run stopped (cancelling, paused) → cancelled."""
         return self._move(
             job_id,
-            (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.CANCELLING),
+            (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.CANCELLING, JobStatus.PAUSED),
             JobStatus.CANCELLED,
             "Job cancelled",
             expected_attempt=attempt,
@@ -107,9 +107,60 @@ class JobTransitions:
         )
 
     def request_cancel(self, job_id: str) -> JobRow:
-        """running → cancelling: the run is asked to stop; the scheduler finishes the move."""
+        """running|pausing → cancelling: the run is asked to stop; the scheduler finishes
+        the move."""
         return self._move(
-            job_id, (JobStatus.RUNNING,), JobStatus.CANCELLING, "Cancellation requested"
+            job_id,
+            (JobStatus.RUNNING, JobStatus.PAUSING),
+            JobStatus.CANCELLING,
+            "Cancellation requested",
+        )
+
+    def request_pause(self, job_id: str, by: dict[str, Any]) -> JobRow:
+        """running → pausing: the job's host checkpoints it at its next step boundary and
+        frees its slot; the scheduler finishes the move (`pause`). `by`: who asked."""
+        who = ", ".join(f"{k} {v}" for k, v in by.items() if v)
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.PAUSING,
+            f"Pause requested by {who}",
+            data={"requested_by": by},
+        )
+
+    def pause(self, job_id: str, attempt: int, message: str, *, spent: bool = False) -> JobRow:
+        """pausing → paused: attempt `attempt` handed its slot back with a checkpoint; the
+        attempt is given back (`spent`: kept, when the run was lost instead)."""
+        return self._move(
+            job_id,
+            (JobStatus.PAUSING,),
+            JobStatus.PAUSED,
+            message,
+            expected_attempt=attempt,
+            values={} if spent else {"attempt": JobRow.attempt - 1},
+        )
+
+    def resume(self, job_id: str, by: dict[str, Any]) -> JobRow:
+        """paused → queued: the job runs again from the checkpoint it paused at."""
+        who = ", ".join(f"{k} {v}" for k, v in by.items() if v)
+        return self._move(
+            job_id,
+            (JobStatus.PAUSED,),
+            JobStatus.QUEUED,
+            f"Resumed by {who}; queued to continue from its checkpoint",
+            data={"requested_by": by},
+        )
+
+    def hand_back(self, job_id: str, attempt: int, message: str) -> JobRow:
+        """running → queued: attempt `attempt` was checkpointed at a step boundary and handed
+        back by its host (a drain): the job continues from there, the attempt not spent."""
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.QUEUED,
+            message,
+            expected_attempt=attempt,
+            values={"attempt": JobRow.attempt - 1},
         )
 
     def requeue(self, job_id: str, attempt: int, reason: str) -> JobRow:

@@ -26,6 +26,7 @@ def test_sources_of_is_the_inverse_of_the_table() -> None:
         JobStatus.VALIDATING_FILES,
         JobStatus.QUEUED,
         JobStatus.CANCELLING,
+        JobStatus.PAUSED,
     }
     assert sources_of(JobStatus.VALIDATING_FILES) == ()
 
@@ -39,3 +40,15 @@ def test_readme_state_diagram_is_generated_from_the_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     regenerate = "python -c 'from orchestrator.states import *; print(mermaid_diagram())'"
     assert mermaid_diagram() in readme, f"update the README's diagram: {regenerate}"
+
+
+def test_pause_is_a_round_trip_through_paused_that_cancel_can_end() -> None:
+    assert is_allowed(JobStatus.RUNNING, JobStatus.PAUSING)
+    assert set(sources_of(JobStatus.PAUSED)) == {JobStatus.PAUSING}
+    assert is_allowed(JobStatus.PAUSED, JobStatus.QUEUED)  # resume
+    # Cancel works in both: a pausing job is asked to stop, a paused one ends at once.
+    assert is_allowed(JobStatus.PAUSING, JobStatus.CANCELLING)
+    assert is_allowed(JobStatus.PAUSED, JobStatus.CANCELLED)
+    # Only a running job is paused; a queued one is not (it holds no slot).
+    assert set(sources_of(JobStatus.PAUSING)) == {JobStatus.RUNNING}
+    assert not JobStatus.PAUSED.is_terminal()
