@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 T = TypeVar("T")
 
@@ -61,15 +68,51 @@ class TrainingOptions(Strict):
     learning_rate: float | None = Field(
         default=None, gt=0, le=1, description="Overrides learning_rate_multiplier."
     )
-    warmup_steps: int | None = Field(default=None, ge=0)
-    gradient_clip: float | None = Field(default=None, ge=0, description="0 turns clipping off.")
-    weight_decay: float | None = Field(default=None, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] | None = Field(
+        default=None,
+        description="The learning rate after warm-up: linear or cosine decay to 0, or "
+        "constant (transformers' schedules). Default linear.",
+    )
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="Steps of linear warm-up from 0. Default 0."
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Warm-up as a fraction of all steps (rounded up); not with warmup_steps.",
+    )
+    train_on_inputs: bool | None = Field(
+        default=None,
+        description="Also train on prompts and user turns. Default false: only on "
+        "completions and assistant turns.",
+    )
+    n_checkpoints: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Checkpoints saved evenly over the run and all kept, the last being the "
+        "finished adapter. Default: one at each epoch's end, the newest few kept.",
+    )
+    gradient_clip: float | None = Field(
+        default=None, ge=0, description="Max gradient norm (the job's own); 0 turns it off."
+    )
+    weight_decay: float | None = Field(
+        default=None, ge=0, description="AdamW's decoupled weight decay. Default 0."
+    )
     packing: bool = Field(default=True, description="May share a run with other jobs.")
     precision: Literal["bf16", "fp32"] | None = Field(
         default=None,
         description="Training precision; unset: LORAFLEET_PRECISION, else bf16 on a GPU, "
         "fp32 on CPU.",
     )
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _one_warmup(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        if ratio is not None and info.data.get("warmup_steps") is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        return ratio
 
 
 class ResourceOptions(Strict):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 SETTINGS_VERSION = 2
 
 Precision = Literal["bf16", "fp32"]
+LrScheduler = Literal["linear", "cosine", "constant"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
 ALL_LINEAR = "all-linear"
 BASE_LEARNING_RATE = 2e-4  # times learning_rate_multiplier, unless learning_rate is given
@@ -50,7 +51,18 @@ class TrainingSettings(_Frozen):
     batch_size: int = 4  # global: split across the host's workers
     learning_rate_multiplier: float = 1.0
     learning_rate: float = BASE_LEARNING_RATE
+    # The learning rate's shape over the run (workers/training/schedules.py: transformers'
+    # own schedule functions), after a linear warm-up from 0 of `warmup_steps`, or of
+    # `warmup_ratio` of all steps when that is set (the host knows the step count).
+    lr_scheduler: LrScheduler = "linear"
     warmup_steps: int = 0
+    warmup_ratio: float | None = None
+    # True: the loss is also on prompt and user tokens; False: only on what the model is
+    # trained to write (completions, assistant turns).
+    train_on_inputs: bool = False
+    # How many checkpoints the job saves, evenly spaced over its run, and keeps (the last is
+    # the finished adapter); None: at each epoch's end, the newest few kept.
+    n_checkpoints: int | None = None
     gradient_clip: float = 1.0  # per job, over its own factors' gradients; 0 turns it off
     max_seq_len: int = 1024
     weight_decay: float = 0.0  # AdamW's decoupled weight decay on the LoRA factors

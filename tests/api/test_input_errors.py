@@ -77,6 +77,15 @@ def create(client: TestClient, **fields: Any) -> Any:
         ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size", ("integer",)),
         ({"training": {"learning_rate": 0}}, "training.learning_rate", ("greater than 0",)),
         ({"resources": {"num_workers": 0}}, "resources.num_workers", ("greater than",)),
+        ({"training": {"warmup_ratio": 1.0}}, "training.warmup_ratio", ("less than 1",)),
+        ({"training": {"warmup_ratio": -0.1}}, "training.warmup_ratio", ("greater than",)),
+        (
+            {"training": {"warmup_steps": 5, "warmup_ratio": 0.1}},
+            "training.warmup_ratio",
+            ("warmup_steps or warmup_ratio, not both",),
+        ),
+        ({"training": {"lr_scheduler": "step"}}, "training.lr_scheduler", ("linear", "cosine")),
+        ({"training": {"n_checkpoints": 0}}, "training.n_checkpoints", ("greater than",)),
         ({"suffix": "no spaces"}, "suffix", ("pattern",)),
         ({"seed": -1}, "seed", ("greater than",)),
         ({"surprise": True}, "surprise", ("Extra inputs",)),
@@ -131,6 +140,20 @@ def test_a_good_job_is_created_with_its_settings_resolved(client: TestClient) ->
     assert job["lora"]["r"] == 4 and job["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert job["metadata"] == {"team": "search"}
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
+
+
+def test_schedule_settings_are_stored_and_shown_with_their_defaults(client: TestClient) -> None:
+    file_id = upload(client, GOOD)["id"]
+    training = {"lr_scheduler": "cosine", "warmup_ratio": 0.1, "train_on_inputs": True}
+    job = create(client, model="tiny", training_file=file_id, training=training).json()
+    assert {k: job["training"][k] for k in training} == training
+    assert (job["training"]["warmup_steps"], job["training"]["n_checkpoints"]) == (0, None)
+    plain = create(client, model="tiny", training_file=file_id).json()["training"]
+    assert (plain["lr_scheduler"], plain["warmup_ratio"], plain["train_on_inputs"]) == (
+        "linear",
+        None,
+        False,
+    )
 
 
 def test_cancelling_before_it_runs_and_then_again(client: TestClient) -> None:

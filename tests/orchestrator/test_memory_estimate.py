@@ -321,7 +321,6 @@ def measure_step_peak(
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from workers.host.slot import warmup_then_linear_decay
     from workers.lora.packed_layer import (
         Routing,
         SlotConfig,
@@ -347,7 +346,9 @@ def measure_step_peak(
                 slot = SlotConfig(f"s{index}", r, 2.0 * r, dropout)
                 layer.add_slot(slot, torch.Generator(), model.device)
             optimizer = torch.optim.AdamW(slot_parameters(model, f"s{index}"), lr=1e-3)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(0, 9))
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, (9 - step) / 9)
+            )
             optimizers.append((optimizer, schedule))
         model.train()
 

@@ -44,6 +44,19 @@ def test_prompt_is_context_and_completion_is_trained(tokenizer) -> None:  # type
     assert tokenizer.decode(tokens.input_ids) == "<s>3+4=7</s>"
 
 
+def test_train_on_inputs_puts_the_loss_on_prompts_and_user_turns_too(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    prompt = parse_jsonl(b'{"prompt": "3+4=", "completion": "7"}')[0]
+    tokens = tokenize_example(prompt, tokenizer, max_seq_len=512, train_on_inputs=True)
+    assert trained_text(tokenizer, tokens) == "3+4=7</s>"
+    assert tokens.labels[0] == IGNORE_INDEX  # BOS is never predicted
+    chat = parse_jsonl(
+        b'{"messages": [{"role": "user", "content": "say hi"}, '
+        b'{"role": "assistant", "content": "HI THERE"}]}'
+    )[0]
+    text = trained_text(tokenizer, tokenize_example(chat, tokenizer, 512, train_on_inputs=True))
+    assert "say hi" in text and "HI THERE" in text
+
+
 def test_truncation_and_padding(tokenizer) -> None:  # type: ignore[no-untyped-def]
     long = parse_jsonl(b'{"text": "' + b"abc " * 100 + b'"}')[0]
     short = parse_jsonl(b'{"text": "a"}')[0]

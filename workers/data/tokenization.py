@@ -1,7 +1,8 @@
 """Examples to token ids and loss labels, with the base model's own tokenizer.
 
 Labels are -100 (ignored by the loss) on every token the model is not trained to produce:
-prompts, user and system turns, chat-template headers.
+prompts, user and system turns, chat-template headers (unless the job sets
+`train_on_inputs`).
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ def _chat_pieces(segments: tuple[Segment, ...], tokenizer: Any) -> list[tuple[st
     return pieces
 
 
-def tokenize_example(example: Example, tokenizer: Any, max_seq_len: int) -> TokenizedExample:
+def tokenize_example(
+    example: Example, tokenizer: Any, max_seq_len: int, train_on_inputs: bool = False
+) -> TokenizedExample:
+    """`train_on_inputs` (the job setting): every token but BOS has a label, prompts and
+    user turns too; otherwise only what the model is trained to write."""
     if example.format == "chat":
         pieces = _chat_pieces(example.segments, tokenizer)
     else:
         pieces = [(s.text, s.trained) for s in example.segments]
+    if train_on_inputs:
+        pieces = [(text, True) for text, _ in pieces]
     input_ids: list[int] = []
     labels: list[int] = []
     if tokenizer.bos_token_id is not None:

@@ -20,6 +20,7 @@ from core.spec import JobSpec
 from workers.data.batching import micro_batch_per_rank, plan_batches, rank_share
 from workers.data.tokenization import TokenizedExample, tokenize_example
 from workers.lora.packed_layer import SlotConfig
+from workers.training.schedules import schedule_of
 
 # A job's own random streams (`JobSlot.generator`): its LoRA dropout masks and the
 # initialisation of its factors, each seeded from the job's seed alone.
@@ -37,16 +38,6 @@ class SlotState(str, Enum):
     FAILED = "failed"
 
 
-def warmup_then_linear_decay(warmup_steps: int, total_steps: int):  # type: ignore[no-untyped-def]
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        remaining = max(1, total_steps - warmup_steps)
-        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
-
-    return factor
-
-
 @dataclass
 class JobSlot:
     spec: JobSpec
@@ -60,6 +51,7 @@ class JobSlot:
     params: list[nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
     schedule: Any = None
+    applied_learning_rate: float = 0.0
 
     @property
     def job_id(self) -> str:
@@ -105,7 +97,7 @@ class JobSlot:
             params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=True
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_then_linear_decay(training.warmup_steps, self.total_steps)
+            self.optimizer, schedule_of(training, self.total_steps)
         )
 
     def apply_gradients(self) -> float:
@@ -115,6 +107,7 @@ class JobSlot:
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, clip if clip > 0 else float("inf"), foreach=True
         )
+        self.applied_learning_rate = float(self.schedule.get_last_lr()[0])
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,14 +133,18 @@ class JobSlot:
 
     @property
     def learning_rate(self) -> float:
-        return float(self.schedule.get_last_lr()[0])
+        """The rate of the step just taken (its metrics event reports it), not of the next."""
+        return self.applied_learning_rate
 
 
 def load_job_slot(spec: JobSpec, store: ObjectStore, tokenizer: Any, world_size: int) -> JobSlot:
     """Reads, tokenizes and plans a job's data; raises on data that cannot be trained on."""
     training = spec.training
     examples = parse_jsonl(store.get_bytes(spec.training_file_key))
-    tokenized = [tokenize_example(e, tokenizer, training.max_seq_len) for e in examples]
+    tokenized = [
+        tokenize_example(e, tokenizer, training.max_seq_len, training.train_on_inputs)
+        for e in examples
+    ]
     usable = [t for t in tokenized if t.trained_tokens > 0]
     if not usable:
         raise TrainingDataError(
