@@ -28,6 +28,7 @@ from core.host_protocol import (
 )
 from core.run_states import STOP_ALL
 from workers.host.membership import Membership
+from workers.host.requests import RequestQueue
 from workers.runtime.ray_trainer import FitFailure, trainer_for
 
 
@@ -36,6 +37,7 @@ class PackHost:
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
         self.membership = Membership(spec, clock=time.time)
+        self.requests = RequestQueue()  # Tinker requests for request-driven slots
         self.started_at = time.time()
         self.worker_pids: list[int] = []
         self.worker_nodes: list[NodeRef] = []  # per rank: its node's id and IP
@@ -181,4 +183,18 @@ class PackHost:
         """Once per step from rank 0: the step's events in, membership changes out."""
         with self._lock:
             self.memory = status.get("memory", self.memory)
-            return self.membership.step_boundary(events, status)
+            self.requests.answer(status.get("request_answers", []), status.get("request_models"))
+            changes = self.membership.step_boundary(events, status)
+            changes["requests"] = self.requests.take()
+            return changes
+
+    # ---- called by the scheduler's Tinker dispatcher (orchestrator.tinker.dispatch) -------
+    def tinker_submit(self, requests: list[dict[str, Any]]) -> None:
+        """Queues Tinker requests for the next step boundary (workers.host.requests)."""
+        with self._lock:
+            self.requests.submit(requests)
+
+    def tinker_collect(self) -> list[dict[str, Any]]:
+        """The Tinker requests answered since the last call."""
+        with self._lock:
+            return self.requests.collect()
