@@ -76,3 +76,21 @@ def test_a_warmup_ratio_rounds_up_as_the_trainer_does_and_resumes_in_step() -> N
     resumed = slot_of(training, 25)
     resumed.restore(first.training_state())
     assert before + take_steps(resumed, 15) == expected
+
+
+@pytest.mark.parametrize(
+    ("wanted", "total", "steps"),
+    [(4, 12, [3, 6, 9]), (3, 10, [4, 7]), (1, 10, []), (5, 3, [1, 2]), (None, 6, [2, 4])],
+)
+def test_n_checkpoints_are_evenly_spaced_before_the_adapter(
+    wanted: int | None, total: int, steps: list[int]
+) -> None:
+    """n_checkpoints: checkpoints at ceil(i·total/n) for i < n (the n-th is the adapter);
+    unset: at each epoch's end (3 epochs here), the last one being the adapter."""
+    slot = slot_of(TrainingSettings(n_checkpoints=wanted), total)
+    due = []
+    for step in range(1, total + 1):
+        slot.step = step
+        if slot.checkpoint_due(every_steps=0):
+            due.append(step)
+    assert due == steps

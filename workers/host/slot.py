@@ -67,9 +67,17 @@ class JobSlot:
 
     def checkpoint_due(self, every_steps: int) -> bool:
         """After this step, at every `every_steps` and at each epoch's end (not the last
-        step: the finished adapter itself is published then)."""
+        step: the finished adapter itself is published then). A job that sets
+        `n_checkpoints` has those instead: the steps ceil(i·total/n) for i < n, the n-th
+        being its adapter."""
         if self.step >= self.total_steps:
             return False
+        wanted = self.spec.training.n_checkpoints
+        if wanted is not None:
+            return (
+                self.step * wanted // self.total_steps
+                > (self.step - 1) * wanted // self.total_steps
+            )
         periodic = every_steps > 0 and self.step % every_steps == 0
         return periodic or self.step % self.steps_per_epoch == 0
 

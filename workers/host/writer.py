@@ -200,7 +200,9 @@ class SlotWriter:
                     created_at=int(time.time()),
                     attempt=job.attempt,
                 )
-            prune_checkpoints(self.store, job.tenant, job.job_id, job.attempt, self.keep_last)
+            # A job that asked for n checkpoints keeps them all (n - 1 of them, and its adapter).
+            keep = job.training.n_checkpoints or self.keep_last
+            prune_checkpoints(self.store, job.tenant, job.job_id, job.attempt, keep)
         except ObjectStoreUnavailable as exc:
             if job_id not in self._checkpoints_skipped:  # once per job and outage
                 self._checkpoints_skipped.add(job_id)
