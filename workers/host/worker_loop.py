@@ -23,6 +23,7 @@ import torch.distributed as dist
 from core.host_protocol import HostSpec, host_actor_name
 from workers.host.join import HostJoins, PendingJoin
 from workers.host.memory import MembershipMemory
+from workers.host.request_slots import RequestSlots
 from workers.host.slot import JobSlot, SlotState
 from workers.host.step import PackContext, use_gradient_checkpointing
 from workers.host.writer import SlotWriter
@@ -171,6 +172,15 @@ class HostWorker(HostJoins):
             faults=self.spec.test_faults,  # TEST HOOK: empty outside tests
         )
         self.memory = MembershipMemory(self.spec, self.base_path, self.ctx)
+        # Tinker models: slots driven by their clients' requests (issue 21).
+        self.requests = RequestSlots(
+            self.model,
+            self.layers,
+            self.routing,
+            self.device,
+            self.tokenizer.pad_token_id,
+            self.rank,
+        )
 
     # ---- reporting: events wait in the outbox for the next step boundary -----------------
     def _report(
@@ -197,6 +207,9 @@ class HostWorker(HostJoins):
             "last_step_at": self.last_step_at,
             "live": [s.job_id for s in self.slots],
             "pending": sorted(self.pending),  # announced, still loading
+            # Tinker requests answered since the last boundary, and the models live here.
+            "request_answers": self.requests.take_answers(),
+            "request_models": self.requests.live(),
             # Done training, adapter being written (rank 0's writer; the store may be away).
             "publishing": self.writer.publishing() if self.writer is not None else [],
             "memory": {
@@ -237,9 +250,12 @@ class HostWorker(HostJoins):
                 self._announce(changes["join"])
             if self.pending:
                 self._agree_on_joins()
+            if changes.get("requests"):  # Tinker clients' work (workers.host.request_slots)
+                self.requests.run(changes["requests"])
             active = [s for s in self.slots if s.state is SlotState.TRAINING]
             if not active:
-                time.sleep(IDLE_POLL_SECONDS if not self.pending else 0.01)
+                if not changes.get("requests"):  # answers go out at once, else wait a little
+                    time.sleep(IDLE_POLL_SECONDS if not self.pending else 0.01)
                 continue
             measured = self.memory.step(active)
             if measured is not None:

@@ -1,0 +1,211 @@
+"""Request-driven slots (issue 21): a Tinker training client's model is a slot of the pack
+host, driven by its client's requests instead of a dataset. At a step boundary the host
+actor hands every rank the same queued requests (workers.host.requests); each runs in its
+model's seq_id order through the shared base: `forward_backward` adds the gradient of its
+loss to the slot's factors, `optim_step` steps the slot's own AdamW with the request's
+parameters and clears them; rank 0 keeps the answers for the next boundary.
+
+Every rank runs every request on all of its data (ZeRO-3's gathers are collectives), so the
+gradients agree without an all-reduce; splitting the data by rank is left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.lora.packed_layer import (
+    PackedLoraLinear,
+    Routing,
+    SlotConfig,
+    matching_linear_layers,
+    slot_parameters,
+)
+
+logger = logging.getLogger("lorafleet.worker")
+
+# The SDK's LoRA flags → the layers they adapt (Llama/Qwen-style names, as peft matches them).
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+LORA_ALPHA = 32.0  # Tinker's own choice: the scale is alpha / rank
+
+
+class RequestError(ValueError):
+    """The request cannot run as sent (its answer says why; the model lives on)."""
+
+
+@dataclass
+class RequestSlot:
+    """One Tinker model on this rank: its factors' layers and its own optimizer."""
+
+    model_id: str
+    config: SlotConfig
+    paths: list[str]
+    params: list[nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.AdamW | None = None
+    steps: int = 0
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tinker's `cross_entropy` on one datum: (loss, per-token logprobs of the targets).
+    loss = sum over tokens of -logprob(target) * weight; weights may be any float."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return -(chosen * weights).sum(), chosen
+
+
+class RequestSlots:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, PackedLoraLinear],
+        routing: Routing,
+        device: torch.device,
+        pad_token_id: int,
+        rank: int,
+    ) -> None:
+        self.model, self.layers, self.routing = model, layers, routing
+        self.device, self.pad_token_id, self.rank = device, pad_token_id, rank
+        self.slots: dict[str, RequestSlot] = {}
+        self.answers: list[dict[str, Any]] = []
+
+    def live(self) -> list[str]:
+        return sorted(self.slots)
+
+    def take_answers(self) -> list[dict[str, Any]]:
+        answers, self.answers = self.answers, []
+        return answers
+
+    def run(self, requests: list[dict[str, Any]]) -> None:
+        """Each request in order; one that fails is answered with its error alone."""
+        handlers = {
+            "create_model": self._create,
+            "forward_backward": self._forward_backward,
+            "forward": self._forward,
+            "optim_step": self._optim_step,
+            "drop_model": self._drop,
+        }
+        for request in requests:
+            result: dict[str, Any] | None = None
+            error: str | None = None
+            try:
+                handler = handlers.get(request["kind"])
+                if handler is None:
+                    raise RequestError(f"unknown request kind {request['kind']!r}")
+                result = handler(request["model_id"], request["payload"])
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                logger.warning("Tinker request %s failed: %s", request["request_id"], exc)
+                error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.routing.blocks = []
+            if self.rank == 0:
+                self.answers.append(
+                    {"request_id": request["request_id"], "result": result, "error": error}
+                )
+
+    # ---- the requests ----------------------------------------------------------------------
+    def _create(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        if model_id in self.slots:
+            return {"model_id": model_id}
+        lora = payload["lora"]
+        names = (ATTENTION if lora.get("train_attn", True) else []) + (
+            MLP if lora.get("train_mlp", True) else []
+        )
+        paths = matching_linear_layers(self.model, names) if names else []
+        paths = [p for p in paths if p in self.layers]
+        if not paths:
+            raise RequestError("train_mlp and train_attn match no adaptable layer of this base")
+        config = SlotConfig(name=model_id, r=int(lora["rank"]), alpha=LORA_ALPHA)
+        init = torch.Generator(device="cpu")
+        init.manual_seed(int(lora.get("seed") or 0))
+        for path in paths:
+            self.layers[path].add_slot(config, init, self.device)
+        slot = RequestSlot(model_id, config, paths, slot_parameters(self.model, model_id))
+        self.slots[model_id] = slot
+        return {"model_id": model_id}
+
+    def _drop(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        for layer in self.layers.values():
+            layer.remove_slot(model_id)
+        self.slots.pop(model_id, None)
+        return {}
+
+    def _slot(self, model_id: str) -> RequestSlot:
+        slot = self.slots.get(model_id)
+        if slot is None:
+            raise RequestError(f"model {model_id} is not on this host")
+        return slot
+
+    def _run_loss(self, model_id: str, payload: dict[str, Any], backward: bool) -> dict[str, Any]:
+        slot = self._slot(model_id)
+        if payload["loss_fn"] != "cross_entropy":
+            raise RequestError(f"loss_fn {payload['loss_fn']!r} is not supported yet")
+        data = payload["data"]
+        width = max(len(d["tokens"]) for d in data)
+        ids = torch.full((len(data), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(data), width), dtype=torch.long)
+        for row, datum in enumerate(data):
+            ids[row, : len(datum["tokens"])] = torch.tensor(datum["tokens"], dtype=torch.long)
+            mask[row, : len(datum["tokens"])] = 1
+        self.routing.blocks = [(slot.model_id, len(data))]
+        self.routing.forward_id += 1
+        with torch.set_grad_enabled(backward):
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits
+            total = torch.zeros((), device=self.device)
+            outputs = []
+            for row, datum in enumerate(data):
+                n = len(datum["tokens"])
+                targets = torch.tensor(datum["target_tokens"], dtype=torch.long, device=self.device)
+                weights = torch.tensor(datum["weights"], dtype=torch.float32, device=self.device)
+                loss, logprobs = cross_entropy(logits[row, :n], targets, weights)
+                total = total + loss
+                outputs.append(
+                    {
+                        "logprobs": logprobs.detach().cpu().tolist(),
+                        "elementwise_loss": (-logprobs * weights).detach().cpu().tolist(),
+                    }
+                )
+            if backward:
+                total.backward()  # adds to the factors' .grad: summed until optim_step
+        return {"outputs": outputs, "metrics": {"loss:sum": float(total.detach())}}
+
+    def _forward_backward(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._run_loss(model_id, payload, backward=True)
+
+    def _forward(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._run_loss(model_id, payload, backward=False)
+
+    def _optim_step(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """AdamW with the request's AdamParams (decoupled weight decay), after clipping the
+        summed gradients to `grad_clip_norm` (0: no clipping)."""
+        slot = self._slot(model_id)
+        adam = payload["adam_params"]
+        hyper = {
+            "lr": float(adam["learning_rate"]),
+            "betas": (float(adam["beta1"]), float(adam["beta2"])),
+            "eps": float(adam["eps"]),
+            "weight_decay": float(adam["weight_decay"]),
+        }
+        if slot.optimizer is None:
+            slot.optimizer = torch.optim.AdamW(slot.params, **hyper)
+        for group in slot.optimizer.param_groups:
+            group.update(hyper)
+        clip = float(adam.get("grad_clip_norm") or 0.0)
+        with_grad = [p for p in slot.params if p.grad is not None]
+        norm = (
+            float(torch.nn.utils.clip_grad_norm_(with_grad, clip if clip > 0 else float("inf")))
+            if with_grad
+            else 0.0
+        )
+        slot.optimizer.step()
+        slot.optimizer.zero_grad(set_to_none=True)
+        slot.steps += 1
+        return {"metrics": {"grad_norm:mean": norm}}
