@@ -30,6 +30,8 @@ from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
 from orchestrator.tables import JobRow
+from orchestrator.tinker.dispatch import TinkerDispatcher
+from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,17 @@ class Scheduler:
             nodes=ray_node_memory if hosts is None else tuple,
         )
         self._stop = threading.Event()
+        # Tinker requests to and from pack hosts (issue 21), on a thread of its own that
+        # starts with the loop (one scheduler's, once it holds the lock); on Ray only.
+        self.tinker = (
+            TinkerDispatcher(
+                TinkerStore(store.engine),
+                lambda: dict(self.host_scheduling.reports),
+                settings.ray_namespace,
+            )
+            if hosts is None
+            else None
+        )
         self._thread: threading.Thread | None = None
         self._lock: IO[str] | None = None  # SQLite's one-scheduler lock, once held
         self._store_away = False  # the object store failed the last tick (logged once)
@@ -126,6 +139,8 @@ class Scheduler:
     def run_forever(self) -> None:
         # Waits here, not in start(): the API serves meanwhile, and a stop ends the wait.
         self._lock = hold_single_scheduler_lock(self.settings.database_url, self._stop)
+        if self.tinker is not None and not self._stop.is_set():
+            self.tinker.start()
         while not self._stop.is_set():
             self.tick_safely()
             self._stop.wait(self.settings.scheduler_poll_seconds)
@@ -170,6 +185,8 @@ class Scheduler:
         """Stops within seconds: the loop ends at once (a tick under way gets `STOP_JOIN_S`
         to finish), then the data dir's Ray is ended; the lock goes once the loop has."""
         self._stop.set()
+        if self.tinker is not None:  # out of Ray's calls before Ray ends
+            self.tinker.stop()
         self.ray.abandon_start()  # a Ray still starting (on a loaded machine, 30 s) ends now
         if self._thread is not None:
             self._thread.join(timeout=STOP_JOIN_S)

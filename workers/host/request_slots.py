@@ -106,7 +106,13 @@ class RequestSlots:
                 self.routing.blocks = []
             if self.rank == 0:
                 self.answers.append(
-                    {"request_id": request["request_id"], "result": result, "error": error}
+                    {
+                        "request_id": request["request_id"],
+                        "model_id": request["model_id"],
+                        "kind": request["kind"],
+                        "result": result,
+                        "error": error,
+                    }
                 )
 
     # ---- the requests ----------------------------------------------------------------------

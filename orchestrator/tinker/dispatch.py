@@ -1,0 +1,178 @@
+"""The Tinker dispatcher (issue 21): in the scheduler's process, a thread that moves Tinker
+requests from their rows to pack hosts and their answers back.
+
+Each pass: sessions whose heartbeat stopped end (their models' slots are dropped); a new
+model goes to a warm pack host of its base (its creation request is its first); every other
+request goes to its model's host in seq_id order, never past a gap (a request still on its
+way); the answers each host gathered since the last pass are written to their rows, where
+the API's `retrieve_future` reads them. Ray is imported here only (never by the API).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from core.host_protocol import HostReport, host_actor_name
+from orchestrator.tinker.rows import MODEL_FAILED, MODEL_LIVE, TinkerRequestRow
+from orchestrator.tinker.store import TinkerStore
+
+log = logging.getLogger("lorafleet.tinker")
+
+PASS_SECONDS = 0.02  # how often the rows are read: a client's step waits on this twice
+HEARTBEAT_TIMEOUT_SECONDS = 120.0  # the SDK beats every 10 s; it warns after 120 s
+CALL_TIMEOUT_SECONDS = 10.0
+
+
+def ordered_batch(rows: list[TinkerRequestRow], last_handed: int) -> list[TinkerRequestRow]:
+    """A model's pending rows (sorted by seq_id) that may go now: the run that continues
+    `last_handed` without a gap."""
+    batch = []
+    expected = last_handed + 1
+    for row in rows:
+        if row.seq_id != expected:
+            break
+        batch.append(row)
+        expected += 1
+    return batch
+
+
+def host_for(base_model: str, reports: dict[str, HostReport]) -> str | None:
+    """A warm, alive host of the base that takes members (warm: it never idle-ends while a
+    client thinks between requests)."""
+    for host_id, report in sorted(reports.items()):
+        if (
+            report["alive"]
+            and report["warm"]
+            and not report["ending"]
+            and not report.get("exclusive", False)
+            and report["shape"].base_model == base_model
+        ):
+            return host_id
+    return None
+
+
+class TinkerDispatcher:
+    def __init__(
+        self,
+        store: TinkerStore,
+        reports: Callable[[], dict[str, HostReport]],
+        namespace: str,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
+    ) -> None:
+        self.store = store
+        self.reports = reports
+        self.namespace = namespace
+        self.heartbeat_timeout = heartbeat_timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hosts_with_work: set[str] = set()
+        self._failing = False
+
+    # ---- life --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tinker-dispatch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.dispatch_once()
+                self._failing = False
+            except Exception:  # one bad pass must not end the loop; the next one retries
+                if not self._failing:
+                    log.exception("Tinker dispatch failed; retrying")
+                self._failing = True
+                self._stop.wait(1.0)
+            self._stop.wait(PASS_SECONDS)
+
+    # ---- one pass ----------------------------------------------------------------------
+    def dispatch_once(self) -> None:
+        for model in self.store.end_quiet_sessions(time.time() - self.heartbeat_timeout):
+            self.store.fail_pending(model.id, "the session ended: its heartbeat stopped")
+            if model.host_id is not None:
+                self._send(model.host_id, [_drop(model.id)])
+        pending = self.store.pending_requests()
+        if pending:
+            self._hand_over(pending)
+        for host_id in sorted(self._hosts_with_work):
+            self._collect(host_id)
+
+    def _hand_over(self, pending: list[TinkerRequestRow]) -> None:
+        by_model: dict[str, list[TinkerRequestRow]] = {}
+        for row in pending:
+            by_model.setdefault(row.model_id, []).append(row)
+        models = {m.id: m for m in self.store.models(("pending", "live"))}
+        reports: dict[str, HostReport] | None = None
+        for model_id, rows in by_model.items():
+            model = models.get(model_id)
+            if model is None:  # ended or failed: nothing of it runs any more
+                self.store.fail_pending(model_id, f"model {model_id} is no longer live")
+                continue
+            host_id = model.host_id
+            if host_id is None:
+                reports = self.reports() if reports is None else reports
+                host_id = host_for(model.base_model, reports)
+                if host_id is None:
+                    continue  # the client's future answers try_again until a host is up
+                self.store.set_model(model_id, model.state, host_id=host_id)
+            batch = ordered_batch(rows, self.store.last_handed_seq(model_id))
+            if not batch:
+                continue
+            self.store.mark_sent([row.id for row in batch])
+            self._send(host_id, [_request(row) for row in batch])
+
+    def _send(self, host_id: str, requests: list[dict[str, Any]]) -> None:
+        import ray
+
+        actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
+        ray.get(actor.tinker_submit.remote(requests), timeout=CALL_TIMEOUT_SECONDS)
+        self._hosts_with_work.add(host_id)
+
+    def _collect(self, host_id: str) -> None:
+        import ray
+
+        try:
+            actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
+        except ValueError:  # the host is gone: its models with it
+            self._hosts_with_work.discard(host_id)
+            for model in self.store.models(("pending", "live")):
+                if model.host_id == host_id:
+                    self.store.set_model(model.id, MODEL_FAILED, error="its pack host ended")
+                    self.store.fail_pending(model.id, "the model's pack host ended")
+            return
+        answers = ray.get(actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS)
+        for answer in answers:
+            self.store.finish(answer["request_id"], answer["result"], answer["error"])
+            if answer.get("kind") == "create_model":
+                model_id = answer["model_id"]
+                if answer["error"] is None:
+                    self.store.set_model(model_id, MODEL_LIVE)
+                else:
+                    self.store.set_model(model_id, MODEL_FAILED, error=answer["error"])
+
+
+def _request(row: TinkerRequestRow) -> dict[str, Any]:
+    return {
+        "request_id": row.id,
+        "model_id": row.model_id,
+        "kind": row.kind,
+        "payload": row.payload,
+    }
+
+
+def _drop(model_id: str) -> dict[str, Any]:
+    return {
+        "request_id": f"drop-{model_id}",
+        "model_id": model_id,
+        "kind": "drop_model",
+        "payload": {},
+    }

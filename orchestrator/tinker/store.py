@@ -1,0 +1,241 @@
+"""The one writer of the Tinker API's rows (orchestrator.tinker.rows): the API adds sessions,
+models and requests; the dispatcher moves requests along and writes their results."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+
+from orchestrator.errors import NotFound
+from orchestrator.store import new_id
+from orchestrator.tinker.rows import (
+    DONE,
+    FAILED,
+    MODEL_ENDED,
+    MODEL_FAILED,
+    MODEL_LIVE,
+    MODEL_PENDING,
+    PENDING,
+    SENT,
+    TinkerModelRow,
+    TinkerRequestRow,
+    TinkerSessionRow,
+)
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    """The id the SDK assumes (`create_training_client_from_state` builds it itself)."""
+    return f"{session_id}:train:{model_seq_id}"
+
+
+class SessionEnded(Exception):
+    """The session is over (finished, or a missed heartbeat): the SDK hears 410."""
+
+
+class TinkerStore:
+    def __init__(self, engine: Engine) -> None:
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # ---- the API's writes ------------------------------------------------------------------
+    def create_session(self, tenant: str) -> str:
+        stamp = time.time()
+        row = TinkerSessionRow(
+            id=new_id("tsess"), tenant=tenant, created_at=stamp, heartbeat_at=stamp
+        )
+        with self.sessions.begin() as session:
+            session.add(row)
+        return row.id
+
+    def session(self, tenant: str, session_id: str) -> TinkerSessionRow:
+        with self.sessions() as session:
+            row = session.get(TinkerSessionRow, session_id)
+        if row is None or row.tenant != tenant:
+            raise NotFound("session", session_id, param="session_id")
+        return row
+
+    def heartbeat(self, tenant: str, session_id: str) -> None:
+        row = self.session(tenant, session_id)
+        if row.ended_at is not None:
+            raise SessionEnded(f"session {session_id} ended ({row.end_reason})")
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerSessionRow)
+                .where(TinkerSessionRow.id == session_id)
+                .values(heartbeat_at=time.time())
+            )
+
+    def create_model(
+        self, tenant: str, session_id: str, model_seq_id: int, base_model: str, lora: dict[str, Any]
+    ) -> TinkerRequestRow:
+        """The model's row and its creation request (seq_id 0); a retry finds both."""
+        live = self.session(tenant, session_id)
+        if live.ended_at is not None:
+            raise SessionEnded(f"session {session_id} ended ({live.end_reason})")
+        model_id = model_id_for(session_id, model_seq_id)
+        with self.sessions.begin() as session:
+            if session.get(TinkerModelRow, model_id) is None:
+                session.add(
+                    TinkerModelRow(
+                        id=model_id,
+                        tenant=tenant,
+                        session_id=session_id,
+                        base_model=base_model,
+                        lora=lora,
+                        state=MODEL_PENDING,
+                        created_at=time.time(),
+                    )
+                )
+        payload = {"base_model": base_model, "lora": lora}
+        return self.add_request(tenant, model_id, 0, "create_model", payload)
+
+    def model(self, tenant: str, model_id: str) -> TinkerModelRow:
+        with self.sessions() as session:
+            row = session.get(TinkerModelRow, model_id)
+        if row is None or row.tenant != tenant:
+            raise NotFound("model", model_id, param="model_id")
+        return row
+
+    def add_request(
+        self, tenant: str, model_id: str, seq_id: int, kind: str, payload: dict[str, Any]
+    ) -> TinkerRequestRow:
+        """Writes the request; a retry with the same (model_id, seq_id) gets the first row."""
+        row = TinkerRequestRow(
+            id=new_id("treq"),
+            tenant=tenant,
+            model_id=model_id,
+            seq_id=seq_id,
+            kind=kind,
+            payload=payload,
+            state=PENDING,
+            created_at=time.time(),
+        )
+        try:
+            with self.sessions.begin() as session:
+                session.add(row)
+            return row
+        except IntegrityError:
+            with self.sessions() as session:
+                first = session.scalar(
+                    select(TinkerRequestRow).where(
+                        TinkerRequestRow.model_id == model_id, TinkerRequestRow.seq_id == seq_id
+                    )
+                )
+            if first is None or first.tenant != tenant:
+                raise
+            return first
+
+    def request(self, tenant: str, request_id: str) -> TinkerRequestRow:
+        with self.sessions() as session:
+            row = session.get(TinkerRequestRow, request_id)
+        if row is None or row.tenant != tenant:
+            raise NotFound("future", request_id, param="request_id")
+        return row
+
+    # ---- the dispatcher's ------------------------------------------------------------------
+    def pending_requests(self) -> list[TinkerRequestRow]:
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(TinkerRequestRow)
+                    .where(TinkerRequestRow.state == PENDING)
+                    .order_by(TinkerRequestRow.model_id, TinkerRequestRow.seq_id)
+                )
+            )
+
+    def last_handed_seq(self, model_id: str) -> int:
+        """The highest seq_id of the model already handed to its host (or answered)."""
+        with self.sessions() as session:
+            seqs = session.scalars(
+                select(TinkerRequestRow.seq_id).where(
+                    TinkerRequestRow.model_id == model_id, TinkerRequestRow.state != PENDING
+                )
+            ).all()
+        return max(seqs, default=-1)
+
+    def models(self, states: tuple[str, ...]) -> list[TinkerModelRow]:
+        with self.sessions() as session:
+            return list(
+                session.scalars(select(TinkerModelRow).where(TinkerModelRow.state.in_(states)))
+            )
+
+    def mark_sent(self, request_ids: list[str]) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerRequestRow)
+                .where(TinkerRequestRow.id.in_(request_ids), TinkerRequestRow.state == PENDING)
+                .values(state=SENT)
+            )
+
+    def finish(self, request_id: str, result: dict[str, Any] | None, error: str | None) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerRequestRow)
+                .where(TinkerRequestRow.id == request_id, TinkerRequestRow.state != DONE)
+                .values(
+                    state=FAILED if error is not None else DONE,
+                    result=result,
+                    error=error,
+                    finished_at=time.time(),
+                )
+            )
+
+    def fail_pending(self, model_id: str, error: str) -> None:
+        """Every request of the model not yet answered fails with `error`."""
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerRequestRow)
+                .where(
+                    TinkerRequestRow.model_id == model_id,
+                    TinkerRequestRow.state.in_((PENDING, SENT)),
+                )
+                .values(state=FAILED, error=error, finished_at=time.time())
+            )
+
+    def set_model(
+        self, model_id: str, state: str, host_id: str | None = None, error: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {"state": state, "error": error}
+        if host_id is not None:
+            values["host_id"] = host_id
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerModelRow).where(TinkerModelRow.id == model_id).values(**values)
+            )
+
+    def end_quiet_sessions(self, heartbeat_deadline: float) -> list[TinkerModelRow]:
+        """Ends the sessions whose last heartbeat is older than the deadline; returns their
+        live or pending models (now ended), whose slots the dispatcher frees."""
+        with self.sessions.begin() as session:
+            quiet = list(
+                session.scalars(
+                    select(TinkerSessionRow.id).where(
+                        TinkerSessionRow.ended_at.is_(None),
+                        TinkerSessionRow.heartbeat_at < heartbeat_deadline,
+                    )
+                )
+            )
+            if not quiet:
+                return []
+            session.execute(
+                update(TinkerSessionRow)
+                .where(TinkerSessionRow.id.in_(quiet))
+                .values(ended_at=time.time(), end_reason="missed heartbeat")
+            )
+            models = list(
+                session.scalars(
+                    select(TinkerModelRow).where(
+                        TinkerModelRow.session_id.in_(quiet),
+                        TinkerModelRow.state.in_((MODEL_PENDING, MODEL_LIVE)),
+                    )
+                )
+            )
+            for model in models:
+                model.state = MODEL_ENDED
+        return models
+
+
+__all__ = ["MODEL_FAILED", "SessionEnded", "TinkerStore", "model_id_for"]
