@@ -141,7 +141,7 @@ class JobReport(TypedDict):
     state: RunJobState
     events: list[HostEvent]
     cursor: int  # the next seq to ask for
-    error: str | None
+    error: str | None  # handed_back: not an error but why ("Paused at step 12")
     error_code: str | None  # "training_error" | "infrastructure" | "timeout" | "invalid_file"
 
 
@@ -171,6 +171,7 @@ class HostReport(TypedDict):
     warm: bool
     exclusive: NotRequired[bool]  # its spec's `exclusive`: admits no one else, ever
     ending: bool  # no longer admits (idle timeout reached or stop requested)
+    draining: NotRequired[str | None]  # why it drains (hands every job back), if it does
     step: int  # host steps so far (all jobs)
     last_step_at: float | None  # wall-clock time of the last step
     started_at: float
@@ -230,6 +231,17 @@ class PackHosts(Protocol):
         dropped). Admitting a newer attempt fences the older one the same way."""
         ...
 
+    def hand_back(self, host_id: str, job_id: str, why: str) -> None:
+        """Checkpoints a job at its next step boundary and gives it back (a pause): its state
+        becomes `handed_back`, its slot is free, and it continues from that step elsewhere
+        without spending an attempt. `why` begins its event ("Paused by …")."""
+        ...
+
+    def drain(self, host_id: str, why: str) -> None:
+        """The host admits nothing more and hands back every job (as `hand_back`), then ends:
+        how a host's node is emptied for an upgrade or a removal."""
+        ...
+
     def kill(self, host_id: str) -> None:
         """Ends a host now (hung or unwanted); its unfinished jobs fail with `infrastructure`."""
         ...
@@ -242,6 +254,11 @@ class PackHosts(Protocol):
         """Resources free now on each node that takes new work ({"CPU": …, "GPU": …}): a
         new host is started only if its workers' bundles fit
         (orchestrator.scheduling.placement), else its job waits."""
+        ...
+
+    def draining_nodes(self) -> dict[str, str]:
+        """The nodes being drained now (Ray's own drain, or `lorafleet hosts drain NODE`):
+        node id -> IP. A host with a rank there is drained (hands its jobs back)."""
         ...
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:

@@ -1,5 +1,7 @@
 """A job's state on its pack host, as the host reports it to the scheduler: running, or one
-of three ends (the host never moves a job out of an end; late events for it are dropped).
+of four ends (the host never moves a job out of an end; late events for it are dropped).
+`handed_back`: checkpointed at a step boundary and given back, not finished (a pause or a
+drain): the job continues elsewhere from that checkpoint, its attempt not spent.
 The scheduler maps an end to the job's status in one place
 (`orchestrator.scheduling.outcomes.JobOutcomes.settle`).
 """
@@ -17,3 +19,4 @@ class RunJobState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    HANDED_BACK = "handed_back"

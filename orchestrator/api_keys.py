@@ -15,6 +15,8 @@ from orchestrator.store import JobStore, new_id, now
 from orchestrator.tables import ApiKeyRow
 
 KEY_PREFIX = "lf-"
+# The `tinker` SDK refuses keys without this prefix; such a key works on every API here.
+TINKER_KEY_PREFIX = "tml-"
 OPEN_TENANT = "default"  # the one tenant while no key exists (embedded, loopback only)
 TENANT_RULE = "letters, digits, - and _ only (1-128 characters)"
 MIN_BOOTSTRAP_KEY_CHARS = 20
@@ -29,11 +31,11 @@ class ApiKeys:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.store = JobStore(engine)
 
-    def create(self, tenant: str) -> tuple[ApiKeyRow, str]:
+    def create(self, tenant: str, prefix: str = KEY_PREFIX) -> tuple[ApiKeyRow, str]:
         """A new key for `tenant`; the plain key is returned once and never stored."""
         if not self._valid_tenant(tenant):
             raise ValueError(f"tenant: {TENANT_RULE}")
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = prefix + secrets.token_urlsafe(32)
         row = ApiKeyRow(
             id=new_id("key"),
             tenant=tenant,

@@ -17,6 +17,7 @@ from core.host_protocol import SETUP_PHASES, HostReport, PackHosts, Unanswered
 from core.run_states import RunJobState
 from orchestrator.errors import NotFound
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training
+from orchestrator.scheduling.drain import hosts_to_drain
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
@@ -79,7 +80,23 @@ class HostWatch:
             for job in jobs:
                 self._watch_job(host_id, job, report)
             self._tidy(host_id, report, {j.id for j in jobs})
+        self._drain_hosts()
         self.hosts.reap()
+
+    def _drain_hosts(self) -> None:
+        """Hosts with a rank on a node being drained (Ray's drain, or the operator's through
+        `lorafleet hosts drain`) are drained: their jobs are handed back at the next step
+        boundary and continue elsewhere (orchestrator.scheduling.drain)."""
+        try:
+            draining = self.hosts.draining_nodes()
+        except Exception:  # the cluster's state unreadable now: asked again next tick
+            log.debug("draining nodes unknown this tick", exc_info=True)
+            return
+        if not draining:
+            return
+        for host_id, why in hosts_to_drain(list(self.reports.values()), draining).items():
+            log.info("%s: draining pack host %s", why, host_id, extra={"host_id": host_id})
+            self.hosts.drain(host_id, why)
 
     def _silent_host(self, host_id: str, unanswered: Unanswered, jobs: list[JobRow]) -> None:
         """A host that did not answer its poll: its jobs stay running (it may only be slow),
@@ -132,6 +149,8 @@ class HostWatch:
         state = polled["state"]
         if job.status == JobStatus.CANCELLING.value and state is RunJobState.RUNNING:
             self.hosts.stop(host_id, job.id)
+        elif job.status == JobStatus.PAUSING.value and state is RunJobState.RUNNING:
+            self.hosts.hand_back(host_id, job.id, "Paused")  # asked each tick: idempotent
         events = [_event(e) for e in polled["events"]]
         tokens = [
             e["data"]["trained_tokens"]

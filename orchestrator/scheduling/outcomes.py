@@ -51,7 +51,9 @@ class JobOutcomes:
         decided yet (the object store is away): the caller keeps the job for a later tick."""
         if state is RunJobState.SUCCEEDED:
             return self.succeed(job)
-        if state is RunJobState.CANCELLED:
+        if state is RunJobState.HANDED_BACK:
+            self.handed_back(job, error or "Handed back")
+        elif state is RunJobState.CANCELLED:
             self.guarded(self.store.cancel, job.id, attempt=job.attempt)
         elif state is RunJobState.FAILED:
             self.fail(job, code or "training_error", error or "training failed")
@@ -99,11 +101,34 @@ class JobOutcomes:
                 {"error": str(error)},
             )
 
+    def handed_back(self, job: JobRow, said: str) -> None:
+        """The host checkpointed the job at a step boundary and gave it back (`said`: why and
+        at which step): a pausing job is paused, a running one (its host drained) queued
+        again, each with its attempt given back; a cancelling one is cancelled."""
+        attempt = job.attempt
+        if job.status == JobStatus.CANCELLING.value:
+            self.guarded(self.store.cancel, job.id, attempt=attempt)
+        elif job.status == JobStatus.PAUSING.value:
+            self.log.info("job %s paused: %s", job.id, said, extra=self.context(job))
+            self.guarded(self.store.pause, job.id, attempt, f"{said}; job paused")
+        else:
+            self.log.info("job %s handed back: %s", job.id, said, extra=self.context(job))
+            self.guarded(
+                self.store.hand_back,
+                job.id,
+                attempt,
+                f"{said}; job requeued to continue from there (attempt {attempt} not spent)",
+            )
+
     def retry_or_fail(self, job: JobRow, reason: str) -> None:
         """The job's run or host was lost: requeued (to resume from its last checkpoint)
-        while attempts are left, cancelled if it was asked to stop anyway, else failed."""
+        while attempts are left, cancelled if it was asked to stop anyway, paused (from its
+        newest checkpoint, the attempt spent) if it was asked to pause, else failed."""
         if job.status == JobStatus.CANCELLING.value:
             self.guarded(self.store.cancel, job.id, attempt=job.attempt)
+        elif job.status == JobStatus.PAUSING.value:
+            message = f"Run lost while pausing ({reason}); paused at its newest checkpoint"
+            self.guarded(self.store.pause, job.id, job.attempt, message, spent=True)
         elif job.attempt < self.settings.max_attempts:
             self.log.warning("job %s requeued: %s", job.id, reason, extra=self.context(job))
             self.guarded(self.store.requeue, job.id, job.attempt, reason)

@@ -178,6 +178,16 @@ class RayHosts:
         if actor is not None:
             actor.stop.remote(job_id)
 
+    def hand_back(self, host_id: str, job_id: str, why: str) -> None:
+        actor = self._actor(host_id)
+        if actor is not None:
+            actor.hand_back.remote(job_id, why)
+
+    def drain(self, host_id: str, why: str) -> None:
+        actor = self._actor(host_id)
+        if actor is not None:
+            actor.drain.remote(why)
+
     def fence(self, host_id: str, job_id: str, attempt: int) -> None:
         actor = self._actor(host_id)
         if actor is not None:
@@ -241,6 +251,9 @@ class RayHosts:
     def free_resources(self) -> list[dict[str, float]]:
         # Per node (a host's bundles must each fit on one), draining nodes left out.
         return free_per_node(self.nodes())
+
+    def draining_nodes(self) -> dict[str, str]:
+        return {n.node_id: n.ip for n in self.nodes() if n.status == "DRAINING"}
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         """Asks the autoscaler (if any) to grow the cluster until `bundles` fit; an empty

@@ -73,6 +73,9 @@ class InMemoryHosts:
         self.objects = objects
         self.steps_per_job = steps_per_job
         self.job_steps: dict[str, int] = {}  # a test's own step count for a job
+        # A job handed back (paused, drained) -> the step of its checkpoint: it resumes there.
+        self.checkpoints: dict[str, int] = {}
+        self.draining: dict[str, str] = {}  # nodes a test drains: node id -> IP
         self.clock = clock
         self.hosts: dict[str, _Host] = {}
         self.started: list[HostSpec] = []
@@ -130,6 +133,7 @@ class InMemoryHosts:
             "warm": host.spec.warm,
             "exclusive": host.spec.exclusive,
             "ending": membership.ending,
+            "draining": membership.draining,
             "step": membership.step,
             "last_step_at": membership.last_step_at,
             "started_at": host.started_at,
@@ -165,6 +169,18 @@ class InMemoryHosts:
         if host is not None:
             host.membership.stop(job_id)
 
+    def hand_back(self, host_id: str, job_id: str, why: str) -> None:
+        self.calls.append(("hand_back", host_id))
+        host = self.hosts.get(host_id)
+        if host is not None:
+            host.membership.hand_back(job_id, why)
+
+    def drain(self, host_id: str, why: str) -> None:
+        self.calls.append(("drain", host_id))
+        host = self.hosts.get(host_id)
+        if host is not None:
+            host.membership.drain(why)
+
     def kill(self, host_id: str) -> None:
         self.calls.append(("kill", host_id))
         self.hosts.pop(host_id, None)
@@ -182,6 +198,9 @@ class InMemoryHosts:
                 free = place(bundles_of(host.spec.shape), free)
         assert free is not None, "more hosts live than the nodes hold"
         return free
+
+    def draining_nodes(self) -> dict[str, str]:
+        return dict(self.draining)
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         self.requested.append([dict(b) for b in bundles])
@@ -253,9 +272,16 @@ class InMemoryHosts:
         for job_id in changes["stop"]:
             if host.live.pop(job_id, None) is not None:
                 self._report(host, job_id, "job_cancelled", "Training stopped: job cancelled")
+        for job_id in changes["hand_back"]:  # checkpointed at this boundary, as the real one
+            training = host.live.get(job_id)
+            if training is not None:
+                self.checkpoints[job_id] = training.step
+                data = {"step": training.step}
+                self._report(host, job_id, "handed_back", "Checkpointed and left its slot", data)
         for job in changes["join"]:
             steps = self.job_steps.get(job.job_id, self.steps_per_job)
-            host.live[job.job_id] = _Training(job, total_steps=steps)
+            start = self.checkpoints.get(job.job_id, 0)
+            host.live[job.job_id] = _Training(job, total_steps=steps, step=start)
         if changes["end"]:
             host.membership.alive = False
 
@@ -263,7 +289,7 @@ class InMemoryHosts:
         self, host: _Host, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None:
         """An event from the fake workers, recorded by the host's own rules."""
-        if kind in ("published", "job_failed", "job_cancelled"):
+        if kind in ("published", "job_failed", "job_cancelled", "handed_back"):
             host.live.pop(job_id, None)
         event = {"job_id": job_id, "type": kind, "message": message, "data": {**(data or {})}}
         host.membership.record(event)

@@ -15,6 +15,13 @@ the stale attempt leaves the workers first (it is *retiring*), then the new one 
 Fencing (`fence`): the scheduler says which attempt of a job is current; an older attempt
 still on the host is dropped at its next boundary (cancelled, its events say why).
 
+Hand-back (`hand_back`, `drain`): a member is checkpointed at its next step boundary and
+leaves the workers (the boundary's `hand_back` list); its job ends here as *handed back*
+(`RunJobState.HANDED_BACK`), to continue elsewhere from that step with no attempt spent. A
+pause hands back one job; a drain stops admissions and hands back every job. A hand-back
+outlives a worker restart (the member is handed back as soon as it is on the workers again),
+and a member not yet on the workers is handed back at once (its newest checkpoint stands).
+
 Worker restarts (`begin_attempt`): every member the dead workers held is announced again and
 resumes from its own checkpoint; each spends one restart of its own budget. A crash that
 comes while some members have never finished a step on this host (they just joined) is laid
@@ -32,14 +39,20 @@ from core.host_protocol import AdmissionRequest, AdmissionResult, HostSpec, JobR
 from core.run_states import STOP_ALL, RunJobState
 from core.spec import JobSpec
 
-RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+RUNNING, SUCCEEDED, FAILED, CANCELLED, HANDED_BACK = (
     RunJobState.RUNNING,
     RunJobState.SUCCEEDED,
     RunJobState.FAILED,
     RunJobState.CANCELLED,
+    RunJobState.HANDED_BACK,
 )
 # Events from the workers that end one job.
-JOB_ENDINGS = {"published": SUCCEEDED, "job_failed": FAILED, "job_cancelled": CANCELLED}
+JOB_ENDINGS = {
+    "published": SUCCEEDED,
+    "job_failed": FAILED,
+    "job_cancelled": CANCELLED,
+    "handed_back": HANDED_BACK,
+}
 # A member on the workers at this many crashes that came before it finished any step fails.
 IMPLICATED_CRASHES_TO_FAIL = 2
 
@@ -60,6 +73,8 @@ class Member:
     implicated_crashes: int = 0  # crashes that came before it finished a step here
     steps_done: int = 0  # steps it finished on this host (its metrics events)
     timed_out: bool = False
+    # Why it is handed back at its next boundary (a pause, a drain); None: it is not.
+    hand_back: str | None = None
 
     @property
     def job_id(self) -> str:
@@ -81,6 +96,7 @@ class Membership:
         # Job id -> a stale attempt still on the workers: leaves before the new one joins.
         self.retiring: dict[str, int] = {}
         self.ending = False  # admits nothing more; the workers leave once no job is on
+        self.draining: str | None = None  # why the host drains (it admits nothing more)
         self.alive = True
         # Idle time counts from the first step boundary: a host still loading its base is
         # starting, not idle (on a loaded machine that can take longer than idle_seconds).
@@ -132,8 +148,12 @@ class Membership:
     def admit(self, request: AdmissionRequest) -> AdmissionResult:
         """Takes a job at the next step boundary, or says why not (module docstring)."""
         known = self.members.get(request.job_id)
-        if known is not None and known.attempt >= request.attempt:
+        # A job handed back here gave its attempt back: the same attempt may come again.
+        again = known is not None and known.state is HANDED_BACK
+        if known is not None and known.attempt >= request.attempt and not again:
             return AdmissionResult(False, "already admitted")
+        if self.draining is not None:
+            return AdmissionResult(False, "draining")
         if self.ending or not self.alive:
             return AdmissionResult(False, "ending")
         if request.job.base_model_uri != self.spec.shape.base_model_uri:
@@ -194,6 +214,38 @@ class Membership:
                 self.end(member, CANCELLED)
             else:  # the workers drop it at their next step boundary
                 member.stopping = True
+
+    def hand_back(self, job_id: str, why: str) -> None:
+        """Checkpoints a job at its next step boundary and hands it back (module docstring);
+        `why` begins its event ("Paused", "Drained from node …"). Asking again changes
+        nothing."""
+        member = self.members.get(job_id)
+        if member is None or member.state is not RUNNING or member.hand_back is not None:
+            return
+        member.hand_back = why
+        if not member.announced:
+            self._handed_back(member, None)
+
+    def drain(self, why: str) -> None:
+        """Admits nothing more and hands back every job; the host ends once they are gone."""
+        if self.draining is None:
+            self.draining = why
+        self.ending = True
+        for member in self.running():
+            self.hand_back(member.job_id, why)
+
+    def _handed_back(self, member: Member, step: int | None) -> None:
+        why = member.hand_back or "Handed back"
+        said = f"{why} at step {step}" if step is not None else why
+        since = "that step" if step is not None else "its newest checkpoint"
+        self.append(
+            member,
+            "handed_back",
+            f"{said}; its slot is free, and it continues from {since} (no attempt spent)",
+            {"step": step, "reason": why},
+        )
+        self.end(member, HANDED_BACK)
+        member.error = said  # not an error: the words the job's status change carries
 
     def job_reports(self, cursors: dict[str, int]) -> dict[str, JobReport]:
         """Each job's state and its events from its cursor. The state is read before the
@@ -309,15 +361,25 @@ class Membership:
             else:
                 self._cancel(member)
         joins: list[JobSpec] = []
+        hand_backs: list[str] = []
         for job_id, member in sorted(self.members.items()):
             if member.state is not RUNNING:
                 continue
             if member.stopping:
                 stops.append(job_id)
+            elif member.hand_back is not None and member.announced:
+                hand_backs.append(job_id)  # until the workers say it is checkpointed
+            elif member.hand_back is not None:
+                self._handed_back(member, None)
             elif not member.announced and job_id not in self.retiring:
                 member.announced = True
                 joins.append(member.request.job)
-        return {"join": joins, "stop": stops, "end": self.end_if_idle(now)}
+        return {
+            "join": joins,
+            "stop": stops,
+            "hand_back": hand_backs,
+            "end": self.end_if_idle(now),
+        }
 
     def end_if_idle(self, now: float) -> bool:
         """Whether the workers should leave now: nobody running, and idle long enough (never
@@ -356,6 +418,9 @@ class Membership:
         kind = event["type"]
         if kind == "job_cancelled":
             self._cancel(member)
+            return
+        if kind == "handed_back":  # the workers checkpointed it and let it go
+            self._handed_back(member, data.get("step"))
             return
         if kind == "metrics":
             member.steps_done += 1

@@ -106,6 +106,16 @@ class PackHost:
         with self._lock:
             self.membership.stop(job_id)
 
+    def hand_back(self, job_id: str, why: str) -> None:
+        """Checkpoints a job at the next step boundary and gives it back (a pause)."""
+        with self._lock:
+            self.membership.hand_back(job_id, why)
+
+    def drain(self, why: str) -> None:
+        """Admits nothing more; every job is checkpointed and given back; then the host ends."""
+        with self._lock:
+            self.membership.drain(why)
+
     def fence(self, job_id: str, attempt: int) -> None:
         """`attempt` is the job's current attempt: an older one here is dropped."""
         with self._lock:
@@ -122,6 +132,7 @@ class PackHost:
                 "warm": self.spec.warm,
                 "exclusive": self.spec.exclusive,
                 "ending": membership.ending,
+                "draining": membership.draining,
                 "step": membership.step,
                 "last_step_at": membership.last_step_at,
                 "started_at": self.started_at,

@@ -246,6 +246,8 @@ class HostWorker(HostJoins):
                 break
             for job_id in changes["stop"]:
                 self._stop(job_id)
+            for job_id in changes.get("hand_back", ()):
+                self._hand_back(job_id)
             if changes["join"]:
                 self._announce(changes["join"])
             if self.pending:
@@ -304,7 +306,24 @@ class HostWorker(HostJoins):
             self.writer.publish(slot.spec, self.paths[slot.job_id], factors, extra)
         self._leave(slot)
 
-    def _checkpoint(self, slot: JobSlot) -> None:
+    def _hand_back(self, job_id: str) -> None:
+        """A pause or a drain: the slot is checkpointed at this boundary (every rank takes
+        part) and leaves; its `handed_back` event follows the written checkpoint. Asked
+        again at each boundary until that event reaches the host: then nothing is left here."""
+        if self.pending.pop(job_id, None) is not None:  # never live: its newest checkpoint stands
+            self._report(job_id, "handed_back", "Left before it went live", {"step": None})
+            return
+        for slot in self.slots:
+            if slot.job_id == job_id and slot.state is SlotState.TRAINING:
+                if slot.step > 0:
+                    self._checkpoint(slot, hand_back=True)
+                else:  # nothing trained: it starts afresh
+                    data = {"step": None}
+                    self._report(job_id, "handed_back", "Left before its first step", data)
+                self._leave(slot)
+                return
+
+    def _checkpoint(self, slot: JobSlot, hand_back: bool = False) -> None:
         generator = self.routing.generators.get(slot.job_id)
         rng: list[Any] = [None] * self.world_size
         dist.all_gather_object(rng, generator.get_state() if generator is not None else None)
@@ -316,6 +335,7 @@ class HostWorker(HostJoins):
                 slot_state_dict(self.model, slot.job_id),
                 slot.training_state(dropout_rng=saved_dropout_rng(rng, device_type)),
                 {"step": slot.step, "train_loss": slot.last_loss},
+                hand_back=hand_back,
             )
 
     def _stop(self, job_id: str) -> None:

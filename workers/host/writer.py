@@ -48,6 +48,7 @@ class _PendingCheckpoint:
     factors: dict[str, torch.Tensor]
     state: dict[str, Any]
     metrics: dict[str, Any]
+    hand_back: bool = False  # the job left its slot: say so once this one is written
 
 
 class PublishWindowOver(RuntimeError):
@@ -171,10 +172,17 @@ class SlotWriter:
         factors: dict[str, torch.Tensor],
         state: dict[str, Any],
         metrics: dict[str, Any],
+        *,
+        hand_back: bool = False,
     ) -> None:
-        """Writes a checkpoint from copies taken at the step boundary (training goes on)."""
+        """Writes a checkpoint from copies taken at the step boundary (training goes on).
+        `hand_back`: the job left the workers at this boundary (a pause, a drain); once the
+        write is done its `handed_back` event names the step it continues from (or none, if
+        the write failed: then it continues from its newest checkpoint)."""
         # The optimizer's tensors keep changing after this: a copy, taken now.
-        pending = _PendingCheckpoint(job, paths, factors, copy.deepcopy(state), metrics)
+        pending = _PendingCheckpoint(
+            job, paths, factors, copy.deepcopy(state), metrics, hand_back=hand_back
+        )
         with self._lock:
             self._checkpoints[job.job_id] = pending
         self._queue.put(lambda: self._write_checkpoint(job.job_id))
@@ -185,7 +193,15 @@ class SlotWriter:
             pending = self._checkpoints.pop(job_id, None)
         if pending is None:
             return
+        saved = self._write(pending)
+        if pending.hand_back:
+            step = pending.state["step"] if saved else None
+            self.report(job_id, "handed_back", "Checkpointed and left its slot", {"step": step})
+
+    def _write(self, pending: _PendingCheckpoint) -> bool:
+        """Writes one checkpoint; False (said in an event) when it could not be."""
         job, step = pending.job, pending.state["step"]
+        job_id = job.job_id
         try:
             with tempfile.TemporaryDirectory() as folder:
                 write_peft_adapter(pending.factors, job, pending.paths, Path(folder))
@@ -202,7 +218,9 @@ class SlotWriter:
                 )
             # A job that asked for n checkpoints keeps them all (n - 1 of them, and its adapter).
             keep = job.training.n_checkpoints or self.keep_last
-            prune_checkpoints(self.store, job.tenant, job.job_id, job.attempt, keep)
+            # Early stopping's best checkpoint so far is never pruned: it may be published.
+            best = (pending.state.get("validation") or {}).get("best_step")
+            prune_checkpoints(self.store, job.tenant, job.job_id, job.attempt, keep, best)
         except ObjectStoreUnavailable as exc:
             if job_id not in self._checkpoints_skipped:  # once per job and outage
                 self._checkpoints_skipped.add(job_id)
@@ -213,7 +231,7 @@ class SlotWriter:
                     "goes on, and each later checkpoint is tried when it falls due)",
                     {"level": "warning", "step": step, "error": str(exc)},
                 )
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - a missed checkpoint is not fatal
             self.report(
                 job_id,
@@ -221,7 +239,7 @@ class SlotWriter:
                 f"Checkpoint at step {step} not saved: {type(exc).__name__}: {exc}",
                 {"level": "warning"},
             )
-            return
+            return False
         self._checkpoints_skipped.discard(job_id)
         self.report(
             job_id,
@@ -229,6 +247,7 @@ class SlotWriter:
             f"Checkpoint saved at step {info.step}",
             {"step": info.step, "metrics": pending.metrics},
         )
+        return True
 
     def close(self) -> None:
         """Waits for every write queued so far."""

@@ -1,0 +1,300 @@
+"""The Tinker training API under /api/v1 (issue 21), as the official `tinker` SDK calls it.
+
+Thin handlers: each training request is written as a row (orchestrator.tinker.store) and
+answered with a future, `{"request_id", "model_id"}`; the scheduler's Tinker dispatcher
+runs it on the model's pack host; `retrieve_future` long-polls the row. Keys come in
+`X-API-Key` (the SDK wants the `tml-` prefix: `lorafleet keys create --tinker`) and map to
+tenants as the jobs API's do. Errors are 4xx with a body naming the field: the SDK retries
+5xx, 408, 409, 429 and empty 400s for minutes, which would look like a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import ServicesDep, get_tenant
+from api.errors import error_response
+from api.tinker.wire import (
+    PROTO_CONTENT_TYPE,
+    WireError,
+    decode_forward_backward,
+    encode_forward_backward_output,
+)
+from core.base_catalog import BaseModelCatalog
+from orchestrator.errors import InvalidRequest
+from orchestrator.tinker.rows import DONE, FAILED, MODEL_PENDING
+from orchestrator.tinker.store import SessionEnded, TinkerStore
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"])
+
+LONG_POLL_SECONDS = 25.0  # under the SDK's 45 s timeout of one retrieve_future call
+POLL_INTERVAL_SECONDS = 0.02
+MAX_RANK = 256
+
+
+async def tinker_tenant(
+    request: Request,
+    x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
+    """The SDK sends its key in X-API-Key; a Bearer key works too."""
+    return await get_tenant(request, f"Bearer {x_api_key}" if x_api_key else authorization)
+
+
+TenantDep = Annotated[str, Depends(tinker_tenant)]
+
+
+def tinker_store(request: Request) -> TinkerStore:
+    store: TinkerStore | None = getattr(request.app.state, "tinker_store", None)
+    if store is None:
+        store = TinkerStore(request.app.state.services.store.engine)
+        request.app.state.tinker_store = store
+    return store
+
+
+StoreDep = Annotated[TinkerStore, Depends(tinker_store)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class LoraConfig(Body):
+    rank: int = Field(ge=1, le=MAX_RANK)
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class CreateModel(Body):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    lora_config: LoraConfig | None = None
+    optimizer_config: dict[str, Any] | None = None
+
+
+class ModelRef(Body):
+    model_id: str
+
+
+class AdamParams(Body):
+    learning_rate: float = Field(default=1e-4, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip_norm: float = Field(default=0.0, ge=0)
+
+
+class OptimStep(Body):
+    model_id: str
+    seq_id: int = Field(ge=1)
+    adam_params: AdamParams | None = None
+    optimizer_params: dict[str, Any] | None = None
+
+
+class SessionRef(Body):
+    session_id: str
+
+
+class FutureRef(Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+# ---- configuration and capabilities -------------------------------------------------------
+@router.post("/client/config")
+async def client_config(_: TenantDep) -> dict[str, Any]:
+    # Plain API keys, uncompressed protobuf bodies, httpx's own transport.
+    return {
+        "pjwt_auth_enabled": False,
+        "credential_default_source": "api_key",
+        "proto_compress_fwdbwd": False,
+        "use_pyqwest_transport": False,
+    }
+
+
+@router.post("/client/dynamic_config")
+async def client_dynamic_config(_: TenantDep) -> dict[str, Any]:
+    return {}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/get_server_capabilities")
+async def capabilities(_: TenantDep, services: ServicesDep) -> dict[str, Any]:
+    names = sorted(services.settings.base_models)
+    return {
+        "supported_models": [
+            {"model_name": name, "trainable": True, "sampleable": False} for name in names
+        ]
+    }
+
+
+# ---- sessions -------------------------------------------------------------------------------
+@router.post("/create_session")
+async def create_session(tenant: TenantDep, store: StoreDep) -> dict[str, Any]:
+    session_id = await run_in_threadpool(store.create_session, tenant)
+    return {"type": "create_session", "session_id": session_id}
+
+
+@router.post("/session_heartbeat", response_model=None)
+async def session_heartbeat(
+    body: SessionRef, tenant: TenantDep, store: StoreDep
+) -> dict[str, Any] | JSONResponse:
+    try:
+        await run_in_threadpool(store.heartbeat, tenant, body.session_id)
+    except SessionEnded as exc:  # 410: the SDK stops its heartbeat loop
+        return error_response(410, str(exc), "session_id", "session_ended")
+    return {"type": "session_heartbeat"}
+
+
+# ---- models -------------------------------------------------------------------------------
+@router.post("/create_model")
+async def create_model(
+    body: CreateModel, tenant: TenantDep, store: StoreDep, services: ServicesDep
+) -> dict[str, Any]:
+    if body.base_model not in services.settings.base_models:
+        known = ", ".join(sorted(services.settings.base_models)) or "none"
+        raise InvalidRequest(
+            f"base_model: {body.base_model!r} is not served here (served: {known})",
+            "base_model",
+        )
+    if body.lora_config is None:
+        raise InvalidRequest("lora_config: only LoRA models are trained here", "lora_config")
+    optimizer = (body.optimizer_config or {}).get("type", "adamw")
+    if optimizer != "adamw":
+        raise InvalidRequest(
+            f"optimizer_config.type: {optimizer!r} is not supported (adamw only)",
+            "optimizer_config.type",
+        )
+    if not (body.lora_config.train_mlp or body.lora_config.train_attn):
+        raise InvalidRequest(
+            "lora_config: train_mlp or train_attn must be true (train_unembed alone is not "
+            "supported yet)",
+            "lora_config.train_mlp",
+        )
+    try:
+        row = await run_in_threadpool(
+            store.create_model,
+            tenant,
+            body.session_id,
+            body.model_seq_id,
+            body.base_model,
+            body.lora_config.model_dump(),
+        )
+    except SessionEnded as exc:
+        raise InvalidRequest(str(exc), "session_id") from exc
+    return {"request_id": row.id, "model_id": row.model_id}
+
+
+@router.post("/get_info")
+async def get_info(
+    body: ModelRef, tenant: TenantDep, store: StoreDep, services: ServicesDep
+) -> dict[str, Any]:
+    model = await run_in_threadpool(store.model, tenant, body.model_id)
+    return {
+        "type": "get_info",
+        "model_id": model.id,
+        "model_data": {
+            "arch": "lora",
+            "model_name": model.base_model,
+            "tokenizer_id": tokenizer_id(services.catalog, model.base_model),
+        },
+        "is_lora": True,
+        "lora_rank": model.lora["rank"],
+        "model_name": model.base_model,
+    }
+
+
+def tokenizer_id(catalog: BaseModelCatalog, base_model: str) -> str:
+    """What the SDK's `get_tokenizer` loads with transformers: the base's folder when it is a
+    local one (a client on the same machine loads it as it is), else the catalog name (the
+    client must have that name locally: a folder of that path, or its Hugging Face cache)."""
+    location = catalog.entries.get(base_model, base_model)
+    return base_model if location.startswith("s3://") else location
+
+
+# ---- training -----------------------------------------------------------------------------
+@router.post("/forward_backward")
+async def forward_backward(request: Request, tenant: TenantDep, store: StoreDep) -> dict[str, Any]:
+    body = await request.body()
+    if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+        raise InvalidRequest("Content-Encoding: only uncompressed bodies are read", "body")
+    try:
+        decoded = decode_forward_backward(body)
+    except WireError as exc:
+        raise InvalidRequest(str(exc), exc.param) from exc
+    if decoded["loss_fn"] != "cross_entropy":
+        raise InvalidRequest(
+            f"loss_fn: {decoded['loss_fn']!r} is not supported yet (cross_entropy only)",
+            "loss_fn",
+        )
+    if decoded["seq_id"] < 1:
+        raise InvalidRequest("seq_id: must be at least 1", "seq_id")
+    kind = "forward" if decoded.pop("forward_only") else "forward_backward"
+    return await _write(
+        store, tenant, decoded.pop("model_id"), decoded.pop("seq_id"), kind, decoded
+    )
+
+
+@router.post("/optim_step")
+async def optim_step(body: OptimStep, tenant: TenantDep, store: StoreDep) -> dict[str, Any]:
+    if body.adam_params is None:
+        kind = (body.optimizer_params or {}).get("type")
+        raise InvalidRequest(
+            f"optimizer_params: {kind!r} is not supported (AdamParams only)", "optimizer_params"
+        )
+    payload = {"adam_params": body.adam_params.model_dump()}
+    return await _write(store, tenant, body.model_id, body.seq_id, "optim_step", payload)
+
+
+async def _write(
+    store: TinkerStore, tenant: str, model_id: str, seq_id: int, kind: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    model = await run_in_threadpool(store.model, tenant, model_id)
+    if model.state not in (MODEL_PENDING, "live"):
+        raise InvalidRequest(
+            f"model_id: model {model_id} is {model.state}"
+            + (f" ({model.error})" if model.error else ""),
+            "model_id",
+        )
+    row = await run_in_threadpool(store.add_request, tenant, model_id, seq_id, kind, payload)
+    return {"request_id": row.id, "model_id": model_id}
+
+
+# ---- futures ------------------------------------------------------------------------------
+@router.post("/retrieve_future", response_model=None)
+async def retrieve_future(
+    body: FutureRef, request: Request, tenant: TenantDep, store: StoreDep
+) -> dict[str, Any] | Response:
+    """Long-polls the request's row: its result, its error, or `try_again` after a while."""
+    deadline = time.monotonic() + LONG_POLL_SECONDS
+    while True:
+        row = await run_in_threadpool(store.request, tenant, body.request_id)
+        if row.state == FAILED:
+            return {"error": row.error or "the request failed", "category": "user"}
+        if row.state == DONE:
+            result = row.result or {}
+            if row.kind in ("forward_backward", "forward"):
+                return Response(
+                    encode_forward_backward_output(result), media_type=PROTO_CONTENT_TYPE
+                )
+            if row.kind == "create_model":
+                return {"type": "create_model", "model_id": row.model_id}
+            return result
+        if time.monotonic() >= deadline or await request.is_disconnected():
+            return {"type": "try_again", "request_id": row.id, "queue_state": "active"}
+        await asyncio.sleep(POLL_INTERVAL_SECONDS)
