@@ -1,6 +1,6 @@
 """The `lorafleet` command: `serve` (API + scheduler), `scheduler`, `keys`, `files`, `jobs`
-(the REST API from a terminal), `demo` (trains two real adapters) and `ray-stop` (ends a
-data dir's embedded Ray that no serve will end)."""
+(the REST API from a terminal), `hosts` (list and drain pack hosts), `demo` (trains two real
+adapters) and `ray-stop` (ends a data dir's embedded Ray that no serve will end)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.cli_hosts import hosts
 from api.cli_jobs import files, jobs
 from api.ops import configure_logging, serve_metrics
 
@@ -19,6 +20,7 @@ keys = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help
 app.add_typer(keys, name="keys")
 app.add_typer(files, name="files")
 app.add_typer(jobs, name="jobs")
+app.add_typer(hosts, name="hosts")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # On SIGTERM open connections (an event stream a client follows) get this long to end
 # before they are closed: with the scheduler's stop and its Ray's end, serve exits in

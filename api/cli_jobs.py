@@ -193,6 +193,27 @@ def cancel_job(
     _show_job(job, as_json)
 
 
+@jobs.command("pause")
+def pause_job(
+    job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Pause a running job: it is checkpointed at its next step and its slot freed
+    (pausing, then paused); no attempt is spent."""
+    with _api(url, api_key) as api:
+        job = api.pause_job(job_id)
+    _show_job(job, as_json)
+
+
+@jobs.command("resume")
+def resume_job(
+    job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False
+) -> None:
+    """Resume a paused job: it is queued and continues from the step it paused at."""
+    with _api(url, api_key) as api:
+        job = api.resume_job(job_id)
+    _show_job(job, as_json)
+
+
 @jobs.command("events")
 def job_events(
     job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False

@@ -74,6 +74,12 @@ class LorafleetClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return dict(self._json(self.http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")))
 
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._json(self.http.post(f"/v1/fine_tuning/jobs/{job_id}/pause")))
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._json(self.http.post(f"/v1/fine_tuning/jobs/{job_id}/resume")))
+
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """Every event of a job, oldest first, read through the paginated endpoint."""
         found: list[dict[str, Any]] = []

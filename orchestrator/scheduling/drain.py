@@ -28,6 +28,7 @@ class HostSeen:
     host_id: str
     nodes: frozenset[str]  # node ids: the actor's and every rank's
     jobs: int  # running jobs
+    draining: str | None = None  # why, when it drains
 
 
 def drain_reason(node_ip: str, node_id: str) -> str:
@@ -88,7 +89,7 @@ def hosts_seen(namespace: str) -> list[HostSeen]:
         if "node" in report:
             nodes.add(report["node"]["node_id"])
         running = sum(1 for j in report["jobs"].values() if j["state"] == "running")
-        seen.append(HostSeen(host_id, frozenset(nodes), running))
+        seen.append(HostSeen(host_id, frozenset(nodes), running, report.get("draining")))
     return seen
 
 
