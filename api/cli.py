@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.cli_help import unwrap_help
 from api.cli_hosts import hosts
 from api.cli_jobs import files, jobs
 from api.ops import configure_logging, serve_metrics
@@ -238,6 +239,9 @@ def demo(
 
     run_demo(folder, port)
 
+
+# Last, once every command is registered: --help reads as paragraphs (api/cli_help.py).
+unwrap_help(app)
 
 if __name__ == "__main__":
     app()
