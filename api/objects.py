@@ -49,7 +49,8 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "id": row.id,
         "created_at": row.created_at,
         "finished_at": row.finished_at,
-        "estimated_finish": None,
+        # Only while it runs: a job that stopped keeps its last estimate in the row.
+        "estimated_finish": row.estimated_finish if row.status == "running" else None,
         "model": row.model,
         "fine_tuned_model": row.fine_tuned_model,
         "organization_id": row.tenant,

@@ -78,6 +78,9 @@ class JobRow(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Seconds the job may run before it fails with `timeout`; None: no limit.
     max_runtime: Mapped[int | None] = mapped_column(Integer)
+    # When the running job should end, from its measured time per step (migration 0014;
+    # orchestrator/scheduling/finish_estimate.py); the job object shows it while it runs.
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
     # Raised by a trigger on every UPDATE of the row (migration 0008), never written here:
     # the API's cache of response bodies is keyed on (id, version).
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

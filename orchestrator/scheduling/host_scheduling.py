@@ -33,6 +33,7 @@ from core.objectstore import ObjectStore
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import job_spec_for
 from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
+from orchestrator.scheduling.finish_estimate import FinishEstimates
 from orchestrator.scheduling.host_watch import HOST_ID_PREFIX, HostWatch, runtime_left
 from orchestrator.scheduling.node_choice import autoscaler_request
 from orchestrator.scheduling.outcomes import JobOutcomes
@@ -88,6 +89,7 @@ class HostScheduling(HostWatch):
         self._missed_polls: dict[str, int] = {}
         self._first_seen: dict[str, float] = {}  # host -> when this scheduler first saw it
         self._admitted_at: dict[str, float] = {}  # host -> this scheduler's last admit there
+        self.finish_estimates = FinishEstimates()  # each running job's recent steps
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}
         self._unplaceable: set[str] = set()  # shapes the cluster could not place a host of

@@ -18,6 +18,7 @@ from core.run_states import RunJobState
 from orchestrator.errors import NotFound
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training
 from orchestrator.scheduling.drain import hosts_to_drain
+from orchestrator.scheduling.finish_estimate import FinishEstimates
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.settings import Settings
 from orchestrator.states import ACTIVE_RUN_STATUSES, JobStatus
@@ -44,6 +45,7 @@ class HostWatch:
     _missed_polls: dict[str, int]
     _first_seen: dict[str, float]
     _admitted_at: dict[str, float]
+    finish_estimates: FinishEstimates
 
     def watch(self) -> None:
         """Polls every host at once (each job's events from its cursor), then per host: a
@@ -158,10 +160,17 @@ class HostWatch:
             if e["type"] == "metrics" and "trained_tokens" in (e["data"] or {})
         ]
         stored = self.store.record_run_events(
-            job.id, job.attempt, events, polled["cursor"], trained_tokens=(tokens or [None])[-1]
+            job.id,
+            job.attempt,
+            events,
+            polled["cursor"],
+            trained_tokens=(tokens or [None])[-1],
+            estimated_finish=self.finish_estimates.update(job.id, events),
         )
         if not stored:
             return
+        if state is not RunJobState.RUNNING:
+            self.finish_estimates.forget(job.id)
         observe_training(job.created_at, events)  # counted once: a fenced-off batch is not
         if state is not RunJobState.RUNNING:
             if not self.outcomes.settle(job, state, polled["error"], polled["error_code"]):

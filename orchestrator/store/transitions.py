@@ -247,9 +247,11 @@ class JobTransitions:
         events: Sequence[dict[str, Any]],
         cursor: int,
         trained_tokens: int | None = None,
+        estimated_finish: int | None = None,
     ) -> bool:
         """Stores a run's new events and moves the job's cursor from where they started,
-        fenced by attempt and by that cursor; `trained_tokens` is the newest count, if any.
+        fenced by attempt and by that cursor; `trained_tokens` is the newest count, and
+        `estimated_finish` the newest estimate, if any.
 
         Returns False (storing nothing) if the job has moved on to another attempt, or if
         another scheduler already stored these events.
@@ -257,6 +259,8 @@ class JobTransitions:
         values: dict[str, Any] = {"event_cursor": cursor}
         if trained_tokens is not None:
             values["trained_tokens"] = trained_tokens
+        if estimated_finish is not None:
+            values["estimated_finish"] = estimated_finish
         with self.sessions.begin() as session:
             result = session.execute(
                 update(JobRow)

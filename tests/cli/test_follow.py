@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from rich.console import Console
 
 from api.app import create_app
 from api.client import _server_sent_events
-from api.watch import progress_fields
+from api.watch import finish_text, progress_fields, watch_jobs
 from orchestrator.settings import Settings
 
 
@@ -73,3 +77,29 @@ def test_progress_shows_an_unknown_total_until_training_starts() -> None:
     )
     assert step["completed"] == 3 and step["steps"] == "3/12 steps"
     assert step["loss"] == "loss 1.500" and step["speed"] == "90 tok/s"
+
+
+class _OneStepClient:
+    """A stream of one training step, and a job whose server estimates its end."""
+
+    def __init__(self, estimated_finish: int) -> None:
+        self.job = {"id": "ftjob-a", "status": "running", "estimated_finish": estimated_finish}
+
+    def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
+        yield {"type": "message", "data": {"status": "running", "total_steps": 4}}
+        yield {"type": "metrics", "data": {"step": 1, "total_steps": 4, "train_loss": 2.0}}
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self.job
+
+
+def test_a_bar_shows_the_jobs_estimated_finish_as_a_time_of_day() -> None:
+    today = datetime.now().replace(hour=14, minute=32, second=5, microsecond=0)
+    assert finish_text(None) == ""
+    assert finish_text(int(today.timestamp())) == "ends ~14:32:05"
+    other_day = today + timedelta(days=2)
+    assert finish_text(int(other_day.timestamp())) == f"ends ~{other_day:%Y-%m-%d} 14:32"
+    output = io.StringIO()
+    client: Any = _OneStepClient(int(datetime.now().replace(microsecond=0).timestamp()) + 90)
+    watch_jobs(client, {"a": "ftjob-a"}, Console(file=output, width=200))
+    assert finish_text(client.job["estimated_finish"]) in output.getvalue()
