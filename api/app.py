@@ -12,7 +12,7 @@ from api.deps import CachedApiKeys, Services, db_readers_for
 from api.errors import install_error_handlers
 from api.front_door import RateLimiter, refuse_nul_characters
 from api.request_timing import RequestTiming
-from api.routers import dashboard, files, jobs, metrics, models, webhooks
+from api.routers import dashboard, files, jobs, merged, metrics, models, webhooks
 from api.tinker import router as tinker
 from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
@@ -118,6 +118,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     app.include_router(files.router)
     app.include_router(jobs.router)
+    app.include_router(merged.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
     app.include_router(webhooks.router)

@@ -271,3 +271,28 @@ class ListPage(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]
     has_more: bool = False
+
+
+class MergedFile(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    url: str  # presigned (S3, 1 hour) or this API's own download route (local store)
+
+
+class MergedWeights(BaseModel):
+    """A job's adapter (or one checkpoint's) merged into its base at `scale`: `queued` or
+    `running` (HTTP 202, ask again) until `succeeded` (200), with the files listed."""
+
+    object: Literal["fine_tuning.job.merged_weights"] = "fine_tuning.job.merged_weights"
+    fine_tuning_job_id: str
+    checkpoint: str  # "final" (the job's adapter) or "step-{n}"
+    scale: float
+    status: Literal["queued", "running", "succeeded"]
+    files: list[MergedFile]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True

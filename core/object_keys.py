@@ -5,6 +5,11 @@ attempt still alive after a requeue) writes beside the current attempt, never ov
 
     adapters/{tenant}/{job_id}/attempt-{n}/…
     runs/{tenant}/{job_id}/attempt-{n}/checkpoints/step-{s}/…
+
+Merged weights (an adapter merged into its base at one scale) are a cache beside them, per
+job, checkpoint ("final" or "step-{s}") and scale, with a manifest written last:
+
+    merged/{tenant}/{job_id}/{checkpoint}/scale-{scale}/…
 """
 
 from __future__ import annotations
@@ -39,3 +44,18 @@ def checkpoints_root(tenant: str, job_id: str) -> str:
 
 def checkpoint_prefix(tenant: str, job_id: str, attempt: int, step: int) -> str:
     return f"{checkpoints_root(tenant, job_id)}attempt-{attempt}/checkpoints/step-{step}/"
+
+
+def adapters_root(tenant: str, job_id: str) -> str:
+    """Above every attempt's published adapter of a job."""
+    return f"adapters/{tenant}/{job_id}/"
+
+
+def merged_root(tenant: str, job_id: str) -> str:
+    """Above every merged-weights cache of a job."""
+    return f"merged/{tenant}/{job_id}/"
+
+
+def merged_prefix(tenant: str, job_id: str, checkpoint: str, scale: str) -> str:
+    """`scale` as core.merged_files.canonical_scale writes it (one key per value)."""
+    return f"{merged_root(tenant, job_id)}{checkpoint}/scale-{scale}/"

@@ -86,6 +86,15 @@ class Settings(BaseSettings):
         default=100, gt=0, description="Jobs not yet finished, per tenant (429 above it)."
     )
     max_concurrent_runs: int = Field(default=2, ge=1)
+    max_storage_bytes_per_tenant: int | None = Field(
+        default=None,
+        gt=0,
+        description="Bytes of uploaded files and merged weights a tenant may keep; at it, a "
+        "new merge is refused (429). Unset: no limit.",
+    )
+    max_concurrent_merges: int = Field(
+        default=1, ge=1, description="Merges (merged weights) running at once per scheduler."
+    )
     tenant_max_priority: dict[str, int] = Field(
         default_factory=dict,
         description='Highest `priority` each tenant may ask for (JSON in env; "*": every '

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 from sqlalchemy.types import TypeDecorator
@@ -84,6 +94,9 @@ class JobRow(Base):
     # Raised by a trigger on every UPDATE of the row (migration 0008), never written here:
     # the API's cache of response bodies is keyed on (id, version).
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # When its fine-tuned model was deleted (DELETE /v1/models/…): the job stays, its stored
+    # adapter, checkpoints and merged weights are gone, and its downloads answer 404.
+    model_deleted_at: Mapped[int | None] = mapped_column(BigInteger)
 
     @validates("settings")
     def _typed_settings(self, _key: str, value: JobSettings | dict[str, Any]) -> JobSettings:
@@ -105,6 +118,29 @@ class JobEventRow(Base):
     type: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class MergeRow(Base):
+    """A request for a job's adapter (or one of its checkpoints) merged into its base at one
+    scale: the API adds it, the scheduler runs it as a Ray task and says how it ended."""
+
+    __tablename__ = "merges"
+    __table_args__ = (UniqueConstraint("job_id", "checkpoint", "scale", name="uq_merge_per_scale"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    checkpoint: Mapped[str] = mapped_column(String(64))  # "final" or "step-{n}"
+    scale: Mapped[str] = mapped_column(String(32))  # canonical text (core/merged_files.py)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued running succeeded failed
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger)
+    # Raised by the scheduler running it each tick: a merge whose scheduler went away is
+    # queued again by another once this is old (orchestrator/merges.py).
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKeyRow(Base):

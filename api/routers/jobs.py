@@ -33,6 +33,7 @@ from orchestrator.jobs import (
     pause_job,
     resume_job,
 )
+from orchestrator.merges import downloadable_job
 from orchestrator.states import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -261,8 +262,9 @@ def adapter(
     """The trained adapter as a .tar.gz of its PEFT folder (adapter_config.json,
     adapter_model.safetensors) and its manifest.json. On S3, by default a redirect to a
     presigned URL valid for 5 minutes; with `?download=stream` (and always from a local
-    store) the bytes themselves, streamed through the API in chunks."""
-    job = services.store.get_job(tenant, job_id)
+    store) the bytes themselves, streamed through the API in chunks. 404 once its model
+    was deleted."""
+    job = downloadable_job(services.store, tenant, job_id)
     if job.status != JobStatus.SUCCEEDED.value:
         raise Conflict(f"job {job_id} is {job.status}; its adapter exists once it has succeeded")
     key = adapter_key(job.tenant, job.id, job.attempt, ARCHIVE)  # the attempt that succeeded
@@ -290,8 +292,9 @@ def checkpoints(
     limit: Limit = 10,
 ) -> ListPage[FineTuningJobCheckpoint]:
     """A job's saved adapters, newest first: the final one of a succeeded job, then its
-    periodic checkpoints (each one a loadable PEFT adapter in the object store)."""
-    job = services.store.get_job(tenant, job_id)
+    periodic checkpoints (each one a loadable PEFT adapter in the object store); 404 once
+    its model was deleted."""
+    job = downloadable_job(services.store, tenant, job_id)
     steps: list[tuple[int, int, dict[str, Any]]] = []
     if job.status == JobStatus.SUCCEEDED.value:
         last = services.store.last_metrics(job.id) or {}

@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ServicesDep, TenantDep
-from api.schemas import ErrorResponse, ListPage, ModelObject
+from api.schemas import ErrorResponse, ListPage, ModelDeleted, ModelObject
 from orchestrator.errors import NotFound
+from orchestrator.merges import delete_model
+from orchestrator.store.merges import merge_store
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -39,3 +41,23 @@ def retrieve_model(services: ServicesDep, tenant: TenantDep, model_id: str) -> M
         if model.id == model_id:
             return model
     raise NotFound("model", model_id, "model")
+
+
+@router.delete(
+    "/{model_id:path}",
+    response_model=ModelDeleted,
+    responses={code: {"model": ErrorResponse} for code in (401, 403, 404)},
+)
+def delete(services: ServicesDep, tenant: TenantDep, model_id: str) -> ModelDeleted:
+    """Deletes a fine-tuned model (`client.models.delete`): its adapter, checkpoints and
+    merged weights leave the store and its downloads answer 404; its job stays, with an
+    event saying so. Another tenant's model, or one already deleted, is 404."""
+    delete_model(
+        services.store,
+        merge_store(services.store.engine),
+        services.objects,
+        services.settings.base_models,
+        tenant,
+        model_id,
+    )
+    return ModelDeleted(id=model_id)

@@ -26,9 +26,11 @@ from orchestrator.scheduling.host_scheduling import HostScheduling
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.ray_nodes import ray_node_memory
+from orchestrator.merges import MergeRunner, MergeScheduling
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
+from orchestrator.store.merges import merge_store
 from orchestrator.tables import JobRow
 from orchestrator.tinker.dispatch import TinkerDispatcher
 from orchestrator.tinker.store import TinkerStore
@@ -124,6 +126,18 @@ class Scheduler:
             if hosts is None
             else None
         )
+        # Merged weights (orchestrator/merges.py): Ray tasks beside the hosts; on Ray only.
+        self.merges = (
+            MergeScheduling(
+                settings,
+                store,
+                merge_store(store.engine),
+                objects,
+                _ray_merges(settings, self.host_scheduling.hosts),
+            )
+            if hosts is None
+            else None
+        )
         self._thread: threading.Thread | None = None
         self._lock: IO[str] | None = None  # SQLite's one-scheduler lock, once held
         self._store_away = False  # the object store failed the last tick (logged once)
@@ -135,6 +149,8 @@ class Scheduler:
         record_capacity(self.store, self.capacity())
         self._validate_new_jobs()
         self.host_scheduling.launch()
+        if self.merges is not None:
+            self.merges.tick()
 
     def run_forever(self) -> None:
         # Waits here, not in start(): the API serves meanwhile, and a stop ends the wait.
@@ -227,3 +243,9 @@ def _ray_hosts(settings: Settings) -> PackHosts:
     from orchestrator.scheduling.ray_hosts import RayHosts  # imports Ray: only when used
 
     return RayHosts(settings)
+
+
+def _ray_merges(settings: Settings, hosts: PackHosts) -> MergeRunner:
+    from orchestrator.scheduling.ray_merges import RayMerges  # imports Ray: only when used
+
+    return RayMerges(settings, hosts.nodes)  # type: ignore[attr-defined]  # RayHosts's

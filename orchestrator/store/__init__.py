@@ -159,11 +159,38 @@ class JobStore(JobTransitions):
                 JobRow.tenant == tenant,
                 JobRow.status == JobStatus.SUCCEEDED.value,
                 JobRow.fine_tuned_model.is_not(None),
+                JobRow.model_deleted_at.is_(None),
             )
             .order_by(JobRow.created_at, JobRow.id)
         )
         with self.sessions() as session:
             return list(session.scalars(query))
+
+    def model_job(self, tenant: str, model_id: str) -> JobRow | None:
+        """The tenant's succeeded job whose fine-tuned model is `model_id` (deleted or not)."""
+        query = select(JobRow).where(
+            JobRow.tenant == tenant,
+            JobRow.status == JobStatus.SUCCEEDED.value,
+            JobRow.fine_tuned_model == model_id,
+        )
+        with self.sessions() as session:
+            return session.scalar(query.limit(1))
+
+    def mark_model_deleted(self, job_id: str) -> JobRow:
+        """The job stays; its model is marked deleted once (guarded), with an event."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.model_deleted_at.is_(None))
+                .values(model_deleted_at=now())
+            )
+            if result.rowcount:  # type: ignore[attr-defined]
+                message = (
+                    "Fine-tuned model deleted: its adapter, checkpoints and merged weights "
+                    "were removed from the store"
+                )
+                add_events(session, job_id, [_event(job_id, message)])
+        return self.job(job_id)
 
     def count_jobs_by_status(self) -> dict[str, int]:
         query = select(JobRow.status, func.count()).group_by(JobRow.status)

@@ -18,6 +18,7 @@ tests call it); `workers.runtime.merge_task` runs it as a Ray task writing to th
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -25,7 +26,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -179,7 +180,7 @@ def _merge_shard(
                 weight = _read_tensor(reader, info, end - begin, source.name, name)
                 tracker.track(weight)
                 _add_delta(weight, delta, scale)
-                writer.write(memoryview(weight.reshape(-1).view(torch.uint8).numpy()))
+                writer.write(weight.reshape(-1).view(torch.uint8).numpy().data)
                 merged[name] = end - begin
                 del weight
             position = end
@@ -187,7 +188,7 @@ def _merge_shard(
 
 
 def _read_tensor(
-    reader: IO[bytes], info: dict[str, Any], size: int, shard: str, name: str
+    reader: io.BufferedReader, info: dict[str, Any], size: int, shard: str, name: str
 ) -> torch.Tensor:
     dtype = DTYPES.get(info["dtype"])
     if dtype is None:
@@ -222,7 +223,7 @@ def _add_delta(weight: torch.Tensor, delta: LoraDelta, scale: float) -> None:
             del change, block
 
 
-def _copy(reader: IO[bytes], writer: IO[bytes], size: int) -> None:
+def _copy(reader: BinaryIO, writer: BinaryIO, size: int) -> None:
     while size > 0:
         chunk = reader.read(min(COPY_CHUNK, size))
         if not chunk:
