@@ -22,6 +22,7 @@ from orchestrator.idempotency import IdempotencyKeys
 from orchestrator.scheduling.sizing import HostSizing
 from orchestrator.settings import Settings
 from orchestrator.store import JobStore
+from orchestrator.store.listener import listen_for_changes
 from orchestrator.webhooks import WebhookDeliverer
 
 
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         engine = make_engine(settings.database_url)
         migrate(engine)
         store = JobStore(engine)
+        # PostgreSQL: other processes' new jobs and events wake this one's waiters.
+        listener = listen_for_changes(engine, store.changes)
         objects = open_object_store(settings.object_store_config)
         app.state.services = Services(
             settings=settings,
@@ -103,6 +106,8 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
                 deliverer.stop()
             if scheduler is not None:
                 scheduler.stop()
+            if listener is not None:
+                listener.stop()
             engine.dispose()
 
     app = FastAPI(

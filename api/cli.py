@@ -141,6 +141,7 @@ def run_scheduler(
     from orchestrator.scheduling.scheduler import Scheduler
     from orchestrator.settings import Settings
     from orchestrator.store import JobStore
+    from orchestrator.store.listener import listen_for_changes
     from orchestrator.webhooks import WebhookDeliverer
 
     configure_logging()
@@ -154,6 +155,8 @@ def run_scheduler(
         typer.echo(f"lorafleet scheduler: not starting: {said(exc)}", err=True)
         raise typer.Exit(1) from None
     store = JobStore(engine)
+    # On PostgreSQL a new job from any API replica wakes this scheduler (LISTEN/NOTIFY).
+    listener = listen_for_changes(engine, store.changes)
     loop = Scheduler(settings, store, objects, RayConnection(settings))
     deliverer = WebhookDeliverer(settings, engine)
     if metrics_port:
@@ -169,6 +172,8 @@ def run_scheduler(
         pass
     deliverer.stop()
     loop.stop()
+    if listener is not None:
+        listener.stop()
 
 
 @keys.command("create")

@@ -221,6 +221,12 @@ class PackHosts(Protocol):
         (its poll stays outstanding, and is not sent again until it answers)."""
         ...
 
+    def wait_for_news(self, timeout: float) -> bool:
+        """Waits at most `timeout` for news from any host since the last call: a job's first
+        step, any event but metrics, a host that ended. True: the scheduler should poll now
+        (its tick) rather than at its interval. Called from one thread of its own."""
+        ...
+
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         """Cancels a job at the next step boundary; `STOP_ALL` ends the host (jobs cancelled)."""
         ...

@@ -42,6 +42,8 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 Limit = Annotated[int, Query(ge=1, le=100)]
 METADATA_FILTER = re.compile(r"metadata\[(.+)\]")
+# A live stream wakes when its job's events commit (orchestrator.store.changes, from any
+# process on PostgreSQL); this poll is only the fallback.
 LIVE_POLL_SECONDS = 0.5
 
 
@@ -219,18 +221,20 @@ async def _live_events(
         # Event ids are opaque to clients; their order is the job's own event number.
         past = await asyncio.to_thread(services.store.events_since, job_id, 0)
         seen = next((row.job_seq for row in past if row.id == resume_after), 0)
-    while True:
-        # Read the status before the events: a job seen terminal has all its events stored.
-        # Store calls block: in a thread, so open streams never stall other requests.
-        job = await asyncio.to_thread(services.store.get_job, tenant, job_id)
-        terminal = JobStatus(job.status).is_terminal()
-        for row in await asyncio.to_thread(services.store.events_since, job_id, seen):
-            seen = row.job_seq
-            yield f"id: {row.id}\ndata: {event_object(row).model_dump_json()}\n\n"
-        if terminal:
-            yield "data: [DONE]\n\n"
-            return
-        await asyncio.sleep(LIVE_POLL_SECONDS)
+    with services.store.changes.watching_events(job_id) as woken:
+        while True:
+            woken.clear()  # before reading: an event committed from here on wakes the wait
+            # Read the status before the events: a job seen terminal has all its events
+            # stored. Store calls block: in a thread, so open streams never stall others.
+            job = await asyncio.to_thread(services.store.get_job, tenant, job_id)
+            terminal = JobStatus(job.status).is_terminal()
+            for row in await asyncio.to_thread(services.store.events_since, job_id, seen):
+                seen = row.job_seq
+                yield f"id: {row.id}\ndata: {event_object(row).model_dump_json()}\n\n"
+            if terminal:
+                yield "data: [DONE]\n\n"
+                return
+            await woken.wait(LIVE_POLL_SECONDS)
 
 
 @router.get(

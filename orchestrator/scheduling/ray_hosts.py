@@ -36,6 +36,9 @@ from orchestrator.settings import Settings
 from workers.runtime.placement_groups import release_orphaned_placement_groups
 
 START_TIMEOUT_S = 60
+# A host answers a news wait at most this late (a long poll, workers.host.pack_host):
+# bounded, so a host that went away is not waited on for long.
+NEWS_WAIT_S = 10.0
 
 Outstanding = dict[str, tuple[Any, float]]  # host id -> (a call's reference, when sent)
 
@@ -56,6 +59,11 @@ class RayHosts:
         self._polls: Outstanding = {}
         self._finished: Outstanding = {}
         self._failing: dict[str, float] = {}  # host -> since when its polls fail
+        # News waits (`wait_for_news`, on the scheduler's news thread only): the call out
+        # to each host, and the news count each last said.
+        self._news_calls: dict[str, Any] = {}
+        self._news_seen: dict[str, int] = {}
+        self._news_failed: dict[str, float] = {}  # host -> when its news wait last failed
 
     def _actor(self, host_id: str) -> Any | None:
         try:
@@ -172,6 +180,44 @@ class RayHosts:
         if old:
             ready += ray.wait(old, num_returns=len(old), timeout=0)[0]
         return set(ready)
+
+    def wait_for_news(self, timeout: float) -> bool:
+        """One long poll out to each host at a time (`PackHost.wait_news`, answered as soon
+        as its news count moves); waits up to `timeout` for any answer. A host's first
+        answer only says where its count stands; a host that died is news."""
+        hosts = self.list_hosts()
+        for host_id in set(self._news_calls) - set(hosts):
+            del self._news_calls[host_id]
+        for book in (self._news_seen, self._news_failed):
+            for host_id in set(book) - set(hosts):
+                del book[host_id]
+        for host_id in hosts:
+            failed = self._news_failed.get(host_id)
+            if host_id in self._news_calls or (failed and time.time() - failed < NEWS_WAIT_S):
+                continue  # one that failed is asked again later, not in a tight loop
+            actor = self._actor(host_id)
+            if actor is not None and hasattr(actor, "wait_news"):  # an older host has none
+                seen = self._news_seen.get(host_id, -1)
+                self._news_calls[host_id] = actor.wait_news.remote(seen, NEWS_WAIT_S)
+        if not self._news_calls:
+            time.sleep(timeout)
+            return False
+        host_of = {ref: host_id for host_id, ref in self._news_calls.items()}
+        ready, _ = ray.wait(list(host_of), num_returns=1, timeout=timeout)
+        news = False
+        for ref in ready:
+            host_id = host_of[ref]
+            del self._news_calls[host_id]
+            try:
+                count = int(ray.get(ref))
+            except ray.exceptions.RayError:  # gone or failing: the tick's poll says which
+                self._news_seen.pop(host_id, None)
+                self._news_failed[host_id] = time.time()
+                news = True
+                continue
+            news = news or self._news_seen.get(host_id, count) != count
+            self._news_seen[host_id] = count
+        return news
 
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         actor = self._actor(host_id)

@@ -38,6 +38,11 @@ from orchestrator.tinker.store import TinkerStore
 log = logging.getLogger(__name__)
 
 
+# Between ticks the loop waits for a wake-up, the poll interval at most: a new job (the
+# store's, from any process on PostgreSQL: orchestrator.store.changes) or a host's news (a
+# job's first step, its end: `PackHosts.wait_for_news`, waited for on a thread of its own
+# in rounds of this many seconds, so a host started meanwhile is heard from soon).
+NEWS_ROUND_S = 0.5
 LOCK_POLL_S = 0.2  # how often a scheduler waiting for the SQLite lock tries again
 LOCK_REMIND_S = 60.0  # and how often it says again whom it waits for
 STOP_JOIN_S = 5.0  # how long a stop waits for a tick under way before ending Ray beneath it
@@ -138,7 +143,10 @@ class Scheduler:
             if hosts is None
             else None
         )
+        self._wake = threading.Event()  # set: tick now, not at the end of the poll interval
         self._thread: threading.Thread | None = None
+        self._news_thread: threading.Thread | None = None
+        self._hosts_on_ray = hosts is None  # news is asked of Ray's hosts once connected
         self._lock: IO[str] | None = None  # SQLite's one-scheduler lock, once held
         self._store_away = False  # the object store failed the last tick (logged once)
         self._database_away = False
@@ -157,9 +165,33 @@ class Scheduler:
         self._lock = hold_single_scheduler_lock(self.settings.database_url, self._stop)
         if self.tinker is not None and not self._stop.is_set():
             self.tinker.start()
+        self._news_thread = threading.Thread(
+            target=self._hear_from_hosts, name="host-news", daemon=True
+        )
+        self._news_thread.start()
+        with self.store.changes.on_new_jobs(self._wake.set):
+            while not self._stop.is_set():
+                self._wake.clear()  # a wake-up during the tick means one more tick at once
+                self.tick_safely()
+                self._wake.wait(self.settings.scheduler_poll_seconds)
+
+    def _hear_from_hosts(self) -> None:
+        """Wakes the loop when a host has news (`PackHosts.wait_for_news`): a job's first
+        step reaches the database within a tick, not a poll interval."""
+        failing = False
         while not self._stop.is_set():
-            self.tick_safely()
-            self._stop.wait(self.settings.scheduler_poll_seconds)
+            if self._hosts_on_ray and not self.ray.connected():
+                self._stop.wait(NEWS_ROUND_S)  # the loop's first tick connects
+                continue
+            try:
+                if self.host_scheduling.hosts.wait_for_news(NEWS_ROUND_S):
+                    self._wake.set()
+                failing = False
+            except Exception as exc:  # the tick's poll still runs; said once per failure
+                if not failing and not self._stop.is_set():
+                    log.warning("asking pack hosts for news failed (polls only): %s", exc)
+                failing = True
+                self._stop.wait(self.settings.scheduler_poll_seconds)
 
     def tick_safely(self) -> bool:
         """One tick that never raises: the loop goes on and the next tick retries. Every
@@ -203,9 +235,12 @@ class Scheduler:
         self._stop.set()
         if self.tinker is not None:  # out of Ray's calls before Ray ends
             self.tinker.stop()
+        self._wake.set()
         self.ray.abandon_start()  # a Ray still starting (on a loaded machine, 30 s) ends now
         if self._thread is not None:
             self._thread.join(timeout=STOP_JOIN_S)
+        if self._news_thread is not None:  # out of Ray's calls before Ray ends
+            self._news_thread.join(timeout=STOP_JOIN_S)
         self.ray.close()
         if self._lock is not None and not (self._thread and self._thread.is_alive()):
             self._lock.close()  # a scheduler waiting for it may start now

@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, Select, delete, func, or_, select, update
+from sqlalchemy import Engine, Select, delete, event, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import NotFound, RateLimited
 from orchestrator.states import JobStatus
+from orchestrator.store.changes import Changes, forget_uncommitted, job_added, say_committed
 from orchestrator.store.job_reads import JobFields, JobReads
 from orchestrator.store.rows import add_events, new_id, now
 from orchestrator.store.rows import event_row as _event
@@ -40,6 +41,10 @@ class JobStore(JobTransitions):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        # New jobs and events wake this process's waiters as they commit (store/changes.py).
+        self.changes = Changes()
+        event.listen(self.sessions, "after_commit", lambda s: say_committed(self.changes, s))
+        event.listen(self.sessions, "after_rollback", forget_uncommitted)
 
     # ---- files ----
     def add_file(self, row: FileRow, idempotency: Idempotency | None = None) -> FileRow:
@@ -97,6 +102,7 @@ class JobStore(JobTransitions):
                         "(the limit); wait for some to finish or cancel them"
                     )
             add_events(session, row.id, [_event(row.id, message, data={"status": row.status})])
+            job_added(session, row.id)  # wakes the scheduler (NOTIFY on PostgreSQL)
             if idempotency:
                 _record(session, idempotency, row)
         return row

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
+from orchestrator.store.changes import events_added
 from orchestrator.tables import JobEventRow, JobRow
 
 
@@ -47,6 +48,8 @@ def add_events(session: Session, job_id: str, events: list[JobEventRow]) -> None
     sees a number below n appear later. Each INSERT computes its number itself: on SQLite an
     INSERT takes the write lock before it reads, so no other writer can come between."""
     session.execute(select(JobRow.id).where(JobRow.id == job_id).with_for_update())
+    if events:
+        events_added(session, job_id)  # its live streams wake on commit
     for event in events:
         following = (
             select(func.coalesce(func.max(JobEventRow.job_seq), 0) + 1)

@@ -12,6 +12,7 @@ object store as the real host does, so the scheduler's verification of it runs f
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,11 @@ class InMemoryHosts:
             else:
                 answers[host_id] = self.poll(host_id, jobs)
         return answers
+
+    def wait_for_news(self, timeout: float) -> bool:
+        """No news: a test drives the fake workers' steps and the ticks itself."""
+        threading.Event().wait(timeout)
+        return False
 
     def stop(self, host_id: str, job_id: str = STOP_ALL) -> None:
         self.calls.append(("stop", host_id))

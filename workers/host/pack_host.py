@@ -54,6 +54,10 @@ class PackHost:
         self.setup_failed = False  # a setup phase of the workers passed its time limit
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # News the scheduler waits for (`wait_news`): counted up on what it should store at
+        # once (a job's first step, any other event but metrics, the host's end).
+        self.news = 0
+        self._news = threading.Condition(self._lock)
 
     # ---- life ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,6 +94,7 @@ class PackHost:
         finally:
             with self._lock:
                 self.membership.alive, self.membership.ending = False, True
+                self._tell_news()
 
     # ---- called by the scheduler ---------------------------------------------------------
     def admit(self, request: AdmissionRequest) -> AdmissionResult:
@@ -150,6 +155,30 @@ class PackHost:
     def finished(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()
 
+    def wait_news(self, seen: int, timeout: float) -> int:
+        """The news count once it differs from `seen` (the caller's last), or after
+        `timeout`: a long poll, so the scheduler stores a job's first step (or its end)
+        as it happens rather than at its next poll."""
+        with self._news:
+            self._news.wait_for(lambda: self.news != seen, timeout=timeout)
+            return self.news
+
+    def _tell_news(self) -> None:
+        """Called holding the lock."""
+        self.news += 1
+        self._news.notify_all()
+
+    def _is_news(self, events: list[dict[str, Any]]) -> bool:
+        """Whether the workers' events (not yet recorded) hold something worth a wake-up:
+        anything but a metrics event, or a job's first metrics event on this host."""
+        for event in events:
+            if event.get("type") != "metrics":
+                return True
+            member = self.membership.members.get(event.get("job_id") or "")
+            if member is not None and member.steps_done == 0:
+                return True
+        return False
+
     # ---- called by rank 0 of the workers -------------------------------------------------
     def begin_attempt(
         self, worker_pids: list[int], worker_nodes: list[dict[str, str]] | None = None
@@ -189,11 +218,14 @@ class PackHost:
             self.membership.ending = True
             for member in self.membership.running():
                 self.membership.fail(member, error, "setup_timeout", phase=phase)
+            self._tell_news()
 
     def step_boundary(self, events: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
         """Once per step from rank 0: the step's events in, membership changes out."""
         with self._lock:
             self.memory = status.get("memory", self.memory)
+            if self._is_news(events):
+                self._tell_news()  # the waiter runs once the lock is let go, recorded
             self.requests.answer(status.get("request_answers", []), status.get("request_models"))
             changes = self.membership.step_boundary(events, status)
             changes["requests"] = self.requests.take()

@@ -1,0 +1,147 @@
+"""Wake-ups instead of polls: what the store committed (a new job, a job's new events) is
+said at once to whoever waits for it in this process, the scheduler's loop and the API's
+live event streams. Commits of this process say it directly (`JobStore`'s after-commit
+hook); on PostgreSQL the same commits also `NOTIFY`, and `orchestrator.store.listener`
+carries other processes' notifications here. Waiters keep their poll as the fallback: a
+wake-up only shortens a wait, so one lost (an outage, SQLite across processes) costs a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+JOBS_CHANNEL = "lorafleet_jobs"  # payload: a new job's id
+EVENTS_CHANNEL = "lorafleet_events"  # payload: the id of a job with new events
+EVERY_JOB = "*"  # "any job may have new events" (notifications were lost: a reconnect)
+
+# What a session has written, kept in `session.info` until it commits.
+_NEW_JOBS = "lorafleet_new_jobs"
+_EVENTS_OF = "lorafleet_events_of"
+
+
+class Changes:
+    """In-process wake-ups. Thread-safe; callbacks run on the committing (or listening)
+    thread, so they only set a flag."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job_waiters: list[Callable[[], None]] = []
+        self._event_waiters: dict[str, list[Callable[[], None]]] = defaultdict(list)
+
+    # ---- saying ----
+    def new_jobs(self) -> None:
+        with self._lock:
+            waiters = list(self._job_waiters)
+        for wake in waiters:
+            wake()
+
+    def new_events(self, job_ids: Iterable[str]) -> None:
+        with self._lock:
+            ids = set(job_ids)
+            if EVERY_JOB in ids:
+                waiters = [w for ws in self._event_waiters.values() for w in ws]
+            else:
+                waiters = [w for job_id in ids for w in self._event_waiters.get(job_id, ())]
+        for wake in waiters:
+            wake()
+
+    def everything(self) -> None:
+        """Notifications may have been lost (the listener reconnected): every waiter looks."""
+        self.new_jobs()
+        self.new_events([EVERY_JOB])
+
+    # ---- waiting ----
+    @contextmanager
+    def on_new_jobs(self, wake: Callable[[], None]) -> Iterator[None]:
+        """`wake()` is called on every new job while the block runs."""
+        with self._lock:
+            self._job_waiters.append(wake)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._job_waiters.remove(wake)
+
+    @contextmanager
+    def watching_events(self, job_id: str) -> Iterator[EventWait]:
+        """An asyncio-side wait for the job's new events, registered for the block: clear
+        it, read, then `await wait(timeout)`; an event committed meanwhile is not missed."""
+        waiting = EventWait(asyncio.get_running_loop())
+        with self._lock:
+            self._event_waiters[job_id].append(waiting.wake)
+        try:
+            yield waiting
+        finally:
+            with self._lock:
+                waiters = self._event_waiters[job_id]
+                waiters.remove(waiting.wake)
+                if not waiters:
+                    del self._event_waiters[job_id]
+
+
+class EventWait:
+    """A flag set from any thread and awaited on one event loop (a live stream's)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.flag = asyncio.Event()
+
+    def wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: its stream is gone
+            self.loop.call_soon_threadsafe(self.flag.set)
+
+    def clear(self) -> None:
+        self.flag.clear()
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether a wake-up came before `timeout` (the poll that stays as a fallback)."""
+        try:
+            await asyncio.wait_for(self.flag.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+# ---- what the store's writes leave in their session (orchestrator.store) ----
+def job_added(session: Session, job_id: str) -> None:
+    """A new job in this transaction: the scheduler is woken when it commits."""
+    _notify(session, JOBS_CHANNEL, job_id)
+    session.info.setdefault(_NEW_JOBS, set()).add(job_id)
+
+
+def events_added(session: Session, job_id: str) -> None:
+    """New events of the job in this transaction: its live streams wake when it commits."""
+    seen = session.info.setdefault(_EVENTS_OF, set())
+    if job_id not in seen:  # one notification per job per transaction
+        _notify(session, EVENTS_CHANNEL, job_id)
+        seen.add(job_id)
+
+
+def _notify(session: Session, channel: str, payload: str) -> None:
+    # PostgreSQL delivers it to every listener when (and only if) the transaction commits.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(channel, payload)))
+
+
+def say_committed(changes: Changes, session: Session) -> None:
+    """After a commit: wake this process's waiters for what the session wrote."""
+    new_jobs = session.info.pop(_NEW_JOBS, None)
+    events_of = session.info.pop(_EVENTS_OF, None)
+    if new_jobs:
+        changes.new_jobs()
+    if events_of:
+        changes.new_events(events_of)
+
+
+def forget_uncommitted(session: Session) -> None:
+    """After a rollback: nothing of it happened."""
+    session.info.pop(_NEW_JOBS, None)
+    session.info.pop(_EVENTS_OF, None)
