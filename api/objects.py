@@ -66,7 +66,7 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "suffix": row.suffix,
         "user_provided_suffix": row.suffix,
         "metadata": row.user_metadata,
-        "integrations": [],
+        "integrations": [i.model_dump(mode="json") for i in settings.integrations],
         "lora": settings.lora.model_dump(mode="json"),
         "training": settings.training.model_dump(mode="json"),
         "resources": settings.resources.model_dump(mode="json"),

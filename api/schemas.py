@@ -122,6 +122,23 @@ class ResourceOptions(Strict):
     )
 
 
+class WandbOptions(Strict):
+    """OpenAI's `wandb` integration: the W&B project (and optionally run name, entity and
+    tags) the pack host logs the job's metrics to."""
+
+    project: str = Field(min_length=1, max_length=128, pattern=NO_NUL)
+    name: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
+    entity: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]] | None = (
+        Field(default=None, max_length=20)
+    )
+
+
+class IntegrationOption(Strict):
+    type: Literal["wandb"]
+    wandb: WandbOptions
+
+
 class FineTuningJobCreate(Strict):
     model: str = Field(min_length=1, max_length=256, pattern=NO_NUL)
     training_file: str = Field(min_length=1, max_length=64, pattern=NO_NUL)
@@ -139,7 +156,12 @@ class FineTuningJobCreate(Strict):
     hyperparameters: Hyperparameters | None = Field(
         default=None, description="Deprecated by OpenAI in favour of method; still accepted."
     )
-    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=0)
+    integrations: list[IntegrationOption] | None = Field(
+        default=None,
+        max_length=1,
+        description="Weights & Biases (`type: wandb`), where the server has `wandb` installed "
+        "(the `wandb` extra); else the job is refused (400, param `integrations`).",
+    )
     from_checkpoint: str | None = Field(
         default=None,
         max_length=128,

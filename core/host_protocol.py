@@ -78,6 +78,8 @@ class HostSpec:
     max_job_restarts: int = 2  # worker failures each job survives (per job, not per host)
     loss_chunk_tokens: int = 4096  # the loss's fp32 logits are made this many tokens at a time
     gradient_checkpointing: bool = False  # recompute the base's activations in backward
+    # Weights & Biases' run folders (data_dir/wandb): where an offline run is written.
+    wandb_dir: Path | None = None
     # A finished job's adapter waits this long for a store that is away before it fails.
     publish_retry_seconds: float = 600.0
     # Per setup phase of the workers (SETUP_PHASES); past it the host's jobs fail with

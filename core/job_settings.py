@@ -81,6 +81,22 @@ class StartFrom(_Frozen):
     adapter_prefix: str  # where its PEFT adapter is in the object store
 
 
+class WandbSettings(_Frozen):
+    """Where a job's metrics go in Weights & Biases (OpenAI's `integrations[].wandb`)."""
+
+    project: str
+    name: str | None = None  # the run's display name; None: the job's id
+    entity: str | None = None  # team or user; None: the API key's default entity
+    tags: tuple[str, ...] = ()
+
+
+class Integration(_Frozen):
+    """One of `integrations`: the pack host logs the job's metrics there as it trains."""
+
+    type: Literal["wandb"] = "wandb"
+    wandb: WandbSettings
+
+
 class JobSettings(_Frozen):
     version: int = SETTINGS_VERSION
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -88,6 +104,7 @@ class JobSettings(_Frozen):
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
     packing: bool = True  # False: a pack host of its own that admits no one else
     from_checkpoint: StartFrom | None = None
+    integrations: tuple[Integration, ...] = ()
 
     @classmethod
     def stored(cls, data: dict[str, Any] | JobSettings) -> JobSettings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.job_settings import LoraSettings
+from core.job_settings import Integration, LoraSettings
 from core.job_settings import TrainingSettings as StoredTrainingSettings
 
 
@@ -28,6 +28,8 @@ class JobSpec:
     # Object-store folder of a PEFT adapter to start from (from_checkpoint), or None.
     start_from: str | None = None
     start_from_name: str | None = None
+    # Where the host also logs the job's metrics (workers/host/integrations.py).
+    integrations: tuple[Integration, ...] = ()
 
 
 __all__ = ["JobSpec", "LoraSettings", "TrainingSettings"]

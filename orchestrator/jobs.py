@@ -15,6 +15,7 @@ from typing import Any
 
 from core.job_settings import (
     BASE_LEARNING_RATE,
+    Integration,
     JobSettings,
     LoraSettings,
     ResourceSettings,
@@ -28,6 +29,7 @@ from core.spec import JobSpec
 from core.spec import TrainingSettings as HostTraining
 from orchestrator.errors import Conflict, InvalidRequest, InvalidTransition, NotFound
 from orchestrator.idempotency import Idempotency
+from orchestrator.integrations import check_integrations
 from orchestrator.scheduling.admission import max_priority
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
@@ -56,6 +58,7 @@ class NewJob:
     lora_given: bool = False
     priority: int = 0  # among waiting jobs, higher first
     max_runtime: int | None = None  # seconds; past it the job fails with `timeout`
+    integrations: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape
 
 
 def resolve_settings(
@@ -82,6 +85,7 @@ def resolve_settings(
             use_gpu=request.resources.get("use_gpu"),
         ),
         packing=request.packing,
+        integrations=tuple(Integration.model_validate(i) for i in request.integrations),
     )
 
 
@@ -126,6 +130,7 @@ def create_job(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
     resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
+    check_integrations(resolved.integrations)
     if resolved.training.early_stopping_patience and request.validation_file is None:
         raise InvalidRequest(
             "training.early_stopping_patience needs a validation_file (it watches the "
@@ -272,6 +277,7 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         training=HostTraining(**job.settings.training.model_dump(), seed=job.seed),
         start_from=start.adapter_prefix if start else None,
         start_from_name=start.checkpoint if start else None,
+        integrations=job.settings.integrations,
     )
 
 
@@ -287,4 +293,5 @@ def training_fields(settings: Settings) -> dict[str, Any]:
         "checkpoint_keep_last": settings.checkpoint_keep_last,
         "loss_chunk_tokens": settings.loss_chunk_tokens,
         "gradient_checkpointing": settings.gradient_checkpointing,
+        "wandb_dir": (settings.data_dir / "wandb").resolve(),
     }

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Weights & Biases runs (a job's `integrations`) are written to disk, never sent: set before
+# the session's Ray starts, so its pack hosts inherit it.
+os.environ.setdefault("WANDB_MODE", "offline")
 # Starlette's TestClient sends `Host: testserver`: an in-process name, served in open mode
 # beside the loopback names (production serves loopback names only).
 os.environ.setdefault(

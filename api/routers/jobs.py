@@ -85,6 +85,7 @@ def create(
         priority=body.priority,
         max_runtime=body.max_runtime,
         lora_given="lora" in body.model_fields_set,
+        integrations=[i.model_dump(exclude_none=True) for i in body.integrations or []],
     )
 
     if not idempotency_key:

@@ -27,7 +27,9 @@ from core.host_protocol import (
     NodeRef,
 )
 from core.run_states import STOP_ALL
-from workers.host.membership import Membership
+from core.spec import JobSpec
+from workers.host.integrations import IntegrationRuns
+from workers.host.membership import RUNNING, Membership
 from workers.host.requests import RequestQueue
 from workers.runtime.ray_trainer import FitFailure, trainer_for
 
@@ -58,6 +60,7 @@ class PackHost:
         # once (a job's first step, any other event but metrics, the host's end).
         self.news = 0
         self._news = threading.Condition(self._lock)
+        self.integrations = IntegrationRuns(spec.wandb_dir)
 
     # ---- life ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,6 +98,7 @@ class PackHost:
             with self._lock:
                 self.membership.alive, self.membership.ending = False, True
                 self._tell_news()
+            self.integrations.finish_all()
 
     # ---- called by the scheduler ---------------------------------------------------------
     def admit(self, request: AdmissionRequest) -> AdmissionResult:
@@ -221,15 +225,40 @@ class PackHost:
             self._tell_news()
 
     def step_boundary(self, events: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
-        """Once per step from rank 0: the step's events in, membership changes out."""
+        """Once per step from rank 0: the step's events in, membership changes out. The
+        events the membership kept then go to the jobs' integrations (outside the lock: a
+        W&B call may be slow, and poll must not wait for it)."""
         with self._lock:
             self.memory = status.get("memory", self.memory)
             if self._is_news(events):
                 self._tell_news()  # the waiter runs once the lock is let go, recorded
             self.requests.answer(status.get("request_answers", []), status.get("request_models"))
+            seen = {job_id: len(m.events) for job_id, m in self.membership.members.items()}
             changes = self.membership.step_boundary(events, status)
             changes["requests"] = self.requests.take()
-            return changes
+            kept = [
+                (m.request.job, m.events[seen.get(job_id, 0) :], m.state is not RUNNING)
+                for job_id, m in self.membership.members.items()
+            ]
+        self._integrations(kept)
+        return changes
+
+    def _integrations(self, kept: list[tuple[JobSpec, list[dict[str, Any]], bool]]) -> None:
+        """Each job's new events to its integrations; a job that ended (or left the host)
+        finishes its run. A logging failure is said once, in that job's events."""
+        for job, new, ended in kept:
+            problem = self.integrations.log(job, new)
+            if problem is not None:
+                with self._lock:
+                    member = self.membership.members.get(job.job_id)
+                    if member is not None:
+                        self.membership.append(member, "integration_failed", problem)
+                        member.events[-1]["level"] = "warn"
+            if ended:
+                self.integrations.finish(job.job_id)
+        here = {job.job_id for job, _, ended in kept if not ended}
+        for job_id in set(self.integrations.runs) - here:
+            self.integrations.finish(job_id)
 
     # ---- called by the scheduler's Tinker dispatcher (orchestrator.tinker.dispatch) -------
     def tinker_submit(self, requests: list[dict[str, Any]]) -> None:
