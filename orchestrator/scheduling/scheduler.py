@@ -21,12 +21,12 @@ from sqlalchemy.exc import DBAPIError
 from core.host_protocol import PackHosts
 from core.object_keys import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore, ObjectStoreUnavailable
+from orchestrator.merges import MergeRunner, MergeScheduling
 from orchestrator.metrics import Capacity, memory_by_shape, record_capacity
 from orchestrator.scheduling.host_scheduling import HostScheduling
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.ray_nodes import ray_node_memory
-from orchestrator.merges import MergeRunner, MergeScheduling
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
