@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from core.host_protocol import HOST_PREFIX, HostReport, host_actor_name
 from orchestrator.settings import Settings
@@ -78,11 +78,11 @@ def hosts_seen(namespace: str) -> list[HostSeen]:
         for entry in ray.util.list_named_actors(all_namespaces=True)
         if entry["namespace"] == namespace and entry["name"].startswith(HOST_PREFIX)
     ]
-    seen = []
+    seen: list[HostSeen] = []
     for host_id in sorted(named):
         try:
             actor = ray.get_actor(host_actor_name(host_id), namespace=namespace)
-            report: dict[str, Any] = ray.get(actor.poll.remote({}), timeout=POLL_TIMEOUT_S)
+            report = cast(dict[str, Any], ray.get(actor.poll.remote({}), timeout=POLL_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - gone or silent: nothing of it to drain
             continue
         nodes = {n["node_id"] for n in report.get("worker_nodes", [])}
@@ -143,9 +143,12 @@ def _ray_drain_node(node_id: str, why: str) -> None:
     import ray
     from ray.core.generated import autoscaler_pb2
 
-    client = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
-    accepted, refusal = client.drain_node(
-        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), why, 0
+    client = ray._raylet.GcsClient(  # type: ignore[attr-defined]
+        address=ray.get_runtime_context().gcs_address
     )
+    reason = autoscaler_pb2.DrainNodeReason.Value(  # type: ignore[attr-defined]
+        "DRAIN_NODE_REASON_PREEMPTION"
+    )
+    accepted, refusal = client.drain_node(node_id, reason, why, 0)
     if not accepted:
         raise RuntimeError(f"Ray refused to drain node {node_id}: {refusal}")
