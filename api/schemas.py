@@ -65,6 +65,20 @@ class LoraOptions(Strict):
 
 class TrainingOptions(Strict):
     max_seq_len: int | None = Field(default=None, ge=8, le=131072)
+    n_evals: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Evaluations of validation_file on a sample over the run (default 10); "
+        "the whole file is evaluated at the end.",
+    )
+    early_stopping_patience: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Stop when the validation loss has not improved for this many "
+        "evaluations; the best checkpoint becomes the adapter. Needs validation_file.",
+    )
     learning_rate: float | None = Field(
         default=None, gt=0, le=1, description="Overrides learning_rate_multiplier."
     )

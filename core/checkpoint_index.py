@@ -60,12 +60,19 @@ def list_checkpoints(
 
 
 def prune_checkpoints(
-    store: ObjectStore, tenant: str, job_id: str, attempt: int, keep_last: int
+    store: ObjectStore,
+    tenant: str,
+    job_id: str,
+    attempt: int,
+    keep_last: int,
+    keep_step: int | None = None,
 ) -> None:
     """Removes all but the newest `keep_last` checkpoints of attempts ≤ `attempt` (never a
-    newer attempt's); the manifest goes first, so a half-deleted checkpoint is never taken
-    for a complete one."""
+    newer attempt's), and never one at step `keep_step` (early stopping's best); the
+    manifest goes first, so a half-deleted checkpoint is never taken for a complete one."""
     for info in list_checkpoints(store, tenant, job_id, up_to_attempt=attempt)[keep_last:]:
+        if info.step == keep_step:
+            continue
         store.delete(info.prefix + MANIFEST)
         for key in store.list(info.prefix):
             store.delete(key)

@@ -66,6 +66,12 @@ class TrainingSettings(_Frozen):
     gradient_clip: float = 1.0  # per job, over its own factors' gradients; 0 turns it off
     max_seq_len: int = 1024
     weight_decay: float = 0.0  # AdamW's decoupled weight decay on the LoRA factors
+    # Evaluations on a sample of the validation file, evenly spaced over the run (the last
+    # at its end, followed by one over the whole file); 0: only that one at the end.
+    n_evals: int = 10
+    # Stop once the sampled validation loss has not improved for this many evaluations, and
+    # publish the best checkpoint; None: never stop early.
+    early_stopping_patience: int | None = None
     precision: Precision | None = None  # resolved at launch (see the module docstring)
 
 

@@ -23,6 +23,8 @@ class JobSpec:
     base_model: str  # the catalog name, written into adapter_config.json
     base_model_uri: str  # local folder or s3:// URI of a Hugging Face model + tokenizer
     training_file_key: str
+    # The validation file's key, evaluated as the job trains (workers/host/evaluation.py).
+    validation_file_key: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     # Object-store folder of a PEFT adapter to start from (from_checkpoint), or None.

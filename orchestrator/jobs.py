@@ -130,6 +130,12 @@ def create_job(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
     resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
+    if resolved.training.early_stopping_patience and request.validation_file is None:
+        raise InvalidRequest(
+            "training.early_stopping_patience needs a validation_file (it watches the "
+            "validation loss)",
+            param="training.early_stopping_patience",
+        )
     check_integrations(resolved.integrations)
     if resolved.training.early_stopping_patience and request.validation_file is None:
         raise InvalidRequest(
@@ -270,6 +276,9 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         base_model=job.model,
         base_model_uri=settings.base_models[job.model],
         training_file_key=file_key(job.tenant, job.training_file),
+        validation_file_key=(
+            file_key(job.tenant, job.validation_file) if job.validation_file else None
+        ),
         validation_file_key=(
             file_key(job.tenant, job.validation_file) if job.validation_file else None
         ),

@@ -147,7 +147,8 @@ def observe_training(job_created_at: int, events: list[dict[str, Any]]) -> None:
         data = event.get("data") or {}
         if event.get("type") == "published" and data.get("publish_seconds") is not None:
             PUBLISH_SECONDS.observe(data["publish_seconds"])
-        if event.get("type") != "metrics" or "step" not in data:
+        # An evaluation's metrics event (workers/host/evaluating.py) is no training step.
+        if event.get("type") != "metrics" or "step" not in data or "evaluation" in data:
             continue
         TRAINED_STEPS.inc()
         if data.get("step_seconds") is not None:

@@ -19,6 +19,7 @@ from core.objectstore import ObjectStore
 from core.spec import JobSpec
 from workers.data.batching import micro_batch_per_rank, plan_batches, rank_share
 from workers.data.tokenization import TokenizedExample, tokenize_example
+from workers.host.evaluation import Validation, evaluation_steps, sample_indices
 from workers.lora.packed_layer import SlotConfig
 from workers.training.schedules import schedule_of
 
@@ -51,6 +52,8 @@ class JobSlot:
     params: list[nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
     schedule: Any = None
+    last_accuracy: float | None = None  # train_mean_token_accuracy of the last step
+    validation: Validation | None = None  # None: the job has no validation file
     applied_learning_rate: float = 0.0
 
     @property
@@ -60,6 +63,11 @@ class JobSlot:
     @property
     def total_steps(self) -> int:
         return len(self.batches)
+
+    @property
+    def evaluating(self) -> bool:
+        """An evaluation of its adapter is under way: the job trains on once it is done."""
+        return self.validation is not None and bool(self.validation.queue)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -138,6 +146,8 @@ class JobSlot:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.trained_tokens = state["step"], state["trained_tokens"]
+        if self.validation is not None:
+            self.validation.restore(state.get("validation"))
 
     @property
     def learning_rate(self) -> float:
@@ -160,4 +170,35 @@ def load_job_slot(spec: JobSpec, store: ObjectStore, tokenizer: Any, world_size:
         )
     micro = micro_batch_per_rank(training.batch_size, world_size)
     batches = plan_batches(len(usable), micro * world_size, training.n_epochs, training.seed)
-    return JobSlot(spec=spec, examples=usable, batches=batches, micro_batch=micro)
+    slot = JobSlot(spec=spec, examples=usable, batches=batches, micro_batch=micro)
+    slot.validation = load_validation(spec, store, tokenizer, slot.total_steps, world_size)
+    return slot
+
+
+def load_validation(
+    spec: JobSpec, store: ObjectStore, tokenizer: Any, total_steps: int, world_size: int
+) -> Validation | None:
+    """The job's validation file, tokenized as its training file is; None when it has none."""
+    if spec.validation_file_key is None:
+        return None
+    training = spec.training
+    examples = parse_jsonl(store.get_bytes(spec.validation_file_key))
+    tokenized = [
+        tokenize_example(e, tokenizer, training.max_seq_len, training.train_on_inputs)
+        for e in examples
+    ]
+    usable = [t for t in tokenized if t.trained_tokens > 0]
+    if not usable:
+        raise TrainingDataError(
+            "validation_file: no example has a trained token within "
+            f"max_seq_len={training.max_seq_len}"
+        )
+    return Validation(
+        examples=usable,
+        sample=sample_indices(len(usable), training.seed),
+        steps=evaluation_steps(total_steps, training.n_evals),
+        # A chunk of the job's batch size per pack step: a forward without backward, a
+        # fraction of what its pack-mates' step costs anyway.
+        chunk_rows=max(training.batch_size, world_size),
+        patience=training.early_stopping_patience,
+    )

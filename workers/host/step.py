@@ -23,7 +23,11 @@ from workers.data.tokenization import collate
 from workers.host.failures import StepFailures, fail_agreed
 from workers.host.slot import JobSlot, SlotState
 from workers.lora.packed_layer import Routing
-from workers.training.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_next_token_loss
+from workers.training.chunked_loss import (
+    DEFAULT_CHUNK_TOKENS,
+    chunked_next_token_loss,
+    chunked_token_accuracy,
+)
 from workers.training.data_parallel import average_gradients
 
 # Ray writes a worker's logging to its log files, where operators look for tracebacks.
@@ -128,6 +132,7 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
             failures.check(slot, "crash")
     losses: dict[str, torch.Tensor] = {}
     tokens: dict[str, torch.Tensor] = {}
+    right: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens right, tokens counted)
     for group in width_groups(active):
         group_started = time.perf_counter()
         logits, labels, mask, rows = _group_forward(ctx, group, failures)
@@ -137,6 +142,10 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
             group, logits.split(rows), labels.split(rows), mask.split(rows), strict=True
         ):
             tokens[slot.job_id] = job_mask.sum()
+            # From the same logits, chunk by chunk, without gradient (train_mean_token_accuracy).
+            right[slot.job_id] = chunked_token_accuracy(
+                job_logits, job_labels, ctx.loss_chunk_tokens
+            )
             grads.append(_job_loss_grad(ctx, slot, job_logits, job_labels, failures, losses))
         # The base's backward, shared by the group (a collective under ZeRO-3): every rank
         # makes it whatever failed; a failed job's block carries no gradient.
@@ -188,6 +197,8 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
                     losses[s.job_id].detach().float(),
                     tokens[s.job_id].float(),
                     torch.tensor(float(s.job_id in failures.caught), device=ctx.device),
+                    right[s.job_id][0].float(),
+                    right[s.job_id][1].float(),
                 ]
             )
             for s in trained
@@ -198,13 +209,14 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     flags = [row[2] for row in reduced]
     failed = {s.job_id for s in fail_agreed(failures, trained, flags, ctx.report, ctx.world_size)}
     pack_tokens = sum(row[1] for row in reduced)
-    for slot, (loss_sum, slot_tokens, _) in zip(trained, reduced, strict=True):
+    for slot, (loss_sum, slot_tokens, _, slot_right, counted) in zip(trained, reduced, strict=True):
         if slot.job_id in failed:
             continue
         norm = norms[slot.job_id]
         mean_loss = loss_sum / ctx.world_size
         slot.trained_tokens += int(slot_tokens)
         slot.last_loss = mean_loss
+        slot.last_accuracy = slot_right / counted if counted else math.nan
         if not math.isfinite(mean_loss):
             fail_slot(
                 ctx,
@@ -220,6 +232,7 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
                 "step": slot.step,
                 "total_steps": slot.total_steps,
                 "train_loss": mean_loss,
+                "train_mean_token_accuracy": slot.last_accuracy,
                 "learning_rate": slot.learning_rate,
                 "grad_norm": norm,
                 "tokens_per_second": slot_tokens / elapsed,

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from core.host_protocol import HostSpec, host_actor_name
+from workers.host.evaluating import HostEvaluations
 from workers.host.join import HostJoins, PendingJoin
 from workers.host.memory import MembershipMemory
 from workers.host.request_slots import RequestSlots
@@ -45,7 +46,7 @@ from workers.training.rng_state import saved_dropout_rng
 IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
 
 
-class HostWorker(HostJoins):
+class HostWorker(HostJoins, HostEvaluations):
     def __init__(self, spec: HostSpec, host: Any) -> None:
         self.spec = spec
         self.host = host  # the host's actor; only rank 0 talks to it
@@ -259,17 +260,28 @@ class HostWorker(HostJoins):
                 if not changes.get("requests"):  # answers go out at once, else wait a little
                     time.sleep(IDLE_POLL_SECONDS if not self.pending else 0.01)
                 continue
-            measured = self.memory.step(active)
-            if measured is not None:
-                self._report_memory(measured)
+            # A job being evaluated sits its training out (its adapter is the one evaluated);
+            # its chunk of validation rows goes through the base beside its mates' step.
+            training = [s for s in active if not s.evaluating]
+            if training:
+                measured = self.memory.step(training)
+                if measured is not None:
+                    self._report_memory(measured)
+            self._evaluate([s for s in active if s.evaluating])
             self.steps += 1
             self.last_step_at = time.time()
             for slot in active:
                 if slot.state is SlotState.FAILED:
                     self._leave(slot)
-                elif slot.step == slot.total_steps:
+                elif any(s is slot for s in training) and self._evaluation_starts(slot):
+                    continue  # checkpointed or published once evaluated
+                elif slot.evaluating:
+                    continue
+                elif slot.step == slot.total_steps or self._stopped_early(slot):
                     self._publish(slot)
-                elif slot.checkpoint_due(self.spec.checkpoint_every_steps):
+                elif slot.checkpoint_due(
+                    self.spec.checkpoint_every_steps
+                ) or self._best_checkpoint_due(slot):
                     self._checkpoint(slot)
 
     def _report_memory(self, measured: dict[str, Any]) -> None:
@@ -301,7 +313,7 @@ class HostWorker(HostJoins):
         # every rank takes part (a collective), once per job.
         held = partitioning(self.ctx)
         if self.writer is not None:
-            factors = slot_state_dict(self.model, slot.job_id)  # copies, taken now
+            factors = self._published_factors(slot)  # copies, taken now
             extra = {"steps": slot.step, "pack_size": len(self.slots), "partitioning": held}
             self.writer.publish(slot.spec, self.paths[slot.job_id], factors, extra)
         self._leave(slot)
@@ -333,8 +345,10 @@ class HostWorker(HostJoins):
                 slot.spec,
                 self.paths[slot.job_id],
                 slot_state_dict(self.model, slot.job_id),
-                slot.training_state(dropout_rng=saved_dropout_rng(rng, device_type)),
-                {"step": slot.step, "train_loss": slot.last_loss},
+                slot.training_state(
+                    dropout_rng=saved_dropout_rng(rng, device_type), **self._validation_state(slot)
+                ),
+                self._checkpoint_metrics(slot),
                 hand_back=hand_back,
             )
 

@@ -42,3 +42,35 @@ def chunked_next_token_loss(
         total = total + part
     # As F.cross_entropy's mean: NaN when no token counts (that job's loss check catches it).
     return total / counted
+
+
+@torch.no_grad()
+def chunked_token_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens whose arg-max logit is the next token, tokens counted) over the same tokens as
+    the loss, chunk by chunk: an arg-max reads the logits as they are (no fp32 copy, no
+    graph), so it adds no full-vocabulary memory to the step."""
+    flat_logits = logits[:, :-1].flatten(0, 1)
+    flat_labels = labels[:, 1:].flatten()
+    correct = flat_labels.new_zeros(())
+    for start in range(0, flat_labels.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        correct += (flat_logits[piece].argmax(-1) == flat_labels[piece]).sum()
+    return correct, (flat_labels != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def chunked_loss_sum_and_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """[loss summed over counted tokens, tokens predicted right, tokens counted] (fp32) of a
+    forward made without gradient (evaluation): sums, so chunks and ranks add up."""
+    flat_logits = logits[:, :-1].flatten(0, 1)
+    flat_labels = labels[:, 1:].flatten()
+    total = flat_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_labels.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total += _chunk_loss_sum(flat_logits[piece], flat_labels[piece])
+    correct, counted = chunked_token_accuracy(logits, labels, chunk_tokens)
+    return torch.stack([total, correct.float(), counted.float()])
