@@ -54,6 +54,7 @@ class JobTransitions:
                 # Set by the first claim only: max_runtime counts the job's whole life.
                 "first_started_at": func.coalesce(JobRow.first_started_at, now()),
                 "event_cursor": 0,
+                "estimated_finish": None,  # an earlier attempt's, until this one's steps come
                 **launched,
             },
         )

@@ -220,6 +220,21 @@ def test_run_events_are_stored_in_order_with_the_cursor(store: JobStore) -> None
     assert [e.type for e in store.events_since(job.id, 0)] == ["message", *["metrics"] * 3]
 
 
+def test_an_attempts_estimated_finish_is_stored_with_its_steps_and_not_kept_by_the_next(
+    store: JobStore,
+) -> None:
+    job = add_job(store)
+    store.queue(job.id, "queued")
+    store.claim(job.id, 0, "host-1", "started")
+    steps = [{"type": "metrics", "message": "step 1", "data": {"step": 1}}]
+    assert store.record_run_events(job.id, 1, steps, cursor=1, estimated_finish=2_000_000_000)
+    assert store.job(job.id).estimated_finish == 2_000_000_000
+    assert store.record_run_events(job.id, 1, [], cursor=1)  # no step: the estimate stays
+    assert store.job(job.id).estimated_finish == 2_000_000_000
+    store.requeue(job.id, 1, "host-1 lost")
+    assert store.claim(job.id, 1, "host-2", "started").estimated_finish is None
+
+
 def test_two_schedulers_storing_the_same_run_events_store_them_once(store: JobStore) -> None:
     job = add_job(store)
     events = [{"type": "metrics", "message": "step 1", "data": {"step": 1}}]
