@@ -231,14 +231,69 @@ def job_events(
 @jobs.command("download")
 def download(
     job_id: str,
-    folder: Annotated[Path, typer.Argument(help="Where to unpack the PEFT adapter.")],
+    folder: Annotated[Path, typer.Argument(help="Where to put the adapter or merged model.")],
+    merged: Annotated[
+        bool,
+        typer.Option(
+            "--merged",
+            help="The base with the adapter merged in (safetensors shards, config, "
+            "tokenizer: AutoModelForCausalLM.from_pretrained loads it) instead of the adapter.",
+        ),
+    ] = False,
+    scale: Annotated[
+        float,
+        typer.Option("--scale", help="With --merged: how much of the adapter (1 as trained)."),
+    ] = 1.0,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="With --merged: a checkpoint id instead of the final."),
+    ] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
     as_json: AsJson = False,
 ) -> None:
     """Download a succeeded job's PEFT adapter into FOLDER (loads with
-    PeftModel.from_pretrained)."""
+    PeftModel.from_pretrained), or with --merged its base with the adapter merged in at
+    --scale (merged on the cluster first, then downloaded file by file, each checked
+    against its sha256)."""
     with _api(url, api_key) as api:
-        target = api.download_adapter(job_id, folder)
+        if merged:
+            target = _download_merged(api, job_id, folder, scale, checkpoint, as_json)
+        else:
+            target = api.download_adapter(job_id, folder)
     found = sorted(p.name for p in target.iterdir())
     _print({"folder": str(target), "files": found}) if as_json else typer.echo(str(target))
+
+
+def _download_merged(
+    api: LorafleetClient,
+    job_id: str,
+    folder: Path,
+    scale: float,
+    checkpoint: str | None,
+    quiet: bool,
+) -> Path:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=errors,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        waiting = progress.add_task(f"merging at scale {scale:g}", total=None)
+        listing = api.wait_merged(
+            job_id,
+            scale,
+            checkpoint,
+            on_status=lambda status: progress.update(
+                waiting, description=f"merge at scale {scale:g}: {status}"
+            ),
+        )
+        progress.update(waiting, total=1, completed=1)
+        total = sum(int(item["size"]) for item in listing["files"])
+        task = progress.add_task(f"{len(listing['files'])} files", total=total)
+        return api.download_merged(listing, folder, on_bytes=lambda n: progress.advance(task, n))

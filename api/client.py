@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,73 @@ class LorafleetClient:
         target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as tar:
             tar.extractall(target, filter="data")
+        return target
+
+    # ---- merged weights (GET …/merged: 202 while merging, 200 with the files) ----
+    def merged_weights(
+        self, job_id: str, scale: float = 1.0, checkpoint: str | None = None
+    ) -> dict[str, Any]:
+        """The merge's state (`status` queued, running or succeeded, with `files` once done);
+        the first call asks for it."""
+        path = f"/v1/fine_tuning/jobs/{job_id}"
+        path += f"/checkpoints/{checkpoint}/merged" if checkpoint else "/merged"
+        answer: dict[str, Any] = self._json(self.http.get(path, params={"scale": scale}))
+        return answer
+
+    def wait_merged(
+        self,
+        job_id: str,
+        scale: float = 1.0,
+        checkpoint: str | None = None,
+        timeout: float = 3600,
+        interval: float = 1.0,
+        on_status: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Asks until the merge is listed; `on_status` hears each state seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listing = self.merged_weights(job_id, scale, checkpoint)
+            if on_status is not None:
+                on_status(listing["status"])
+            if listing["status"] == "succeeded":
+                return listing
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"merge of {job_id} still {listing['status']} after {timeout} s")
+            time.sleep(interval)
+
+    def download_merged(
+        self,
+        listing: dict[str, Any],
+        target: Path,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> Path:
+        """Every listed file into `target`, streamed and checked against its sha256 (a
+        file that does not match is not kept). A presigned URL is fetched without this
+        client's API key (S3 refuses a second credential); the API's own with it."""
+        target.mkdir(parents=True, exist_ok=True)
+        for item in listing["files"]:
+            own = item["url"].startswith(str(self.http.base_url).rstrip("/") + "/")
+            http = self.http if own else httpx.Client(timeout=self.http.timeout)
+            partial = target / f".{item['name']}.partial"
+            digest = hashlib.sha256()
+            try:
+                with http.stream("GET", item["url"], follow_redirects=True) as response:
+                    if not response.is_success:
+                        response.read()
+                        self._json(response)
+                    with partial.open("wb") as out:
+                        for chunk in response.iter_bytes(1024 * 1024):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            if on_bytes is not None:
+                                on_bytes(len(chunk))
+                if digest.hexdigest() != item["sha256"]:
+                    raise ApiError(502, f"{item['name']} does not match its sha256")
+                partial.rename(target / item["name"])
+            finally:
+                partial.unlink(missing_ok=True)
+                if not own:
+                    http.close()
         return target
 
     def follow(
