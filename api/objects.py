@@ -59,7 +59,7 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
         "training_file": row.training_file,
         "validation_file": row.validation_file,
-        "result_files": [],
+        "result_files": row.result_files or [],
         "trained_tokens": row.trained_tokens,
         "error": error,
         "seed": row.seed,

@@ -94,6 +94,8 @@ class JobRow(Base):
     # Raised by a trigger on every UPDATE of the row (migration 0008), never written here:
     # the API's cache of response bodies is keyed on (id, version).
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The files a job left when it ended (its results CSV), set with its terminal status (0015).
+    result_files: Mapped[list[str] | None] = mapped_column(JSON)
     # When its fine-tuned model was deleted (DELETE /v1/models/…): the job stays, its stored
     # adapter, checkpoints and merged weights are gone, and its downloads answer 404.
     model_deleted_at: Mapped[int | None] = mapped_column(BigInteger)

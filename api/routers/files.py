@@ -118,7 +118,9 @@ def retrieve_file(services: ServicesDep, tenant: TenantDep, file_id: str) -> Fil
 @router.get("/{file_id}/content", responses=ERRORS)
 def file_content(services: ServicesDep, tenant: TenantDep, file_id: str) -> Response:
     row = services.store.get_file(tenant, file_id)
-    return Response(services.objects.get_bytes(row.object_key), media_type="application/jsonl")
+    # A results file (a job's metrics per step) is a CSV; an upload is JSONL.
+    media_type = "text/csv" if row.format == "csv" else "application/jsonl"
+    return Response(services.objects.get_bytes(row.object_key), media_type=media_type)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=ERRORS)

@@ -42,6 +42,16 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 Limit = Annotated[int, Query(ge=1, le=100)]
 METADATA_FILTER = re.compile(r"metadata\[(.+)\]")
+# A checkpoint's metrics as OpenAI names them (the final one's from the job's last event).
+CHECKPOINT_METRICS = (
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
 # A live stream wakes when its job's events commit (orchestrator.store.changes, from any
 # process on PostgreSQL); this poll is only the fallback.
 LIVE_POLL_SECONDS = 0.5
@@ -308,7 +318,11 @@ def checkpoints(
             (
                 final_step,
                 job.finished_at or job.created_at,
-                {"step": final_step, "train_loss": last.get("train_loss")},
+                {
+                    **{k: last[k] for k in CHECKPOINT_METRICS if last.get(k) is not None},
+                    "step": final_step,
+                    "train_loss": last.get("train_loss"),
+                },
             )
         )
     steps += [

@@ -17,6 +17,7 @@ from core.objectstore import ObjectStore, ObjectStoreUnavailable
 from core.run_states import RunJobState
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import archive_published_adapter, fine_tuned_model_name
+from orchestrator.results import store_results_file
 from orchestrator.settings import Settings
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
@@ -54,7 +55,9 @@ class JobOutcomes:
         if state is RunJobState.HANDED_BACK:
             self.handed_back(job, error or "Handed back")
         elif state is RunJobState.CANCELLED:
-            self.guarded(self.store.cancel, job.id, attempt=job.attempt)
+            self.guarded(
+                self.store.cancel, job.id, attempt=job.attempt, result_files=self.results(job)
+            )
         elif state is RunJobState.FAILED:
             self.fail(job, code or "training_error", error or "training failed")
         return True
@@ -84,6 +87,7 @@ class JobOutcomes:
             job.attempt,
             fine_tuned_model_name(job),
             "The job has successfully completed",
+            self.results(job),
         )
         return True
 
@@ -137,7 +141,26 @@ class JobOutcomes:
 
     def fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
         self.log.warning("job %s failed (%s): %s", job.id, code, message, extra=self.context(job))
-        self.guarded(self.store.fail, job.id, code, message, param=param, attempt=job.attempt)
+        self.guarded(
+            self.store.fail,
+            job.id,
+            code,
+            message,
+            param=param,
+            attempt=job.attempt,
+            result_files=self.results(job),
+        )
+
+    def results(self, job: JobRow) -> list[str]:
+        """The job's results file (orchestrator/results.py), written as it ends; none when
+        it cannot be (the job's outcome does not wait for it: logged)."""
+        try:
+            return store_results_file(self.store, self.objects, job)
+        except Exception:  # noqa: BLE001 - a missing results file fails no job
+            self.log.exception(
+                "results file of job %s not written", job.id, extra=self.context(job)
+            )
+            return []
 
     def guarded(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:

@@ -78,6 +78,10 @@ class JobFields(namedtuple("JobColumns", [c.key for c in JOB_FIELDS])):  # type:
     def user_metadata(self) -> dict[str, str] | None:
         return read_json(self.user_metadata_json)  # type: ignore[no-any-return]
 
+    @property
+    def result_files(self) -> list[str] | None:
+        return read_json(self.result_files_json)  # type: ignore[no-any-return]
+
 
 NEWEST_FIRST = (JobRow.created_at.desc(), JobRow.id.desc())
 # A job has at most 16 metadata keys (the create request's limit), so a list filtered on more

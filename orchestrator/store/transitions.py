@@ -59,7 +59,14 @@ class JobTransitions:
             },
         )
 
-    def succeed(self, job_id: str, attempt: int, fine_tuned_model: str, message: str) -> JobRow:
+    def succeed(
+        self,
+        job_id: str,
+        attempt: int,
+        fine_tuned_model: str,
+        message: str,
+        result_files: list[str] | None = None,
+    ) -> JobRow:
         """running|cancelling → succeeded, once attempt `attempt` published its adapter."""
         return self._move(
             job_id,
@@ -68,7 +75,11 @@ class JobTransitions:
             message,
             expected_attempt=attempt,
             data={"attempt": attempt},
-            values={"finished_at": now(), "fine_tuned_model": fine_tuned_model},
+            values={
+                "finished_at": now(),
+                "fine_tuned_model": fine_tuned_model,
+                "result_files": result_files,
+            },
         )
 
     def fail(
@@ -79,6 +90,7 @@ class JobTransitions:
         *,
         param: str | None = None,
         attempt: int | None = None,
+        result_files: list[str] | None = None,
     ) -> JobRow:
         """Any unfinished status → failed, with the error's code, message and param."""
         return self._move(
@@ -93,10 +105,13 @@ class JobTransitions:
                 "error_code": code,
                 "error_message": reason,
                 "error_param": param,
+                "result_files": result_files,
             },
         )
 
-    def cancel(self, job_id: str, *, attempt: int | None = None) -> JobRow:
+    def cancel(
+        self, job_id: str, *, attempt: int | None = None, result_files: list[str] | None = None
+    ) -> JobRow:
         """A job not yet running, or one whose run stopped (cancelling, paused) → cancelled."""
         return self._move(
             job_id,
@@ -104,7 +119,7 @@ class JobTransitions:
             JobStatus.CANCELLED,
             "Job cancelled",
             expected_attempt=attempt,
-            values={"finished_at": now()},
+            values={"finished_at": now(), "result_files": result_files},
         )
 
     def request_cancel(self, job_id: str) -> JobRow:
