@@ -9,6 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from orchestrator.settings import Settings
 from tests.api.conftest import GOOD_RECORDS
 
 
@@ -76,3 +77,30 @@ def test_bad_input_surfaces_as_the_sdks_errors_with_the_field(sdk: OpenAI) -> No
     assert bad_line.value.param == "file" and "line 1" in bad_line.value.message
     with pytest.raises(openai.NotFoundError):
         sdk.fine_tuning.jobs.retrieve("ftjob-missing")
+
+
+def test_pause_and_resume_through_the_sdk_answer_409_naming_the_state(
+    sdk: OpenAI, settings: Settings
+) -> None:
+    from orchestrator.db import make_engine
+    from orchestrator.store import JobStore
+
+    file_id = training_file(sdk)
+    job = sdk.fine_tuning.jobs.create(model="tiny", training_file=file_id)
+    with pytest.raises(openai.ConflictError) as early:
+        sdk.fine_tuning.jobs.pause(job.id)
+    assert f"job {job.id} is validating_files; only a running job can be paused" in (
+        early.value.message
+    )
+    with pytest.raises(openai.ConflictError) as not_paused:
+        sdk.fine_tuning.jobs.resume(job.id)
+    assert "is validating_files; only a paused job can be resumed" in not_paused.value.message
+    # No scheduler here: the job is moved to running as a scheduler's claim would.
+    store = JobStore(make_engine(settings.database_url))
+    store.queue(job.id, "Files validated; job queued")
+    store.claim(job.id, 0, "host-test", "Fine-tuning job started")
+    assert sdk.fine_tuning.jobs.pause(job.id).status == "pausing"
+    assert sdk.fine_tuning.jobs.pause(job.id).status == "pausing"  # asked again: unchanged
+    said = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=5).data]
+    assert said[0] == "Pause requested by tenant default"  # open mode: no key to name
+    assert sdk.fine_tuning.jobs.cancel(job.id).status == "cancelling"  # cancel while pausing
