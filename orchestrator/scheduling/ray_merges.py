@@ -53,7 +53,14 @@ class RayMerges:
         refs = {ref: merge_id for merge_id, (ref, _) in self._tasks.items()}
         if not refs:
             return []
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        try:
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        except Exception as exc:  # Ray itself restarted beneath them: they are gone
+            lost, self._tasks = self._tasks, {}
+            return [
+                MergeOutcome(merge_id, request.job_id, error=f"lost with Ray: {exc}")
+                for merge_id, (_, request) in sorted(lost.items())
+            ]
         outcomes = []
         for ref in ready:
             merge_id = refs[ref]
