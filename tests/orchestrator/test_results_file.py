@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Any
 
 from orchestrator.results import results_csv
 
 
 def test_one_row_per_step_with_validation_on_its_step_and_a_resumed_step_replaced() -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {
             "step": 1,
             "train_loss": 2.0,
