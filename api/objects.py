@@ -73,6 +73,7 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "from_checkpoint": start.checkpoint if (start := settings.from_checkpoint) else None,
         "priority": row.priority or 0,
         "max_runtime": row.max_runtime,
+        "model_deleted_at": row.model_deleted_at,
     }
 
 

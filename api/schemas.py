@@ -274,6 +274,8 @@ class FineTuningJob(BaseModel):
     from_checkpoint: str | None = None
     priority: int = 0
     max_runtime: int | None = None
+    # When its fine-tuned model was deleted (DELETE /v1/models/…); the job stays.
+    model_deleted_at: int | None = None
 
 
 class FineTuningJobEvent(BaseModel):

@@ -133,7 +133,8 @@ def test_merged_weights_are_queued_merged_listed_and_go_with_the_deleted_model(
     tenant = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["organization_id"]
     for root in ("adapters", "merged", "runs"):
         assert services.objects.list(f"{root}/{tenant}/{job_id}/") == []
-    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "succeeded"
+    after = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert after["status"] == "succeeded" and after["model_deleted_at"] is not None
     assert "ft:tiny::merge" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert client.delete("/v1/models/ft:tiny::merge").status_code == 404
     assert client.delete("/v1/models/tiny").status_code == 403  # a base model
