@@ -15,12 +15,8 @@ the stale attempt leaves the workers first (it is *retiring*), then the new one 
 Fencing (`fence`): the scheduler says which attempt of a job is current; an older attempt
 still on the host is dropped at its next boundary (cancelled, its events say why).
 
-Hand-back (`hand_back`, `drain`): a member is checkpointed at its next step boundary and
-leaves the workers (the boundary's `hand_back` list); its job ends here as *handed back*
-(`RunJobState.HANDED_BACK`), to continue elsewhere from that step with no attempt spent. A
-pause hands back one job; a drain stops admissions and hands back every job. A hand-back
-outlives a worker restart (the member is handed back as soon as it is on the workers again),
-and a member not yet on the workers is handed back at once (its newest checkpoint stands).
+Hand-back (`hand_back`, `drain`: `workers.host.hand_back`): a member is checkpointed at its
+next step boundary and leaves (a pause, a drain); its job ends here as *handed back*.
 
 Worker restarts (`begin_attempt`): every member the dead workers held is announced again and
 resumes from its own checkpoint; each spends one restart of its own budget. A crash that
@@ -38,6 +34,7 @@ from typing import Any
 from core.host_protocol import AdmissionRequest, AdmissionResult, HostSpec, JobReport
 from core.run_states import STOP_ALL, RunJobState
 from core.spec import JobSpec
+from workers.host.hand_back import HandBacks
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED, HANDED_BACK = (
     RunJobState.RUNNING,
@@ -85,7 +82,7 @@ class Member:
         return self.request.attempt
 
 
-class Membership:
+class Membership(HandBacks):
     """The rules of one host's membership. Not thread-safe: the caller holds its lock."""
 
     def __init__(self, spec: HostSpec, clock: Callable[[], float]) -> None:
@@ -214,38 +211,6 @@ class Membership:
                 self.end(member, CANCELLED)
             else:  # the workers drop it at their next step boundary
                 member.stopping = True
-
-    def hand_back(self, job_id: str, why: str) -> None:
-        """Checkpoints a job at its next step boundary and hands it back (module docstring);
-        `why` begins its event ("Paused", "Drained from node …"). Asking again changes
-        nothing."""
-        member = self.members.get(job_id)
-        if member is None or member.state is not RUNNING or member.hand_back is not None:
-            return
-        member.hand_back = why
-        if not member.announced:
-            self._handed_back(member, None)
-
-    def drain(self, why: str) -> None:
-        """Admits nothing more and hands back every job; the host ends once they are gone."""
-        if self.draining is None:
-            self.draining = why
-        self.ending = True
-        for member in self.running():
-            self.hand_back(member.job_id, why)
-
-    def _handed_back(self, member: Member, step: int | None) -> None:
-        why = member.hand_back or "Handed back"
-        said = f"{why} at step {step}" if step is not None else why
-        since = "that step" if step is not None else "its newest checkpoint"
-        self.append(
-            member,
-            "handed_back",
-            f"{said}; its slot is free, and it continues from {since} (no attempt spent)",
-            {"step": step, "reason": why},
-        )
-        self.end(member, HANDED_BACK)
-        member.error = said  # not an error: the words the job's status change carries
 
     def job_reports(self, cursors: dict[str, int]) -> dict[str, JobReport]:
         """Each job's state and its events from its cursor. The state is read before the
