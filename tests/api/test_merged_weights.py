@@ -10,9 +10,15 @@ from pathlib import Path
 import torch
 from fastapi.testclient import TestClient
 
+from api.client import LorafleetClient
 from core.merged_files import MergeOutcome, MergeRequest
+from core.objectstore import open_object_store
 from core.publish import publish_adapter, store_adapter_archive
+from orchestrator.api_keys import OPEN_TENANT
+from orchestrator.db import make_engine
 from orchestrator.merges import MergeScheduling
+from orchestrator.settings import Settings
+from orchestrator.store import JobStore
 from orchestrator.store.merges import merge_store
 from tests.api.conftest import GOOD_RECORDS, upload
 from tests.conftest import job_row
@@ -163,3 +169,30 @@ def test_bad_scales_and_missing_things_are_4xx_naming_them(
     services.store.add_job(theirs, "created")
     assert client.delete("/v1/models/ft:tiny::theirs").status_code == 404
     assert services.store.job(theirs.id).model_deleted_at is None
+
+
+def test_the_cli_client_waits_and_downloads_a_local_stores_merge_through_the_api(
+    settings: Settings, live_server: str, tiny_base: Path, tmp_path: Path
+) -> None:
+    """`lorafleet jobs download --merged`'s client (api/client.py) over real HTTP: a local
+    store's files come through the API, with the API key, each checked against its sha256."""
+    from safetensors.torch import load_file
+
+    engine = make_engine(settings.database_url)
+    store, objects = JobStore(engine), open_object_store(settings.object_store_config)
+    job = job_row(tenant=OPEN_TENANT, status="succeeded", fine_tuned_model="ft:tiny::cli")
+    store.add_job(job, "created")
+    publish_adapter(objects, job.tenant, job.id, 0, peft_adapter(tiny_base, tmp_path / "a"))
+    scheduling = MergeScheduling(settings, store, merge_store(engine), objects, InlineMerges())
+    with LorafleetClient(live_server) as api:
+        assert api.merged_weights(job.id, 0.5)["status"] == "queued"
+        scheduling.tick()
+        scheduling.tick()
+        seen: list[str] = []
+        listing = api.wait_merged(job.id, 0.5, on_status=seen.append)
+        assert seen == ["succeeded"] and listing["files"][0]["url"].startswith(live_server)
+        got: list[int] = []
+        folder = api.download_merged(listing, tmp_path / "merged", on_bytes=got.append)
+    assert sum(got) == sum(item["size"] for item in listing["files"])
+    assert {p.name for p in folder.iterdir()} == {item["name"] for item in listing["files"]}
+    assert load_file(folder / "model.safetensors")  # whole and readable
