@@ -86,6 +86,12 @@ def create(client: TestClient, **fields: Any) -> Any:
         ),
         ({"training": {"lr_scheduler": "step"}}, "training.lr_scheduler", ("linear", "cosine")),
         ({"training": {"n_checkpoints": 0}}, "training.n_checkpoints", ("greater than",)),
+        ({"training": {"n_evals": -1}}, "training.n_evals", ("greater than",)),
+        (
+            {"training": {"early_stopping_patience": 2}},
+            "training.early_stopping_patience",
+            ("needs a validation_file",),
+        ),
         ({"suffix": "no spaces"}, "suffix", ("pattern",)),
         ({"seed": -1}, "seed", ("greater than",)),
         ({"surprise": True}, "surprise", ("Extra inputs",)),

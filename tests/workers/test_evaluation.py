@@ -50,6 +50,8 @@ def test_early_stopping_waits_patience_evaluations_without_improvement() -> None
     resumed = Validation(examples=[], sample=[0], steps=frozenset(), chunk_rows=4, patience=2)
     resumed.restore(validation.state())
     assert (resumed.best_step, resumed.since_best, resumed.latest) == (2, 2, validation.latest)
+    # Step 4's evaluation is done: a job resumed from its checkpoint does not repeat it.
+    assert resumed.done_step == validation.done_step == 4
 
 
 def test_without_patience_nothing_stops_and_the_full_pass_has_its_own_names() -> None:

@@ -35,10 +35,13 @@ class HostEvaluations:
     ) -> None: ...
 
     def _evaluation_starts(self, slot: JobSlot) -> bool:
-        """After a step the slot trained: True when an evaluation of it starts now (the job
-        trains on, and is checkpointed or published, once it is done)."""
+        """True when an evaluation of the slot's adapter starts now: one is due at its step
+        and was not made yet (also for a job handed back mid-evaluation and resumed). The
+        job trains on, and is checkpointed or published, once it is done."""
         validation = slot.validation
-        if validation is None or not validation.due(slot.step, slot.total_steps):
+        if validation is None or slot.evaluating or validation.done_step == slot.step:
+            return False
+        if not validation.due(slot.step, slot.total_steps):
             return False
         validation.start(slot.step, slot.total_steps)
         return slot.evaluating

@@ -91,6 +91,7 @@ class Validation:
     best_step: int | None = None
     since_best: int = 0  # sample evaluations without improvement
     stopped_early: bool = False
+    done_step: int | None = None  # the step whose evaluations all finished last
     best_factors: dict[str, torch.Tensor] | None = None  # rank 0: a copy, for publishing
 
     def due(self, step: int, total_steps: int) -> bool:
@@ -106,6 +107,8 @@ class Validation:
         """Takes a finished evaluation's figures; True when the sample's loss is the best so
         far and early stopping is on (the caller keeps this adapter as the best)."""
         self.latest.update(evaluation.metrics())
+        if not self.queue:
+            self.done_step = evaluation.step
         if evaluation.kind != "sample" or self.patience is None:
             return False
         loss = self.latest["valid_loss"]
@@ -123,13 +126,14 @@ class Validation:
             "best_loss": self.best_loss,
             "best_step": self.best_step,
             "since_best": self.since_best,
+            "done_step": self.done_step,
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
         if state:
             self.latest = dict(state["latest"])
             self.best_loss, self.best_step = state["best_loss"], state["best_step"]
-            self.since_best = state["since_best"]
+            self.since_best, self.done_step = state["since_best"], state.get("done_step")
 
 
 def evaluate_step(ctx: PackContext, slots: list[JobSlot]) -> list[tuple[JobSlot, Evaluation]]:

@@ -262,7 +262,7 @@ class HostWorker(HostJoins, HostEvaluations):
                 continue
             # A job being evaluated sits its training out (its adapter is the one evaluated);
             # its chunk of validation rows goes through the base beside its mates' step.
-            training = [s for s in active if not s.evaluating]
+            training = [s for s in active if not s.evaluating and s.step < s.total_steps]
             if training:
                 measured = self.memory.step(training)
                 if measured is not None:
@@ -273,7 +273,7 @@ class HostWorker(HostJoins, HostEvaluations):
             for slot in active:
                 if slot.state is SlotState.FAILED:
                     self._leave(slot)
-                elif any(s is slot for s in training) and self._evaluation_starts(slot):
+                elif self._evaluation_starts(slot):
                     continue  # checkpointed or published once evaluated
                 elif slot.evaluating:
                     continue
