@@ -16,8 +16,10 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/", response_class=HTMLResponse)
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
+@router.get("/compare", response_class=HTMLResponse)
 def page(job_id: str | None = None) -> FileResponse:
-    """The jobs list at `/`, a job's page at `/jobs/{id}` (the script reads the path)."""
+    """The jobs list at `/`, a job's page at `/jobs/{id}`, and the loss curves of several
+    jobs overlaid at `/compare?jobs=id,id` (the script reads the path)."""
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 

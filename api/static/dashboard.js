@@ -1,4 +1,5 @@
-// The dashboard: the jobs list at "/", a job's page at "/jobs/{id}".
+// The dashboard: the jobs list at "/", a job's page at "/jobs/{id}", and the loss curves of
+// several jobs overlaid at "/compare?jobs=id,id,…" (picked on the jobs list).
 // Auth: the API key stays in this browser (localStorage) and goes in an Authorization header
 // on every fetch. Live events use fetch() + a ReadableStream rather than EventSource, which
 // cannot send that header; a dropped stream reconnects with Last-Event-ID (no replays).
@@ -36,8 +37,14 @@ function cell(row, text, className) {
 }
 
 // ---- the jobs list ----
+// Jobs picked for the compare view; kept across the list's refreshes (rows are rebuilt).
+const picked = new Set();
+
 async function showJobs() {
   $("jobs-view").hidden = false;
+  $("compare").addEventListener("click", () => {
+    location.href = `/compare?jobs=${[...picked].map(encodeURIComponent).join(",")}`;
+  });
   const models = (await (await api("/v1/models")).json()).data;
   $("model").replaceChildren(...models.filter((m) => !m.id.startsWith("ft:")).map((m) => new Option(m.id, m.id)));
   $("create-form").addEventListener("submit", createJob);
@@ -53,15 +60,33 @@ async function refreshJobs() {
   for (const [job, progress] of rows) {
     const row = body.insertRow();
     row.dataset.jobId = job.id;
+    const pick = document.createElement("input");
+    pick.type = "checkbox";
+    pick.className = "pick";
+    pick.value = job.id;
+    pick.checked = picked.has(job.id);
+    pick.setAttribute("aria-label", `compare ${job.id}`);
+    pick.addEventListener("change", () => {
+      if (pick.checked) picked.add(job.id); else picked.delete(job.id);
+      $("compare").disabled = picked.size === 0;
+    });
+    row.insertCell().appendChild(pick);
     const link = document.createElement("a");
     link.href = `/jobs/${job.id}`;
     link.textContent = job.id;
     row.insertCell().appendChild(link);
+    cell(row, job.suffix);
     cell(row, job.status, `status status-${job.status}`);
     cell(row, job.model);
+    cell(row, learningRateOf(job));
     cell(row, job.fine_tuned_model);
     cell(row, progress);
   }
+}
+
+function learningRateOf(job) {
+  const lr = job.training?.learning_rate;
+  return lr == null ? "" : formatNumber(lr);
 }
 
 async function progressOf(job) {
@@ -92,13 +117,24 @@ async function createJob(event) {
 }
 
 // ---- a job's page ----
-const series = { train: [], valid: [], lr: [], speed: [] };
+// Metric names are OpenAI's (metrics events and checkpoints' `metrics`).
+const series = { train: [], valid: [], fullValid: [], trainAccuracy: [], validAccuracy: [], lr: [], speed: [] };
 
 async function showJob(jobId) {
   $("job-view").hidden = false;
   $("job-title").textContent = jobId;
-  $("cancel").addEventListener("click", async () => { await api(`/v1/fine_tuning/jobs/${jobId}/cancel`, { method: "POST" }); await refreshJob(jobId); });
+  for (const action of ["cancel", "pause", "resume"]) {
+    $(action).addEventListener("click", async () => {
+      $(action).disabled = true;
+      try { await api(`/v1/fine_tuning/jobs/${jobId}/${action}`, { method: "POST" }); } finally { await refreshJob(jobId); }
+    });
+  }
+  window.addEventListener("resize", redraw);
   $("download").addEventListener("click", () => download(jobId));
+  // The facts (estimated_finish moves as steps are measured) refresh while the job is on.
+  const poll = setInterval(async () => {
+    if (TERMINAL.has((await refreshJob(jobId)).status)) clearInterval(poll);
+  }, 5000);
   await refreshJob(jobId);
   redraw();
   await followEvents(jobId);
@@ -108,14 +144,20 @@ async function showJob(jobId) {
 async function refreshJob(jobId) {
   const job = await (await api(`/v1/fine_tuning/jobs/${jobId}`)).json();
   const facts = { Status: job.status, Base: job.model, "Fine-tuned model": job.fine_tuned_model || "–", "Trained tokens": job.trained_tokens ?? "–" };
+  if (job.estimated_finish) facts["Estimated finish"] = estimatedFinish(job.estimated_finish);
   if (job.error) facts.Error = `${job.error.code}: ${job.error.message}`;
   $("job-facts").replaceChildren(...Object.entries(facts).flatMap(([k, v]) => {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k; dd.textContent = v;
     if (k === "Status") { dd.id = "job-status"; dd.className = `status-${v}`; }
+    if (k === "Estimated finish") dd.id = "job-estimated-finish";
     return [dt, dd];
   }));
   $("cancel").disabled = TERMINAL.has(job.status);
+  // OpenAI's pause/resume: only a running job pauses, only a paused one resumes.
+  $("pause").hidden = job.status !== "running";
+  $("resume").hidden = job.status !== "paused";
+  $("pause").disabled = $("resume").disabled = false;
   $("download").disabled = job.status !== "succeeded";
   const checkpoints = (await (await api(`/v1/fine_tuning/jobs/${jobId}/checkpoints`)).json()).data;
   const body = $("checkpoints").tBodies[0];
@@ -128,28 +170,99 @@ async function refreshJob(jobId) {
   return job;
 }
 
+// A Unix time as the local clock time, and how far off it is ("14:32:05, in 3 min").
+function estimatedFinish(seconds) {
+  const at = new Date(seconds * 1000), left = Math.round((at - Date.now()) / 60000);
+  const when = left <= 0 ? "any moment now" : left < 90 ? `in ${left} min` : `in ${(left / 60).toFixed(1)} h`;
+  return `${at.toLocaleTimeString()} (${when})`;
+}
+
 function onEvent(jobId, event) {
   const item = document.createElement("li");
   item.textContent = `${new Date(event.created_at * 1000).toLocaleTimeString()} ${event.message}`;
   $("events").prepend(item);
   const data = event.data || {};
   if (event.type === "metrics") {
-    series.train.push([data.step, data.train_loss]);
+    // An evaluation's event repeats its step's training figures beside validation's
+    // (`evaluation`: "sample" or "full"): the training curves take training steps only.
+    const training = data.evaluation == null;
+    if (training && data.train_loss != null) series.train.push([data.step, data.train_loss]);
     if (data.learning_rate != null) series.lr.push([data.step, data.learning_rate]);
     if (data.tokens_per_second != null) series.speed.push([data.step, data.tokens_per_second]);
+    // Validation figures ride in metrics events too, when the job has a validation file.
+    if (data.valid_loss != null) series.valid.push([data.step, data.valid_loss]);
+    if (data.full_valid_loss != null) series.fullValid.push([data.step, data.full_valid_loss]);
+    if (training && data.train_mean_token_accuracy != null) series.trainAccuracy.push([data.step, data.train_mean_token_accuracy]);
+    if (data.valid_mean_token_accuracy != null) series.validAccuracy.push([data.step, data.valid_mean_token_accuracy]);
   }
-  if (data.valid_loss != null) series.valid.push([data.step, data.valid_loss]);
   redraw();
   if (data.status) refreshJob(jobId);
 }
 
 function redraw() {
+  if ($("job-view").hidden) return;
   drawChart($("loss-chart"), [
     { name: "train", color: "#1d4ed8", points: series.train },
     { name: "valid", color: "#d97706", points: series.valid },
-  ]);
-  drawChart($("lr-chart"), [{ name: "lr", color: "#7c3aed", points: series.lr }]);
-  drawChart($("speed-chart"), [{ name: "speed", color: "#059669", points: series.speed }]);
+    { name: "full_valid", color: "#b42318", points: series.fullValid },
+  ], { yLabel: "loss" });
+  $("full-valid-legend").hidden = series.fullValid.length === 0;
+  const accuracy = series.trainAccuracy.length + series.validAccuracy.length > 0;
+  $("accuracy").hidden = !accuracy;
+  if (accuracy) {
+    drawChart($("accuracy-chart"), [
+      { name: "train_accuracy", color: "#1d4ed8", points: series.trainAccuracy },
+      { name: "valid_accuracy", color: "#d97706", points: series.validAccuracy },
+    ], { yLabel: "accuracy" });
+  }
+  drawChart($("lr-chart"), [{ name: "lr", color: "#7c3aed", points: series.lr }], { yLabel: "lr" });
+  drawChart($("speed-chart"), [{ name: "speed", color: "#059669", points: series.speed }], { yLabel: "tokens/s" });
+}
+
+// ---- the compare view: several jobs' loss curves on one chart ----
+const PALETTE = ["#1d4ed8", "#d97706", "#059669", "#b42318", "#7c3aed", "#0e7490", "#a16207", "#be185d"];
+
+async function allEvents(jobId) {
+  const events = [];
+  let after = null;
+  for (;;) {
+    const query = `limit=100${after ? `&after=${after}` : ""}`;
+    const page = await (await api(`/v1/fine_tuning/jobs/${jobId}/events?${query}`)).json();
+    events.push(...page.data);
+    if (!page.has_more || page.data.length === 0) return events.reverse(); // oldest first
+    after = page.data[page.data.length - 1].id;
+  }
+}
+
+async function showCompare(jobIds) {
+  $("compare-view").hidden = false;
+  const runs = await Promise.all(jobIds.map(async (id) => {
+    const job = await (await api(`/v1/fine_tuning/jobs/${id}`)).json();
+    const metrics = (await allEvents(id)).filter((e) => e.type === "metrics" && e.data).map((e) => e.data);
+    return {
+      job,
+      train: metrics.filter((d) => d.evaluation == null && d.train_loss != null).map((d) => [d.step, d.train_loss]),
+      valid: metrics.filter((d) => d.valid_loss != null).map((d) => [d.step, d.valid_loss]),
+    };
+  }));
+  const draw = () => drawChart($("compare-chart"), runs.flatMap((run, i) => [
+    { name: `${run.job.id}:train`, color: PALETTE[i % PALETTE.length], points: run.train },
+    { name: `${run.job.id}:valid`, color: PALETTE[i % PALETTE.length], points: run.valid, dash: true },
+  ]), { yLabel: "loss", empty: "no metrics yet" });
+  draw();
+  window.addEventListener("resize", draw);
+  $("compare-legend").replaceChildren(...runs.map((run, i) => {
+    const item = document.createElement("li");
+    item.dataset.jobId = run.job.id;
+    item.style.setProperty("--swatch", PALETTE[i % PALETTE.length]);
+    const link = document.createElement("a");
+    link.href = `/jobs/${run.job.id}`;
+    link.textContent = run.job.suffix || run.job.id;
+    const lr = learningRateOf(run.job);
+    const details = [lr && `lr ${lr}`, run.job.status, run.valid.length ? "train + valid" : "train"];
+    item.append(link, ` · ${details.filter(Boolean).join(" · ")}`);
+    return item;
+  }));
 }
 
 // Server-sent events over fetch (with the Authorization header), resumed by Last-Event-ID.
@@ -208,4 +321,7 @@ $("key-form").addEventListener("submit", (event) => {
   location.reload();
 });
 const match = location.pathname.match(/^\/jobs\/([\w-]+)$/);
-(match ? showJob(match[1]) : showJobs()).catch((error) => showError(error.message));
+const compared = location.pathname === "/compare"
+  ? (new URLSearchParams(location.search).get("jobs") || "").split(",").filter(Boolean) : null;
+const view = match ? showJob(match[1]) : compared ? showCompare(compared) : showJobs();
+view.catch((error) => showError(error.message));
