@@ -128,6 +128,12 @@ async def client_dynamic_config(_: TenantDep) -> dict[str, Any]:
     return {}
 
 
+@router.post("/telemetry")
+async def telemetry(_: TenantDep) -> dict[str, str]:
+    # The SDK reports its own errors and timings here; lorafleet keeps none of it.
+    return {"status": "accepted"}
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
