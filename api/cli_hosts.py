@@ -51,7 +51,7 @@ def drain_hosts(
 
     try:
         drained = drain(target, Settings())
-    except LookupError as exc:
+    except (LookupError, RuntimeError) as exc:  # names nothing; Ray refused the node's drain
         typer.echo(f"lorafleet hosts drain: {exc}", err=True)
         raise typer.Exit(2) from None
     names = ", ".join(drained) or "none is there now"

@@ -146,7 +146,9 @@ class Membership(HandBacks):
         """Takes a job at the next step boundary, or says why not (module docstring)."""
         known = self.members.get(request.job_id)
         # A job handed back here gave its attempt back: the same attempt may come again.
-        again = known is not None and known.state is HANDED_BACK
+        again = (
+            known is not None and known.state is HANDED_BACK and known.attempt == request.attempt
+        )
         if known is not None and known.attempt >= request.attempt and not again:
             return AdmissionResult(False, "already admitted")
         if self.draining is not None:
