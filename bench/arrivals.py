@@ -9,6 +9,13 @@ tiny Llama), every way on pack hosts (the one training path):
               job waits for the base to load)
   alone       each job on a host of its own that ends with it, as `training.packing: false`
               trains (what one run per job was before hosts: a base load per job)
+  api-embedded / api-split
+              the same stream through the API, as a client sees it (bench/arrivals_api.py):
+              `serve` alone (SQLite), or an API replica (`serve --no-scheduler`) beside a
+              `lorafleet scheduler` on PostgreSQL; one warm host; each job followed on its
+              live event stream, timing submit → its first metrics event *received*
+              (p50/p99). `--code DIR` runs those processes from another source tree (an
+              older commit, for a before/after figure).
 
 The dispatch rules are the scheduler's, reduced to what the comparison needs (no database,
 no API): at most `--runs` hosts at once, the same for every mode. Submit → first
@@ -17,16 +24,18 @@ step ended, as the API shows it); submit → published is when the driver's poll
 sees the job end. Each way also prints where a join's time goes (p50): submit →
 admitted → live (its slot added at a step boundary) → first step.
 
-    .venv/bin/python bench/arrivals.py [--jobs 24] [--gap 2] [--seed 0]
+    .venv/bin/python bench/arrivals.py [--jobs 24] [--gap 2] [--seed 0] [--modes …]
 
 Last line: `arrivals jobs=N first_step_p50=<s, hosts> makespan_speedup=<alone/hosts>
-p95_speedup=<alone/hosts, submit→succeeded> cold_p95_ratio=<hosts-cold/hosts>`.
+p95_speedup=<alone/hosts, submit→succeeded> cold_p95_ratio=<hosts-cold/hosts>`, then per
+API mode run, `api_first_event[MODE] p50=<s> p99=<s>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
@@ -34,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import arrivals_api  # beside this file (bench/ is no package)
 import ray
 from rich.console import Console
 from rich.table import Table
@@ -266,7 +276,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="hosts at once")
     parser.add_argument("--modes", default="hosts,hosts-cold,alone")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--code", type=Path, default=arrivals_api.ROOT, help="API modes' tree")
     args = parser.parse_args()
+    # As the tests do: a local cluster without token auth (it would write a token file into
+    # the home folder that later `ray start`s pick up).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     bench = Bench(args, Path(tempfile.mkdtemp(prefix="lorafleet-arrivals-")))
     ray.init(
@@ -286,7 +300,22 @@ def main() -> None:
     release_cpus(hosts)
 
     figures = {}
+    api_modes = {}
     for mode in args.modes.split(","):
+        if mode.startswith("api-"):
+            console.print(f"{mode}: {args.jobs} jobs through the API, mean gap {args.gap} s…")
+            seen = arrivals_api.run(
+                mode,
+                bench.folder / mode,
+                bench.base,
+                dataset(),
+                bench.arrivals,
+                ray.get_runtime_context().gcs_address,
+                args.code,
+            )
+            api_modes[mode] = arrivals_api.figures(seen, percentile)
+            release_cpus(RayHosts())
+            continue
         console.print(f"{mode}: {args.jobs} jobs, mean gap {args.gap} s…")
         result = bench.drive(mode)
         figures[mode] = result.figures()
@@ -305,7 +334,21 @@ def main() -> None:
             f"{f['done_p50']:.1f} / {f['done_p95']:.1f}",
             f"{f['groups']:.0f}",
         )
-    console.print(table)
+    if figures:
+        console.print(table)
+    api_table = Table(
+        "mode", "first step p50 s", "first event via API p50 / p99 s", "done p50/p95 s", "failed"
+    )
+    for mode, f in api_modes.items():
+        api_table.add_row(
+            mode,
+            f"{f['first_step_p50']:.2f}",
+            f"{f['first_seen_p50']:.2f} / {f['first_seen_p99']:.2f}",
+            f"{f['done_p50']:.1f} / {f['done_p95']:.1f}",
+            str(f["failed"]),
+        )
+    if api_modes:
+        console.print(api_table)
     warm_hosts, alone = figures.get("hosts"), figures.get("alone")
     cold = figures.get("hosts-cold")
 
@@ -319,6 +362,10 @@ def main() -> None:
         f"p95_speedup={ratio(alone, 'done_p95'):.2f} "
         f"cold_p95_ratio={ratio(cold, 'done_p95'):.2f}"
     )
+    for mode, f in api_modes.items():
+        print(
+            f"api_first_event[{mode}] p50={f['first_seen_p50']:.2f} p99={f['first_seen_p99']:.2f}"
+        )
 
 
 if __name__ == "__main__":
