@@ -167,6 +167,21 @@ async def session_heartbeat(
     return {"type": "session_heartbeat"}
 
 
+class FinishSession(Body):
+    reason: dict[str, Any] | None = None
+    detail: str | None = None
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(
+    session_id: str, body: FinishSession, tenant: TenantDep, store: StoreDep
+) -> dict[str, Any]:
+    """The client closed its session: its models' slots are freed."""
+    reason = str((body.reason or {}).get("type") or "finished")
+    await run_in_threadpool(store.finish_session, tenant, session_id, f"finished: {reason}")
+    return {}
+
+
 # ---- models -------------------------------------------------------------------------------
 @router.post("/create_model")
 async def create_model(

@@ -17,7 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from core.host_protocol import HostReport, host_actor_name
-from orchestrator.tinker.rows import MODEL_FAILED, MODEL_LIVE, TinkerRequestRow
+from orchestrator.tinker.rows import (
+    MODEL_ENDED,
+    MODEL_ENDING,
+    MODEL_FAILED,
+    MODEL_LIVE,
+    TinkerRequestRow,
+)
 from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger("lorafleet.tinker")
@@ -96,10 +102,12 @@ class TinkerDispatcher:
 
     # ---- one pass ----------------------------------------------------------------------
     def dispatch_once(self) -> None:
-        for model in self.store.end_quiet_sessions(time.time() - self.heartbeat_timeout):
-            self.store.fail_pending(model.id, "the session ended: its heartbeat stopped")
-            if model.host_id is not None:
-                self._send(model.host_id, [_drop(model.id)])
+        self.store.end_quiet_sessions(time.time() - self.heartbeat_timeout)
+        for model in self.store.models((MODEL_ENDING,)):
+            self.store.fail_pending(model.id, "the model's session ended")
+            if model.host_id is not None and self._host_alive(model.host_id):
+                self._send(model.host_id, [_drop(model.id)])  # its slot is freed
+            self.store.set_model(model.id, MODEL_ENDED)
         pending = self.store.pending_requests()
         if pending:
             self._hand_over(pending)
@@ -129,6 +137,15 @@ class TinkerDispatcher:
                 continue
             self.store.mark_sent([row.id for row in batch])
             self._send(host_id, [_request(row) for row in batch])
+
+    def _host_alive(self, host_id: str) -> bool:
+        import ray
+
+        try:
+            ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
+        except ValueError:
+            return False
+        return True
 
     def _send(self, host_id: str, requests: list[dict[str, Any]]) -> None:
         import ray

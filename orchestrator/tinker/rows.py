@@ -12,8 +12,15 @@ from orchestrator.tables import Base
 
 # A request's life: written by the API, handed to the host, answered.
 PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
-# A model's life: waiting for a host, a live slot on one, ended (session over) or failed.
-MODEL_PENDING, MODEL_LIVE, MODEL_ENDED, MODEL_FAILED = "pending", "live", "ended", "failed"
+# A model's life: waiting for a host, a live slot on one, its session over (its slot still
+# to free: `ending`), ended, or failed.
+MODEL_PENDING, MODEL_LIVE, MODEL_ENDING, MODEL_ENDED, MODEL_FAILED = (
+    "pending",
+    "live",
+    "ending",
+    "ended",
+    "failed",
+)
 
 
 class TinkerSessionRow(Base):

@@ -15,8 +15,7 @@ from orchestrator.store import new_id
 from orchestrator.tinker.rows import (
     DONE,
     FAILED,
-    MODEL_ENDED,
-    MODEL_FAILED,
+    MODEL_ENDING,
     MODEL_LIVE,
     MODEL_PENDING,
     PENDING,
@@ -206,10 +205,9 @@ class TinkerStore:
                 update(TinkerModelRow).where(TinkerModelRow.id == model_id).values(**values)
             )
 
-    def end_quiet_sessions(self, heartbeat_deadline: float) -> list[TinkerModelRow]:
-        """Ends the sessions whose last heartbeat is older than the deadline; returns their
-        live or pending models (now ended), whose slots the dispatcher frees."""
-        with self.sessions.begin() as session:
+    def end_quiet_sessions(self, heartbeat_deadline: float) -> None:
+        """Ends the sessions whose last heartbeat is older than the deadline."""
+        with self.sessions() as session:
             quiet = list(
                 session.scalars(
                     select(TinkerSessionRow.id).where(
@@ -218,24 +216,31 @@ class TinkerStore:
                     )
                 )
             )
-            if not quiet:
-                return []
+        if quiet:
+            self._end_sessions(quiet, "missed heartbeat")
+
+    def finish_session(self, tenant: str, session_id: str, reason: str) -> None:
+        """The client closed its session (`ServiceClient.close`); a second call is a no-op."""
+        if self.session(tenant, session_id).ended_at is None:
+            self._end_sessions([session_id], reason[:64] or "finished")
+
+    def _end_sessions(self, session_ids: list[str], reason: str) -> None:
+        """Marks the sessions ended and their models `ending`: the dispatcher frees their
+        slots and fails what they still had queued."""
+        with self.sessions.begin() as session:
             session.execute(
                 update(TinkerSessionRow)
-                .where(TinkerSessionRow.id.in_(quiet))
-                .values(ended_at=time.time(), end_reason="missed heartbeat")
+                .where(TinkerSessionRow.id.in_(session_ids), TinkerSessionRow.ended_at.is_(None))
+                .values(ended_at=time.time(), end_reason=reason)
             )
-            models = list(
-                session.scalars(
-                    select(TinkerModelRow).where(
-                        TinkerModelRow.session_id.in_(quiet),
-                        TinkerModelRow.state.in_((MODEL_PENDING, MODEL_LIVE)),
-                    )
+            session.execute(
+                update(TinkerModelRow)
+                .where(
+                    TinkerModelRow.session_id.in_(session_ids),
+                    TinkerModelRow.state.in_((MODEL_PENDING, MODEL_LIVE)),
                 )
+                .values(state=MODEL_ENDING)
             )
-            for model in models:
-                model.state = MODEL_ENDED
-        return models
 
 
-__all__ = ["MODEL_FAILED", "SessionEnded", "TinkerStore", "model_id_for"]
+__all__ = ["SessionEnded", "TinkerStore", "model_id_for"]
