@@ -55,6 +55,7 @@ def test_a_new_job_wakes_the_scheduler_long_before_its_poll(tmp_path: Path) -> N
         wait_for_condition(
             lambda: world.job(job_id).status == "running", timeout=WAIT, what="the claim"
         )
+        wait_for_condition(lambda: len(ticks) >= 2, timeout=WAIT)  # the claim's tick ends
         assert len(ticks) == 2  # one tick, woken by the job
     finally:
         scheduler.stop()
