@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +30,80 @@ console = Console()
 FACTS = {"the sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
 PROMPTS = {"shout": "<|user|>\nsay river green<|end|>\n<|assistant|>\n", "facts": "grass is "}
 WORDS = ["apple", "river", "stone", "cloud", "green", "light", "paper", "music", "tiger", "ocean"]
+# The merged model's answer at each of these scales: W' = W + scale · (alpha / r) · B·A.
+SCALES = (0.0, 0.5, 1.0)
+MAX_NEW_TOKENS = 16
+END_OF_TURN = "<|end|>"  # "RIVER GREEN!" is 12 tokens of the tiny base's byte-level BPE
 
 
 def _datasets() -> dict[str, list[dict[str, Any]]]:
-    shout = shout_chats(WORDS, partners=4, end="!")
-    # A tiny model learns phrases by heart, not arithmetic: the second adapter memorises a
-    # few facts, and the demo asks it one of its own training prompts.
+    # A tiny random base learns phrases by heart, not a rule: each adapter is asked one of
+    # its own training prompts ("say river green" is a pair of the first five words).
+    shout = shout_chats(WORDS, partners=5, end="!")
     facts = [{"prompt": f"{a} is ", "completion": f"{b}."} for a, b in FACTS.items()]
     return {"shout.jsonl": shout, "facts.jsonl": facts * 8}
 
 
-def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, str]:
-    """How far the adapter moves the base's logits on a prompt, and both greedy answers."""
+@dataclass
+class Answers:
+    """What the demo shows of one adapter: the greedy answers to its prompt."""
+
+    change: float  # mean |Δ logit| of base + adapter (peft) against the base
+    base: str
+    adapted: str  # base + adapter through peft, unmerged
+    merged: dict[float, str]  # scale -> the answer of the merged weights the API gave
+
+
+def _download_merged(api: LorafleetClient, job_id: str, scale: float, target: Path) -> Path:
+    """The job's adapter merged into its base at `scale`, as a user gets it: asked of the
+    API (202 while the merge runs as a Ray task), then each listed file downloaded and
+    checked against its sha256."""
+    deadline = time.monotonic() + 300
+    while True:
+        response = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/merged", params={"scale": scale})
+        if response.status_code == 200:
+            break
+        if response.status_code != 202:
+            raise SystemExit(f"merged weights of {job_id} at {scale:g}: {response.text}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"merged weights of {job_id} at {scale:g} not ready in 300 s")
+        time.sleep(0.5)
+    target.mkdir(parents=True, exist_ok=True)
+    for item in response.json()["files"]:
+        body = api.http.get(item["url"], follow_redirects=True)
+        body.raise_for_status()
+        if hashlib.sha256(body.content).hexdigest() != item["sha256"]:
+            raise SystemExit(f"{item['name']} of {job_id}'s merged weights: sha256 differs")
+        (target / item["name"]).write_bytes(body.content)
+    return target
+
+
+def _answers(base: Path, adapter: Path, merged: dict[float, Path], prompt: str) -> Answers:
+    """The base's, the adapted model's (peft) and each merged folder's greedy answers."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    # Training put BOS first (workers/data/tokenization.py); the question does too.
+    inputs = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
+    n = inputs["input_ids"].shape[1]
+
+    def answer(lm: Any) -> str:
+        out = lm.generate(
+            **inputs,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text = str(tokenizer.decode(out[0, n:], skip_special_tokens=True))
+        # The chat's end marker is plain text to the tiny tokenizer: the answer ends there.
+        return text.split(END_OF_TURN)[0]
+
     with torch.no_grad():
         before = model(**inputs).logits
-        plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        plain = answer(model)
         with warnings.catch_warnings():
             # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` while
             # wrapping the model; only that FutureWarning is muted, only here.
@@ -58,13 +112,12 @@ def _output_change(base: Path, adapter: Path, prompt: str) -> tuple[float, str, 
             )
             tuned = PeftModel.from_pretrained(model, adapter)
         after = tuned(**inputs).logits
-        adapted = tuned.generate(**inputs, max_new_tokens=8, do_sample=False)
-    n = inputs["input_ids"].shape[1]
-
-    def decode(ids: torch.Tensor) -> str:
-        return str(tokenizer.decode(ids[0, n:], skip_special_tokens=True))
-
-    return float((after - before).abs().mean()), decode(plain), decode(adapted)
+        adapted = answer(tuned)
+        by_scale = {
+            scale: answer(AutoModelForCausalLM.from_pretrained(folder))
+            for scale, folder in merged.items()
+        }
+    return Answers(float((after - before).abs().mean()), plain, adapted, by_scale)
 
 
 def _quiet_noise() -> None:
@@ -229,7 +282,9 @@ def _run_demo(folder: Path, port: int) -> None:
             )
             time.sleep(JOIN_AFTER_S)
             submitted = time.time()
-            job_ids["facts"] = api.create_job(_job_body("facts", files["facts"], 10))["id"]
+            # 25 epochs of 32 rows: 100 steps, enough for the tiny base to say "green." (10
+            # gave "gre.").
+            job_ids["facts"] = api.create_job(_job_body("facts", files["facts"], 25))["id"]
             finished = watch_jobs(api, job_ids, console)
             _print_join(api, job_ids, submitted)
             for name, job_id in job_ids.items():
@@ -238,12 +293,21 @@ def _run_demo(folder: Path, port: int) -> None:
                     console.print(f"[red]{name}[/]: {job['status']} {job.get('error')}")
                     continue
                 adapter = api.download_adapter(job_id, folder / "adapters" / job_id)
-                change, before, after = _output_change(base, adapter, PROMPTS[name])
+                merged = {
+                    scale: _download_merged(
+                        api, job_id, scale, folder / "merged" / job_id / f"scale-{scale:g}"
+                    )
+                    for scale in SCALES
+                }
+                shown = _answers(base, adapter, merged, PROMPTS[name])
+                answers = "  ".join(f"{s:g}: {a!r}" for s, a in shown.merged.items())
                 console.print(
                     f"[bold]{name}[/]: succeeded as [cyan]{job['fine_tuned_model']}[/]\n"
                     f"  PEFT adapter: {adapter}\n"
-                    f"  mean |Δ logit| against the base on {PROMPTS[name]!r}: {change:.4f}\n"
-                    f"  greedy answer: base {before!r} → adapted {after!r}"
+                    f"  mean |Δ logit| against the base on {PROMPTS[name]!r}: "
+                    f"{shown.change:.4f}\n"
+                    f"  greedy answer: base {shown.base!r} → adapted {shown.adapted!r}\n"
+                    f"  merged weights (GET …/merged?scale=) answer at scale {answers}"
                 )
             console.print(f"Done in {time.monotonic() - started:.0f} s.")
             if any(job["status"] != "succeeded" for job in finished.values()):
