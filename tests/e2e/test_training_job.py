@@ -349,3 +349,82 @@ def test_a_file_with_raw_line_separators_inside_strings_trains(server: Lorafleet
         assert job["status"] == "succeeded", job
         assert job["trained_tokens"] > 0
 
+
+def test_validation_metrics_checkpoints_and_results_file_through_the_openai_sdk(
+    server: LorafleetServer,
+) -> None:
+    """The official SDK, unchanged but for base_url: a job with a validation file has
+    `valid_loss` in its events, OpenAI's metric names in its checkpoints, and a results CSV
+    in `result_files` that `files.content` returns."""
+    import csv
+
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key or "none", max_retries=0)
+
+    def upload_records(name: str, records: list[dict[str, Any]]) -> str:
+        body = "\n".join(json.dumps(r) for r in records).encode()
+        return sdk.files.create(file=(name, io.BytesIO(body)), purpose="fine-tune").id
+
+    valid = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in (6, 7) for b in range(5)]
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=upload_records("add.jsonl", DATA),
+        validation_file=upload_records("valid.jsonl", valid),
+        seed=3,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+        extra_body={
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"learning_rate": 1e-2, "max_seq_len": 32, "n_evals": 3},
+            "resources": {"num_workers": 2},
+        },
+    )
+    with server.client() as client:
+        assert server.wait_until_terminal(client, job.id)["status"] == "succeeded"
+    events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))  # every page
+    metrics: list[dict[str, Any]] = [
+        e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)
+    ]
+    total = 2 * len(DATA) // 4  # 12 steps, evaluated on the sample after steps 4, 8 and 12
+    validated = [m for m in metrics if "valid_loss" in m]
+    assert [m["step"] for m in validated] == [4, 8, 12, 12]
+    assert all(m["valid_loss"] > 0 and 0 <= m["valid_mean_token_accuracy"] <= 1 for m in validated)
+    assert validated[-1]["full_valid_loss"] > 0  # the whole file at the end (10 rows: 3 chunks)
+    steps = [m for m in metrics if "evaluation" not in m]
+    assert [m["step"] for m in steps] == list(range(1, total + 1))
+    assert all(0 <= m["train_mean_token_accuracy"] <= 1 for m in steps)
+
+    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id).data
+    final, periodic = checkpoints[0], checkpoints[1:]
+    assert final.step_number == total and periodic
+    openai_names = {
+        "step",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+    }
+    assert final.metrics.model_dump(exclude_none=True).keys() == openai_names
+    assert final.metrics.full_valid_loss == validated[-1]["full_valid_loss"]
+    epoch_end = next(c for c in periodic if c.step_number == total // 2)  # step 6: after step 4's
+    assert epoch_end.metrics.valid_loss == validated[0]["valid_loss"]
+    assert epoch_end.metrics.train_mean_token_accuracy is not None
+
+    [results_id] = sdk.fine_tuning.jobs.retrieve(job.id).result_files
+    assert sdk.files.retrieve(results_id).purpose == "fine-tune-results"
+    rows = list(csv.DictReader(io.StringIO(sdk.files.content(results_id).read().decode())))
+    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
+    assert list(rows[0]) == [
+        "step",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "lr",
+        "tokens_per_second",
+    ]
+    assert [int(r["step"]) for r in rows if r["valid_loss"]] == [4, 8, 12]
+    assert float(rows[3]["valid_loss"]) == validated[0]["valid_loss"]
+
