@@ -427,4 +427,3 @@ def test_validation_metrics_checkpoints_and_results_file_through_the_openai_sdk(
     ]
     assert [int(r["step"]) for r in rows if r["valid_loss"]] == [4, 8, 12]
     assert float(rows[3]["valid_loss"]) == validated[0]["valid_loss"]
-
