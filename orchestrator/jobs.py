@@ -279,9 +279,6 @@ def job_spec_for(job: JobRow, settings: Settings) -> JobSpec:
         validation_file_key=(
             file_key(job.tenant, job.validation_file) if job.validation_file else None
         ),
-        validation_file_key=(
-            file_key(job.tenant, job.validation_file) if job.validation_file else None
-        ),
         lora=job.settings.lora,
         training=HostTraining(**job.settings.training.model_dump(), seed=job.seed),
         start_from=start.adapter_prefix if start else None,
