@@ -130,12 +130,6 @@ def create_job(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
     resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
-    if resolved.training.early_stopping_patience and request.validation_file is None:
-        raise InvalidRequest(
-            "training.early_stopping_patience needs a validation_file (it watches the "
-            "validation loss)",
-            param="training.early_stopping_patience",
-        )
     check_integrations(resolved.integrations)
     if resolved.training.early_stopping_patience and request.validation_file is None:
         raise InvalidRequest(
