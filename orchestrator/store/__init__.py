@@ -20,7 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import NotFound, RateLimited
 from orchestrator.states import JobStatus
-from orchestrator.store.changes import Changes, forget_uncommitted, job_added, say_committed
+from orchestrator.store.changes import (
+    Changes,
+    forget_uncommitted,
+    say_committed,
+    wake_scheduler,
+)
 from orchestrator.store.job_reads import JobFields, JobReads
 from orchestrator.store.rows import add_events, new_id, now
 from orchestrator.store.rows import event_row as _event
@@ -102,7 +107,7 @@ class JobStore(JobTransitions):
                         "(the limit); wait for some to finish or cancel them"
                     )
             add_events(session, row.id, [_event(row.id, message, data={"status": row.status})])
-            job_added(session, row.id)  # wakes the scheduler (NOTIFY on PostgreSQL)
+            wake_scheduler(session, row.id)  # NOTIFY on PostgreSQL
             if idempotency:
                 _record(session, idempotency, row)
         return row

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-JOBS_CHANNEL = "lorafleet_jobs"  # payload: a new job's id
+JOBS_CHANNEL = "lorafleet_jobs"  # payload: the id of a job with work for the scheduler
 EVENTS_CHANNEL = "lorafleet_events"  # payload: the id of a job with new events
 EVERY_JOB = "*"  # "any job may have new events" (notifications were lost: a reconnect)
 
@@ -38,6 +38,7 @@ class Changes:
 
     # ---- saying ----
     def new_jobs(self) -> None:
+        """A new job, or one the API asked something of: work for the scheduler."""
         with self._lock:
             waiters = list(self._job_waiters)
         for wake in waiters:
@@ -111,8 +112,10 @@ class EventWait:
 
 
 # ---- what the store's writes leave in their session (orchestrator.store) ----
-def job_added(session: Session, job_id: str) -> None:
-    """A new job in this transaction: the scheduler is woken when it commits."""
+def wake_scheduler(session: Session, job_id: str) -> None:
+    """Work for the scheduler in this transaction (a new job; one asked to stop, pause or
+    resume): it is woken when the transaction commits. Never for the scheduler's own moves,
+    which would wake it again and again."""
     _notify(session, JOBS_CHANNEL, job_id)
     session.info.setdefault(_NEW_JOBS, set()).add(job_id)
 

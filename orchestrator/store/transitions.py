@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.job_settings import JobSettings
 from orchestrator.errors import InvalidTransition
 from orchestrator.states import JobStatus, is_allowed, sources_of
+from orchestrator.store.changes import wake_scheduler
 from orchestrator.store.rows import add_events, now
 from orchestrator.store.rows import event_row as _event
 from orchestrator.tables import JobRow
@@ -130,6 +131,7 @@ class JobTransitions:
             (JobStatus.RUNNING, JobStatus.PAUSING),
             JobStatus.CANCELLING,
             "Cancellation requested",
+            wake=True,
         )
 
     def request_pause(self, job_id: str, by: dict[str, Any]) -> JobRow:
@@ -142,6 +144,7 @@ class JobTransitions:
             JobStatus.PAUSING,
             f"Pause requested by {who}",
             data={"requested_by": by},
+            wake=True,
         )
 
     def pause(self, job_id: str, attempt: int, message: str, *, spent: bool = False) -> JobRow:
@@ -165,6 +168,7 @@ class JobTransitions:
             JobStatus.QUEUED,
             f"Resumed by {who}; queued to continue from its checkpoint",
             data={"requested_by": by},
+            wake=True,
         )
 
     def hand_back(self, job_id: str, attempt: int, message: str) -> JobRow:
@@ -232,11 +236,13 @@ class JobTransitions:
         data: dict[str, Any] | None = None,
         expected_attempt: int | None = None,
         values: dict[str, Any] | None = None,
+        wake: bool = False,
     ) -> JobRow:
         """The one guarded UPDATE: moves the job to `target` if it is in one of `sources`
         (and, when given, still in `expected_attempt`, which fences stale runs out), and
         appends the event in the same transaction. Raises InvalidTransition, changing
-        nothing, when no row matched."""
+        nothing, when no row matched. `wake`: the API's request, which the scheduler acts on
+        (store/changes.py: it is woken on commit rather than at its next poll)."""
         assert all(is_allowed(s, target) for s in sources), (sources, target)
         guard = [JobRow.id == job_id, JobRow.status.in_([s.value for s in sources])]
         if expected_attempt is not None:
@@ -252,6 +258,8 @@ class JobTransitions:
                 job_id, message, level=level, data={**(data or {}), "status": target.value}
             )
             add_events(session, job_id, [event])
+            if wake:
+                wake_scheduler(session, job_id)
             row = session.get(JobRow, job_id, populate_existing=True)
             assert row is not None
             return row

@@ -88,7 +88,7 @@ def test_changes_wake_only_the_waiters_of_what_changed() -> None:
     assert asyncio.run(stream()) == [False, False, True, True]
 
 
-def test_commits_say_new_jobs_and_events_and_rollbacks_say_nothing(tmp_path: Path) -> None:
+def test_commits_say_scheduler_work_and_events_and_rollbacks_say_nothing(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     store = JobStore(engine)
@@ -106,6 +106,14 @@ def test_commits_say_new_jobs_and_events_and_rollbacks_say_nothing(tmp_path: Pat
         raise RuntimeError("rolled back")
     store.warn(job.id, job.attempt + 5, "a moved-on attempt: no event", {})
     assert said == []
+    # The API's requests wake the scheduler too; the scheduler's own moves only streams.
+    running = store.add_job(job_row(status="running", attempt=1, run_id="host-x"), "created")
+    said.clear()
+    store.request_cancel(running.id)
+    assert said == ["jobs", running.id]
+    said.clear()
+    store.queue(job.id, "Files validated; job queued")
+    assert said == [job.id]
 
 
 @pytest.fixture()
