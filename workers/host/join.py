@@ -207,7 +207,9 @@ class HostJoins:
             "message",
             f"Training started: {slot.total_steps} steps on {self.world_size} workers "
             f"({self.spec.shape.precision}), {len(slot.examples)} examples, joined a pack "
-            f"of {len(self.slots)} at host step {self.steps}",
+            f"of {len(self.slots)} at host step {self.steps}"
+            # A restart (a node lost, a crash) says where the job picks up again.
+            + ("" if resumed is None else f"; resumed from step {resumed}"),
             {
                 "total_steps": slot.total_steps,
                 "workers": self.world_size,
