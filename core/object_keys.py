@@ -59,3 +59,10 @@ def merged_root(tenant: str, job_id: str) -> str:
 def merged_prefix(tenant: str, job_id: str, checkpoint: str, scale: str) -> str:
     """`scale` as core.merged_files.canonical_scale writes it (one key per value)."""
     return f"{merged_root(tenant, job_id)}{checkpoint}/scale-{scale}/"
+
+
+def tinker_checkpoint_prefix(tenant: str, model_id: str, checkpoint_id: str) -> str:
+    """A Tinker model's saved weights (issue 21): `tinker://{model_id}/{checkpoint_id}`, with
+    checkpoint_id `weights/…`, `sampler_weights/…` or `external_weights/…`, lives here (a
+    PEFT adapter, the optimizer's state for `weights/`, and `lorafleet.json` written last)."""
+    return f"tinker/{tenant}/{model_id}/{checkpoint_id}/"

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from api.deps import ServicesDep, get_tenant
+from api.deps import ServicesDep
 from api.errors import error_response
+from api.tinker import weights
+from api.tinker.common import Body, StoreDep, TenantDep, write_request
 from api.tinker.wire import (
     PROTO_CONTENT_TYPE,
     WireError,
@@ -29,41 +31,14 @@ from api.tinker.wire import (
 )
 from core.base_catalog import BaseModelCatalog
 from orchestrator.errors import InvalidRequest
-from orchestrator.tinker.rows import DONE, FAILED, MODEL_PENDING
-from orchestrator.tinker.store import SessionEnded, TinkerStore
+from orchestrator.tinker.rows import DONE, FAILED
+from orchestrator.tinker.store import SessionEnded
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
 
 LONG_POLL_SECONDS = 25.0  # under the SDK's 45 s timeout of one retrieve_future call
 POLL_INTERVAL_SECONDS = 0.02
 MAX_RANK = 256
-
-
-async def tinker_tenant(
-    request: Request,
-    x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None,
-    authorization: Annotated[str | None, Header()] = None,
-) -> str:
-    """The SDK sends its key in X-API-Key; a Bearer key works too."""
-    return await get_tenant(request, f"Bearer {x_api_key}" if x_api_key else authorization)
-
-
-TenantDep = Annotated[str, Depends(tinker_tenant)]
-
-
-def tinker_store(request: Request) -> TinkerStore:
-    store: TinkerStore | None = getattr(request.app.state, "tinker_store", None)
-    if store is None:
-        store = TinkerStore(request.app.state.services.store.engine)
-        request.app.state.tinker_store = store
-    return store
-
-
-StoreDep = Annotated[TinkerStore, Depends(tinker_store)]
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
 class LoraConfig(Body):
@@ -266,7 +241,7 @@ async def forward_backward(request: Request, tenant: TenantDep, store: StoreDep)
     if decoded["seq_id"] < 1:
         raise InvalidRequest("seq_id: must be at least 1", "seq_id")
     kind = "forward" if decoded.pop("forward_only") else "forward_backward"
-    return await _write(
+    return await write_request(
         store, tenant, decoded.pop("model_id"), decoded.pop("seq_id"), kind, decoded
     )
 
@@ -279,21 +254,7 @@ async def optim_step(body: OptimStep, tenant: TenantDep, store: StoreDep) -> dic
             f"optimizer_params: {kind!r} is not supported (AdamParams only)", "optimizer_params"
         )
     payload = {"adam_params": body.adam_params.model_dump()}
-    return await _write(store, tenant, body.model_id, body.seq_id, "optim_step", payload)
-
-
-async def _write(
-    store: TinkerStore, tenant: str, model_id: str, seq_id: int, kind: str, payload: dict[str, Any]
-) -> dict[str, Any]:
-    model = await run_in_threadpool(store.model, tenant, model_id)
-    if model.state not in (MODEL_PENDING, "live"):
-        raise InvalidRequest(
-            f"model_id: model {model_id} is {model.state}"
-            + (f" ({model.error})" if model.error else ""),
-            "model_id",
-        )
-    row = await run_in_threadpool(store.add_request, tenant, model_id, seq_id, kind, payload)
-    return {"request_id": row.id, "model_id": model_id}
+    return await write_request(store, tenant, body.model_id, body.seq_id, "optim_step", payload)
 
 
 # ---- futures ------------------------------------------------------------------------------
@@ -319,3 +280,6 @@ async def retrieve_future(
         if time.monotonic() >= deadline or await request.is_disconnected():
             return {"type": "try_again", "request_id": row.id, "queue_state": "active"}
         await asyncio.sleep(POLL_INTERVAL_SECONDS)
+
+
+router.include_router(weights.router)

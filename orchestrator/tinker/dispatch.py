@@ -21,7 +21,6 @@ from orchestrator.tinker.rows import (
     MODEL_ENDED,
     MODEL_ENDING,
     MODEL_FAILED,
-    MODEL_LIVE,
     TinkerRequestRow,
 )
 from orchestrator.tinker.store import TinkerStore
@@ -169,12 +168,8 @@ class TinkerDispatcher:
         answers = ray.get(actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS)
         for answer in answers:
             self.store.finish(answer["request_id"], answer["result"], answer["error"])
-            if answer.get("kind") == "create_model":
-                model_id = answer["model_id"]
-                if answer["error"] is None:
-                    self.store.set_model(model_id, MODEL_LIVE)
-                else:
-                    self.store.set_model(model_id, MODEL_FAILED, error=answer["error"])
+            if answer.get("kind") in ("create_model", "load_weights"):
+                self.store.settle_new_model(answer["model_id"], answer["error"])
 
 
 def _request(row: TinkerRequestRow) -> dict[str, Any]:

@@ -68,9 +68,16 @@ class TinkerStore:
             )
 
     def create_model(
-        self, tenant: str, session_id: str, model_seq_id: int, base_model: str, lora: dict[str, Any]
+        self,
+        tenant: str,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora: dict[str, Any],
+        first: tuple[str, dict[str, Any]] | None = None,
     ) -> TinkerRequestRow:
-        """The model's row and its creation request (seq_id 0); a retry finds both."""
+        """The model's row and its creation request (seq_id 0; `first`: another request
+        that creates it, a load of saved weights); a retry finds both."""
         live = self.session(tenant, session_id)
         if live.ended_at is not None:
             raise SessionEnded(f"session {session_id} ended ({live.end_reason})")
@@ -88,8 +95,8 @@ class TinkerStore:
                         created_at=time.time(),
                     )
                 )
-        payload = {"base_model": base_model, "lora": lora}
-        return self.add_request(tenant, model_id, 0, "create_model", payload)
+        kind, payload = first or ("create_model", {"base_model": base_model, "lora": lora})
+        return self.add_request(tenant, model_id, 0, kind, payload)
 
     def model(self, tenant: str, model_id: str) -> TinkerModelRow:
         with self.sessions() as session:
@@ -203,6 +210,16 @@ class TinkerStore:
         with self.sessions.begin() as session:
             session.execute(
                 update(TinkerModelRow).where(TinkerModelRow.id == model_id).values(**values)
+            )
+
+    def settle_new_model(self, model_id: str, error: str | None) -> None:
+        """A pending model's first request answered: it is live, or failed with `error`."""
+        values = {"state": MODEL_LIVE} if error is None else {"state": "failed", "error": error}
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerModelRow)
+                .where(TinkerModelRow.id == model_id, TinkerModelRow.state == MODEL_PENDING)
+                .values(**values)
             )
 
     def end_quiet_sessions(self, heartbeat_deadline: float) -> None:

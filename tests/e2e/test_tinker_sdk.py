@@ -5,6 +5,7 @@ warm pack host, and the protocol's edges (retries, ordering, errors) hold over H
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def tinker_server(
 
 
 def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
-    tinker_server: tuple[LorafleetServer, str],
+    tinker_server: tuple[LorafleetServer, str], tiny_base: Path, tmp_path: Path
 ) -> None:
     import tinker
     from tinker import types
@@ -70,7 +71,9 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
     )
     losses = []
-    for _ in range(STEPS):
+    for i in range(STEPS):
+        if i == STEPS - 1:
+            before = training.forward([datum], "cross_entropy").result().metrics["loss:sum"]
         step = training.forward_backward([datum], "cross_entropy")
         update = training.optim_step(types.AdamParams(learning_rate=3e-3))
         result = step.result()
@@ -88,10 +91,52 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
     assert info.lora_rank == 8 and info.model_data.model_name == "tiny-llama"
     assert info.model_id.endswith(":train:0")
 
-    # forward (no gradient) agrees with the last step's weights: its loss is the next one's.
-    before = training.forward([datum], "cross_entropy").result().metrics["loss:sum"]
-    after = training.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
-    assert before == pytest.approx(after, rel=1e-6)
+    # forward (no gradient) saw the same weights as the last step's forward_backward.
+    assert before == pytest.approx(losses[-1], rel=1e-6)
+
+    # save_state, then a second client from it with its optimizer: both continue alike.
+    state = training.save_state("mid").result().path
+    assert state == f"tinker://{info.model_id}/weights/mid"
+    twin = service.create_training_client_from_state_with_optimizer(state).result()
+    assert twin.model_id.endswith(":train:1")
+    trails = []
+    for client in (training, twin):
+        trail = []
+        for _ in range(2):
+            step = client.forward_backward([datum], "cross_entropy")
+            client.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+            trail.append(step.result().metrics["loss:sum"])
+        trails.append(trail)
+    assert trails[0] == trails[1]  # bit for bit: the same factors and Adam moments
+
+    # The weights, downloaded the SDK's way (`tinker checkpoint download`), load in peft
+    # and give transformers' logprobs equal to `forward`'s.
+    saved = training.save_weights_external("final").result().path
+    expected = training.forward([datum], "cross_entropy").result()
+    out = tmp_path / "download"
+    tinker_cli = Path(sys.executable).parent / "tinker"
+    subprocess.run(
+        [str(tinker_cli), "checkpoint", "download", saved, "--output", str(out)],
+        env={**os.environ, "TINKER_API_KEY": key, "TINKER_BASE_URL": server.url},
+        check=True,
+        capture_output=True,
+    )
+    folder = out / saved.removeprefix("tinker://").replace("/", "_")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    with torch.no_grad():
+        logits = merged(torch.tensor([tokens[:-1]])).logits[0]
+    ours = torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+    theirs = torch.tensor(expected.loss_fn_outputs[0]["logprobs"].to_numpy())
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
     # The protocol's edges, over plain HTTP with the same key.
     headers = {"X-API-Key": key}

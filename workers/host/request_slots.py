@@ -11,19 +11,26 @@ gradients agree without an all-reduce; splitting the data by rank is left to do.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from core.objectstore import ObjectStore
 from workers.lora.packed_layer import (
     PackedLoraLinear,
     Routing,
     SlotConfig,
+    load_slot_state,
     matching_linear_layers,
     slot_parameters,
+    slot_state_dict,
+    target_module_names,
 )
 
 logger = logging.getLogger("lorafleet.worker")
@@ -69,8 +76,10 @@ class RequestSlots:
         device: torch.device,
         pad_token_id: int,
         rank: int,
+        store: Callable[[], ObjectStore] | None = None,
     ) -> None:
         self.model, self.layers, self.routing = model, layers, routing
+        self.store = store  # the object store, opened on first use (saves and loads)
         self.device, self.pad_token_id, self.rank = device, pad_token_id, rank
         self.slots: dict[str, RequestSlot] = {}
         self.answers: list[dict[str, Any]] = []
@@ -90,6 +99,8 @@ class RequestSlots:
             "forward": self._forward,
             "optim_step": self._optim_step,
             "drop_model": self._drop,
+            "save_weights": self._save,
+            "load_weights": self._load,
         }
         for request in requests:
             result: dict[str, Any] | None = None
@@ -215,3 +226,69 @@ class RequestSlots:
         slot.optimizer.zero_grad(set_to_none=True)
         slot.steps += 1
         return {"metrics": {"grad_norm:mean": norm}}
+
+    # ---- weights: a PEFT adapter (+ the optimizer's state) under a store prefix -----------
+    def _save(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0 writes the slot's factors as a PEFT adapter (and, asked, the optimizer's
+        state), then `lorafleet.json` last: a prefix with it is a whole checkpoint."""
+        slot = self._slot(model_id)
+        if self.rank == 0:
+            assert self.store is not None, "this host has no object store"
+            store, prefix = self.store(), payload["prefix"]
+            from safetensors.torch import save
+
+            tensors = slot_state_dict(self.model, model_id)
+            store.put_bytes(prefix + "adapter_model.safetensors", save(tensors, {"format": "pt"}))
+            store.put_bytes(prefix + "adapter_config.json", _peft_config(slot, payload))
+            if payload["optimizer"] and slot.optimizer is not None:
+                buffer = io.BytesIO()
+                torch.save({"optimizer": slot.optimizer.state_dict(), "steps": slot.steps}, buffer)
+                store.put_bytes(prefix + "optimizer.pt", buffer.getvalue())
+            about = {"model_id": model_id, "base_model": payload["base_model"], **payload["lora"]}
+            store.put_bytes(prefix + "lorafleet.json", json.dumps(about).encode())
+        return {"path": payload["path"]}
+
+    def _load(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Puts a saved checkpoint's factors (and, asked, its optimizer state) into the slot;
+        with `create`, makes the slot first (the SDK's `create_training_client_from_state`)."""
+        if payload.get("create") is not None and model_id not in self.slots:
+            self._create(model_id, {"lora": payload["create"]})
+        slot = self._slot(model_id)
+        assert self.store is not None, "this host has no object store"
+        store, prefix = self.store(), payload["prefix"]
+        from safetensors.torch import load
+
+        load_slot_state(
+            self.model, model_id, load(store.get_bytes(prefix + "adapter_model.safetensors"))
+        )
+        for param in slot.params:
+            param.grad = None
+        slot.optimizer = None  # weights only: the optimizer starts afresh
+        if payload["optimizer"]:
+            if not store.exists(prefix + "optimizer.pt"):
+                raise RequestError(f"{payload['path']} holds no optimizer state")
+            state = torch.load(
+                io.BytesIO(store.get_bytes(prefix + "optimizer.pt")), weights_only=True
+            )
+            slot.optimizer = torch.optim.AdamW(slot.params)
+            slot.optimizer.load_state_dict(state["optimizer"])
+            slot.steps = state["steps"]
+        return {"path": payload["path"], "model_id": model_id}
+
+
+def _peft_config(slot: RequestSlot, payload: dict[str, Any]) -> bytes:
+    """adapter_config.json as peft writes it for these factors (no lm_head: vLLM loads it)."""
+    return json.dumps(
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": payload["base_model"],
+            "r": slot.config.r,
+            "lora_alpha": slot.config.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": target_module_names(slot.paths),
+            "bias": "none",
+            "inference_mode": True,
+        },
+        indent=2,
+    ).encode()
