@@ -26,7 +26,7 @@ from workers.host.join import HostJoins, PendingJoin
 from workers.host.memory import MembershipMemory
 from workers.host.request_slots import RequestSlots
 from workers.host.slot import JobSlot, SlotState
-from workers.host.step import PackContext, use_gradient_checkpointing
+from workers.host.step import PackContext, train_step, use_gradient_checkpointing
 from workers.host.writer import SlotWriter
 from workers.lora.packed_layer import (
     Routing,
@@ -264,11 +264,16 @@ class HostWorker(HostJoins, HostEvaluations):
             # A job being evaluated sits its training out (its adapter is the one evaluated);
             # its chunk of validation rows goes through the base beside its mates' step.
             training = [s for s in active if not s.evaluating and s.step < s.total_steps]
-            if training:
+            evaluating = [s for s in active if s.evaluating]
+            if training and evaluating:
+                # Memory is measured on steps of the whole pack only: not a membership of
+                # its own each time a job sits out for an evaluation.
+                train_step(self.ctx, training)
+            elif training:
                 measured = self.memory.step(training)
                 if measured is not None:
                     self._report_memory(measured)
-            self._evaluate([s for s in active if s.evaluating])
+            self._evaluate(evaluating)
             self.steps += 1
             self.last_step_at = time.time()
             for slot in active:
