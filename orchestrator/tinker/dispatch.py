@@ -165,7 +165,9 @@ class TinkerDispatcher:
                     self.store.set_model(model.id, MODEL_FAILED, error="its pack host ended")
                     self.store.fail_pending(model.id, "the model's pack host ended")
             return
-        answers = ray.get(actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS)
+        answers: list[dict[str, Any]] = ray.get(
+            actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS
+        )
         for answer in answers:
             self.store.finish(answer["request_id"], answer["result"], answer["error"])
             if answer.get("kind") in ("create_model", "load_weights"):

@@ -205,7 +205,7 @@ class RequestSlots:
         summed gradients to `grad_clip_norm` (0: no clipping)."""
         slot = self._slot(model_id)
         adam = payload["adam_params"]
-        hyper = {
+        hyper: dict[str, Any] = {
             "lr": float(adam["learning_rate"]),
             "betas": (float(adam["beta1"]), float(adam["beta2"])),
             "eps": float(adam["eps"]),
