@@ -168,6 +168,12 @@ async def create_model(
             f"base_model: {body.base_model!r} is not served here (served: {known})",
             "base_model",
         )
+    if services.settings.warm_hosts < 1:
+        raise InvalidRequest(
+            "base_model: Tinker models train on warm pack hosts and this server keeps none: "
+            "set LORAFLEET_WARM_HOSTS=1 (or more)",
+            "base_model",
+        )
     if body.lora_config is None:
         raise InvalidRequest("lora_config: only LoRA models are trained here", "lora_config")
     optimizer = (body.optimizer_config or {}).get("type", "adamw")
@@ -278,7 +284,10 @@ async def retrieve_future(
                 return {"type": "create_model", "model_id": row.model_id}
             return result
         if time.monotonic() >= deadline or await request.is_disconnected():
-            return {"type": "try_again", "request_id": row.id, "queue_state": "active"}
+            waiting = {"type": "try_again", "request_id": row.id, "queue_state": "active"}
+            if row.seq_id == 0 and row.state == "pending":  # the SDK logs the reason
+                waiting["queue_state_reason"] = "waiting for a warm pack host of its base"
+            return waiting
         await asyncio.sleep(POLL_INTERVAL_SECONDS)
 
 

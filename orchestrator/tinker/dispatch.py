@@ -27,7 +27,10 @@ from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger("lorafleet.tinker")
 
-PASS_SECONDS = 0.02  # how often the rows are read: a client's step waits on this twice
+# How often the rows are read while a client works (its step waits on this twice), and
+# while none does: an idle server reads a few rows a second, not fifty.
+PASS_SECONDS, IDLE_PASS_SECONDS = 0.02, 0.25
+HEARTBEAT_CHECK_SECONDS = 2.0  # how often quiet sessions are looked for
 HEARTBEAT_TIMEOUT_SECONDS = 120.0  # the SDK beats every 10 s; it warns after 120 s
 CALL_TIMEOUT_SECONDS = 10.0
 
@@ -74,7 +77,8 @@ class TinkerDispatcher:
         self.heartbeat_timeout = heartbeat_timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._hosts_with_work: set[str] = set()
+        self._unanswered: dict[str, int] = {}  # host id -> requests sent, not yet answered
+        self._heartbeats_checked = 0.0
         self._failing = False
 
     # ---- life --------------------------------------------------------------------------
@@ -89,31 +93,38 @@ class TinkerDispatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            busy = False
             try:
-                self.dispatch_once()
+                busy = self.dispatch_once()
                 self._failing = False
             except Exception:  # one bad pass must not end the loop; the next one retries
                 if not self._failing:
                     log.exception("Tinker dispatch failed; retrying")
                 self._failing = True
                 self._stop.wait(1.0)
-            self._stop.wait(PASS_SECONDS)
+            self._stop.wait(PASS_SECONDS if busy else IDLE_PASS_SECONDS)
 
     # ---- one pass ----------------------------------------------------------------------
-    def dispatch_once(self) -> None:
-        self.store.end_quiet_sessions(time.time() - self.heartbeat_timeout)
+    def dispatch_once(self) -> bool:
+        """One pass; whether work is under way (the next pass comes soon)."""
+        now = time.time()
+        if now - self._heartbeats_checked >= HEARTBEAT_CHECK_SECONDS:
+            self._heartbeats_checked = now
+            self.store.end_quiet_sessions(now - self.heartbeat_timeout)
         for model in self.store.models((MODEL_ENDING,)):
             self.store.fail_pending(model.id, "the model's session ended")
             if model.host_id is not None and self._host_alive(model.host_id):
                 self._send(model.host_id, [_drop(model.id)])  # its slot is freed
             self.store.set_model(model.id, MODEL_ENDED)
         pending = self.store.pending_requests()
-        if pending:
-            self._hand_over(pending)
-        for host_id in sorted(self._hosts_with_work):
+        handed = self._hand_over(pending) if pending else 0
+        for host_id in sorted(h for h, n in self._unanswered.items() if n > 0):
             self._collect(host_id)
+        return handed > 0 or any(self._unanswered.values())
 
-    def _hand_over(self, pending: list[TinkerRequestRow]) -> None:
+    def _hand_over(self, pending: list[TinkerRequestRow]) -> int:
+        """Sends each model's next rows to its host; how many went."""
+        handed = 0
         by_model: dict[str, list[TinkerRequestRow]] = {}
         for row in pending:
             by_model.setdefault(row.model_id, []).append(row)
@@ -136,6 +147,8 @@ class TinkerDispatcher:
                 continue
             self.store.mark_sent([row.id for row in batch])
             self._send(host_id, [_request(row) for row in batch])
+            handed += len(batch)
+        return handed
 
     def _host_alive(self, host_id: str) -> bool:
         import ray
@@ -151,7 +164,7 @@ class TinkerDispatcher:
 
         actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         ray.get(actor.tinker_submit.remote(requests), timeout=CALL_TIMEOUT_SECONDS)
-        self._hosts_with_work.add(host_id)
+        self._unanswered[host_id] = self._unanswered.get(host_id, 0) + len(requests)
 
     def _collect(self, host_id: str) -> None:
         import ray
@@ -159,7 +172,7 @@ class TinkerDispatcher:
         try:
             actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         except ValueError:  # the host is gone: its models with it
-            self._hosts_with_work.discard(host_id)
+            self._unanswered.pop(host_id, None)
             for model in self.store.models(("pending", "live")):
                 if model.host_id == host_id:
                     self.store.set_model(model.id, MODEL_FAILED, error="its pack host ended")
@@ -168,6 +181,7 @@ class TinkerDispatcher:
         answers: list[dict[str, Any]] = ray.get(
             actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS
         )
+        self._unanswered[host_id] = max(0, self._unanswered[host_id] - len(answers))
         for answer in answers:
             self.store.finish(answer["request_id"], answer["result"], answer["error"])
             if answer.get("kind") in ("create_model", "load_weights"):

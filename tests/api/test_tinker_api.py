@@ -4,11 +4,22 @@ future, and tenants that cannot reach each other's models or tinker:// paths."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from api.app import create_app
 from orchestrator.api_keys import ApiKeys
+from orchestrator.settings import Settings
+
+
+@pytest.fixture()
+def tinker_client(settings: Settings) -> Iterator[TestClient]:
+    """The API without the scheduler, keeping a warm host per base (where models train)."""
+    with TestClient(create_app(settings.model_copy(update={"warm_hosts": 1}))) as test_client:
+        yield test_client
 
 
 def keys(client: TestClient) -> ApiKeys:
@@ -38,7 +49,15 @@ def post(client: TestClient, key: str, path: str, **kwargs: Any) -> Any:
     return client.post(f"/api/v1/{path}", headers=headers, **kwargs)
 
 
-def test_tinker_requests_are_checked_scoped_and_retried_safely(client: TestClient) -> None:
+def test_without_warm_hosts_create_model_says_what_to_set(client: TestClient) -> None:
+    session = post(client, "tml-any", "create_session", json={}).json()["session_id"]
+    model = {"session_id": session, "model_seq_id": 0, "base_model": "tiny"}
+    refused = post(client, "tml-any", "create_model", json={**model, "lora_config": {"rank": 4}})
+    assert refused.status_code == 400 and "LORAFLEET_WARM_HOSTS" in refused.text
+
+
+def test_tinker_requests_are_checked_scoped_and_retried_safely(tinker_client: TestClient) -> None:
+    client = tinker_client
     _, acme = keys(client).create("acme", prefix="tml-")
     _, beta = keys(client).create("beta", prefix="tml-")
     assert acme.startswith("tml-")
