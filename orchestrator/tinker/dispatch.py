@@ -145,10 +145,22 @@ class TinkerDispatcher:
             batch = ordered_batch(rows, self.store.last_handed_seq(model_id))
             if not batch:
                 continue
+            if not self._host_alive(host_id):  # the host ended: its models with it
+                self._host_gone(host_id)
+                continue
             self.store.mark_sent([row.id for row in batch])
             self._send(host_id, [_request(row) for row in batch])
             handed += len(batch)
         return handed
+
+    def _host_gone(self, host_id: str) -> None:
+        """A host that ended takes its models' slots with it: they fail, and so does every
+        request of theirs not yet answered."""
+        self._unanswered.pop(host_id, None)
+        for model in self.store.models(("pending", "live")):
+            if model.host_id == host_id:
+                self.store.set_model(model.id, MODEL_FAILED, error="its pack host ended")
+                self.store.fail_pending(model.id, "the model's pack host ended")
 
     def _host_alive(self, host_id: str) -> bool:
         import ray
@@ -172,11 +184,7 @@ class TinkerDispatcher:
         try:
             actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         except ValueError:  # the host is gone: its models with it
-            self._unanswered.pop(host_id, None)
-            for model in self.store.models(("pending", "live")):
-                if model.host_id == host_id:
-                    self.store.set_model(model.id, MODEL_FAILED, error="its pack host ended")
-                    self.store.fail_pending(model.id, "the model's pack host ended")
+            self._host_gone(host_id)
             return
         answers: list[dict[str, Any]] = ray.get(
             actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS
