@@ -184,7 +184,8 @@ class RayHosts:
     def wait_for_news(self, timeout: float) -> bool:
         """One long poll out to each host at a time (`PackHost.wait_news`, answered as soon
         as its news count moves); waits up to `timeout` for any answer. A host's first
-        answer only says where its count stands; a host that died is news."""
+        answer is news too (what it did before this call looked is not known: a job
+        claimed in the tick that connected may have stepped already), as is one that died."""
         hosts = self.list_hosts()
         for host_id in set(self._news_calls) - set(hosts):
             del self._news_calls[host_id]
@@ -215,7 +216,7 @@ class RayHosts:
                 self._news_failed[host_id] = time.time()
                 news = True
                 continue
-            news = news or self._news_seen.get(host_id, count) != count
+            news = news or self._news_seen.get(host_id) != count
             self._news_seen[host_id] = count
         return news
 
