@@ -29,6 +29,14 @@ def slots(tiny_base: Path) -> RequestSlots:
     return RequestSlots(model, layers, routing, torch.device("cpu"), pad_token_id=0, rank=0)
 
 
+def grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        assert p.grad is not None
+        out.append(p.grad.clone())
+    return out
+
+
 def datum(tokens: list[int], weight: float = 1.0) -> dict[str, Any]:
     return {
         "tokens": tokens[:-1],
@@ -74,7 +82,7 @@ def test_two_forward_backwards_add_up_to_one_on_all_their_data(slots: RequestSlo
     params = slots.slots["s:train:0"].params
     run(slots, "s:train:0", "optim_step", adam())  # B leaves zero, so A gets gradients too
     both = fb(slots, [datum(TEXT), datum(OTHER, 0.5)])
-    together = [p.grad.clone() for p in params]
+    together = grads(params)
     run(slots, "s:train:0", "optim_step", adam(learning_rate=0.0))  # clears the gradients
     first, second = fb(slots, [datum(TEXT)]), fb(slots, [datum(OTHER, 0.5)])
     for summed, grad in zip(together, params, strict=True):
@@ -92,7 +100,7 @@ def test_optim_step_is_adamw_with_the_requests_parameters(slots: RequestSlots) -
     fb(slots, [datum(TEXT)])
     reference = [copy.deepcopy(p) for p in slot.params]
     for ref, p in zip(reference, slot.params, strict=True):
-        ref.grad = p.grad.clone()
+        ref.grad = grads([p])[0]
     params = {"learning_rate": 3e-3, "beta1": 0.8, "beta2": 0.9, "eps": 1e-8}
     torch_adam = torch.optim.AdamW(reference, lr=3e-3, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1)
     torch.nn.utils.clip_grad_norm_(reference, 0.5)
@@ -131,3 +139,41 @@ def test_a_bad_request_fails_alone_and_dropping_frees_the_slot(slots: RequestSlo
     run(slots, "s:train:0", "drop_model", {})
     assert slots.live() == []
     assert all("s:train:0" not in layer.slots for layer in slots.layers.values())
+
+
+def test_two_models_queued_together_share_one_pass_and_equal_themselves_alone(
+    slots: RequestSlots,
+) -> None:
+    for name, seed in (("a:train:0", 1), ("b:train:0", 2)):
+        run(slots, name, "create_model", {"lora": {"rank": 4, "seed": seed}})
+        run(slots, name, "optim_step", adam())  # B leaves zero: both adapters differ
+    work = {
+        "a:train:0": [datum(TEXT), datum(OTHER, 0.5)],
+        "b:train:0": [datum(OTHER)],
+    }
+
+    def request(name: str, kind: str = "forward_backward") -> dict[str, Any]:
+        payload = {"loss_fn": "cross_entropy", "data": work[name]}
+        return {"request_id": name, "model_id": name, "kind": kind, "payload": payload}
+
+    alone = {}
+    for name in work:  # each alone, then its gradients cleared without a step
+        alone[name] = (
+            run(slots, name, "forward_backward", request(name)["payload"]),
+            grads(slots.slots[name].params),
+        )
+        for p in slots.slots[name].params:
+            p.grad = None
+    forwards = slots.routing.forward_id
+    slots.run([request("a:train:0"), request("b:train:0")])
+    assert slots.routing.forward_id == forwards + 1  # one pass through the base for both
+    answers = {a["model_id"]: a for a in slots.take_answers()}
+    for name, (result, expected) in alone.items():
+        packed = answers[name]["result"]
+        assert packed["metrics"]["loss:sum"] == pytest.approx(
+            result["metrics"]["loss:sum"], rel=1e-5
+        )
+        for mine, theirs in zip(packed["outputs"], result["outputs"], strict=True):
+            torch.testing.assert_close(mine["logprobs"], theirs["logprobs"], rtol=1e-5, atol=1e-5)
+        for p, grad in zip(slots.slots[name].params, expected, strict=True):
+            torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-6)

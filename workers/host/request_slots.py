@@ -38,7 +38,8 @@ logger = logging.getLogger("lorafleet.worker")
 # The SDK's LoRA flags → the layers they adapt (Llama/Qwen-style names, as peft matches them).
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-LORA_ALPHA = 32.0  # Tinker's own choice: the scale is alpha / rank
+LORA_ALPHA = 32.0
+LOSS_KINDS = ("forward_backward", "forward")  # Tinker's own choice: the scale is alpha / rank
 
 
 class RequestError(ValueError):
@@ -102,7 +103,22 @@ class RequestSlots:
             "save_weights": self._save,
             "load_weights": self._load,
         }
-        for request in requests:
+        queue = list(requests)
+        while queue:
+            group = self._loss_group(queue)
+            if len(group) > 1:  # several models' forward work: one pass through the base
+                try:
+                    results = self._run_losses(group)
+                except Exception as exc:  # noqa: BLE001 - each is tried alone below
+                    logger.warning("a packed Tinker forward failed, each alone: %s", exc)
+                else:
+                    for done, outcome in zip(group, results, strict=True):
+                        self._answer(done, outcome, None)
+                    queue = [r for r in queue if all(r is not g for g in group)]
+                    continue
+                finally:
+                    self.routing.blocks = []
+            request = queue.pop(0)
             result: dict[str, Any] | None = None
             error: str | None = None
             try:
@@ -115,16 +131,40 @@ class RequestSlots:
                 error = f"{type(exc).__name__}: {exc}"
             finally:
                 self.routing.blocks = []
-            if self.rank == 0:
-                self.answers.append(
-                    {
-                        "request_id": request["request_id"],
-                        "model_id": request["model_id"],
-                        "kind": request["kind"],
-                        "result": result,
-                        "error": error,
-                    }
-                )
+            self._answer(request, result, error)
+
+    def _loss_group(self, queue: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """When the first queued request is forward work: the next request of every model
+        that is forward work too (each model's own order kept), to go through the base in
+        one pass, each model's rows through its own factors (`Routing.blocks`)."""
+        heads: dict[str, dict[str, Any]] = {}
+        for request in queue:
+            heads.setdefault(request["model_id"], request)
+        return (
+            [
+                r
+                for r in heads.values()
+                if r["kind"] in LOSS_KINDS
+                and r["model_id"] in self.slots
+                and r["payload"].get("loss_fn") == "cross_entropy"
+            ]
+            if queue[0]["kind"] in LOSS_KINDS
+            else []
+        )
+
+    def _answer(
+        self, request: dict[str, Any], result: dict[str, Any] | None, error: str | None
+    ) -> None:
+        if self.rank == 0:
+            self.answers.append(
+                {
+                    "request_id": request["request_id"],
+                    "model_id": request["model_id"],
+                    "kind": request["kind"],
+                    "result": result,
+                    "error": error,
+                }
+            )
 
     # ---- the requests ----------------------------------------------------------------------
     def _create(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -159,46 +199,63 @@ class RequestSlots:
             raise RequestError(f"model {model_id} is not on this host")
         return slot
 
-    def _run_loss(self, model_id: str, payload: dict[str, Any], backward: bool) -> dict[str, Any]:
-        slot = self._slot(model_id)
-        if payload["loss_fn"] != "cross_entropy":
-            raise RequestError(f"loss_fn {payload['loss_fn']!r} is not supported yet")
-        data = payload["data"]
+    def _run_losses(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Forward (and backward) work of one or more models in one pass through the base:
+        each model's rows through its own factors, each its own loss; the backward of their
+        sum adds to each model's own factors only (no factor is shared)."""
+        for request in requests:
+            self._slot(request["model_id"])
+            if request["payload"]["loss_fn"] != "cross_entropy":
+                raise RequestError(
+                    f"loss_fn {request['payload']['loss_fn']!r} is not supported yet"
+                )
+        data = [d for r in requests for d in r["payload"]["data"]]
         width = max(len(d["tokens"]) for d in data)
         ids = torch.full((len(data), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(data), width), dtype=torch.long)
         for row, datum in enumerate(data):
             ids[row, : len(datum["tokens"])] = torch.tensor(datum["tokens"], dtype=torch.long)
             mask[row, : len(datum["tokens"])] = 1
-        self.routing.blocks = [(slot.model_id, len(data))]
+        self.routing.blocks = [(r["model_id"], len(r["payload"]["data"])) for r in requests]
         self.routing.forward_id += 1
+        backward = any(r["kind"] == "forward_backward" for r in requests)
+        results = []
         with torch.set_grad_enabled(backward):
             logits = self.model(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
             ).logits
-            total = torch.zeros((), device=self.device)
-            outputs = []
-            for row, datum in enumerate(data):
-                n = len(datum["tokens"])
-                targets = torch.tensor(datum["target_tokens"], dtype=torch.long, device=self.device)
-                weights = torch.tensor(datum["weights"], dtype=torch.float32, device=self.device)
-                loss, logprobs = cross_entropy(logits[row, :n], targets, weights)
-                total = total + loss
-                outputs.append(
-                    {
-                        "logprobs": logprobs.detach().cpu().tolist(),
-                        "elementwise_loss": (-logprobs * weights).detach().cpu().tolist(),
-                    }
-                )
+            trained = torch.zeros((), device=self.device)
+            row = 0
+            for request in requests:
+                total = torch.zeros((), device=self.device)
+                outputs = []
+                for datum in request["payload"]["data"]:
+                    n = len(datum["tokens"])
+                    device = self.device
+                    targets = torch.tensor(datum["target_tokens"], dtype=torch.long, device=device)
+                    weights = torch.tensor(datum["weights"], dtype=torch.float32, device=device)
+                    loss, logprobs = cross_entropy(logits[row, :n], targets, weights)
+                    total = total + loss
+                    outputs.append(
+                        {
+                            "logprobs": logprobs.detach().cpu().tolist(),
+                            "elementwise_loss": (-logprobs * weights).detach().cpu().tolist(),
+                        }
+                    )
+                    row += 1
+                if request["kind"] == "forward_backward":
+                    trained = trained + total
+                results.append({"outputs": outputs, "metrics": {"loss:sum": float(total.detach())}})
             if backward:
-                total.backward()  # adds to the factors' .grad: summed until optim_step
-        return {"outputs": outputs, "metrics": {"loss:sum": float(total.detach())}}
+                trained.backward()  # adds to the factors' .grad: summed until optim_step
+        return results
 
     def _forward_backward(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return self._run_loss(model_id, payload, backward=True)
+        request = {"model_id": model_id, "kind": "forward_backward", "payload": payload}
+        return self._run_losses([request])[0]
 
     def _forward(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return self._run_loss(model_id, payload, backward=False)
+        return self._run_losses([{"model_id": model_id, "kind": "forward", "payload": payload}])[0]
 
     def _optim_step(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
         """AdamW with the request's AdamParams (decoupled weight decay), after clipping the
