@@ -32,7 +32,8 @@ def tinker_server(
         base_models=json.dumps({"tiny-llama": str(tiny_base)}),
         scheduler_poll_seconds="0.2",
         warm_hosts="1",  # a Tinker model is a slot of a warm host of its base
-        default_num_workers="1",
+        # One worker keeps CI short; TINKER_TEST_WORKERS=2 runs the same over ZeRO-3 ranks.
+        default_num_workers=os.environ.get("TINKER_TEST_WORKERS", "1"),
         ray_namespace=folder.name,  # its own hosts only (see tests/e2e/conftest.py)
     ).env
     env = {**settings, "RAY_ADDRESS": ray_address}
