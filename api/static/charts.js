@@ -20,7 +20,7 @@ function niceTicks(lo, hi, count = 5) {
   return ticks;
 }
 
-// series: [{name, color, points: [[x, y], ...], dash?}]; options: {xLabel, yLabel}.
+// series: [{name, color, points: [[x, y], ...], dash?}]; options: {xLabel, yLabel, yRange, empty}.
 // Draws axes with round ticks and titles, a line and one <circle class="point"
 // data-series=name> per point (tests count them). The SVG is drawn at the container's own
 // pixel size (no stretching), and the left margin is measured from the widest tick label,
@@ -42,6 +42,8 @@ function drawChart(container, series, options = {}) {
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
+  // A fixed range where the quantity has one (accuracy: 0 to 1), else the data's own.
+  if (options.yRange) [y0, y1] = [Math.min(y0, options.yRange[0]), Math.max(y1, options.yRange[1])];
   if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
   const text = (content, attributes) => {
     const node = svgNode("text", { "font-size": 11, fill: "#4b5563", ...attributes });

@@ -213,7 +213,7 @@ function redraw() {
     drawChart($("accuracy-chart"), [
       { name: "train_accuracy", color: "#1d4ed8", points: series.trainAccuracy },
       { name: "valid_accuracy", color: "#d97706", points: series.validAccuracy },
-    ], { yLabel: "accuracy" });
+    ], { yLabel: "accuracy", yRange: [0, 1] });
   }
   drawChart($("lr-chart"), [{ name: "lr", color: "#7c3aed", points: series.lr }], { yLabel: "lr" });
   drawChart($("speed-chart"), [{ name: "speed", color: "#059669", points: series.speed }], { yLabel: "tokens/s" });

@@ -77,9 +77,11 @@ class IntegrationRuns:
             entity=settings.entity,
             name=settings.name or job.job_id,
             tags=list(settings.tags),
-            # One W&B run per attempt: a resumed attempt repeats steps from its checkpoint,
-            # which W&B would drop from the first attempt's run.
+            # One W&B run per attempt: a retried attempt repeats steps from its checkpoint,
+            # which W&B would drop from the first attempt's run. A pause keeps the attempt:
+            # its job continues the same run after resume (from the step it paused at).
             id=f"{job.job_id}-{job.attempt}",
+            resume="allow",
             group=job.job_id,
             dir=str(folder) if folder else None,
             config={
