@@ -329,6 +329,8 @@ def checkpoints(
         (c.step, c.created_at, c.metrics)
         for c in list_checkpoints(services.objects, job.tenant, job.id, job.attempt)
         if c.attempt == job.attempt  # the ids from_checkpoint resolves (orchestrator/jobs.py)
+        # An early-stopped job's adapter is its best checkpoint: listed once, as the final.
+        and not (steps and c.step == steps[0][0])
     ]
     name = job.fine_tuned_model or fine_tuned_model_name(job)
     found = [

@@ -116,9 +116,10 @@ def test_evaluation_leaves_mates_bit_identical_and_early_stopping_publishes_the_
     assert all(0 <= e["data"]["train_mean_token_accuracy"] <= 1 for e in mate_steps)
 
     # (2) Early stopping: before the last epoch, an event says so, best checkpoint published.
-    evaluations = [
+    *evaluations, published_step = [
         e["data"] for e in events_of(watch, "evaluated", "metrics") if "evaluation" in e["data"]
     ]
+    assert {e["evaluation"] for e in evaluations} == {"sample"}  # it never reached its end
     trained = [
         e["data"] for e in events_of(watch, "evaluated", "metrics") if "evaluation" not in e["data"]
     ]
@@ -134,6 +135,9 @@ def test_evaluation_leaves_mates_bit_identical_and_early_stopping_publishes_the_
     assert losses[best_step] == min(losses.values()) == stopped["data"]["best_valid_loss"]
     assert all(losses[s] >= losses[best_step] for s in range(best_step + 1, stop_step + 1))
     assert stop_step - best_step == 3
+    # Its last metrics are the published adapter's: the best step's (checkpoints.list's final).
+    best_figures = next(e for e in evaluations if e["step"] == best_step)
+    assert published_step == {**best_figures, "evaluation": "best", "time": published_step["time"]}
     saved = list_checkpoints(store, "packed", "evaluated")
     [best] = [c for c in saved if c.step == best_step]  # kept, whatever retention prunes
     assert best.metrics["valid_loss"] == losses[best_step]

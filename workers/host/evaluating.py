@@ -60,6 +60,9 @@ class HostEvaluations:
         if best and self.writer is not None:  # rank 0 publishes: the copy is kept there
             validation.best_factors = slot_state_dict(self.ctx.model, slot.job_id)
         figures = {k: v for k, v in validation.latest.items() if math.isfinite(v)}
+        metrics = {**self._step_metrics(slot, evaluation.step), **figures}
+        if best:
+            validation.best_metrics = metrics
         loss_name = "valid_loss" if evaluation.kind == "sample" else "full_valid_loss"
         what = "validation loss" if evaluation.kind == "sample" else "full validation loss"
         self._report(
@@ -68,7 +71,7 @@ class HostEvaluations:
             f"Step {evaluation.step}/{slot.total_steps}: {what}={validation.latest[loss_name]:.4f}",
             # No step_seconds nor total_steps: not a training step (step counters and the
             # finish estimate count those), but the same step's figures with validation's.
-            {**self._step_metrics(slot, evaluation.step), **figures, "evaluation": evaluation.kind},
+            {**metrics, "evaluation": evaluation.kind},
         )
         if validation.stopped_early:
             self._report(
@@ -85,6 +88,15 @@ class HostEvaluations:
                     "best_valid_loss": validation.best_loss,
                 },
             )
+            if validation.best_metrics:
+                # The job's last metrics are those of the adapter it publishes: the final
+                # checkpoint that checkpoints.list shows is the best step's.
+                self._report(
+                    slot.job_id,
+                    "metrics",
+                    f"Published adapter: step {validation.best_step} (best validation loss)",
+                    {**validation.best_metrics, "evaluation": "best"},
+                )
 
     @staticmethod
     def _step_metrics(slot: JobSlot, step: int) -> dict[str, Any]:

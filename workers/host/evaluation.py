@@ -93,6 +93,7 @@ class Validation:
     stopped_early: bool = False
     done_step: int | None = None  # the step whose evaluations all finished last
     best_factors: dict[str, torch.Tensor] | None = None  # rank 0: a copy, for publishing
+    best_metrics: dict[str, Any] = field(default_factory=dict)  # the best step's figures
 
     def due(self, step: int, total_steps: int) -> bool:
         return step in self.steps or step == total_steps
@@ -127,6 +128,7 @@ class Validation:
             "best_step": self.best_step,
             "since_best": self.since_best,
             "done_step": self.done_step,
+            "best_metrics": dict(self.best_metrics),
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
@@ -134,6 +136,7 @@ class Validation:
             self.latest = dict(state["latest"])
             self.best_loss, self.best_step = state["best_loss"], state["best_step"]
             self.since_best, self.done_step = state["since_best"], state.get("done_step")
+            self.best_metrics = dict(state.get("best_metrics") or {})
 
 
 def evaluate_step(ctx: PackContext, slots: list[JobSlot]) -> list[tuple[JobSlot, Evaluation]]:
