@@ -145,6 +145,8 @@ def evaluate_step(ctx: PackContext, slots: list[JobSlot]) -> list[tuple[JobSlot,
     A slot whose rows raise in the forward is failed alone (the ranks agree first)."""
     from workers.host.step import fail_slot
 
+    if not slots:
+        return []
     rows: list[torch.Tensor] = []
     chunks: list[list[int]] = []
     ctx.model.eval()  # no dropout: no draw from any job's stream
