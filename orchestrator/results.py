@@ -43,9 +43,14 @@ def results_csv(metrics: Iterable[dict[str, Any]]) -> tuple[bytes, int]:
         if "step" not in data:
             continue
         row = rows.setdefault(int(data["step"]), {})
-        if "evaluation" not in data:  # a training step: a repeat (a resumed attempt) replaces
+        # An evaluation adds its step's validation figures; a training step's event sets the
+        # rest (a repeat, from a resumed attempt, replaces them).
+        evaluation = "evaluation" in data
+        if not evaluation:
             row.clear()
         for column, field in COLUMNS.items():
+            if evaluation and not column.startswith("valid_"):
+                continue
             value = data.get(field)
             if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
                 row[column] = value
