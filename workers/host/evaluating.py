@@ -137,5 +137,15 @@ class HostEvaluations:
         assert self.writer is not None
         spec = slot.spec
         saved = list_checkpoints(self.writer.store, spec.tenant, spec.job_id, spec.attempt)
-        info = next(c for c in saved if c.step == validation.best_step)
-        return read_checkpoint(self.writer.store, info)[0]
+        info = next((c for c in saved if c.step == validation.best_step), None)
+        if info is not None:
+            return read_checkpoint(self.writer.store, info)[0]
+        # Its write failed (the store was away then): the adapter as trained, said so.
+        self._report(
+            slot.job_id,
+            "message",
+            f"The best checkpoint (step {validation.best_step}) was not saved; the adapter "
+            f"of step {slot.step} is published instead",
+            {"level": "warning", "best_step": validation.best_step},
+        )
+        return slot_state_dict(self.ctx.model, slot.job_id)
