@@ -44,7 +44,7 @@ def test_a_drained_node_hands_its_jobs_back_and_they_go_on_elsewhere_exactly(
             "LORAFLEET_SHARED_PATHS": json.dumps([str(tmp_path), str(tiny_base.parent)]),
             "LORAFLEET_RAY_NAMESPACE": NAMESPACE,
             "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
-            "LORAFLEET_HOST_IDLE_SECONDS": "5",
+            "LORAFLEET_HOST_IDLE_SECONDS": "120",  # the new host stays up to be looked at
             "LORAFLEET_MAX_CONCURRENT_RUNS": "2",
         },
         log=tmp_path / "server.log",
@@ -107,7 +107,8 @@ def test_a_drained_node_hands_its_jobs_back_and_they_go_on_elsewhere_exactly(
                 assert resumed[-1]["resumed_from_step"] == step
             # No rank of the new host is on the drained node.
             moved = hosts.poll(new_host, {})
-            if moved is not None:  # not idled out yet
-                assert drained not in {r["node_id"] for r in moved["worker_nodes"]}
+            assert moved is not None and moved["worker_nodes"]
+            assert drained not in {r["node_id"] for r in moved["worker_nodes"]}
+            hosts.stop(new_host)
     finally:
         server.stop()
