@@ -16,7 +16,8 @@ import pytest
 
 from tests.e2e.conftest import LorafleetServer, end_pack_hosts
 
-pytestmark = pytest.mark.slow
+# A later stage of make test (with faults): ~33 s of serve, warm host and 40+ SDK calls.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 STEPS = 20
 
