@@ -239,11 +239,6 @@ async def forward_backward(request: Request, tenant: TenantDep, store: StoreDep)
         decoded = decode_forward_backward(body)
     except WireError as exc:
         raise InvalidRequest(str(exc), exc.param) from exc
-    if decoded["loss_fn"] != "cross_entropy":
-        raise InvalidRequest(
-            f"loss_fn: {decoded['loss_fn']!r} is not supported yet (cross_entropy only)",
-            "loss_fn",
-        )
     if decoded["seq_id"] < 1:
         raise InvalidRequest("seq_id: must be at least 1", "seq_id")
     kind = "forward" if decoded.pop("forward_only") else "forward_backward"

@@ -18,6 +18,11 @@ from typing import Any
 import numpy as np
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
+# Each loss and the per-token inputs it needs (Tinker's names; one value per input token).
+LOSS_INPUTS = {
+    "cross_entropy": ("target_tokens", "weights"),
+    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+}
 
 
 class WireError(ValueError):
@@ -67,6 +72,12 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
         raise WireError(f"body: not a ForwardBackwardRequest protobuf ({exc})", "body") from exc
     if not msg.data:
         raise WireError("forward_backward_input.data: at least one datum is required", "data")
+    needed = LOSS_INPUTS.get(msg.loss_fn)
+    if needed is None:
+        raise WireError(
+            f"loss_fn: {msg.loss_fn!r} is not supported yet (one of {', '.join(LOSS_INPUTS)})",
+            "loss_fn",
+        )
     data = []
     for i, datum in enumerate(msg.data):
         where = f"forward_backward_input.data[{i}]"
@@ -78,25 +89,20 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
         if not tokens:
             raise WireError(f"{where}.model_input: no tokens", where)
         inputs = datum.loss_fn_inputs
-        for name in ("target_tokens", "weights"):
+        plain: dict[str, Any] = {"tokens": tokens}
+        for name in needed:
             if name not in inputs:
-                raise WireError(f"{where}.loss_fn_inputs.{name} is required", name)
-        targets = _dense(inputs["target_tokens"], f"{where}.loss_fn_inputs.target_tokens")
-        weights = _dense(inputs["weights"], f"{where}.loss_fn_inputs.weights")
-        for name, values in (("target_tokens", targets), ("weights", weights)):
+                raise WireError(f"{where}.loss_fn_inputs.{name} is required by {msg.loss_fn}", name)
+            values = _dense(inputs[name], f"{where}.loss_fn_inputs.{name}")
             if len(values) != len(tokens):
                 raise WireError(
                     f"{where}.loss_fn_inputs.{name}: {len(values)} values for "
                     f"{len(tokens)} input tokens (one per token)",
                     name,
                 )
-        data.append(
-            {
-                "tokens": tokens,
-                "target_tokens": targets.astype(np.int64).tolist(),
-                "weights": weights.astype(np.float64).tolist(),
-            }
-        )
+            kind = np.int64 if name == "target_tokens" else np.float64
+            plain[name] = values.astype(kind).tolist()
+        data.append(plain)
     return {
         "model_id": msg.model_id,
         "seq_id": msg.seq_id,

@@ -27,17 +27,21 @@ def keys(client: TestClient) -> ApiKeys:
 
 
 def fb_body(
-    model_id: str, seq_id: int, weights: list[float], loss_fn: str = "cross_entropy"
+    model_id: str,
+    seq_id: int,
+    weights: list[float],
+    loss_fn: str = "cross_entropy",
+    inputs: dict[str, list[float]] | None = None,
 ) -> bytes:
     from tinker import types
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
     datum = types.Datum(
         model_input=types.ModelInput.from_ints([1, 2, 3]),
-        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": weights},
+        loss_fn_inputs={"target_tokens": [2, 3, 4], **(inputs or {"weights": weights})},  # type: ignore[dict-item]
     )
     request = types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn=loss_fn),
+        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn=loss_fn),  # type: ignore[arg-type]
         model_id=model_id,
         seq_id=seq_id,
     )
@@ -89,9 +93,18 @@ def test_tinker_requests_are_checked_scoped_and_retried_safely(tinker_client: Te
         (fb_body(model_id, 1, [1.0, 1.0]), "weights"),
         (fb_body(model_id, 1, [1.0] * 3, "ppo"), "loss_fn"),
         (fb_body(model_id, 0, [1.0] * 3), "seq_id"),
+        (fb_body(model_id, 1, [1.0] * 3, "importance_sampling"), "logprobs"),  # it needs them
     ):
         refused = post(client, acme, "forward_backward", content=body, headers=proto)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    rl = {"logprobs": [-1.0, -2.0, -0.5], "advantages": [1.0, 0.0, -1.0]}
+    accepted = post(
+        client,
+        acme,
+        "forward_backward",
+        content=fb_body(model_id, 7, [], "importance_sampling", rl),
+    )
+    assert accepted.status_code == 200, accepted.text
     first = post(client, acme, "forward_backward", content=fb_body(model_id, 1, [1.0] * 3))
     again = post(client, acme, "forward_backward", content=fb_body(model_id, 1, [1.0] * 3))
     assert first.json()["request_id"] == again.json()["request_id"]

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from workers.host.request_slots import RequestSlots, cross_entropy
+from workers.host.request_slots import RequestSlots
+from workers.host.tinker_losses import cross_entropy, importance_sampling
 from workers.lora.packed_layer import Routing, matching_linear_layers, wrap_linear_layers
 
 TEXT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11]
@@ -75,6 +76,19 @@ def test_cross_entropy_is_the_weighted_sum_of_target_logprobs() -> None:
     expected = torch.log_softmax(logits, -1)[torch.arange(4), targets]
     torch.testing.assert_close(logprobs, expected)
     torch.testing.assert_close(loss, -(expected * weights).sum())
+
+
+def test_importance_sampling_weighs_each_token_by_its_ratio_to_the_sampler() -> None:
+    logits = torch.randn(3, 7, requires_grad=True)
+    targets = torch.tensor([4, 0, 6])
+    sampled = torch.tensor([-1.5, -2.0, -0.5])
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    loss, logprobs = importance_sampling(logits, targets, sampled, advantages)
+    ratio = torch.exp(logprobs - sampled)
+    torch.testing.assert_close(loss, -(ratio * advantages).sum())
+    # Its gradient is REINFORCE's, each token's log-prob weighed by ratio * advantage.
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    torch.testing.assert_close(grad, -(ratio * advantages).detach())
 
 
 def test_two_forward_backwards_add_up_to_one_on_all_their_data(slots: RequestSlots) -> None:

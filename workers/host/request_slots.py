@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from core.objectstore import ObjectStore
+from workers.host.tinker_losses import LOSSES, datum_loss
 from workers.lora.packed_layer import (
     PackedLoraLinear,
     Routing,
@@ -56,16 +57,6 @@ class RequestSlot:
     params: list[nn.Parameter] = field(default_factory=list)
     optimizer: torch.optim.AdamW | None = None
     steps: int = 0
-
-
-def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tinker's `cross_entropy` on one datum: (loss, per-token logprobs of the targets).
-    loss = sum over tokens of -logprob(target) * weight; weights may be any float."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return -(chosen * weights).sum(), chosen
 
 
 class RequestSlots:
@@ -146,7 +137,7 @@ class RequestSlots:
                 for r in heads.values()
                 if r["kind"] in LOSS_KINDS
                 and r["model_id"] in self.slots
-                and r["payload"].get("loss_fn") == "cross_entropy"
+                and r["payload"].get("loss_fn") in LOSSES
             ]
             if queue[0]["kind"] in LOSS_KINDS
             else []
@@ -205,7 +196,7 @@ class RequestSlots:
         sum adds to each model's own factors only (no factor is shared)."""
         for request in requests:
             self._slot(request["model_id"])
-            if request["payload"]["loss_fn"] != "cross_entropy":
+            if request["payload"]["loss_fn"] not in LOSSES:
                 raise RequestError(
                     f"loss_fn {request['payload']['loss_fn']!r} is not supported yet"
                 )
@@ -231,15 +222,14 @@ class RequestSlots:
                 outputs = []
                 for datum in request["payload"]["data"]:
                     n = len(datum["tokens"])
-                    device = self.device
-                    targets = torch.tensor(datum["target_tokens"], dtype=torch.long, device=device)
-                    weights = torch.tensor(datum["weights"], dtype=torch.float32, device=device)
-                    loss, logprobs = cross_entropy(logits[row, :n], targets, weights)
+                    loss, logprobs, each = datum_loss(
+                        request["payload"]["loss_fn"], logits[row, :n], datum, self.device
+                    )
                     total = total + loss
                     outputs.append(
                         {
                             "logprobs": logprobs.detach().cpu().tolist(),
-                            "elementwise_loss": (-logprobs * weights).detach().cpu().tolist(),
+                            "elementwise_loss": each.detach().cpu().tolist(),
                         }
                     )
                     row += 1
