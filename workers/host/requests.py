@@ -36,7 +36,3 @@ class RequestQueue:
         """The answers so far (each handed out once)."""
         answers, self.answers = self.answers, []
         return answers
-
-    def busy(self) -> bool:
-        """A request-driven slot lives or work waits: the host is not idle."""
-        return bool(self.models or self.queued)
