@@ -73,7 +73,7 @@ class CachedApiKeys(ApiKeys):
     async def tenant_for_request(self, authorization: str | None) -> str:
         """`tenant_for` from the event loop: a remembered key at once, else one lookup in a
         thread shared by every request that waits for the same key. When a busy key's second
-        runs out, its concurrent requests (64 at once in bench/api.py) make one database
+        runs out, its concurrent requests (64 at once in bench/api_reads.py) make one database
         round trip, not one each."""
         tenant = self.cached_tenant(authorization)
         if tenant is not None:
@@ -99,7 +99,7 @@ def db_readers_for(engine: Engine) -> int:
 
     SQLite reads in-process from the page cache: its reads never wait on I/O, so a second
     reader thread overlaps nothing and only takes the GIL back and forth with the first
-    (sqlite3 lets it go on every row). Measured with bench/api.py: four readers cost ~50
+    (sqlite3 lets it go on every row). Measured with bench/api_reads.py: four readers cost ~50
     context switches per list request against ~7 with one, and list ran at 0.55x the bare
     route against 0.7-0.8x. PostgreSQL reads wait on the network, which threads do overlap;
     more than 4 only queue on the GIL and overflow the connection pool.

@@ -5,7 +5,7 @@ plus `/bench/bare`, a route returning a small dict) and one load-generator proce
 asyncio HTTP/1.1 keep-alive client, so the client spends little of the CPU the server
 needs). Rounds alternate bare, GET job, list, so drift in machine load hits all three alike.
 
-    .venv/bin/python bench/api.py [--clients 64] [--seconds 4] [--rounds 3] [--jobs 300]
+    .venv/bin/python bench/api_reads.py [--clients 64] [--seconds 4] [--rounds 3] [--jobs 300]
 
 Last line: `api get_ratio=<x> list_ratio=<y>` (requests/s of each over the bare route's,
 medians of the rounds).
