@@ -40,13 +40,51 @@ def trainer_for(
             use_gpu=use_gpu,
             resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl")
+        if use_gpu
+        else _gloo_config_on_node_address(TorchConfig),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def _gloo_config_on_node_address(torch_config: Any) -> Any:
+    """Ray Train's gloo setup, each rank first told to use the interface of its Ray node's
+    address. Gloo otherwise takes whatever the machine's hostname resolves to, and where that
+    is no address of this node (a network namespace, a multi-homed host, a container) it
+    falls back to 127.0.0.1, which it then gives the other ranks: they cannot connect."""
+    from ray.train.torch.config import _TorchBackend
+
+    class GlooOnNodeAddress(_TorchBackend):  # type: ignore[misc]
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            worker_group.execute(gloo_on_node_address)
+            super().on_start(worker_group, backend_config)
+
+    class Config(torch_config):  # type: ignore[misc,valid-type]
+        @property
+        def backend_cls(self) -> type:
+            return GlooOnNodeAddress
+
+    return Config(backend="gloo")
+
+
+def gloo_on_node_address() -> None:
+    """In a rank: GLOO_SOCKET_IFNAME names the interface that holds this Ray node's address
+    (an operator's own setting is kept; none is set if no interface holds it)."""
+    import os
+
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    address = ray.util.get_node_ip_address()
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
 
 
 @dataclass(frozen=True)
