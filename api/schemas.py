@@ -143,8 +143,8 @@ class WandbOptions(Strict):
     project: str = Field(min_length=1, max_length=128, pattern=NO_NUL)
     name: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
     entity: str | None = Field(default=None, max_length=128, pattern=NO_NUL)
-    tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]] | None = (
-        Field(default=None, max_length=20)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]] | None = Field(
+        default=None, max_length=20
     )
 
 
