@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
-# Debian packages of the real services the tests start (S3: Ceph radosgw; PostgreSQL).
-SYSTEM_PACKAGES := ceph-mon ceph-osd radosgw postgresql chromium
+# Debian packages of the real services the tests start (S3: Ceph radosgw; PostgreSQL; Chromium;
+# iproute2 for the network namespaces of the multi-node test with distinct addresses).
+SYSTEM_PACKAGES := ceph-mon ceph-osd radosgw postgresql chromium iproute2
 
 .PHONY: install system-packages demo test test-quick lint
 
