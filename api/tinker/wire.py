@@ -22,7 +22,12 @@ PROTO_CONTENT_TYPE = "application/x-protobuf"
 LOSS_INPUTS = {
     "cross_entropy": ("target_tokens", "weights"),
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "ppo": ("target_tokens", "logprobs", "advantages"),
+    "cispo": ("target_tokens", "logprobs", "advantages"),
 }
+# The `loss_fn_config` keys each loss reads (numbers); any other key is refused.
+LOSS_CONFIG = {"ppo": ("clip_low_threshold", "clip_high_threshold")}
+LOSS_CONFIG["cispo"] = LOSS_CONFIG["ppo"]
 
 
 class WireError(ValueError):
@@ -78,6 +83,7 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
             f"loss_fn: {msg.loss_fn!r} is not supported yet (one of {', '.join(LOSS_INPUTS)})",
             "loss_fn",
         )
+    config = _loss_config(msg)
     data = []
     for i, datum in enumerate(msg.data):
         where = f"forward_backward_input.data[{i}]"
@@ -107,9 +113,35 @@ def decode_forward_backward(body: bytes) -> dict[str, Any]:
         "model_id": msg.model_id,
         "seq_id": msg.seq_id,
         "loss_fn": msg.loss_fn,
+        "loss_fn_config": config,
         "forward_only": msg.forward_only,
         "data": data,
     }
+
+
+def _loss_config(msg: Any) -> dict[str, float]:
+    """The request's `loss_fn_config` as numbers: the SDK writes both maps, and v2 (which
+    can also hold text) wins where it is set."""
+    config: dict[str, float] = dict(msg.loss_fn_config)
+    for key, value in msg.loss_fn_config_v2.items():
+        if value.WhichOneof("value") != "number":
+            raise WireError(f"loss_fn_config.{key}: must be a number", f"loss_fn_config.{key}")
+        config[key] = value.number
+    allowed = LOSS_CONFIG.get(msg.loss_fn, ())
+    for key in config:
+        if key not in allowed:
+            takes = ", ".join(allowed) or "no keys"
+            raise WireError(
+                f"loss_fn_config.{key}: not read by {msg.loss_fn} (it takes {takes})",
+                f"loss_fn_config.{key}",
+            )
+    low, high = (config.get(key) for key in ("clip_low_threshold", "clip_high_threshold"))
+    if low is not None and high is not None and low > high:
+        raise WireError(
+            "loss_fn_config.clip_low_threshold: above clip_high_threshold",
+            "loss_fn_config.clip_low_threshold",
+        )
+    return config
 
 
 def encode_forward_backward_output(result: dict[str, Any]) -> bytes:

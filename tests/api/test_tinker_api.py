@@ -32,6 +32,7 @@ def fb_body(
     weights: list[float],
     loss_fn: str = "cross_entropy",
     inputs: dict[str, list[float]] | None = None,
+    config: dict[str, float] | None = None,
 ) -> bytes:
     from tinker import types
     from tinker.proto.request_conv import forward_backward_request_to_proto
@@ -41,7 +42,11 @@ def fb_body(
         loss_fn_inputs={"target_tokens": [2, 3, 4], **(inputs or {"weights": weights})},  # type: ignore[dict-item]
     )
     request = types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn=loss_fn),  # type: ignore[arg-type]
+        forward_backward_input=types.ForwardBackwardInput(
+            data=[datum],
+            loss_fn=loss_fn,  # type: ignore[arg-type]
+            loss_fn_config=config,
+        ),
         model_id=model_id,
         seq_id=seq_id,
     )
@@ -88,21 +93,22 @@ def test_tinker_requests_are_checked_scoped_and_retried_safely(tinker_client: Te
     assert info["lora_rank"] == 4 and info["model_data"]["tokenizer_id"].endswith("tiny-llama")
 
     proto = {"Content-Type": "application/x-protobuf"}
+    rl_inputs = {"logprobs": [-1.0, -2.0, -0.5], "advantages": [1.0, 0.0, -1.0]}
     for body, param in (
         (b"\xff\xff not a protobuf", "body"),
         (fb_body(model_id, 1, [1.0, 1.0]), "weights"),
-        (fb_body(model_id, 1, [1.0] * 3, "ppo"), "loss_fn"),
+        (fb_body(model_id, 1, [1.0] * 3, "dro"), "loss_fn"),
+        (fb_body(model_id, 1, [], "ppo", rl_inputs, {"clip": 1.0}), "loss_fn_config.clip"),
         (fb_body(model_id, 0, [1.0] * 3), "seq_id"),
         (fb_body(model_id, 1, [1.0] * 3, "importance_sampling"), "logprobs"),  # it needs them
     ):
         refused = post(client, acme, "forward_backward", content=body, headers=proto)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
-    rl = {"logprobs": [-1.0, -2.0, -0.5], "advantages": [1.0, 0.0, -1.0]}
     accepted = post(
         client,
         acme,
         "forward_backward",
-        content=fb_body(model_id, 7, [], "importance_sampling", rl),
+        content=fb_body(model_id, 7, [], "importance_sampling", rl_inputs),
     )
     assert accepted.status_code == 200, accepted.text
     first = post(client, acme, "forward_backward", content=fb_body(model_id, 1, [1.0] * 3))

@@ -223,7 +223,11 @@ class RequestSlots:
                 for datum in request["payload"]["data"]:
                     n = len(datum["tokens"])
                     loss, logprobs, each = datum_loss(
-                        request["payload"]["loss_fn"], logits[row, :n], datum, self.device
+                        request["payload"]["loss_fn"],
+                        logits[row, :n],
+                        datum,
+                        self.device,
+                        request["payload"].get("loss_fn_config"),
                     )
                     total = total + loss
                     outputs.append(
