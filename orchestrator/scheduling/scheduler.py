@@ -33,6 +33,7 @@ from orchestrator.store import JobStore
 from orchestrator.store.merges import merge_store
 from orchestrator.tables import JobRow
 from orchestrator.tinker.dispatch import TinkerDispatcher
+from orchestrator.tinker.sampling import SampleDispatch
 from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,13 @@ class Scheduler:
                 TinkerStore(store.engine),
                 lambda: dict(self.host_scheduling.reports),
                 settings.ray_namespace,
+                sampling=SampleDispatch(  # completions and Tinker samples (issue 21)
+                    TinkerStore(store.engine),
+                    dict(settings.base_models),
+                    settings.object_store_config,
+                    str(Path(settings.model_cache_dir or "models").resolve()),
+                    settings.ray_namespace,
+                ),
             )
             if hosts is None
             else None

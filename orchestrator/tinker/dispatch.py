@@ -23,6 +23,7 @@ from orchestrator.tinker.rows import (
     MODEL_FAILED,
     TinkerRequestRow,
 )
+from orchestrator.tinker.sampling import SampleDispatch
 from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger("lorafleet.tinker")
@@ -70,8 +71,10 @@ class TinkerDispatcher:
         reports: Callable[[], dict[str, HostReport]],
         namespace: str,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
+        sampling: SampleDispatch | None = None,
     ) -> None:
         self.store = store
+        self.sampling = sampling  # sampling requests to the bases' samplers, each pass
         self.reports = reports
         self.namespace = namespace
         self.heartbeat_timeout = heartbeat_timeout
@@ -120,7 +123,8 @@ class TinkerDispatcher:
         handed = self._hand_over(pending) if pending else 0
         for host_id in sorted(h for h, n in self._unanswered.items() if n > 0):
             self._collect(host_id)
-        return handed > 0 or any(self._unanswered.values())
+        sampling = self.sampling.pass_once() if self.sampling is not None else False
+        return handed > 0 or any(self._unanswered.values()) or sampling
 
     def _hand_over(self, pending: list[TinkerRequestRow]) -> int:
         """Sends each model's next rows to its host; how many went."""

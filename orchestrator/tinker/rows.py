@@ -12,6 +12,10 @@ from orchestrator.tables import Base
 
 # A request's life: written by the API, handed to the host, answered.
 PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
+# A sampling request (a completion, or Tinker's `sample`) is a row of the same table, of this
+# kind, with model_id its owner (`completion:{id}`, or a sampling session) and seq_id 0 (or
+# the SDK's seq_id); it goes to the base's sampler, not to a pack host.
+SAMPLE = "sample"
 # A model's life: waiting for a host, a live slot on one, its session over (its slot still
 # to free: `ending`), ended, or failed.
 MODEL_PENDING, MODEL_LIVE, MODEL_ENDING, MODEL_ENDED, MODEL_FAILED = (

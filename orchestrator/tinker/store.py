@@ -19,6 +19,7 @@ from orchestrator.tinker.rows import (
     MODEL_LIVE,
     MODEL_PENDING,
     PENDING,
+    SAMPLE,
     SENT,
     TinkerModelRow,
     TinkerRequestRow,
@@ -143,12 +144,24 @@ class TinkerStore:
 
     # ---- the dispatcher's ------------------------------------------------------------------
     def pending_requests(self) -> list[TinkerRequestRow]:
+        """Pending requests for pack hosts (sampling requests go to samplers instead)."""
         with self.sessions() as session:
             return list(
                 session.scalars(
                     select(TinkerRequestRow)
-                    .where(TinkerRequestRow.state == PENDING)
+                    .where(TinkerRequestRow.state == PENDING, TinkerRequestRow.kind != SAMPLE)
                     .order_by(TinkerRequestRow.model_id, TinkerRequestRow.seq_id)
+                )
+            )
+
+    def pending_samples(self) -> list[TinkerRequestRow]:
+        """Pending sampling requests (orchestrator.tinker.sampling), oldest first."""
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(TinkerRequestRow)
+                    .where(TinkerRequestRow.state == PENDING, TinkerRequestRow.kind == SAMPLE)
+                    .order_by(TinkerRequestRow.created_at)
                 )
             )
 

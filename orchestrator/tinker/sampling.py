@@ -1,0 +1,92 @@
+"""Sampling requests to the samplers (issue 21), a step of the Tinker dispatcher's pass.
+
+A sampling request is a row of `tinker_requests` of kind `sample` (orchestrator.tinker.rows),
+written by the API (`/v1/completions`, Tinker's `sample`). Each pass hands the pending ones
+to the sampler actor of their base (started on first use: workers.sampling.actor) and writes
+back the answers that came in, without waiting for any: a long generation holds up neither
+the Tinker requests of pack hosts nor other bases' samples. Ray is imported here only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from core.objectstore import ObjectStoreConfig
+from orchestrator.tinker.store import TinkerStore
+
+log = logging.getLogger("lorafleet.sampling")
+
+
+class SampleDispatch:
+    def __init__(
+        self,
+        store: TinkerStore,
+        base_models: dict[str, str],
+        object_store: ObjectStoreConfig,
+        model_cache_dir: str,
+        namespace: str,
+    ) -> None:
+        self.store = store
+        self.base_models = base_models
+        self.object_store = object_store
+        self.model_cache_dir = model_cache_dir
+        self.namespace = namespace
+        self._actors: dict[str, Any] = {}  # base model -> its sampler's handle
+        self._inflight: dict[Any, tuple[str, str]] = {}  # ref -> (request id, base model)
+
+    def pass_once(self) -> bool:
+        """Hands over what is pending and records what finished; whether any is under way."""
+        pending = self.store.pending_samples()
+        for row in pending:
+            base = str(row.payload["base_model"])
+            self.store.mark_sent([row.id])
+            try:
+                ref = self._actor(base).sample.remote(row.payload)
+            except Exception as exc:  # the actor could not start (a bad base folder, say)
+                self.store.finish(row.id, None, f"the sampler of {base} did not start: {exc}")
+                continue
+            self._inflight[ref] = (row.id, base)
+        if self._inflight:
+            self._collect()
+        return bool(self._inflight)
+
+    def _collect(self) -> None:
+        import ray
+
+        done, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+        for ref in done:
+            request_id, base = self._inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # the sampler died: the next request starts another
+                log.warning("sampler of %s failed: %s", base, exc)
+                self._actors.pop(base, None)
+                self.store.finish(request_id, None, f"the sampler of {base} failed: {exc}")
+                continue
+            self.store.finish(request_id, result, None)
+
+    def _actor(self, base: str) -> Any:
+        handle = self._actors.get(base)
+        if handle is None:
+            import ray
+
+            from workers.sampling.actor import SamplerActor, sampler_actor_name
+
+            handle = (
+                ray.remote(SamplerActor)
+                .options(
+                    name=sampler_actor_name(base),
+                    namespace=self.namespace,
+                    get_if_exists=True,
+                    num_cpus=0,
+                    num_gpus=0,
+                )
+                .remote(
+                    self.base_models.get(base, base),
+                    self.model_cache_dir,
+                    self.object_store,
+                )
+            )
+            self._actors[base] = handle
+        return handle
