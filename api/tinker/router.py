@@ -21,8 +21,9 @@ from pydantic import Field
 
 from api.deps import ServicesDep
 from api.errors import error_response
-from api.tinker import weights
+from api.tinker import sampling, weights
 from api.tinker.common import Body, StoreDep, TenantDep, write_request
+from api.tinker.sampling import encode_sample_response
 from api.tinker.wire import (
     PROTO_CONTENT_TYPE,
     WireError,
@@ -31,7 +32,7 @@ from api.tinker.wire import (
 )
 from core.base_catalog import BaseModelCatalog
 from orchestrator.errors import InvalidRequest
-from orchestrator.tinker.rows import DONE, FAILED
+from orchestrator.tinker.rows import DONE, FAILED, SAMPLE
 from orchestrator.tinker.store import SessionEnded
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
@@ -119,7 +120,7 @@ async def capabilities(_: TenantDep, services: ServicesDep) -> dict[str, Any]:
     names = sorted(services.settings.base_models)
     return {
         "supported_models": [
-            {"model_name": name, "trainable": True, "sampleable": False} for name in names
+            {"model_name": name, "trainable": True, "sampleable": True} for name in names
         ]
     }
 
@@ -277,6 +278,12 @@ async def retrieve_future(
                 )
             if row.kind == "create_model":
                 return {"type": "create_model", "model_id": row.model_id}
+            if row.kind == SAMPLE:  # a sampler's answer (api/tinker/sampling.py)
+                if "error" in result:
+                    return {"error": result["error"], "category": "user"}
+                return Response(encode_sample_response(result), media_type=PROTO_CONTENT_TYPE)
+            if "sampling_session_id" in row.payload:  # save_weights_for_sampler, no path
+                return {**result, "sampling_session_id": row.payload["sampling_session_id"]}
             return result
         if time.monotonic() >= deadline or await request.is_disconnected():
             waiting = {"type": "try_again", "request_id": row.id, "queue_state": "active"}
@@ -287,3 +294,4 @@ async def retrieve_future(
 
 
 router.include_router(weights.router)
+router.include_router(sampling.router)

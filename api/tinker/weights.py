@@ -21,6 +21,7 @@ from core.object_keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, tinker_checkpoint_
 from core.objectstore import LocalObjectStore, ObjectStore
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.tinker.rows import TinkerModelRow
+from orchestrator.tinker.samplers import create_sampler
 from orchestrator.tinker.store import SessionEnded, TinkerStore
 
 from .common import Body, StoreDep, TenantDep, write_request
@@ -37,6 +38,7 @@ class SaveWeights(Body):
     model_id: str
     path: str | None = None
     seq_id: int = Field(ge=1)
+    sampling_session_seq_id: int | None = Field(default=None, ge=0)
 
 
 class LoadWeights(Body):
@@ -51,8 +53,7 @@ class LoadWeights(Body):
 def _name(path: str | None) -> str:
     if path is None or not NAME.match(path):
         raise InvalidRequest(
-            f"path: {path!r} must be a name of letters, digits, '_', '.' and '-' "
-            "(saving for a sampling session without a path is not supported yet)",
+            f"path: {path!r} must be a name of letters, digits, '_', '.' and '-'",
             "path",
         )
     return path
@@ -70,7 +71,12 @@ def parse_tinker_path(path: str) -> tuple[str, str]:
 
 
 async def _save(
-    body: SaveWeights, kind: str, tenant: str, store: TinkerStore, optimizer: bool
+    body: SaveWeights,
+    kind: str,
+    tenant: str,
+    store: TinkerStore,
+    optimizer: bool,
+    sampling_session_id: str | None = None,
 ) -> dict[str, Any]:
     checkpoint_id = f"{kind}/{_name(body.path)}"
     model = await run_in_threadpool(store.model, tenant, body.model_id)
@@ -81,6 +87,8 @@ async def _save(
         "base_model": model.base_model,
         "lora": model.lora,
     }
+    if sampling_session_id is not None:  # retrieve_future answers it with the path
+        payload["sampling_session_id"] = sampling_session_id
     return await write_request(store, tenant, model.id, body.seq_id, "save_weights", payload)
 
 
@@ -93,7 +101,29 @@ async def save_weights(body: SaveWeights, tenant: TenantDep, store: StoreDep) ->
 async def save_weights_for_sampler(
     body: SaveWeights, tenant: TenantDep, store: StoreDep
 ) -> dict[str, Any]:
-    return await _save(body, "sampler_weights", tenant, store, optimizer=False)
+    if body.path is not None:
+        return await _save(body, "sampler_weights", tenant, store, optimizer=False)
+    # No path (`save_weights_and_get_sampling_client`): the weights get a name of their
+    # own and a sampling session on them, whose id the future answers.
+    model = await run_in_threadpool(store.model, tenant, body.model_id)
+    seq = body.sampling_session_seq_id if body.sampling_session_seq_id is not None else body.seq_id
+    name = f"sampler-{seq}"
+    checkpoint_id = f"sampler_weights/{name}"
+    try:
+        sampler = await run_in_threadpool(
+            create_sampler,
+            store,
+            tenant,
+            model.session_id,
+            seq,
+            model.base_model,
+            f"tinker://{model.id}/{checkpoint_id}",
+            tinker_checkpoint_prefix(tenant, model.id, checkpoint_id),
+        )
+    except SessionEnded as exc:
+        raise InvalidRequest(str(exc), "model_id") from exc
+    named = body.model_copy(update={"path": name})
+    return await _save(named, "sampler_weights", tenant, store, False, sampler.id)
 
 
 @router.post("/save_weights_external")

@@ -5,7 +5,6 @@ Ray). Greedy text on a fine-tuned model is a local peft `generate`'s, and not th
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,31 +14,17 @@ import torch
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
-from orchestrator.tinker.store import TinkerStore
+from orchestrator.settings import Settings
+from tests.api.samplers import samples_answered
 from tests.api.test_merged_weights import peft_adapter, succeeded_job
-from workers.sampling.sampler import Sampler
 
 PROMPT = "The quick brown"
 
 
 @pytest.fixture()
-def sampler_thread(client: TestClient, tiny_base: Path) -> Iterator[None]:
-    services = client.app.state.services  # type: ignore[attr-defined]
-    store = TinkerStore(services.store.engine)
-    sampler = Sampler(tiny_base, services.settings.object_store_config)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.wait(0.02):
-            for row in store.pending_samples():
-                store.mark_sent([row.id])
-                store.finish(row.id, sampler.sample(row.payload), None)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(timeout=10)
+def sampler_thread(client: TestClient, settings: Settings, tiny_base: Path) -> Iterator[None]:
+    with samples_answered(settings, tiny_base):
+        yield
 
 
 def local_greedy(

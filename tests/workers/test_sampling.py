@@ -75,6 +75,7 @@ def test_top_p_keeps_the_top_token_only_when_it_holds_the_mass() -> None:
     generator = torch.Generator().manual_seed(0)
     assert {pick(logits, 1.0, 0.5, generator) for _ in range(50)} == {0}
     assert len({pick(logits, 5.0, 1.0, generator) for _ in range(200)}) > 1
+    assert {pick(logits, 50.0, 1.0, generator, top_k=2) for _ in range(200)} == {0, 1}
 
 
 def test_a_stop_token_ends_the_sequence(sampler: Sampler) -> None:

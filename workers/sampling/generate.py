@@ -21,6 +21,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 (or less): no limit
     seed: int | None = None
     stop_tokens: frozenset[int] = field(default_factory=frozenset)  # kept in the output
 
@@ -32,11 +33,21 @@ class SampledSequence:
     finish_reason: str  # STOP (a stop token or string) or LENGTH (max_tokens)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def pick(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+    top_k: int = 0,
+) -> int:
     """The next token from one position's logits: argmax at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the smallest top set of mass >= top_p."""
+    softmax(logits / temperature) restricted to the top_k likeliest tokens (top_k > 0) and
+    to the smallest top set of mass >= top_p."""
     if temperature == 0:
         return int(torch.argmax(logits))
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         ordered, order = torch.sort(probs, descending=True)
@@ -71,7 +82,7 @@ def generate(
         logprobs: list[float] = []
         finish = LENGTH
         while len(tokens) < params.max_tokens:
-            token = pick(logits, params.temperature, params.top_p, generator)
+            token = pick(logits, params.temperature, params.top_p, generator, params.top_k)
             tokens.append(token)
             logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
             if token in params.stop_tokens or (stops_at is not None and stops_at(tokens)):

@@ -147,6 +147,7 @@ class Sampler:
             max_tokens=int(request["max_tokens"]),
             temperature=float(request.get("temperature", 1.0)),
             top_p=float(request.get("top_p", 1.0)),
+            top_k=int(request.get("top_k") or 0),
             seed=request.get("seed"),
             stop_tokens=frozenset(stop_tokens),
         )
@@ -158,7 +159,7 @@ class Sampler:
         }
 
     def _choice(self, sequence: SampledSequence, stop: list[str]) -> dict[str, Any]:
-        text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        text: str = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
         cut = min((text.find(s) for s in stop if s in text), default=-1)
         return {
             "text": text[:cut] if cut >= 0 else text,
