@@ -136,9 +136,9 @@ async def asample(
     if body.sampling_session_id is not None:
         if body.seq_id is None:
             raise InvalidRequest("seq_id: required with sampling_session_id", "seq_id")
-        row = await run_in_threadpool(sampler, store, tenant, body.sampling_session_id)
-        owner, seq = row.id, body.seq_id
-        base, prefix = row.base_model, row.lora.get("adapter_prefix")
+        session = await run_in_threadpool(sampler, store, tenant, body.sampling_session_id)
+        owner, seq = session.id, body.seq_id
+        base, prefix = session.base_model, session.lora.get("adapter_prefix")
     else:
         base, prefix = await source(services, store, tenant, body.base_model, body.model_path)
         owner, seq = f"sample:{new_id('tsmp')}", 0

@@ -159,7 +159,7 @@ class Sampler:
         }
 
     def _choice(self, sequence: SampledSequence, stop: list[str]) -> dict[str, Any]:
-        text: str = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(sequence.tokens, skip_special_tokens=True))
         cut = min((text.find(s) for s in stop if s in text), default=-1)
         return {
             "text": text[:cut] if cut >= 0 else text,
