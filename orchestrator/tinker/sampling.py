@@ -10,9 +10,13 @@ the Tinker requests of pack hosts nor other bases' samples. Ray is imported here
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from sqlalchemy import update
+
 from core.objectstore import ObjectStoreConfig
+from orchestrator.tinker.rows import FAILED, SAMPLE, SENT, TinkerRequestRow
 from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger("lorafleet.sampling")
@@ -34,9 +38,27 @@ class SampleDispatch:
         self.namespace = namespace
         self._actors: dict[str, Any] = {}  # base model -> its sampler's handle
         self._inflight: dict[Any, tuple[str, str]] = {}  # ref -> (request id, base model)
+        self._started = False
+
+    def _fail_orphans(self) -> None:
+        """Sample rows marked sent by an earlier scheduler (its Ray refs are gone) fail, so
+        their callers hear it at once instead of waiting out their timeout."""
+        with self.store.sessions.begin() as session:
+            session.execute(
+                update(TinkerRequestRow)
+                .where(TinkerRequestRow.kind == SAMPLE, TinkerRequestRow.state == SENT)
+                .values(
+                    state=FAILED,
+                    error="the scheduler restarted while it sampled; ask again",
+                    finished_at=time.time(),
+                )
+            )
 
     def pass_once(self) -> bool:
         """Hands over what is pending and records what finished; whether any is under way."""
+        if not self._started:  # what an earlier scheduler handed over is lost with it
+            self._started = True
+            self._fail_orphans()
         pending = self.store.pending_samples()
         for row in pending:
             base = str(row.payload["base_model"])
