@@ -130,6 +130,8 @@ def test_requests_as_the_dispatcher_sends_them(sampler: Sampler) -> None:
     assert answer["choices"][0] == answer["choices"][1]  # greedy: both alike
     too_long = sampler.sample({"prompt": "x", "max_tokens": 10**6, "n": 1})
     assert too_long["param"] == "max_tokens"
+    unknown = sampler.sample({"prompt_tokens": [1, 10**6], "max_tokens": 2, "n": 1})
+    assert unknown["param"] == "prompt"
     messages = [{"role": "user", "content": "hello"}]
     assert chat_prompt(sampler.tokenizer, messages).endswith("<|assistant|>\n")  # its template
 

@@ -140,6 +140,9 @@ class Sampler:
             prompt = self.tokenizer(text)["input_ids"]
         if not prompt:
             raise SampleError("prompt: it has no tokens", "prompt")
+        vocab = self.base.get_input_embeddings().num_embeddings
+        if not all(0 <= t < vocab for t in prompt):
+            raise SampleError(f"prompt: token ids are in [0, {vocab})", "prompt")
         stop_tokens = set(request.get("stop_tokens") or ())
         if request.get("stop_at_eos", True) and self.tokenizer.eos_token_id is not None:
             stop_tokens.add(self.tokenizer.eos_token_id)
