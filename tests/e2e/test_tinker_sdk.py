@@ -10,16 +10,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer, end_pack_hosts
 
 # A later stage of make test (with faults): ~33 s of serve, warm host and 40+ SDK calls.
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 STEPS = 20
+STEPS_SHARED = 4  # each client's steps in the shared-host test
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +168,124 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
             "/get_info", json={"model_id": info.model_id}, headers={"X-API-Key": "tml-wrong"}
         )
         assert other.status_code == 401
+
+
+def _client_script(
+    service: Any, seed: int, loss_fn: str, data: list[Any], config: dict[str, float] | None
+) -> tuple[str, list[float]]:
+    """One SDK client's calls: STEPS_SHARED steps of forward_backward + optim_step, then
+    save_state("final"). Its model id and its losses."""
+    from tinker import types
+
+    training = service.create_lora_training_client(
+        base_model="tiny-llama", rank=4, seed=seed
+    ).result()
+    losses = []
+    for _ in range(STEPS_SHARED):
+        step = training.forward_backward(data, loss_fn, loss_fn_config=config)
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        losses.append(step.result().metrics["loss:sum"])
+    training.save_state("final").result()
+    return str(training.model_id), losses
+
+
+def test_two_sdk_clients_and_a_job_on_one_host_equal_each_client_alone(
+    tinker_server: tuple[LorafleetServer, str],
+) -> None:
+    """Acceptance 2 of issue 21: two SDK clients (cross_entropy, ppo) and one OpenAI job
+    train on one warm host at once; each client's losses and final weights equal the same
+    calls with no other member working on the host."""
+    import sqlite3
+    import threading
+
+    import tinker
+    import torch
+    from safetensors.torch import load_file
+    from tinker import types
+
+    from core.object_keys import tinker_checkpoint_prefix
+    from tests.e2e.test_training_job import DATA, started, submit, upload
+
+    server, key = tinker_server
+    # Two clients whose data differ in length (one pass through the base pads them alike).
+    sft = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(list(range(5, 5 + n))),
+            loss_fn_inputs={"target_tokens": list(range(6, 6 + n)), "weights": [1.0] * n},
+        )
+        for n in (9, 12)
+    ]
+    n = 14
+    rl = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints([40 + 3 * i for i in range(n)]),
+            loss_fn_inputs={
+                "target_tokens": [41 + 3 * i for i in range(n)],
+                "logprobs": [-6.0 + 2.5 * (i % 3) for i in range(n)],  # both clips bind
+                "advantages": [1.0 if i % 2 else -0.5 for i in range(n)],
+            },
+        )
+    ]
+    clients = {
+        "sft": (11, "cross_entropy", sft, None),
+        "rl": (12, "ppo", rl, {"clip_low_threshold": 0.7, "clip_high_threshold": 1.3}),
+    }
+
+    def run(name: str, out: dict[str, tuple[str, list[float]]]) -> None:
+        service = tinker.ServiceClient(base_url=server.url, api_key=key)
+        try:
+            out[name] = _client_script(service, *clients[name])
+        finally:
+            service.close("success").result()
+
+    alone: dict[str, tuple[str, list[float]]] = {}
+    for name in clients:  # each with the host to itself
+        run(name, alone)
+
+    with server.client() as http:
+        job = submit(
+            http,
+            model="tiny-llama",
+            training_file=upload(http, DATA),
+            seed=5,
+            hyperparameters={"n_epochs": 100},  # cancelled once the clients are done
+        )
+        wait_for_condition(  # the job trains before the clients start, and after they end
+            lambda: any(e["type"] == "metrics" for e in server.all_events(http, job["id"])),
+            timeout=120,
+            interval=0.2,
+            what="the job's first step",
+        )
+        together: dict[str, tuple[str, list[float]]] = {}
+        threads = [threading.Thread(target=run, args=(name, together)) for name in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "running"
+        host = started(server, http, job["id"])["run_id"]
+        assert http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+
+    data_dir = Path(server.env["LORAFLEET_DATA_DIR"])
+    with sqlite3.connect(data_dir / "lorafleet.db") as db:
+        ids = [together[name][0] for name in clients]
+        rows = db.execute(
+            f"SELECT host_id FROM tinker_models WHERE id IN ({','.join('?' * len(ids))})", ids
+        ).fetchall()
+    assert {row[0] for row in rows} == {host}  # one host: the job's and both clients'
+
+    for name in clients:
+        (alone_id, alone_losses), (shared_id, shared_losses) = alone[name], together[name]
+        assert shared_losses == alone_losses, name  # bit for bit (fp32)
+        weights = [
+            load_file(
+                data_dir
+                / "objects"
+                / tinker_checkpoint_prefix("t1", model_id, "weights/final")
+                / "adapter_model.safetensors"
+            )
+            for model_id in (alone_id, shared_id)
+        ]
+        assert weights[0].keys() == weights[1].keys() and weights[0]
+        for tensor_name, tensor in weights[0].items():
+            assert torch.equal(tensor, weights[1][tensor_name]), (name, tensor_name)
