@@ -22,6 +22,13 @@ PROMPT = [5, 9, 42, 7, 100]
 
 
 @pytest.fixture()
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: these rows are the Tinker requests' (tested on both databases there),
+    and the main stage's time is short."""
+    return f"sqlite:///{tmp_path / 'lorafleet.db'}"
+
+
+@pytest.fixture()
 def sampling_server(live_server: str, settings: Settings, tiny_base: Path) -> Iterator[str]:
     with samples_answered(settings, tiny_base):
         yield live_server
