@@ -147,7 +147,7 @@ class Killer:
                 if said is not None:
                     self.done.append(f"{kind}: {said}")
                 return said
-            time.sleep(2)
+            time.sleep(1)
 
     def kill_api(self) -> str:
         pid = self.fleet.kill_api()
@@ -306,8 +306,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20, help="how long the stream runs")
     parser.add_argument("--kill-every", type=float, default=60, help="seconds between kills")
-    parser.add_argument("--rate", type=float, default=2.0, help="jobs a minute (Poisson)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs a job (6 steps each)")
+    parser.add_argument("--rate", type=float, default=3.0, help="jobs a minute (Poisson)")
+    # Long enough (240 steps, ~25 s) that a kill finds jobs training: a warm host steps in
+    # ~0.1 s here.
+    parser.add_argument("--epochs", type=int, default=40, help="epochs a job (6 steps each)")
     parser.add_argument("--nodes", type=int, default=3, help="worker nodes")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs per worker node")
     parser.add_argument("--settle-minutes", type=float, default=15, help="wait for the last")
@@ -329,6 +331,17 @@ def main() -> None:
         fleet.start()
         api = LorafleetClient(fleet.api.url, timeout=60)
         file_id = api.upload_records("add.jsonl", sc.DATA)["id"]
+        # One job per base first, not counted: the warm hosts up and their bases loaded, so
+        # first-step times are the fleet's steady state rather than its own start.
+        warmups = [
+            api.create_job(job_body(file_id, base, 1, 1, {"soak_warmup": base}))["id"]
+            for base in sorted(bases)
+        ]
+        for job_id in warmups:
+            warm = api.wait(job_id, timeout=600)
+            if warm["status"] != "succeeded":
+                raise RuntimeError(f"warm-up job {job_id} ended {warm['status']}: see {folder}")
+        say(start, "warm hosts up; the stream starts")
         arrivals = Arrivals(
             fleet.api.url, file_id, sorted(bases), args.rate, args.epochs, namespace
         )
@@ -340,10 +353,13 @@ def main() -> None:
             now = time.monotonic()
             if now >= next_kill:
                 kind = KINDS[len(killer.done) % len(KINDS)]
-                said = killer.kill(kind, patience=min(30, args.kill_every / 2))
-                say(
-                    start, f"kill {len(killer.done)}: {kind}: {said or 'skipped, nothing training'}"
-                )
+                # A kind that needs jobs training waits for some, up to the next kill's time
+                # (the rotation stays on it when it finds none).
+                said = killer.kill(kind, patience=args.kill_every)
+                if said is None:
+                    say(start, f"no {kind} kill: nothing training for {args.kill_every:g} s")
+                else:
+                    say(start, f"kill {len(killer.done)}: {kind}: {said}")
                 next_kill = time.monotonic() + args.kill_every
             if now >= next_report:
                 say(start, progress(api, arrivals.submissions, len(killer.done))[0])

@@ -117,6 +117,7 @@ def fleet_env(folder: Path, address: str, bases: dict[str, Path], namespace: str
         "LORAFLEET_SCHEDULER_POLL_SECONDS": "1.0",
         "LORAFLEET_CHECKPOINT_EVERY_STEPS": "3",
         "LORAFLEET_HOST_IDLE_SECONDS": "30",
+        "LORAFLEET_WARM_HOSTS": "1",  # per base: first steps come from a loaded host
         "LORAFLEET_MAX_CONCURRENT_RUNS": "4",  # a safety cap only: the nodes' room decides
         "LORAFLEET_MAX_ACTIVE_JOBS_PER_TENANT": "1000",
     }
