@@ -102,7 +102,18 @@ def test_each_job_end_is_delivered_once_signed_and_retried_after_a_500(
             assert all(p["type"] == "fine_tuning.job.cancelled" for p in payloads)
             assert before not in {p["data"]["id"] for p in payloads}
 
-            listed = client.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"]
+            # The receiver has the retry before the deliverer records its answer: wait for it.
+            def listed_deliveries() -> list[dict[str, Any]]:
+                url = f"/v1/webhooks/{endpoint['id']}/deliveries"
+                data: list[dict[str, Any]] = client.get(url).json()["data"]
+                return data
+
+            wait_for_condition(
+                lambda: {d["status"] for d in listed_deliveries()} == {"succeeded"},
+                timeout=30,
+                what="both deliveries recorded",
+            )
+            listed = listed_deliveries()
             assert sorted(d["attempts"] for d in listed) == [1, 2]
             assert {d["status"] for d in listed} == {"succeeded"}
             assert {d["last_status_class"] for d in listed} == {"2xx"}
