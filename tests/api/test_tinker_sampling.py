@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,11 +39,17 @@ def test_the_sdk_samples_the_forward_passs_tokens_and_logprobs(
     sampling_server: str, tiny_base: Path
 ) -> None:
     import tinker
+
+    # Closed at the end: a session left open heartbeats on after its server has gone.
+    with tinker.ServiceClient(base_url=sampling_server, api_key="tml-open") as service:
+        client = service.create_sampling_client(base_model="tiny").result()
+        sample_like_a_forward_pass(client, tiny_base)
+
+
+def sample_like_a_forward_pass(client: Any, tiny_base: Path) -> None:
     from tinker import types
     from transformers import AutoModelForCausalLM
 
-    service = tinker.ServiceClient(base_url=sampling_server, api_key="tml-open")
-    client = service.create_sampling_client(base_model="tiny").result()
     greedy = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
     answer = client.sample(types.ModelInput.from_ints(PROMPT), 2, greedy).result()
     [first, second] = answer.sequences
