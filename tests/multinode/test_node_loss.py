@@ -39,7 +39,17 @@ def cluster() -> Iterator[Any]:
     if ray.is_initialized():
         pytest.fail("run the multinode tests in a pytest process of their own (make test does)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the embedded Ray (embedded_ray.py)
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {CONTROL: 1}})
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "resources": {CONTROL: 1},
+            # A node's death is declared within ~3 s (Ray's default: ~15 s): before the new
+            # workers start, so the restart's event can name the lost node (it names only
+            # nodes Ray already says are dead).
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
     workers = [nodes.add_node(num_cpus=1) for _ in range(3)]
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, namespace=NAMESPACE, log_to_driver=False)
