@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +109,49 @@ def server(
     yield server
     server.stop()
     end_pack_hosts(bucket)
+
+
+def shared_ray_env(
+    folder: Path, tiny_base: Path, ray_address: str, **settings: str
+) -> dict[str, str]:
+    """A serve's environment on the session's Ray: state in `folder`, the tiny Llama as
+    "tiny-llama", a 0.2 s tick and a namespace of its own (it adopts no other test's hosts);
+    `settings` add or override `LORAFLEET_*` settings by name."""
+    settings = {
+        "data_dir": str(folder / "state"),
+        "base_models": json.dumps({"tiny-llama": str(tiny_base)}),
+        "scheduler_poll_seconds": "0.2",
+        "ray_namespace": folder.name,
+        **settings,
+    }
+    env = LorafleetServer.with_settings(folder / "server.log", **settings).env
+    return {**env, "RAY_ADDRESS": ray_address}
+
+
+def tinker_key(env: dict[str, str], tenant: str = "t1") -> str:
+    """A key the Tinker SDK accepts (tml-), made the way an operator makes one."""
+    made = subprocess.run(
+        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", tenant, "--tinker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return made.stdout.strip().splitlines()[-1]
+
+
+@contextmanager
+def running_server(
+    env: dict[str, str], folder: Path, api_key: str | None = None
+) -> Iterator[LorafleetServer]:
+    """A serve started with `env`, stopped after, with the pack hosts it left."""
+    server = LorafleetServer(env=env, log=folder / "server.log", api_key=api_key)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        end_pack_hosts(server.namespace)
 
 
 def end_pack_hosts(namespace: str) -> None:

@@ -5,7 +5,6 @@ alone on a host of its own (fp32, ≤ 1e-5); a job past its max_runtime fails wi
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for_condition
-from tests.e2e.conftest import LorafleetServer, end_pack_hosts
+from tests.e2e.conftest import LorafleetServer, running_server, shared_ray_env
 from tests.e2e.test_bf16_packing_over_http import adapter_tensors
 from tests.e2e.test_training_job import DATA, submit, upload
 
@@ -26,25 +25,11 @@ def hosts_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, ray_address: str
 ) -> Iterator[LorafleetServer]:
     folder = tmp_path_factory.mktemp("hosts-server")
-    server = LorafleetServer(
-        env={
-            **LorafleetServer.with_settings(
-                folder / "server.log",
-                data_dir=str(folder / "state"),
-                base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-                scheduler_poll_seconds="0.2",
-                host_idle_seconds="30",
-                max_concurrent_runs="1",
-                ray_namespace=folder.name,  # its own hosts only (see tests/e2e/conftest.py)
-            ).env,
-            "RAY_ADDRESS": ray_address,
-        },
-        log=folder / "server.log",
+    env = shared_ray_env(
+        folder, tiny_base, ray_address, host_idle_seconds="30", max_concurrent_runs="1"
     )
-    server.start()
-    yield server
-    server.stop()
-    end_pack_hosts(server.namespace)
+    with running_server(env, folder) as server:
+        yield server
 
 
 FP32 = {"precision": "fp32"}

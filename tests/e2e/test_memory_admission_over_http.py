@@ -18,7 +18,7 @@ import pytest
 from core.base_catalog import local_base_shape
 from core.memory_estimate import estimate_rank_bytes, host_run_shape, slot_demand
 from tests.conftest import wait_for_condition
-from tests.e2e.conftest import LorafleetServer, end_pack_hosts
+from tests.e2e.conftest import LorafleetServer, running_server, shared_ray_env
 from tests.e2e.test_training_job import submit, upload
 from tests.workers.test_host_memory import MAX_SEQ_LEN, ROWS, long_rows
 
@@ -58,30 +58,20 @@ def budget_server(
 ) -> Iterator[LorafleetServer]:
     folder = tmp_path_factory.mktemp("memory-server")
     _, budget, _ = budget_for_two(tiny_base)
-    server = LorafleetServer(
-        env={
-            **LorafleetServer.with_settings(
-                folder / "server.log",
-                data_dir=str(folder / "state"),
-                base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-                scheduler_poll_seconds="0.2",
-                host_idle_seconds="30",
-                max_concurrent_runs="1",  # one host: the third job cannot go elsewhere
-                host_memory_bytes=str(budget),
-                loss_chunk_tokens="4096",
-                gradient_checkpointing="false",
-                zero3_param_persistence_threshold="0",
-                checkpoint_every_steps="0",
-                ray_namespace=folder.name,
-            ).env,
-            "RAY_ADDRESS": ray_address,
-        },
-        log=folder / "server.log",
+    env = shared_ray_env(
+        folder,
+        tiny_base,
+        ray_address,
+        host_idle_seconds="30",
+        max_concurrent_runs="1",  # one host: the third job cannot go elsewhere
+        host_memory_bytes=str(budget),
+        loss_chunk_tokens="4096",
+        gradient_checkpointing="false",
+        zero3_param_persistence_threshold="0",
+        checkpoint_every_steps="0",
     )
-    server.start()
-    yield server
-    server.stop()
-    end_pack_hosts(server.namespace)
+    with running_server(env, folder) as server:
+        yield server
 
 
 def events_of(server: LorafleetServer, client: Any, job_id: str, kind: str) -> list[Any]:

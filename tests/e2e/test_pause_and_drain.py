@@ -7,7 +7,6 @@ uninterrupted (fp32, ≤ 1e-5)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from openai import OpenAI
 from orchestrator.scheduling.drain import drain
 from orchestrator.settings import Settings
 from tests.conftest import wait_for_condition
-from tests.e2e.conftest import LorafleetServer, end_pack_hosts
+from tests.e2e.conftest import LorafleetServer, running_server, shared_ray_env
 from tests.e2e.test_bf16_packing_over_http import adapter_tensors
 from tests.e2e.test_training_job import DATA, upload
 
@@ -33,25 +32,11 @@ def pause_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, ray_address: str
 ) -> Iterator[LorafleetServer]:
     folder = tmp_path_factory.mktemp("pause-server")
-    server = LorafleetServer(
-        env={
-            **LorafleetServer.with_settings(
-                folder / "server.log",
-                data_dir=str(folder / "state"),
-                base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-                scheduler_poll_seconds="0.2",
-                host_idle_seconds="30",
-                max_concurrent_runs="2",
-                ray_namespace=folder.name,  # its own hosts only (see tests/e2e/conftest.py)
-            ).env,
-            "RAY_ADDRESS": ray_address,
-        },
-        log=folder / "server.log",
+    env = shared_ray_env(
+        folder, tiny_base, ray_address, host_idle_seconds="30", max_concurrent_runs="2"
     )
-    server.start()
-    yield server
-    server.stop()
-    end_pack_hosts(server.namespace)
+    with running_server(env, folder) as server:
+        yield server
 
 
 def job_events(server: LorafleetServer, client: Any, job_id: str) -> list[dict[str, Any]]:

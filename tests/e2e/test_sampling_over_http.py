@@ -7,9 +7,6 @@ whose logprobs equal `forward`'s."""
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,12 @@ import pytest
 from openai import OpenAI
 
 from tests.api.test_completions import local_greedy
-from tests.e2e.conftest import LorafleetServer, end_pack_hosts
+from tests.e2e.conftest import (
+    LorafleetServer,
+    running_server,
+    shared_ray_env,
+    tinker_key,
+)
 from tests.e2e.test_training_job import submit, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -32,31 +34,15 @@ def sampling_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, ray_address: str
 ) -> Iterator[LorafleetServer]:
     folder = tmp_path_factory.mktemp("sampling-server")
-    env = {
-        **LorafleetServer.with_settings(
-            folder / "server.log",
-            data_dir=str(folder / "state"),
-            base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-            scheduler_poll_seconds="0.2",
-            warm_hosts="1",  # Tinker models train on a warm host; the job packs beside them
-            default_num_workers="1",
-            ray_namespace=folder.name,
-        ).env,
-        "RAY_ADDRESS": ray_address,
-    }
-    made = subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "t1", "--tinker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+    env = shared_ray_env(
+        folder,
+        tiny_base,
+        ray_address,
+        warm_hosts="1",  # Tinker models train on a warm host; the job packs beside them
+        default_num_workers="1",
     )
-    key = made.stdout.strip().splitlines()[-1]
-    server = LorafleetServer(env=env, log=folder / "server.log", api_key=key)
-    server.start()
-    yield server
-    server.stop()
-    end_pack_hosts(server.namespace)
+    with running_server(env, folder, api_key=tinker_key(env)) as server:
+        yield server
 
 
 def test_completions_of_a_trained_model_through_the_openai_sdk(

@@ -4,7 +4,6 @@ warm pack host, and the protocol's edges (retries, ordering, errors) hold over H
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,12 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for_condition
-from tests.e2e.conftest import LorafleetServer, end_pack_hosts
+from tests.e2e.conftest import (
+    LorafleetServer,
+    running_server,
+    shared_ray_env,
+    tinker_key,
+)
 
 # A later stage of make test (with faults): ~33 s of serve, warm host and 40+ SDK calls.
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -30,31 +34,17 @@ def tinker_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, ray_address: str
 ) -> Iterator[tuple[LorafleetServer, str]]:
     folder = tmp_path_factory.mktemp("tinker-server")
-    settings = LorafleetServer.with_settings(
-        folder / "server.log",
-        data_dir=str(folder / "state"),
-        base_models=json.dumps({"tiny-llama": str(tiny_base)}),
-        scheduler_poll_seconds="0.2",
+    env = shared_ray_env(
+        folder,
+        tiny_base,
+        ray_address,
         warm_hosts="1",  # a Tinker model is a slot of a warm host of its base
         # One worker keeps CI short; TINKER_TEST_WORKERS=2 runs the same over ZeRO-3 ranks.
         default_num_workers=os.environ.get("TINKER_TEST_WORKERS", "1"),
-        ray_namespace=folder.name,  # its own hosts only (see tests/e2e/conftest.py)
-    ).env
-    env = {**settings, "RAY_ADDRESS": ray_address}
-    # A key the SDK accepts (tml-), made the way an operator makes one.
-    made = subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "t1", "--tinker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
     )
-    key = made.stdout.strip().splitlines()[-1]
-    server = LorafleetServer(env=env, log=folder / "server.log", api_key=key)
-    server.start()
-    yield server, key
-    server.stop()
-    end_pack_hosts(server.namespace)
+    key = tinker_key(env)
+    with running_server(env, folder, api_key=key) as server:
+        yield server, key
 
 
 def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
