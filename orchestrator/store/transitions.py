@@ -137,12 +137,11 @@ class JobTransitions:
     def request_pause(self, job_id: str, by: dict[str, Any]) -> JobRow:
         """running → pausing: the job's host checkpoints it at its next step boundary and
         frees its slot; the scheduler finishes the move (`pause`). `by`: who asked."""
-        who = ", ".join(f"{k} {v}" for k, v in by.items() if v)
         return self._move(
             job_id,
             (JobStatus.RUNNING,),
             JobStatus.PAUSING,
-            f"Pause requested by {who}",
+            f"Pause requested by {_who(by)}",
             data={"requested_by": by},
             wake=True,
         )
@@ -161,12 +160,11 @@ class JobTransitions:
 
     def resume(self, job_id: str, by: dict[str, Any]) -> JobRow:
         """paused → queued: the job runs again from the checkpoint it paused at."""
-        who = ", ".join(f"{k} {v}" for k, v in by.items() if v)
         return self._move(
             job_id,
             (JobStatus.PAUSED,),
             JobStatus.QUEUED,
-            f"Resumed by {who}; queued to continue from its checkpoint",
+            f"Resumed by {_who(by)}; queued to continue from its checkpoint",
             data={"requested_by": by},
             wake=True,
         )
@@ -309,3 +307,8 @@ class JobTransitions:
             ]
             add_events(session, job_id, rows)
         return True
+
+
+def _who(by: dict[str, Any]) -> str:
+    """Who asked, for an event's words ("tenant acme, key key-…")."""
+    return ", ".join(f"{k} {v}" for k, v in by.items() if v)
