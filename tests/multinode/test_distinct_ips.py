@@ -10,7 +10,6 @@ Needs root and iproute2 (network namespaces): CI has both, so there it runs, nev
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from core.host_protocol import HOST_PREFIX
 from tests.conftest import require, wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
+from tests.multinode.conftest import cluster_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 CONTROL = "lorafleet-control"
@@ -137,19 +137,15 @@ def test_a_two_node_host_trains_over_the_bridge_not_loopback(
     from orchestrator.settings import Settings
 
     server = LorafleetServer(
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("LORAFLEET_", "RAY_"))},
-            "RAY_ADDRESS": cluster.address,
-            "RAY_AUTH_MODE": "disabled",
-            "LORAFLEET_DATA_DIR": str(tmp_path / "state"),
-            "LORAFLEET_OBJECT_STORE": str(tmp_path / "objects"),
-            "LORAFLEET_BASE_MODELS": json.dumps({"tiny-llama": str(tiny_base)}),
-            # One machine: its folders are every namespace's (only the network differs).
-            "LORAFLEET_SHARED_PATHS": json.dumps([str(tmp_path), str(tiny_base.parent)]),
-            "LORAFLEET_RAY_NAMESPACE": NAMESPACE,
-            "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
-            "LORAFLEET_HOST_IDLE_SECONDS": "5",
-        },
+        # One machine: its folders are every namespace's (only the network differs).
+        env=cluster_env(
+            cluster.address,
+            tmp_path,
+            tiny_base,
+            NAMESPACE,
+            object_store=str(tmp_path / "objects"),
+            host_idle_seconds="5",
+        ),
         log=tmp_path / "server.log",
     )
     server.start()

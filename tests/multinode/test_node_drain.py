@@ -10,8 +10,6 @@ that costs this stage ~15 s more.)
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
+from tests.multinode.conftest import cluster_env
 from tests.multinode.test_node_loss import NAMESPACE, cluster, metrics_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -35,18 +34,14 @@ def test_a_drained_node_hands_its_jobs_back_and_they_go_on_elsewhere_exactly(
     from orchestrator.settings import Settings
 
     server = LorafleetServer(
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("LORAFLEET_", "RAY_"))},
-            "RAY_ADDRESS": cluster.address,
-            "RAY_AUTH_MODE": "disabled",
-            "LORAFLEET_DATA_DIR": str(tmp_path / "state"),
-            "LORAFLEET_BASE_MODELS": json.dumps({"tiny-llama": str(tiny_base)}),
-            "LORAFLEET_SHARED_PATHS": json.dumps([str(tmp_path), str(tiny_base.parent)]),
-            "LORAFLEET_RAY_NAMESPACE": NAMESPACE,
-            "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
-            "LORAFLEET_HOST_IDLE_SECONDS": "120",  # the new host stays up to be looked at
-            "LORAFLEET_MAX_CONCURRENT_RUNS": "2",
-        },
+        env=cluster_env(
+            cluster.address,
+            tmp_path,
+            tiny_base,
+            NAMESPACE,
+            host_idle_seconds="120",  # the new host stays up to be looked at
+            max_concurrent_runs="2",
+        ),
         log=tmp_path / "server.log",
     )
     server.start()

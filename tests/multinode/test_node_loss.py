@@ -13,7 +13,6 @@ must not meet in the same process.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from orchestrator.scheduling.node_choice import HEAD_MARKER
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
+from tests.multinode.conftest import cluster_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 CONTROL = "lorafleet-control"
@@ -72,20 +72,15 @@ def test_a_worker_node_lost_mid_training_costs_no_job_an_attempt(
     from orchestrator.settings import Settings
 
     server = LorafleetServer(
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("LORAFLEET_", "RAY_"))},
-            "RAY_ADDRESS": cluster.address,
-            "RAY_AUTH_MODE": "disabled",
-            "LORAFLEET_DATA_DIR": str(tmp_path / "state"),
-            "LORAFLEET_BASE_MODELS": json.dumps({"tiny-llama": str(tiny_base)}),
-            # Every node is on this machine: its temp folders are every node's.
-            "LORAFLEET_SHARED_PATHS": json.dumps([str(tmp_path), str(tiny_base.parent)]),
-            "LORAFLEET_RAY_NAMESPACE": NAMESPACE,
-            "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
-            "LORAFLEET_CHECKPOINT_EVERY_STEPS": "3",
-            "LORAFLEET_HOST_IDLE_SECONDS": "5",
-            "LORAFLEET_MAX_CONCURRENT_RUNS": "1",
-        },
+        env=cluster_env(
+            cluster.address,
+            tmp_path,
+            tiny_base,
+            NAMESPACE,
+            checkpoint_every_steps="3",
+            host_idle_seconds="5",
+            max_concurrent_runs="1",
+        ),
         log=tmp_path / "server.log",
     )
     server.start()
