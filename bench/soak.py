@@ -17,6 +17,8 @@ Every job is submitted with its own Idempotency-Key and retried with it until ac
 - p95_first_step: submit (first try) → the first metrics event's own time, seconds.
 
     .venv/bin/python bench/soak.py --minutes 20 --kill-every 60
+    # on PostgreSQL and S3 (LORAFLEET_S3_ENDPOINT_URL and keys in the environment):
+    .venv/bin/python bench/soak.py --database-url postgresql+psycopg://… --object-store s3://b/soak
 
 The last line: `soak jobs=N minutes=M kills=K lost=0 twice=0 unequal=0 p95_first_step=S`.
 """
@@ -313,6 +315,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3, help="worker nodes")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs per worker node")
     parser.add_argument("--settle-minutes", type=float, default=15, help="wait for the last")
+    # The production pair instead of the embedded defaults (SQLite, a local folder): the
+    # caller's LORAFLEET_S3_* variables (endpoint, keys) reach every process it starts.
+    parser.add_argument("--database-url", help="e.g. postgresql+psycopg://… (default: SQLite)")
+    parser.add_argument("--object-store", help="e.g. s3://bucket/prefix (default: a folder)")
     args = parser.parse_args()
 
     from workers.tiny_base import build_tiny_base
@@ -325,7 +331,13 @@ def main() -> None:
         "tiny-b": build_tiny_base(folder / "bases" / "tiny-b", hidden_size=32, seed=1),
     }
     cluster = sc.start_cluster(args.nodes, args.cpus, namespace)
-    fleet = sc.Fleet(sc.fleet_env(folder, cluster.address, bases, namespace), folder)
+    env = sc.fleet_env(folder, cluster.address, bases, namespace)
+    if args.database_url:
+        env["LORAFLEET_DATABASE_URL"] = args.database_url
+    if args.object_store:
+        env["LORAFLEET_OBJECT_STORE"] = args.object_store
+        env.update({k: v for k, v in os.environ.items() if k.startswith("LORAFLEET_S3_")})
+    fleet = sc.Fleet(env, folder)
     say(start, f"cluster of {args.nodes} worker nodes up; logs and state in {folder}")
     try:
         fleet.start()
