@@ -12,7 +12,17 @@ from api.deps import CachedApiKeys, Services, db_readers_for
 from api.errors import install_error_handlers
 from api.front_door import RateLimiter, refuse_nul_characters
 from api.request_timing import RequestTiming
-from api.routers import completions, dashboard, files, jobs, merged, metrics, models, webhooks
+from api.routers import (
+    completions,
+    dashboard,
+    files,
+    jobs,
+    merged,
+    metrics,
+    models,
+    usage,
+    webhooks,
+)
 from api.tinker import router as tinker
 from core.base_catalog import BaseModelCatalog, CatalogError
 from core.objectstore import open_object_store
@@ -130,6 +140,7 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
     app.include_router(dashboard.router)
     app.include_router(tinker.router)  # the Tinker training API, /api/v1 (issue 21)
     app.include_router(completions.router)  # sampling a model (issue 21)
+    app.include_router(usage.router)  # usage per tenant (issue 21)
     app.add_middleware(RequestTiming)
 
     @app.get("/healthz", tags=["health"])

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from core.host_protocol import HostReport
 from core.objectstore import on_store_error
+from core.usage import TOKEN_KINDS
 
 REGISTRY = CollectorRegistry()
 
@@ -126,6 +129,34 @@ def host_memory_gauges(capacity: Capacity, registry: CollectorRegistry) -> None:
     for shape, (measured, estimated) in sorted(capacity.memory.items()):
         peak.labels(shape=shape).set(measured)
         estimate.labels(shape=shape).set(estimated)
+
+
+def tenant_usage_counters(totals: dict[str, dict[str, float]], registry: CollectorRegistry) -> None:
+    """Each tenant's usage over all days (orchestrator.usage.UsageStore.totals), as counters:
+    read from the database at scrape time, so every API replica shows the same figures and
+    they survive restarts. Labelled by tenant, never by job: bounded by the tenant count."""
+    tokens = CounterMetricFamily(
+        "lorafleet_tenant_tokens",
+        "Tokens per tenant, in Tinker's units: trained (forward_backward, training steps), "
+        "prefilled (forward, sampling prompts) and sampled.",
+        labels=["tenant", "kind"],
+    )
+    seconds = CounterMetricFamily(
+        "lorafleet_tenant_device_seconds",
+        "Device-seconds per tenant: each pack step's time on every device, split across the "
+        "pack's members by their share of the step's tokens.",
+        labels=["tenant"],
+    )
+    for tenant, figures in sorted(totals.items()):
+        for kind in TOKEN_KINDS:
+            tokens.add_metric([tenant, kind], figures.get(kind, 0.0))
+        seconds.add_metric([tenant], figures.get("device_seconds", 0.0))
+
+    class _Usage(Collector):
+        def collect(self) -> Iterable[Metric]:
+            return [tokens, seconds]
+
+    registry.register(_Usage())
 
 
 # Keyed by the job store the scheduler shares with the API in one process (`lorafleet

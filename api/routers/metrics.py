@@ -13,9 +13,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api.deps import ServicesDep
 from orchestrator.errors import Unauthorized
-from orchestrator.metrics import REGISTRY, host_memory_gauges, last_capacity
+from orchestrator.metrics import (
+    REGISTRY,
+    host_memory_gauges,
+    last_capacity,
+    tenant_usage_counters,
+)
 from orchestrator.states import JobStatus
 from orchestrator.store import JobStore
+from orchestrator.usage import UsageStore
 
 router = APIRouter(tags=["operations"])
 # Series shown at 0 when nothing is in that state, so dashboards see them from the start.
@@ -50,6 +56,7 @@ def job_gauges(store: JobStore) -> bytes:
         for mode, state in sorted(set(HOST_SERIES) | set(capacity.hosts)):
             hosts.labels(mode=mode, state=state).set(capacity.hosts.get((mode, state), 0))
         host_memory_gauges(capacity, registry)
+    tenant_usage_counters(UsageStore(store.engine).totals(), registry)
     return generate_latest(registry)
 
 

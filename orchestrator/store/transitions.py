@@ -18,6 +18,7 @@ from orchestrator.store.changes import wake_scheduler
 from orchestrator.store.rows import add_events, now
 from orchestrator.store.rows import event_row as _event
 from orchestrator.tables import JobRow
+from orchestrator.usage import add_usage, usage_of_events
 
 
 class JobTransitions:
@@ -306,6 +307,11 @@ class JobTransitions:
                 for event in events
             ]
             add_events(session, job_id, rows)
+            usage = usage_of_events(events)
+            if usage:  # in this transaction: fenced like the events, so counted once
+                tenant = session.scalar(select(JobRow.tenant).where(JobRow.id == job_id))
+                assert tenant is not None
+                add_usage(session, tenant, usage)
         return True
 
 
