@@ -36,6 +36,10 @@ from core.spec import JobSpec
 HOST_PREFIX = "lorafleet-host-"
 # A host's workers set up in these phases, each under `HostSpec.setup_timeout_seconds`.
 SETUP_PHASES = ("distributed", "base_model", "deepspeed")
+# Tinker requests of a model's move between hosts (workers.host.slot_moves): the ending host
+# writes the model's state and frees its slot; the next host makes the slot from that state.
+RELOCATE, RESTORE = "relocate", "restore"
+
 
 
 def host_actor_name(host_id: str) -> str:

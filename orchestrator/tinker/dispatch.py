@@ -17,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from core.host_protocol import HostReport, host_actor_name
+from orchestrator.tinker.relocation import Relocations
 from orchestrator.tinker.rows import (
     MODEL_ENDED,
     MODEL_ENDING,
-    MODEL_FAILED,
+    MODEL_LIVE,
     TinkerRequestRow,
 )
 from orchestrator.tinker.sampling import SampleDispatch
@@ -83,6 +84,7 @@ class TinkerDispatcher:
         self._unanswered: dict[str, int] = {}  # host id -> requests sent, not yet answered
         self._heartbeats_checked = 0.0
         self._failing = False
+        self.relocations = Relocations(store)  # models moving off a host that ends
 
     # ---- life --------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +121,8 @@ class TinkerDispatcher:
             if model.host_id is not None and self._host_alive(model.host_id):
                 self._send(model.host_id, [_drop(model.id)])  # its slot is freed
             self.store.set_model(model.id, MODEL_ENDED)
+        for host_id, moving in self.relocations.moves_due(self.reports()).items():
+            self._await_answers(host_id, len(moving))  # each model's `relocate` answer
         pending = self.store.pending_requests()
         handed = self._hand_over(pending) if pending else 0
         for host_id in sorted(h for h, n in self._unanswered.items() if n > 0):
@@ -141,11 +145,15 @@ class TinkerDispatcher:
                 continue
             host_id = model.host_id
             if host_id is None:
+                if model.state == MODEL_LIVE and not self.relocations.may_place(model):
+                    continue  # a request of it is still coming back from its last host
                 reports = self.reports() if reports is None else reports
                 host_id = host_for(model.base_model, reports)
                 if host_id is None:
                     continue  # the client's future answers try_again until a host is up
                 self.store.set_model(model_id, model.state, host_id=host_id)
+                if model.state == MODEL_LIVE:  # it moved: its state goes first (relocation)
+                    self._send(host_id, [self.relocations.restore(model)])
             batch = ordered_batch(rows, self.store.last_handed_seq(model_id))
             if not batch:
                 continue
@@ -153,18 +161,18 @@ class TinkerDispatcher:
                 self._host_gone(host_id)
                 continue
             self.store.mark_sent([row.id for row in batch])
-            self._send(host_id, [_request(row) for row in batch])
+            tagged = [self.relocations.tag(models[r.model_id], _request(r)) for r in batch]
+            self._send(host_id, tagged)
             handed += len(batch)
         return handed
 
     def _host_gone(self, host_id: str) -> None:
-        """A host that ended takes its models' slots with it: they fail, and so does every
-        request of theirs not yet answered."""
+        """A host that ended without moving its models: each is restored elsewhere from a
+        current saved state, or fails (orchestrator.tinker.relocation)."""
         self._unanswered.pop(host_id, None)
         for model in self.store.models(("pending", "live")):
             if model.host_id == host_id:
-                self.store.set_model(model.id, MODEL_FAILED, error="its pack host ended")
-                self.store.fail_pending(model.id, "the model's pack host ended")
+                self.relocations.host_lost(model, host_id)
 
     def _host_alive(self, host_id: str) -> bool:
         import ray
@@ -180,7 +188,11 @@ class TinkerDispatcher:
 
         actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         ray.get(actor.tinker_submit.remote(requests), timeout=CALL_TIMEOUT_SECONDS)
-        self._unanswered[host_id] = self._unanswered.get(host_id, 0) + len(requests)
+        self._await_answers(host_id, len(requests))
+
+    def _await_answers(self, host_id: str, count: int) -> None:
+        """`count` more answers are owed by the host (collected each pass till they are in)."""
+        self._unanswered[host_id] = self._unanswered.get(host_id, 0) + count
 
     def _collect(self, host_id: str) -> None:
         import ray
@@ -194,6 +206,7 @@ class TinkerDispatcher:
             actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS
         )
         self._unanswered[host_id] = max(0, self._unanswered[host_id] - len(answers))
+        answers = self.relocations.settle(answers)  # moves' answers are not the client's
         for answer in answers:
             self.store.finish(answer["request_id"], answer["result"], answer["error"])
             if answer.get("kind") in ("create_model", "load_weights"):

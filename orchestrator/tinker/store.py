@@ -225,6 +225,34 @@ class TinkerStore:
                 update(TinkerModelRow).where(TinkerModelRow.id == model_id).values(**values)
             )
 
+    # ---- a model's move to another host (orchestrator.tinker.relocation) ------------------
+    def unhost(self, model_id: str) -> None:
+        """The model has no host now (its state waits in the store to be restored)."""
+        with self.sessions.begin() as session:
+            session.execute(
+                update(TinkerModelRow).where(TinkerModelRow.id == model_id).values(host_id=None)
+            )
+
+    def requeue(self, model_id: str, request_ids: list[str] | None = None) -> None:
+        """Handed-over requests of the model (those named, else all) that never ran go back
+        to pending: they go again, in seq_id order, to the model's next host."""
+        where = [TinkerRequestRow.model_id == model_id, TinkerRequestRow.state == SENT]
+        if request_ids is not None:
+            where.append(TinkerRequestRow.id.in_(request_ids))
+        with self.sessions.begin() as session:
+            session.execute(update(TinkerRequestRow).where(*where).values(state=PENDING))
+
+    def model_requests(self, model_id: str) -> list[TinkerRequestRow]:
+        """Every request of the model (but sampling), by seq_id."""
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(TinkerRequestRow)
+                    .where(TinkerRequestRow.model_id == model_id, TinkerRequestRow.kind != SAMPLE)
+                    .order_by(TinkerRequestRow.seq_id)
+                )
+            )
+
     def settle_new_model(self, model_id: str, error: str | None) -> None:
         """A pending model's first request answered: it is live, or failed with `error`."""
         values = {"state": MODEL_LIVE} if error is None else {"state": "failed", "error": error}

@@ -157,7 +157,12 @@ class PackHost:
             }
 
     def finished(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
+        """The workers ended, and no Tinker model's move waits to be collected (the actor
+        goes once this says so)."""
+        with self._lock:
+            owed = self.requests.owes_moves()
+        return self._thread is not None and not self._thread.is_alive() and not owed
+
 
     def wait_news(self, seen: int, timeout: float) -> int:
         """The news count once it differs from `seen` (the caller's last), or after
@@ -236,6 +241,9 @@ class PackHost:
             seen = {job_id: len(m.events) for job_id, m in self.membership.members.items()}
             changes = self.membership.step_boundary(events, status)
             changes["requests"] = self.requests.take()
+            if self.membership.ending:  # its Tinker models move first (workers.host.requests)
+                changes["requests"] += self.requests.relocations()
+                changes["end"] = changes["end"] and not self.requests.holds_end()
             kept = [
                 (m.request.job, m.events[seen.get(job_id, 0) :], m.state is not RUNNING)
                 for job_id, m in self.membership.members.items()

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.host_protocol import RELOCATE, RESTORE
 from core.objectstore import ObjectStore
+from workers.host.slot_moves import GRADS, grads_bytes, put_grads
 from workers.host.tinker_losses import LOSSES, datum_loss
 from workers.lora.packed_layer import (
     PackedLoraLinear,
@@ -93,6 +95,8 @@ class RequestSlots:
             "drop_model": self._drop,
             "save_weights": self._save,
             "load_weights": self._load,
+            RELOCATE: self._relocate,  # a drain or a host's end (workers.host.slot_moves)
+            RESTORE: self._restore,
         }
         queue = list(requests)
         while queue:
@@ -324,6 +328,31 @@ class RequestSlots:
             slot.optimizer = torch.optim.AdamW(slot.params)
             slot.optimizer.load_state_dict(state["optimizer"])
             slot.steps = state["steps"]
+        return {"path": payload["path"], "model_id": model_id}
+
+    def _relocate(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Writes the slot's whole state (factors, AdamW, summed gradients) under the model's
+        relocation prefix, then frees the slot: another host restores it from there."""
+        slot = self._slot(model_id)
+        if self.rank == 0:
+            assert self.store is not None, "this host has no object store"
+            store, prefix = self.store(), payload["prefix"]
+            store.put_bytes(prefix + GRADS, grads_bytes(slot.params))
+            if slot.optimizer is None and store.exists(prefix + "optimizer.pt"):
+                store.delete(prefix + "optimizer.pt")  # an earlier move's: not this state's
+        self._save(model_id, {**payload, "optimizer": True})  # lorafleet.json is written last
+        self._drop(model_id, {})
+        return {"path": payload["path"], "prefix": payload["prefix"]}
+
+    def _restore(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Makes the slot again from a relocation (or the client's own saved state): its
+        factors, its optimizer state when saved, and its summed gradients when saved."""
+        assert self.store is not None, "this host has no object store"
+        store, prefix = self.store(), payload["prefix"]
+        optimizer = store.exists(prefix + "optimizer.pt")
+        self._load(model_id, {**payload, "optimizer": optimizer, "create": payload["lora"]})
+        if store.exists(prefix + GRADS):
+            put_grads(self._slot(model_id).params, store.get_bytes(prefix + GRADS))
         return {"path": payload["path"], "model_id": model_id}
 
 

@@ -2,13 +2,22 @@
 Tinker dispatcher hands requests in (in each model's seq_id order), rank 0 takes them at the
 next step boundary, and their answers come back with the boundary after. No Ray, no torch.
 
-A request is a dict: {"request_id", "model_id", "kind", "payload"}; an answer is
-{"request_id", "result": dict | None, "error": str | None}.
+A request is a dict: {"request_id", "model_id", "kind", "payload"} (and "relocation": where
+its model's state goes if this host ends); an answer is {"request_id", "result": dict | None,
+"error": str | None}.
+
+When the host ends (a drain, an upgrade, a stop), its Tinker models move before it does: each
+live model gets a `relocate` request after the work already taken (its state is written at
+that step boundary and its slot freed), the host holds its end until every one is answered,
+and a request that arrives for a model already moving is handed back unrun ("bounced": the
+dispatcher sends it again, in order, to the model's next host).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from core.host_protocol import RELOCATE, RESTORE
 
 
 class RequestQueue:
@@ -18,9 +27,50 @@ class RequestQueue:
         self.queued: list[dict[str, Any]] = []
         self.answers: list[dict[str, Any]] = []
         self.models: set[str] = set()  # request-driven slots live on the workers
+        self.homes: dict[str, dict[str, Any]] = {}  # model -> its relocation payload
+        self.moved: set[str] = set()  # models told to relocate (they take no more work here)
+        self.moving: set[str] = set()  # ... whose relocation is not answered yet
 
     def submit(self, requests: list[dict[str, Any]]) -> None:
-        self.queued.extend(requests)
+        for request in requests:
+            model_id = request["model_id"]
+            if request.get("relocation") is not None:
+                self.homes[model_id] = request["relocation"]
+            if request["kind"] == RESTORE:
+                self.moved.discard(model_id)
+            if model_id in self.moved:
+                self.answers.append(
+                    {**_answer_of(request), "result": None, "error": None, "bounced": True}
+                )
+            else:
+                self.queued.append(request)
+
+    def relocations(self) -> list[dict[str, Any]]:
+        """A `relocate` request for each live model not yet told to move (the host ends)."""
+        moves = []
+        for model_id in sorted(self.models - self.moved):
+            home = self.homes.get(model_id)
+            if home is None:  # never told where its state goes: it ends with the host
+                continue
+            self.moved.add(model_id)
+            self.moving.add(model_id)
+            moves.append(
+                {
+                    "request_id": f"relocate-{model_id}",
+                    "model_id": model_id,
+                    "kind": RELOCATE,
+                    "payload": home,
+                }
+            )
+        return moves
+
+    def owes_moves(self) -> bool:
+        """Whether a relocation's answer is not collected yet (the host must stay till it is)."""
+        return any(a["kind"] == RELOCATE for a in self.answers)
+
+    def holds_end(self) -> bool:
+        """Whether a relocation is still under way (the workers must not leave yet)."""
+        return bool(self.moving)
 
     def take(self) -> list[dict[str, Any]]:
         """Every queued request, in the order handed in (each model's seq_id order)."""
@@ -29,6 +79,7 @@ class RequestQueue:
 
     def answer(self, answers: list[dict[str, Any]], live: list[str] | None) -> None:
         self.answers.extend(answers)
+        self.moving -= {a["model_id"] for a in answers if a.get("kind") == RELOCATE}
         if live is not None:
             self.models = set(live)
 
@@ -36,3 +87,7 @@ class RequestQueue:
         """The answers so far (each handed out once)."""
         answers, self.answers = self.answers, []
         return answers
+
+
+def _answer_of(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: request[k] for k in ("request_id", "model_id", "kind")}

@@ -1,0 +1,36 @@
+"""Moving a Tinker model between pack hosts (a drain, an upgrade, a host's end): the state a
+request-driven slot carries over besides its factors and AdamW's (what `save_state` writes),
+namely the gradients summed since its last `optim_step`, so that a move between a client's
+`forward_backward` and its `optim_step` changes nothing.
+
+`relocate` (on the host that ends) writes the whole state under the model's relocation
+prefix and frees the slot; `restore` (on the host that takes it) makes the slot again from
+that prefix, or from a state the client saved itself.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+GRADS = "grads.pt"  # beside the adapter and optimizer.pt, written before lorafleet.json
+
+
+def grads_bytes(params: list[nn.Parameter]) -> bytes:
+    """The summed gradients of a slot's factors (None where a factor has none yet), in the
+    factors' fixed order (`slot_parameters`: sorted by layer path, the same on every host)."""
+    grads = [None if p.grad is None else p.grad.detach().cpu().clone() for p in params]
+    buffer = io.BytesIO()
+    torch.save(grads, buffer)
+    return buffer.getvalue()
+
+
+def put_grads(params: list[nn.Parameter], data: bytes) -> None:
+    """Gives each factor back the gradient `grads_bytes` wrote for it."""
+    grads = torch.load(io.BytesIO(data), weights_only=True)
+    if len(grads) != len(params):
+        raise ValueError(f"saved gradients of {len(grads)} factors, the slot has {len(params)}")
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = None if grad is None else grad.to(param.device, param.dtype)
