@@ -183,10 +183,10 @@ async def create_model(
             f"optimizer_config.type: {optimizer!r} is not supported (adamw only)",
             "optimizer_config.type",
         )
-    if not (body.lora_config.train_mlp or body.lora_config.train_attn):
+    lora = body.lora_config
+    if not (lora.train_mlp or lora.train_attn or lora.train_unembed):
         raise InvalidRequest(
-            "lora_config: train_mlp or train_attn must be true (train_unembed alone is not "
-            "supported yet)",
+            "lora_config: one of train_mlp, train_attn and train_unembed must be true",
             "lora_config.train_mlp",
         )
     try:

@@ -80,7 +80,18 @@ def test_tinker_requests_are_checked_scoped_and_retried_safely(tinker_client: Te
         ({"base_model": "nope"}, "base_model"),
         ({"lora_config": {"rank": 0}}, "lora_config.rank"),
         ({"optimizer_config": {"type": "dimuon"}}, "optimizer_config.type"),
-        ({"lora_config": {"rank": 4, "train_mlp": False, "train_attn": False}}, "lora_config"),
+        # lm_head alone (train_unembed) is a model; nothing at all is not.
+        (
+            {
+                "lora_config": {
+                    "rank": 4,
+                    "train_mlp": False,
+                    "train_attn": False,
+                    "train_unembed": False,
+                }
+            },
+            "lora_config",
+        ),
     ):
         refused = post(client, acme, "create_model", json={**model, **change})
         assert refused.status_code == 400, refused.text

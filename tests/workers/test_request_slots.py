@@ -5,6 +5,7 @@ parameters, against plain torch."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 
 from workers.host.request_slots import RequestSlots
 from workers.host.tinker_losses import cross_entropy, importance_sampling
-from workers.lora.packed_layer import Routing, matching_linear_layers, wrap_linear_layers
+from workers.lora.packed_layer import Routing, adaptable_layers, wrap_linear_layers
 
 TEXT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11]
 OTHER = [9, 8, 7, 6, 5, 4, 3]
@@ -26,7 +27,7 @@ def slots(tiny_base: Path) -> RequestSlots:
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     model.requires_grad_(False)
     routing = Routing()
-    layers = wrap_linear_layers(model, matching_linear_layers(model, "all-linear"), routing)
+    layers = wrap_linear_layers(model, adaptable_layers(model), routing)
     return RequestSlots(model, layers, routing, torch.device("cpu"), pad_token_id=0, rank=0)
 
 
@@ -132,8 +133,7 @@ def test_twenty_steps_lower_the_loss_and_forward_matches(slots: RequestSlots) ->
     for _ in range(20):
         losses.append(fb(slots, [datum(TEXT)])["metrics"]["loss:sum"])
         run(slots, "s:train:0", "optim_step", adam(learning_rate=3e-3))
-    # The tiny base's output layer is not adapted (train_unembed is not yet supported) and
-    # its logits span little: the loss falls steadily but not far.
+    # The tiny base's logits span little: the loss falls steadily but not far.
     assert losses[-1] < 0.9 * losses[0], losses
     assert sum(losses[10:]) < sum(losses[:10]), losses
     forward = fb(slots, [datum(TEXT)], kind="forward")["metrics"]["loss:sum"]
@@ -191,3 +191,46 @@ def test_two_models_queued_together_share_one_pass_and_equal_themselves_alone(
             torch.testing.assert_close(mine["logprobs"], theirs["logprobs"], rtol=1e-5, atol=1e-5)
         for p, grad in zip(slots.slots[name].params, expected, strict=True):
             torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_train_unembed_adapts_lm_head_and_the_saved_adapter_is_forward_in_peft(
+    slots: RequestSlots, tiny_base: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core.objectstore import LocalObjectStore
+
+    lora = {"rank": 4, "seed": 3}
+    run(slots, "u:train:0", "create_model", {"lora": lora})  # the SDK's default: True
+    run(slots, "n:train:0", "create_model", {"lora": {**lora, "train_unembed": False}})
+    head = slots.layers["lm_head"]
+    assert "u:train:0" in head.slots and "n:train:0" not in head.slots
+    before = head.lora_B["u:train:0"].detach().clone()
+    for _ in range(3):
+        run(
+            slots,
+            "u:train:0",
+            "forward_backward",
+            {"loss_fn": "cross_entropy", "data": [datum(TEXT)]},
+        )
+        run(slots, "u:train:0", "optim_step", adam(learning_rate=1e-2))
+    assert not torch.equal(head.lora_B["u:train:0"].detach(), before)
+
+    slots.store = lambda: LocalObjectStore(tmp_path / "store")
+    save = {"prefix": "u/", "path": "tinker://u", "base_model": str(tiny_base), "lora": lora}
+    run(slots, "u:train:0", "save_weights", {**save, "optimizer": False})
+    folder = tmp_path / "store" / "u"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert "lm_head" in config["target_modules"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, folder)  # lm_head as a LoRA layer of peft's
+    expected = run(
+        slots, "u:train:0", "forward", {"loss_fn": "cross_entropy", "data": [datum(TEXT)]}
+    )
+    with torch.no_grad():
+        logits = peft_model(torch.tensor([TEXT[:-1]])).logits[0]
+    ours = torch.log_softmax(logits, -1)[torch.arange(len(TEXT) - 1), torch.tensor(TEXT[1:])]
+    torch.testing.assert_close(
+        ours.tolist(), expected["outputs"][0]["logprobs"], rtol=1e-5, atol=1e-5
+    )

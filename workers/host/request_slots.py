@@ -31,6 +31,7 @@ from workers.lora.packed_layer import (
     SlotConfig,
     load_slot_state,
     matching_linear_layers,
+    output_layer_path,
     slot_parameters,
     slot_state_dict,
     target_module_names,
@@ -170,9 +171,16 @@ class RequestSlots:
             MLP if lora.get("train_mlp", True) else []
         )
         paths = matching_linear_layers(self.model, names) if names else []
-        paths = [p for p in paths if p in self.layers]
+        if lora.get("train_unembed", True):  # the SDK's default: lm_head is trained too
+            output = output_layer_path(self.model)
+            if output is None:
+                raise RequestError("train_unembed: this base's output layer is not linear")
+            paths.append(output)
+        paths = sorted(p for p in paths if p in self.layers)
         if not paths:
-            raise RequestError("train_mlp and train_attn match no adaptable layer of this base")
+            raise RequestError(
+                "train_mlp, train_attn and train_unembed match no adaptable layer of this base"
+            )
         config = SlotConfig(name=model_id, r=int(lora["rank"]), alpha=LORA_ALPHA)
         init = torch.Generator(device="cpu")
         init.manual_seed(int(lora.get("seed") or 0))
@@ -357,7 +365,8 @@ class RequestSlots:
 
 
 def _peft_config(slot: RequestSlot, payload: dict[str, Any]) -> bytes:
-    """adapter_config.json as peft writes it for these factors (no lm_head: vLLM loads it)."""
+    """adapter_config.json as peft writes it for these factors (with `train_unembed`,
+    `lm_head` is among the target modules: peft loads it; see README for vLLM)."""
     return json.dumps(
         {
             "peft_type": "LORA",

@@ -30,7 +30,7 @@ from workers.host.step import PackContext, train_step, use_gradient_checkpointin
 from workers.host.writer import SlotWriter
 from workers.lora.packed_layer import (
     Routing,
-    matching_linear_layers,
+    adaptable_layers,
     packed_layers,
     slot_state_dict,
     wrap_linear_layers,
@@ -156,10 +156,9 @@ class HostWorker(HostJoins, HostEvaluations):
         self.model = self.engine.module
         if self.spec.gradient_checkpointing:
             use_gradient_checkpointing(self.model, self.routing)
-        # Every layer a job may target, wrapped once: a slot only gets factors where asked.
-        self.layers = wrap_linear_layers(
-            self.model, matching_linear_layers(self.model, "all-linear"), self.routing
-        )
+        # Every layer a slot may adapt (all-linear, and lm_head for Tinker's train_unembed),
+        # wrapped once: a slot only gets factors where asked.
+        self.layers = wrap_linear_layers(self.model, adaptable_layers(self.model), self.routing)
         self.base_bytes = rank_memory_report(self.model, self.rank)["base_bytes_held"]
         self.ctx = PackContext(
             model=self.model,

@@ -90,12 +90,7 @@ class PackedLoraLinear(nn.Module):
             self.routing.slots.discard(name)  # a host removes it from every layer at once
 
     def _delta(self, name: str, x: torch.Tensor, replay: bool) -> torch.Tensor:
-        slot = self.slots.get(name)
-        if slot is None:
-            if name != NO_ADAPTER and name not in self.routing.slots:
-                raise KeyError(f"routing names {name!r}, which is no slot of this pack")
-            # NO_ADAPTER, or a job of the pack that does not adapt this layer.
-            return x.new_zeros((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        slot = self.slots[name]  # forward gives rows of slots without factors here no delta
         failures = self.routing.failures
         # A recompute redoes exactly what the forward did (the same tensors saved), and lets
         # every exception through: torch's own early stop of a recompute is one.
@@ -132,18 +127,31 @@ class PackedLoraLinear(nn.Module):
         sizes = [rows for _, rows in self.routing.blocks]
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"routing covers {sum(sizes)} rows but the batch has {x.shape[0]}")
+        for name, _ in self.routing.blocks:
+            if name not in self.slots and name != NO_ADAPTER and name not in self.routing.slots:
+                raise KeyError(f"routing names {name!r}, which is no slot of this pack")
+        if not any(name in self.slots for name, _ in self.routing.blocks):
+            # No row's slot adapts this layer (e.g. the output layer, which only Tinker
+            # models with train_unembed adapt): the base's output as it is, not an fp32
+            # copy of the whole logits.
+            return result
         # One split, not a slice per slot: a slice's backward writes its gradient into a
         # zeroed copy of the whole input, once per slot of the pack.
         replay = self._ran_in == self.routing.forward_id
         if not replay:
             self._ran_in, self._zeroed = self.routing.forward_id, set()
-        deltas = [
-            self._delta(name, block, replay)
-            for (name, _), block in zip(self.routing.blocks, x.split(sizes), strict=True)
-        ]
-        # Added in fp32 and rounded once, as peft does: rounding the delta to bf16 first and
-        # adding in bf16 rounds twice (1 output in 10 one bf16 step off peft's).
-        return (result.to(torch.float32) + torch.cat(deltas)).to(result.dtype)
+        blocks = []
+        for (name, _), block, base in zip(
+            self.routing.blocks, x.split(sizes), result.split(sizes), strict=True
+        ):
+            if name not in self.slots:  # the bare base's rows: as they are (+0 is exact)
+                blocks.append(base)
+                continue
+            # Added in fp32 and rounded once, as peft does: rounding the delta to bf16 first
+            # and adding in bf16 rounds twice (1 output in 10 one bf16 step off peft's).
+            delta = self._delta(name, block, replay)
+            blocks.append((base.to(torch.float32) + delta).to(result.dtype))
+        return torch.cat(blocks)
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
@@ -151,10 +159,31 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
+def _unwrapped(module: nn.Module | None) -> nn.Module | None:
+    return module.base_layer if isinstance(module, PackedLoraLinear) else module
+
+
+def output_layer_path(model: nn.Module) -> str | None:
+    """The path of the output layer (the unembedding, `lm_head`) when it is a linear layer:
+    what Tinker's `train_unembed` adapts. Never part of "all-linear", as in peft."""
+    output = _unwrapped(_output_layer(model))
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear | PackedLoraLinear) and _unwrapped(module) is output:
+            return path
+    return None
+
+
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """Every layer a pack host wraps: "all-linear" and the output layer (only Tinker models
+    asking for `train_unembed` put factors there; job slots cannot target it)."""
+    output = output_layer_path(model)
+    return sorted([*matching_linear_layers(model, "all-linear"), *([output] if output else [])])
+
+
 def matching_linear_layers(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Paths of the linear layers a job adapts, as peft matches them ("all-linear": every
     linear layer but the output layer; names match a path or its last components)."""
-    output = _output_layer(model)
+    output = _unwrapped(_output_layer(model))
     wrapped = {path for path, _ in packed_layers(model)}
     paths = []
     for path, module in model.named_modules():
@@ -163,8 +192,7 @@ def matching_linear_layers(model: nn.Module, target_modules: str | list[str]) ->
         if path.rpartition(".")[0] in wrapped:  # the frozen layer inside a packed one
             continue
         if target_modules == "all-linear":
-            base = module.base_layer if isinstance(module, PackedLoraLinear) else module
-            if base is not output:
+            if _unwrapped(module) is not output:
                 paths.append(path)
         elif any(path == t or path.endswith(f".{t}") for t in target_modules):
             paths.append(path)
