@@ -14,6 +14,7 @@ from api.schemas import (
     FineTuningJob,
     FineTuningJobEvent,
 )
+from core.job_settings import TrainingSettings
 from orchestrator.store import JobFields
 from orchestrator.tables import FileRow, JobEventRow, JobRow
 
@@ -26,6 +27,15 @@ def file_object(row: FileRow) -> FileObject:
         filename=row.filename,
         purpose=row.purpose,
     )
+
+
+def _method(training: TrainingSettings, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method`: the hyperparameters under the method's own key (DPO's with beta)."""
+    if training.preference is None:
+        supervised = {"hyperparameters": hyperparameters}
+        return {"type": "supervised", "supervised": supervised, "dpo": None}
+    dpo = {**hyperparameters, "beta": training.preference.beta}
+    return {"type": "dpo", "supervised": None, "dpo": {"hyperparameters": dpo}}
 
 
 def job_document(row: JobRow | JobFields) -> dict[str, Any]:
@@ -56,7 +66,7 @@ def job_document(row: JobRow | JobFields) -> dict[str, Any]:
         "organization_id": row.tenant,
         "status": row.status,
         "hyperparameters": hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": _method(settings.training, hyperparameters),
         "training_file": row.training_file,
         "validation_file": row.validation_file,
         "result_files": row.result_files or [],

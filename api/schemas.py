@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 T = TypeVar("T")
@@ -43,9 +44,30 @@ class Supervised(Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: _auto(float, gt=0, le=2)  # type: ignore[valid-type]
+
+
+class Dpo(Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(Strict):
-    type: Literal["supervised"] = "supervised"
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _one_method(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        return self
+
+    @property
+    def hyperparameters(self) -> Hyperparameters | None:
+        chosen = self.dpo if self.type == "dpo" else self.supervised
+        return chosen.hyperparameters if chosen else None
 
 
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")]
@@ -241,9 +263,15 @@ class JobHyperparameters(BaseModel):
     learning_rate_multiplier: float
 
 
+class JobDpoHyperparameters(JobHyperparameters):
+    beta: float
+
+
 class JobMethod(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: dict[str, JobHyperparameters]
+    type: Literal["supervised", "dpo"] = "supervised"
+    # {"hyperparameters": …} under the key of the job's method (OpenAI's shape).
+    supervised: dict[str, JobHyperparameters] | None = None
+    dpo: dict[str, JobDpoHyperparameters] | None = None
 
 
 class FineTuningJob(BaseModel):

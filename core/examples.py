@@ -1,9 +1,12 @@
-"""Training examples: the three JSONL line formats, parsed and validated (pure, no torch).
+"""Training examples: the four JSONL line formats, parsed and validated (pure, no torch).
 
 - chat: `{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", …}]}`;
   the loss is on assistant turns (an assistant turn with `"weight": 0` is context only).
 - prompt/completion: `{"prompt": "…", "completion": "…"}`; the loss is on the completion.
 - text: `{"text": "…"}`; the loss is on every token.
+- preference (OpenAI's DPO format, for `method.type = "dpo"` only): `{"input": {"messages":
+  […], "tools"?: […]}, "preferred_output": [{"role": "assistant", "content": "…"}],
+  "non_preferred_output": [{…}]}`; the two completions of the same prompt.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Format = Literal["chat", "prompt_completion", "text"]
+Format = Literal["chat", "prompt_completion", "text", "preference"]
+# The formats a supervised job trains on; a DPO job trains on PREFERENCE only.
+SUPERVISED_FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text")
+PREFERENCE = "preference"
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_PROBLEMS = 10
 
@@ -29,7 +35,10 @@ class Segment:
 @dataclass(frozen=True)
 class Example:
     format: Format
+    # A preference pair's `segments` are its prompt and preferred completion, `rejected`
+    # the same prompt and its non-preferred completion; None for every other format.
     segments: tuple[Segment, ...]
+    rejected: tuple[Segment, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,57 @@ def _parse_chat(messages: Any, line: int) -> Example | LineProblem:
     return Example("chat", tuple(segments))
 
 
+def _parse_completion(value: Any, field: str, line: int) -> Segment | LineProblem:
+    """`preferred_output` / `non_preferred_output`: one assistant message, as OpenAI asks."""
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        return LineProblem(line, field, "must be a list of one assistant message")
+    message = value[0]
+    if message.get("role") != "assistant":
+        return LineProblem(line, f"{field}[0].role", "must be assistant")
+    problem = _require_str(message, "content", line)
+    if problem:
+        return LineProblem(line, f"{field}[0].content", problem.message)
+    if not message["content"]:
+        return LineProblem(line, f"{field}[0].content", "must not be empty")
+    return Segment("assistant", message["content"], True)
+
+
+def _parse_preference(record: dict[str, Any], line: int) -> Example | LineProblem:
+    prompt = record.get("input")
+    if not isinstance(prompt, dict):
+        return LineProblem(line, "input", "must be an object with messages")
+    messages = prompt.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return LineProblem(line, "input.messages", "must be a non-empty list")
+    # Tools are accepted as OpenAI's format has them; the chat template renders none here.
+    if "tools" in prompt and not isinstance(prompt["tools"], list):
+        return LineProblem(line, "input.tools", "must be a list")
+    context = []
+    for i, message in enumerate(messages):
+        where = f"input.messages[{i}]"
+        if not isinstance(message, dict):
+            return LineProblem(line, where, "must be an object with role and content")
+        if message.get("role") not in ROLES:
+            return LineProblem(line, f"{where}.role", f"must be one of {', '.join(ROLES)}")
+        problem = _require_str(message, "content", line)
+        if problem:
+            return LineProblem(line, f"{where}.content", problem.message)
+        context.append(Segment(message["role"], message["content"], False))
+    completions = []
+    for field in ("preferred_output", "non_preferred_output"):
+        parsed = _parse_completion(record.get(field), field, line)
+        if isinstance(parsed, LineProblem):
+            return parsed
+        completions.append(parsed)
+    chosen, rejected = completions
+    return Example(PREFERENCE, (*context, chosen), rejected=(*context, rejected))
+
+
 def parse_record(record: Any, line: int) -> Example | LineProblem:
     if not isinstance(record, dict):
         return LineProblem(line, "line", "must be a JSON object")
+    if {"input", "preferred_output", "non_preferred_output"} & record.keys():
+        return _parse_preference(record, line)
     if "messages" in record:
         return _parse_chat(record["messages"], line)
     if "prompt" in record or "completion" in record:
@@ -115,7 +172,12 @@ def parse_record(record: Any, line: int) -> Example | LineProblem:
         if not record["text"]:
             return LineProblem(line, "text", "must not be empty")
         return Example("text", (Segment("text", record["text"], True),))
-    return LineProblem(line, "line", "needs one of: messages, prompt/completion, text")
+    return LineProblem(
+        line,
+        "line",
+        "needs one of: messages, prompt/completion, text, input/preferred_output/"
+        "non_preferred_output",
+    )
 
 
 MAX_LINE_BYTES = 1 << 20

@@ -46,6 +46,14 @@ class LoraSettings(_Frozen):
     target_modules: tuple[str, ...] | str = ALL_LINEAR
 
 
+class PreferenceSettings(_Frozen):
+    """DPO (OpenAI's `method.type = "dpo"`): the sigmoid loss on preference pairs,
+    -logsigmoid(beta · ((policy − reference) of preferred − (policy − reference) of
+    non-preferred)), on summed completion log-probs (workers/training/preference_loss.py)."""
+
+    beta: float = 0.1  # OpenAI's default: how far the adapter may move from the reference
+
+
 class TrainingSettings(_Frozen):
     n_epochs: int = 3
     batch_size: int = 4  # global: split across the host's workers
@@ -73,6 +81,13 @@ class TrainingSettings(_Frozen):
     # publish the best checkpoint; None: never stop early.
     early_stopping_patience: int | None = None
     precision: Precision | None = None  # resolved at launch (see the module docstring)
+    # None: supervised (next-token loss); set: DPO on a preference file.
+    preference: PreferenceSettings | None = None
+
+    @property
+    def method(self) -> Literal["supervised", "dpo"]:
+        """OpenAI's name of the job's method."""
+        return "supervised" if self.preference is None else "dpo"
 
 
 class ResourceSettings(_Frozen):

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.examples import PREFERENCE
 from core.job_settings import (
     BASE_LEARNING_RATE,
     Integration,
     JobSettings,
     LoraSettings,
+    PreferenceSettings,
     ResourceSettings,
     StartFrom,
     TrainingSettings,
@@ -59,6 +61,8 @@ class NewJob:
     priority: int = 0  # among waiting jobs, higher first
     max_runtime: int | None = None  # seconds; past it the job fails with `timeout`
     integrations: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape
+    method: str = "supervised"  # or "dpo" (OpenAI's method.type)
+    beta: float | None = None  # DPO's; None: the default
 
 
 def resolve_settings(
@@ -75,6 +79,7 @@ def resolve_settings(
         "learning_rate_multiplier": multiplier,
         "learning_rate": BASE_LEARNING_RATE * multiplier,
         "precision": precision,
+        "preference": _preference(request),
         **request.training,
     }
     return JobSettings(
@@ -87,6 +92,32 @@ def resolve_settings(
         packing=request.packing,
         integrations=tuple(Integration.model_validate(i) for i in request.integrations),
     )
+
+
+def _preference(request: NewJob) -> PreferenceSettings | None:
+    if request.method != "dpo":
+        return None
+    default = PreferenceSettings()
+    return PreferenceSettings(beta=request.beta or default.beta)
+
+
+def check_file_fits_method(param: str, file_id: str, file_format: str, method: str) -> None:
+    """A DPO job trains on preference pairs only, a supervised job on anything else: the
+    other way round is refused now rather than failed when the job starts."""
+    wanted_preference = method == "dpo"
+    if (file_format == PREFERENCE) == wanted_preference:
+        return
+    if wanted_preference:
+        message = (
+            f"{param} {file_id!r} is a {file_format} file; a dpo job needs preference data "
+            "(input, preferred_output, non_preferred_output on each line)"
+        )
+    else:
+        message = (
+            f"{param} {file_id!r} holds preference pairs, which only a dpo job trains on "
+            '(method: {"type": "dpo"})'
+        )
+    raise InvalidRequest(message, param=param, code="invalid_file")
 
 
 def create_job(
@@ -129,6 +160,7 @@ def create_job(
             raise InvalidRequest(
                 f"{param} {file_id!r} has purpose {row.purpose!r}, not 'fine-tune'", param=param
             )
+        check_file_fits_method(param, file_id, row.format, request.method)
     resolved = resolve_settings(request, settings.default_num_workers, settings.precision)
     check_integrations(resolved.integrations)
     if resolved.training.early_stopping_patience and request.validation_file is None:

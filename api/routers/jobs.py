@@ -65,10 +65,11 @@ def create(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> FineTuningJob:
     hyperparameters = (
-        body.method.supervised.hyperparameters
-        if body.method and body.method.supervised and body.method.supervised.hyperparameters
+        body.method.hyperparameters
+        if body.method and body.method.hyperparameters
         else body.hyperparameters
     )
+    beta = getattr(hyperparameters, "beta", None)  # DPO's only
     if body.model in services.catalog.entries:
         # Checked now, not when it trains: a missing folder or a target module the base does
         # not have would otherwise be accepted and fail minutes later.
@@ -87,6 +88,8 @@ def create(
         learning_rate_multiplier=hyperparameters.learning_rate_multiplier
         if hyperparameters
         else None,
+        method=body.method.type if body.method else "supervised",
+        beta=beta,
         lora=body.lora.model_dump(),
         training=training,
         resources=body.resources.model_dump(exclude_none=True),

@@ -7,7 +7,7 @@ prompts, user and system turns, chat-template headers (unless the job sets
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,10 +21,22 @@ IGNORE_INDEX = -100
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    # A preference pair's non-preferred side (this example being the preferred one).
+    rejected: TokenizedExample | None = None
 
     @property
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+    @property
+    def rows(self) -> tuple[TokenizedExample, ...]:
+        """What it puts through the base: itself, and a pair's non-preferred side."""
+        return (self,) if self.rejected is None else (self, self.rejected)
+
+    @property
+    def trainable(self) -> bool:
+        """Every row keeps a trained token within the sequence length."""
+        return all(row.trained_tokens > 0 for row in self.rows)
 
 
 def _chat_pieces(segments: tuple[Segment, ...], tokenizer: Any) -> list[tuple[str, bool]]:
@@ -67,7 +79,16 @@ def tokenize_example(
     example: Example, tokenizer: Any, max_seq_len: int, train_on_inputs: bool = False
 ) -> TokenizedExample:
     """`train_on_inputs` (the job setting): every token but BOS has a label, prompts and
-    user turns too; otherwise only what the model is trained to write."""
+    user turns too; otherwise only what the model is trained to write. A preference pair
+    is two chats (the prompt and each completion)."""
+    if example.rejected is not None:
+        chosen = tokenize_example(
+            Example("chat", example.segments), tokenizer, max_seq_len, train_on_inputs
+        )
+        rejected = tokenize_example(
+            Example("chat", example.rejected), tokenizer, max_seq_len, train_on_inputs
+        )
+        return replace(chosen, rejected=rejected)
     if example.format == "chat":
         pieces = _chat_pieces(example.segments, tokenizer)
     else:

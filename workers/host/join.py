@@ -20,6 +20,7 @@ from core.host_protocol import HostSpec
 from core.objectstore import ObjectStore, open_object_store
 from core.spec import JobSpec
 from workers.host.failures import TRACEBACK_CHARS
+from workers.host.objective import add_reference_slot, reference_slot_name
 from workers.host.slot import DROPOUT_STREAM, INIT_STREAM, JobSlot, SlotState, load_job_slot
 from workers.host.step import Report
 from workers.lora.packed_layer import (
@@ -96,7 +97,9 @@ class HostJoins:
             saved = list_checkpoints(store, job.tenant, job.job_id, up_to_attempt=job.attempt)
             if saved:
                 pending.saved = read_checkpoint(store, saved[0])
-            elif job.start_from:  # a new job forked from another job's checkpoint
+            # A new job forked from another job's checkpoint; a DPO job also keeps it as its
+            # reference, resumed or not.
+            if job.start_from and (not saved or job.training.preference is not None):
                 from safetensors.torch import load
 
                 raw = store.get_bytes(job.start_from + "adapter_model.safetensors")
@@ -197,6 +200,10 @@ class HostJoins:
         for path in paths:
             self.layers[path].add_slot(slot.config, init, self.device)
         slot.setup_optimizer(slot_parameters(self.model, job.job_id))
+        if slot.objective.reference_route == reference_slot_name(job.job_id):
+            assert pending.start_weights is not None  # loaded with a start_from
+            add_reference_slot([self.layers[p] for p in paths], slot.config, self.device)
+            load_slot_state(self.model, reference_slot_name(job.job_id), pending.start_weights)
         if job.lora.dropout > 0:
             self.routing.generators[job.job_id] = slot.generator(DROPOUT_STREAM, self.device)
         resumed = self._restore(slot, pending)

@@ -83,7 +83,7 @@ def held_dataset_bytes(slots: Sequence[JobSlot]) -> int:
         sample = rows[::step]
         seen: set[int] = set()
         counted = 0
-        for example in sample:
+        for example in (row for e in sample for row in e.rows):  # a DPO pair holds two
             counted += sys.getsizeof(example)
             for ids in (example.input_ids, example.labels):
                 counted += sys.getsizeof(ids)

@@ -7,7 +7,7 @@ gradient clipping and step count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -20,6 +20,7 @@ from core.spec import JobSpec
 from workers.data.batching import micro_batch_per_rank, plan_batches, rank_share
 from workers.data.tokenization import TokenizedExample, tokenize_example
 from workers.host.evaluation import Validation, evaluation_steps, sample_indices
+from workers.host.objective import Objective, Supervised, objective_for
 from workers.lora.packed_layer import SlotConfig
 from workers.training.schedules import schedule_of
 
@@ -55,6 +56,8 @@ class JobSlot:
     last_accuracy: float | None = None  # train_mean_token_accuracy of the last step
     validation: Validation | None = None  # None: the job has no validation file
     applied_learning_rate: float = 0.0
+    # What its rows are trained for: the next-token loss, or DPO (workers/host/objective.py).
+    objective: Objective = field(default_factory=Supervised)
 
     @property
     def job_id(self) -> str:
@@ -103,6 +106,10 @@ class JobSlot:
     def next_micro_batch(self, rank: int, world_size: int) -> list[TokenizedExample]:
         batch = self.batches[self.step]
         return [self.examples[i] for i in rank_share(batch, rank, world_size)]
+
+    def next_rows(self, rank: int, world_size: int) -> list[TokenizedExample]:
+        """The rows its next micro-batch puts through the base (a DPO pair gives two)."""
+        return self.objective.rows(self.next_micro_batch(rank, world_size))
 
     def setup_optimizer(self, params: list[nn.Parameter]) -> None:
         training = self.spec.training
@@ -163,14 +170,20 @@ def load_job_slot(spec: JobSpec, store: ObjectStore, tokenizer: Any, world_size:
         tokenize_example(e, tokenizer, training.max_seq_len, training.train_on_inputs)
         for e in examples
     ]
-    usable = [t for t in tokenized if t.trained_tokens > 0]
+    usable = [t for t in tokenized if t.trainable]
     if not usable:
         raise TrainingDataError(
             f"no example has a trained token within max_seq_len={training.max_seq_len}"
         )
     micro = micro_batch_per_rank(training.batch_size, world_size)
     batches = plan_batches(len(usable), micro * world_size, training.n_epochs, training.seed)
-    slot = JobSlot(spec=spec, examples=usable, batches=batches, micro_batch=micro)
+    slot = JobSlot(
+        spec=spec,
+        examples=usable,
+        batches=batches,
+        micro_batch=micro,
+        objective=objective_for(spec),
+    )
     slot.validation = load_validation(spec, store, tokenizer, slot.total_steps, world_size)
     return slot
 
@@ -187,7 +200,8 @@ def load_validation(
         tokenize_example(e, tokenizer, training.max_seq_len, training.train_on_inputs)
         for e in examples
     ]
-    usable = [t for t in tokenized if t.trained_tokens > 0]
+    # A DPO job's validation loss is its preferred completions' next-token loss.
+    usable = [replace(t, rejected=None) for t in tokenized if t.trainable]
     if not usable:
         raise TrainingDataError(
             "validation_file: no example has a trained token within "
