@@ -17,9 +17,13 @@ from sqlalchemy import update
 
 from core.objectstore import ObjectStoreConfig
 from orchestrator.tinker.rows import FAILED, SAMPLE, SENT, TinkerRequestRow
+from orchestrator.tinker.samplers import end_samplers
 from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger("lorafleet.sampling")
+
+ENDED_CHECK_SECONDS = 2.0  # how often sampling sessions of ended sessions are looked for
+
 
 
 class SampleDispatch:
@@ -39,6 +43,7 @@ class SampleDispatch:
         self._actors: dict[str, Any] = {}  # base model -> its sampler's handle
         self._inflight: dict[Any, tuple[str, str]] = {}  # ref -> (request id, base model)
         self._started = False
+        self._ended_checked = 0.0
 
     def _fail_orphans(self) -> None:
         """Sample rows marked sent by an earlier scheduler (its Ray refs are gone) fail, so
@@ -59,6 +64,10 @@ class SampleDispatch:
         if not self._started:  # what an earlier scheduler handed over is lost with it
             self._started = True
             self._fail_orphans()
+        now = time.monotonic()
+        if now - self._ended_checked >= ENDED_CHECK_SECONDS:
+            self._ended_checked = now
+            self._end_samplers()
         pending = self.store.pending_samples()
         for row in pending:
             base = str(row.payload["base_model"])
@@ -87,6 +96,32 @@ class SampleDispatch:
                 self.store.finish(request_id, None, f"the sampler of {base} failed: {exc}")
                 continue
             self.store.finish(request_id, result, None)
+
+    def _end_samplers(self) -> None:
+        """Sampling sessions whose Tinker session ended: what they queued fails, and their
+        bases' samplers drop the weights no live session samples (samplers.end_samplers)."""
+        ended = end_samplers(self.store)
+        for sampler_id in ended.ids:
+            self.store.fail_pending(sampler_id, f"sampling session {sampler_id} ended")
+        for base, prefixes in ended.releases.items():
+            handle = self._running_actor(base)
+            if handle is not None:  # a sampler never started holds nothing
+                handle.release.remote(prefixes)
+
+    def _running_actor(self, base: str) -> Any:
+        """The base's sampler if one runs (started by this scheduler or an earlier one)."""
+        if base in self._actors:
+            return self._actors[base]
+        import ray
+
+        from workers.sampling.actor import sampler_actor_name
+
+        if not ray.is_initialized():  # no Ray here: no sampler either
+            return None
+        try:
+            return ray.get_actor(sampler_actor_name(base), namespace=self.namespace)
+        except ValueError:
+            return None
 
     def _actor(self, base: str) -> Any:
         handle = self._actors.get(base)

@@ -139,3 +139,26 @@ def test_requests_as_the_dispatcher_sends_them(sampler: Sampler) -> None:
         chat_template = None
 
     assert chat_prompt(Plain(), messages) == "user: hello\nassistant:"
+
+
+def test_released_adapters_leave_the_cache_and_the_base_samples_as_before(
+    tiny_base: Path, adapter: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    sampler = Sampler(tiny_base, max_adapters=4)
+    twin = tmp_path / "twin"
+    shutil.copytree(adapter, twin)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    [base_seq] = sampler.run(None, PROMPT, params, 1)
+    [tuned] = sampler.run(str(adapter), PROMPT, params, 1)
+    sampler.run(str(twin), PROMPT, params, 1)
+    # The active adapter goes first; the other stays cached and samples as it did.
+    assert sampler.release([str(twin), str(tmp_path / "never-loaded")]) == 1
+    assert len(sampler.adapters) == 1
+    assert sampler.run(str(adapter), PROMPT, params, 1)[0].tokens == tuned.tokens
+    assert sampler.release([str(adapter)]) == 1  # the last: the bare base again
+    assert sampler.adapters == {} and sampler.model is sampler.base
+    assert not any("lora" in name for name, _ in sampler.base.named_modules())
+    assert sampler.run(None, PROMPT, params, 1)[0].tokens == base_seq.tokens
+    assert sampler.run(str(twin), PROMPT, params, 1)[0].tokens == tuned.tokens  # reloads

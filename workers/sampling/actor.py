@@ -30,3 +30,7 @@ class SamplerActor:
 
     def sample(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.sampler.sample(request)
+
+    def release(self, prefixes: list[str]) -> int:
+        """Drops cached adapters whose sampling sessions ended (Sampler.release)."""
+        return self.sampler.release(prefixes)

@@ -67,7 +67,7 @@ class Sampler:
         the active one, loading it if it is not cached; None: the base alone."""
         if prefix is None:
             return
-        name = "a" + hashlib.sha256(prefix.encode()).hexdigest()[:16]
+        name = adapter_name(prefix)
         if name in self.adapters:
             self.adapters.move_to_end(name)
         else:
@@ -97,6 +97,23 @@ class Sampler:
             oldest, _ = self.adapters.popitem(last=False)
             self.model.set_adapter(name)  # never delete the active one
             self.model.delete_adapter(oldest)
+
+    def release(self, prefixes: list[str]) -> int:
+        """Drops the cached adapters under `prefixes` (their sampling sessions ended: their
+        weights are not held any longer); how many were cached. A later request for one
+        loads it again; without any left, the bare base serves."""
+        released = 0
+        for name in {adapter_name(p) for p in prefixes} & set(self.adapters):
+            del self.adapters[name]
+            released += 1
+            if not self.adapters:  # the last one: the base without LoRA layers again
+                self.model.unload()  # peft puts the base's own layers back, in place
+                self.model = self.base
+                continue
+            if self.model.active_adapter == name:  # peft keeps one adapter active
+                self.model.set_adapter(next(reversed(self.adapters)))
+            self.model.delete_adapter(name)
+        return released
 
     # ---- sampling ---------------------------------------------------------------------------
     def run(
@@ -171,3 +188,8 @@ class Sampler:
             "logprobs": sequence.logprobs,
             "finish_reason": sequence.finish_reason,
         }
+
+
+def adapter_name(prefix: str) -> str:
+    """The cache's name of the adapter under `prefix` (a valid module name for peft)."""
+    return "a" + hashlib.sha256(prefix.encode()).hexdigest()[:16]
