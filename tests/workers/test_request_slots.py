@@ -182,6 +182,13 @@ def test_two_models_queued_together_share_one_pass_and_equal_themselves_alone(
     slots.run([request("a:train:0"), request("b:train:0")])
     assert slots.routing.forward_id == forwards + 1  # one pass through the base for both
     answers = {a["model_id"]: a for a in slots.take_answers()}
+    # Usage (core.usage): each model's trained tokens, and the pass's time split 15 : 6.
+    used = {name: answers[name]["usage"] for name in work}
+    assert used["a:train:0"]["tokens"] == {"trained": 15}
+    assert used["b:train:0"]["tokens"] == {"trained": 6}
+    assert used["a:train:0"]["device_seconds"] == pytest.approx(
+        2.5 * used["b:train:0"]["device_seconds"]
+    )
     for name, (result, expected) in alone.items():
         packed = answers[name]["result"]
         assert packed["metrics"]["loss:sum"] == pytest.approx(

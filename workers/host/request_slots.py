@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from torch import nn
 
 from core.host_protocol import RELOCATE, RESTORE
 from core.objectstore import ObjectStore
+from core.usage import request_tokens, split_device_seconds
 from workers.host.slot_moves import GRADS, grads_bytes, put_grads
 from workers.host.tinker_losses import LOSSES, datum_loss
 from workers.lora.packed_layer import (
@@ -72,10 +74,12 @@ class RequestSlots:
         pad_token_id: int,
         rank: int,
         store: Callable[[], ObjectStore] | None = None,
+        world_size: int = 1,
     ) -> None:
         self.model, self.layers, self.routing = model, layers, routing
         self.store = store  # the object store, opened on first use (saves and loads)
         self.device, self.pad_token_id, self.rank = device, pad_token_id, rank
+        self.world_size = world_size  # every rank runs every request: all devices are busy
         self.slots: dict[str, RequestSlot] = {}
         self.answers: list[dict[str, Any]] = []
 
@@ -103,13 +107,15 @@ class RequestSlots:
         while queue:
             group = self._loss_group(queue)
             if len(group) > 1:  # several models' forward work: one pass through the base
+                started = time.perf_counter()
                 try:
                     results = self._run_losses(group)
                 except Exception as exc:  # noqa: BLE001 - each is tried alone below
                     logger.warning("a packed Tinker forward failed, each alone: %s", exc)
                 else:
-                    for done, outcome in zip(group, results, strict=True):
-                        self._answer(done, outcome, None)
+                    usage = self._usage(group, time.perf_counter() - started)
+                    for done, outcome, used in zip(group, results, usage, strict=True):
+                        self._answer(done, outcome, None, used)
                     queue = [r for r in queue if all(r is not g for g in group)]
                     continue
                 finally:
@@ -117,6 +123,7 @@ class RequestSlots:
             request = queue.pop(0)
             result: dict[str, Any] | None = None
             error: str | None = None
+            started = time.perf_counter()
             try:
                 handler = handlers.get(request["kind"])
                 if handler is None:
@@ -127,7 +134,19 @@ class RequestSlots:
                 error = f"{type(exc).__name__}: {exc}"
             finally:
                 self.routing.blocks = []
-            self._answer(request, result, error)
+            (used,) = self._usage([request], time.perf_counter() - started)
+            if error is not None:  # its device time was spent; its tokens did not count
+                used["tokens"] = {}
+            self._answer(request, result, error, used)
+
+    def _usage(self, requests: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+        """Each request's usage of one pass (core.usage): its tokens, and its share of the
+        pass's device-seconds by tokens (a request alone in its pass has all of them)."""
+        tokens = [request_tokens(r["kind"], r["payload"]) for r in requests]
+        shares = split_device_seconds(
+            seconds, self.world_size, {str(i): sum(t.values()) for i, t in enumerate(tokens)}
+        )
+        return [{"tokens": t, "device_seconds": shares[str(i)]} for i, t in enumerate(tokens)]
 
     def _loss_group(self, queue: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """When the first queued request is forward work: the next request of every model
@@ -149,7 +168,11 @@ class RequestSlots:
         )
 
     def _answer(
-        self, request: dict[str, Any], result: dict[str, Any] | None, error: str | None
+        self,
+        request: dict[str, Any],
+        result: dict[str, Any] | None,
+        error: str | None,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         if self.rank == 0:
             self.answers.append(
@@ -159,6 +182,7 @@ class RequestSlots:
                     "kind": request["kind"],
                     "result": result,
                     "error": error,
+                    "usage": usage,  # the tenant's, added once the answer is stored
                 }
             )
 
