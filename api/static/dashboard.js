@@ -131,6 +131,7 @@ async function showJob(jobId) {
   }
   window.addEventListener("resize", redraw);
   $("download").addEventListener("click", () => download(jobId));
+  $("try-form").addEventListener("submit", tryModel);
   // The facts (estimated_finish moves as steps are measured) refresh while the job is on.
   const poll = setInterval(async () => {
     if (TERMINAL.has((await refreshJob(jobId)).status)) clearInterval(poll);
@@ -167,7 +168,44 @@ async function refreshJob(jobId) {
     cell(row, c.step_number); cell(row, c.fine_tuned_model_checkpoint);
     cell(row, Object.entries(c.metrics || {}).filter(([, v]) => v != null).map(([k, v]) => `${k}=${typeof v === "number" ? formatNumber(v) : v}`).join(" "));
   }
+  showTryModels(job, checkpoints);
   return job;
+}
+
+// ---- the prompt box: the job's fine-tuned model or a checkpoint, through POST /v1/completions ----
+function showTryModels(job, checkpoints) {
+  const choices = [];
+  if (job.fine_tuned_model) choices.push(new Option(`fine-tuned model (${job.fine_tuned_model})`, job.fine_tuned_model));
+  for (const c of checkpoints) choices.push(new Option(`checkpoint at step ${c.step_number} (${c.id})`, c.id));
+  const picked = $("try-model").value; // the page refreshes: keep the user's pick
+  $("try-model").replaceChildren(...choices);
+  if (choices.some((o) => o.value === picked)) $("try-model").value = picked;
+  $("try").hidden = choices.length === 0;
+}
+
+async function tryModel(event) {
+  event.preventDefault();
+  showError("");
+  const answer = $("try-answer");
+  answer.hidden = false;
+  answer.textContent = "…";
+  answer.className = "answer waiting";
+  $("try-send").disabled = true;
+  try {
+    const body = {
+      model: $("try-model").value,
+      prompt: $("try-prompt").value,
+      max_tokens: Number($("try-max-tokens").value),
+      temperature: Number($("try-temperature").value),
+    };
+    const completion = await (await api("/v1/completions", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } })).json();
+    answer.textContent = completion.choices[0].text;
+    answer.className = "answer";
+  } catch (error) {
+    answer.hidden = true; // api() has shown the error
+  } finally {
+    $("try-send").disabled = false;
+  }
 }
 
 // A Unix time as the local clock time, and how far off it is ("14:32:05, in 3 min").

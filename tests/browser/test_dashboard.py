@@ -1,6 +1,7 @@
 """The dashboard end to end in chromium: key, create through the form, the row appears, the
-job page's loss curve gains points while it trains (one per metrics event at the end), a
-second job cancelled with the button; a screenshot of the job page kept as an artifact.
+job page's loss curve gains points while it trains (one per metrics event at the end), its
+prompt box answers what POST /v1/completions answers, a second job cancelled with the
+button; a screenshot of the job page kept as an artifact.
 Then a learning-rate sweep of three jobs picked on the list and overlaid in the compare view
 (the screenshot in docs/ is this test's)."""
 
@@ -78,6 +79,19 @@ def test_the_dashboard_creates_follows_and_cancels_jobs(
     assert page.locator(points).count() == len(metrics) == 3 * len(DATA) // 2
     assert first < len(metrics), "the curve should gain points while the job trains"
     page.wait_for_selector("#checkpoints tbody tr")  # the final adapter, with its metrics
+    # The prompt box: the fine-tuned model's greedy completion, as POST /v1/completions has it.
+    page.wait_for_selector("#try:not([hidden])")
+    fine_tuned = page.input_value("#try-model")
+    assert fine_tuned.startswith("ft:tiny-llama:")
+    page.fill("#try-prompt", "1+2=")
+    page.fill("#try-max-tokens", "6")
+    page.click("#try-send")
+    page.wait_for_selector("#try-answer.answer:not(.waiting):not([hidden])", timeout=120_000)
+    request = {"model": fine_tuned, "prompt": "1+2=", "max_tokens": 6, "temperature": 0}
+    with server.api() as api:
+        answered = api.http.post("/v1/completions", json=request)
+    assert answered.status_code == 200, answered.text
+    assert page.inner_text("#try-answer") == answered.json()["choices"][0]["text"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-job-page.png"), full_page=True)
 
