@@ -19,13 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from core.fault_injection import StepFault, StepPhase
+from core.usage import split_device_seconds
 from workers.data.tokenization import collate
 from workers.host.failures import StepFailures, fail_agreed
+from workers.host.objective import reference_logprobs
 from workers.host.slot import JobSlot, SlotState
 from workers.lora.packed_layer import Routing
 from workers.training.chunked_loss import (
     DEFAULT_CHUNK_TOKENS,
-    chunked_next_token_loss,
     chunked_token_accuracy,
 )
 from workers.training.data_parallel import average_gradients
@@ -133,8 +134,10 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     losses: dict[str, torch.Tensor] = {}
     tokens: dict[str, torch.Tensor] = {}
     right: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens right, tokens counted)
+    stats: dict[str, torch.Tensor] = {}  # each objective's own statistics (DPO's rewards)
     for group in width_groups(active):
         group_started = time.perf_counter()
+        reference = _reference_pass(ctx, group, failures)
         logits, labels, mask, rows = _group_forward(ctx, group, failures)
         forward_done = time.perf_counter()
         grads = []
@@ -146,7 +149,16 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
             right[slot.job_id] = chunked_token_accuracy(
                 job_logits, job_labels, ctx.loss_chunk_tokens
             )
-            grads.append(_job_loss_grad(ctx, slot, job_logits, job_labels, failures, losses))
+            grads.append(
+                _job_loss_grad(
+                    ctx,
+                    slot,
+                    (job_logits, job_labels, reference.get(slot.job_id)),
+                    failures,
+                    losses,
+                    stats,
+                )
+            )
         # The base's backward, shared by the group (a collective under ZeRO-3): every rank
         # makes it whatever failed; a failed job's block carries no gradient.
         logits.backward(torch.cat(grads))
@@ -190,26 +202,39 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
         return
     # Every job's loss, tokens and optimizer failure in one tensor: one all-reduce and one
     # sync for the metrics, and the ranks agree on who failed in the optimizer.
-    totals = torch.stack(
-        [
-            torch.stack(
-                [
-                    losses[s.job_id].detach().float(),
-                    tokens[s.job_id].float(),
-                    torch.tensor(float(s.job_id in failures.caught), device=ctx.device),
-                    right[s.job_id][0].float(),
-                    right[s.job_id][1].float(),
-                ]
-            )
-            for s in trained
-        ]
-    )
+    # Each job's objective adds its own statistics, so rows differ in length.
+    per_job = [
+        torch.cat(
+            [
+                torch.stack(
+                    [
+                        losses[s.job_id].detach().float(),
+                        tokens[s.job_id].float(),
+                        torch.tensor(float(s.job_id in failures.caught), device=ctx.device),
+                        right[s.job_id][0].float(),
+                        right[s.job_id][1].float(),
+                    ]
+                ),
+                stats[s.job_id].float(),
+            ]
+        )
+        for s in trained
+    ]
+    totals = torch.cat(per_job)
     dist.all_reduce(totals)
-    reduced = totals.tolist()
+    reduced = [row.tolist() for row in totals.split([len(row) for row in per_job])]
     flags = [row[2] for row in reduced]
     failed = {s.job_id for s in fail_agreed(failures, trained, flags, ctx.report, ctx.world_size)}
     pack_tokens = sum(row[1] for row in reduced)
-    for slot, (loss_sum, slot_tokens, _, slot_right, counted) in zip(trained, reduced, strict=True):
+    # Usage (core.usage): the step's time on every rank, split by each job's share of its
+    # tokens (a job failed in the optimizer reports nothing: its share goes uncounted).
+    device_seconds = split_device_seconds(
+        elapsed,
+        ctx.world_size,
+        {s.job_id: int(row[1]) for s, row in zip(trained, reduced, strict=True)},
+    )
+    for slot, row in zip(trained, reduced, strict=True):
+        loss_sum, slot_tokens, _, slot_right, counted, *stat_sums = row
         if slot.job_id in failed:
             continue
         norm = norms[slot.job_id]
@@ -241,6 +266,13 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
                 "step_seconds": elapsed,
                 "phase_seconds": phases,
                 "trained_tokens": slot.trained_tokens,
+                "step_tokens": int(slot_tokens),
+                "device_seconds": device_seconds[slot.job_id],
+                # Means over the ranks' equal shares of pairs: the whole batch's means.
+                **{
+                    name: value / ctx.world_size
+                    for name, value in zip(slot.objective.stat_names, stat_sums, strict=True)
+                },
                 **(
                     {"dtypes": _with_adam(first[slot.job_id], slot)} if slot.job_id in first else {}
                 ),
@@ -255,7 +287,7 @@ def _group_forward(
     A job whose
     slot math raises is caught in its packed layers (`Routing.failures`) and recorded."""
     width = width_of(group[0])
-    shards = [slot.next_micro_batch(ctx.rank, ctx.world_size) for slot in group]
+    shards = [slot.next_rows(ctx.rank, ctx.world_size) for slot in group]
     ctx.routing.blocks = [
         (slot.job_id, len(shard)) for slot, shard in zip(group, shards, strict=True)
     ]
@@ -282,23 +314,58 @@ def _group_forward(
     return logits, batch["labels"], batch["attention_mask"], rows
 
 
+def _reference_pass(
+    ctx: PackContext, group: list[JobSlot], failures: StepFailures
+) -> dict[str, torch.Tensor]:
+    """The reference's summed log-probs of each DPO job's rows in a width group ([rows]
+    per job), from one forward without gradient of those rows only, each job's block routed
+    to its reference (the bare base, or its frozen start checkpoint). Every rank makes the
+    same forwards (a collective under ZeRO-3): the groups and their members are the same."""
+    members = [(slot, slot.objective.reference_route) for slot in group]
+    members = [(slot, route) for slot, route in members if route is not None]
+    if not members:
+        return {}
+    shards = [slot.next_rows(ctx.rank, ctx.world_size) for slot, _ in members]
+    ctx.routing.blocks = [
+        (route, len(shard)) for (_, route), shard in zip(members, shards, strict=True)
+    ]
+    batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width_of(group[0]))
+    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    ctx.routing.failures = {}
+    ctx.routing.forward_id += 1
+    logprobs = reference_logprobs(ctx.model, batch, ctx.loss_chunk_tokens)
+    by_route = {route: slot.job_id for slot, route in members}
+    for route, caught in ctx.routing.failures.items():  # a frozen reference slot's math
+        failures.add(by_route.get(route, route), "forward", caught)
+    rows = [len(shard) for shard in shards]
+    return {
+        slot.job_id: part for (slot, _), part in zip(members, logprobs.split(rows), strict=True)
+    }
+
+
 def _job_loss_grad(
     ctx: PackContext,
     slot: JobSlot,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    block: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     failures: StepFailures,
     losses: dict[str, torch.Tensor],
+    stats: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """The job's own mean loss over its own tokens (chunked: no fp32 copy of the whole
-    vocabulary's logits; the chunks are cut within the job's block, so its loss is the same
-    packed as alone), and its gradient with respect to the job's block of logits: the job's
-    own part of backward, local to this rank. Zeros when the job failed."""
+    """The job's own loss, its objective's (workers/host/objective.py: the mean next-token
+    loss over its own tokens, or DPO's against its reference log-probs), chunked (no fp32 copy
+    of the whole vocabulary's logits; the chunks are cut within the job's block, so its loss is
+    the same packed as alone), with its statistics in `stats`; and its gradient with respect
+    to the job's block of logits: the job's own part of backward, local to this rank. Zeros
+    when the job failed."""
+    logits, labels, reference = block
     phase: StepPhase = "loss"
+    stats[slot.job_id] = torch.zeros(len(slot.objective.stat_names), device=logits.device)
     if slot.job_id not in failures.caught:
         try:
             failures.check(slot, phase)
-            loss = chunked_next_token_loss(logits, labels, ctx.loss_chunk_tokens)
+            loss, stats[slot.job_id] = slot.objective.loss(
+                logits, labels, reference, ctx.loss_chunk_tokens
+            )
             losses[slot.job_id] = loss
             phase = "backward"
             failures.check(slot, phase)
