@@ -153,7 +153,7 @@ class Relocations:
             if answer.get("bounced"):
                 self.store.requeue(answer["model_id"], [answer["request_id"]])
             elif answer.get("kind") == RELOCATE:
-                self._moved(answer)
+                self._moved(answer, {a["request_id"] for a in kept})
             elif answer.get("kind") == RESTORE:
                 self._restored(answer)
             else:
@@ -182,7 +182,8 @@ class Relocations:
         self.store.unhost(model.id)
 
     # ---- answers -----------------------------------------------------------------------
-    def _moved(self, answer: dict[str, Any]) -> None:
+    def _moved(self, answer: dict[str, Any], answered: set[str]) -> None:
+        """`answered`: the requests answered just before it (their rows not yet written)."""
         model_id = answer["model_id"]
         self.expecting.discard(model_id)
         error = answer["error"]
@@ -192,7 +193,11 @@ class Relocations:
             )
             return
         # Every request that ran before the move was answered before it, in order.
-        ran = [r.seq_id for r in self.store.model_requests(model_id) if r.state in (DONE, FAILED)]
+        ran = [
+            r.seq_id
+            for r in self.store.model_requests(model_id)
+            if r.state in (DONE, FAILED) or r.id in answered
+        ]
         self.points[model_id] = RestorePoint(
             max(ran, default=0), answer["result"]["prefix"], answer["result"]["path"]
         )

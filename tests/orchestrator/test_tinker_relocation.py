@@ -1,0 +1,109 @@
+"""The dispatcher's side of a Tinker model's move (orchestrator.tinker.relocation) on SQLite,
+without Ray: a host's `relocate` answer leaves the model without a host and its bounced
+requests pending again, and the restore goes first on the next host; a host lost without
+warning restores a model whose saved state is current and fails one whose isn't, with an
+error that names what to load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.host_protocol import RELOCATE, RESTORE
+from orchestrator.db import make_engine, migrate
+from orchestrator.tinker.relocation import RELOCATION, Relocations, relocation_home
+from orchestrator.tinker.rows import FAILED, MODEL_FAILED, MODEL_LIVE, PENDING
+from orchestrator.tinker.store import TinkerStore
+
+LORA = {"rank": 4, "seed": 0}
+ADAM = {"adam_params": {"learning_rate": 1e-3}}
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> TinkerStore:
+    engine = make_engine(f"sqlite:///{tmp_path / 'lorafleet.db'}")
+    migrate(engine)
+    return TinkerStore(engine)
+
+
+def live_model(store: TinkerStore, steps: int) -> tuple[str, list[str]]:
+    """A model on host-a with `steps` forward_backward + optim_step pairs answered."""
+    session = store.create_session("t1")
+    created = store.create_model("t1", session, 0, "tiny", LORA)
+    model_id = created.model_id
+    ids = [created.id]
+    for _ in range(steps):
+        for kind in ("forward_backward", "optim_step"):
+            ids.append(store.add_request("t1", model_id, len(ids), kind, ADAM).id)
+    store.set_model(model_id, MODEL_LIVE, host_id="host-a")
+    store.mark_sent(ids)
+    for request_id in ids:
+        store.finish(request_id, {}, None)
+    return model_id, ids
+
+
+def test_a_moved_model_waits_for_its_bounced_requests_then_restores_first(
+    store: TinkerStore,
+) -> None:
+    model_id, _ = live_model(store, 1)
+    moves = Relocations(store)
+    model = store.model("t1", model_id)
+    tagged = moves.tag(model, {"request_id": "r", "model_id": model_id, "kind": "forward"})
+    assert tagged["relocation"]["prefix"] == f"tinker/t1/{model_id}/{RELOCATION}/"
+    late = store.add_request("t1", model_id, 3, "forward_backward", {})
+    store.mark_sent([late.id])  # handed to host-a after it had moved the model: bounced
+    home = relocation_home(model)
+    answers = [
+        {"request_id": "x", "model_id": model_id, "kind": "forward", "result": {}, "error": None},
+        {
+            "request_id": f"relocate-{model_id}",
+            "model_id": model_id,
+            "kind": RELOCATE,
+            "result": {"prefix": home["prefix"], "path": home["path"]},
+            "error": None,
+        },
+    ]
+    assert [a["request_id"] for a in moves.settle(answers)] == ["x"]  # the client's only
+    assert store.model("t1", model_id).host_id is None
+    assert moves.points[model_id].seq == 2 and not moves.may_place(model)  # `late` is out
+    bounced = {
+        "request_id": late.id,
+        "model_id": model_id,
+        "kind": "forward_backward",
+        "result": None,
+        "error": None,
+        "bounced": True,
+    }
+    assert moves.settle([bounced]) == []
+    assert store.request("t1", late.id).state == PENDING and moves.may_place(model)
+    restore = moves.restore(model)
+    assert restore["kind"] == RESTORE and restore["payload"]["prefix"] == home["prefix"]
+
+
+def test_a_lost_host_restores_a_current_save_and_fails_a_stale_one(store: TinkerStore) -> None:
+    saved, ids = live_model(store, 2)
+    save = {"optimizer": True, "prefix": "tinker/t1/m/weights/s/", "path": "tinker://m/weights/s"}
+    row = store.add_request("t1", saved, len(ids), "save_weights", save)
+    store.mark_sent([row.id])
+    store.finish(row.id, {}, None)
+    in_flight = store.add_request("t1", saved, len(ids) + 1, "forward_backward", {})
+    store.mark_sent([in_flight.id])
+    stale, _ = live_model(store, 1)
+    stuck = store.add_request("t1", stale, 3, "forward_backward", {})
+    store.mark_sent([stuck.id])
+    moves = Relocations(store)
+    for model_id in (saved, stale):
+        moves.host_lost(store.model("t1", model_id), "host-a")
+    # Restored from the save; what was in flight runs again on the next host.
+    assert store.model("t1", saved).state == MODEL_LIVE
+    assert store.model("t1", saved).host_id is None
+    assert moves.restore(store.model("t1", saved))["payload"]["prefix"] == save["prefix"]
+    assert store.request("t1", in_flight.id).state == PENDING
+    # No saved state holds its latest step: it fails, and says what to load.
+    assert store.model("t1", stale).state == MODEL_FAILED
+    error = store.model("t1", stale).error or ""
+    assert "lost with its pack host host-a" in error
+    assert "create_training_client_from_state_with_optimizer" in error
+    answered = store.request("t1", stuck.id)  # its future answers the error at once
+    assert answered.state == FAILED and answered.error == error
