@@ -26,7 +26,6 @@ from workers.training.preference_loss import REWARD_METRICS, sequence_logprobs
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 _WORDS = "apple green light music paper ocean river stone cloud bread chair dream flame glass"
 TRAIN_WORDS = (*_WORDS.split(), "honey", "juice")
-)
 HELD_OUT_WORDS = ("tiger", "melon", "pilot", "sugar")
 
 
