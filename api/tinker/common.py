@@ -30,7 +30,9 @@ TenantDep = Annotated[str, Depends(tinker_tenant)]
 def tinker_store(request: Request) -> TinkerStore:
     store: TinkerStore | None = getattr(request.app.state, "tinker_store", None)
     if store is None:
-        store = TinkerStore(request.app.state.services.store.engine)
+        # The jobs store's wake-ups: one per process, which the database listener feeds.
+        services = request.app.state.services
+        store = TinkerStore(services.store.engine, services.store.changes)
         request.app.state.tinker_store = store
     return store
 

@@ -2,7 +2,8 @@
 
 Thin handlers: each training request is written as a row (orchestrator.tinker.store) and
 answered with a future, `{"request_id", "model_id"}`; the scheduler's Tinker dispatcher
-runs it on the model's pack host; `retrieve_future` long-polls the row. Keys come in
+runs it on the model's pack host; `retrieve_future` long-polls the row, woken as its
+answer commits (orchestrator.store.changes). Keys come in
 `X-API-Key` (the SDK wants the `tml-` prefix: `lorafleet keys create --tinker`) and map to
 tenants as the jobs API's do. Errors are 4xx with a body naming the field: the SDK retries
 5xx, 408, 409, 429 and empty 400s for minutes, which would look like a hang.
@@ -10,7 +11,6 @@ tenants as the jobs API's do. Errors are 4xx with a body naming the field: the S
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -32,13 +32,15 @@ from api.tinker.wire import (
 )
 from core.base_catalog import BaseModelCatalog
 from orchestrator.errors import InvalidRequest
-from orchestrator.tinker.rows import DONE, FAILED, SAMPLE
+from orchestrator.tinker.rows import DONE, FAILED, SAMPLE, TinkerRequestRow
 from orchestrator.tinker.store import SessionEnded
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
 
 LONG_POLL_SECONDS = 25.0  # under the SDK's 45 s timeout of one retrieve_future call
-POLL_INTERVAL_SECONDS = 0.02
+# A future is woken when its answer commits; this poll is the fallback for a wake-up that
+# never comes (an API beside a scheduler on the same SQLite file, a listener reconnecting).
+POLL_INTERVAL_SECONDS = 0.1
 MAX_RANK = 256
 
 
@@ -266,31 +268,40 @@ async def retrieve_future(
 ) -> dict[str, Any] | Response:
     """Long-polls the request's row: its result, its error, or `try_again` after a while."""
     deadline = time.monotonic() + LONG_POLL_SECONDS
-    while True:
-        row = await run_in_threadpool(store.request, tenant, body.request_id)
-        if row.state == FAILED:
-            return {"error": row.error or "the request failed", "category": "user"}
-        if row.state == DONE:
-            result = row.result or {}
-            if row.kind in ("forward_backward", "forward"):
-                return Response(
-                    encode_forward_backward_output(result), media_type=PROTO_CONTENT_TYPE
-                )
-            if row.kind == "create_model":
-                return {"type": "create_model", "model_id": row.model_id}
-            if row.kind == SAMPLE:  # a sampler's answer (api/tinker/sampling.py)
-                if "error" in result:
-                    return {"error": result["error"], "category": "user"}
-                return Response(encode_sample_response(result), media_type=PROTO_CONTENT_TYPE)
-            if "sampling_session_id" in row.payload:  # save_weights_for_sampler, no path
-                return {**result, "sampling_session_id": row.payload["sampling_session_id"]}
-            return result
-        if time.monotonic() >= deadline or await request.is_disconnected():
-            waiting = {"type": "try_again", "request_id": row.id, "queue_state": "active"}
-            if row.seq_id == 0 and row.state == "pending":  # the SDK logs the reason
-                waiting["queue_state_reason"] = "waiting for a warm pack host of its base"
-            return waiting
-        await asyncio.sleep(POLL_INTERVAL_SECONDS)
+    with store.changes.watching_answer(body.request_id) as answered:
+        while True:
+            answered.clear()  # before the read: an answer committed after it wakes the wait
+            row = await run_in_threadpool(store.request, tenant, body.request_id)
+            done = future_answer(row)
+            if done is not None:
+                return done
+            left = deadline - time.monotonic()
+            if left <= 0 or await request.is_disconnected():
+                waiting = {"type": "try_again", "request_id": row.id, "queue_state": "active"}
+                if row.seq_id == 0 and row.state == "pending":  # the SDK logs the reason
+                    waiting["queue_state_reason"] = "waiting for a warm pack host of its base"
+                return waiting
+            await answered.wait(min(left, POLL_INTERVAL_SECONDS))
+
+
+def future_answer(row: TinkerRequestRow) -> dict[str, Any] | Response | None:
+    """What `retrieve_future` answers for a finished row; None while it is not."""
+    if row.state == FAILED:
+        return {"error": row.error or "the request failed", "category": "user"}
+    if row.state != DONE:
+        return None
+    result = row.result or {}
+    if row.kind in ("forward_backward", "forward"):
+        return Response(encode_forward_backward_output(result), media_type=PROTO_CONTENT_TYPE)
+    if row.kind == "create_model":
+        return {"type": "create_model", "model_id": row.model_id}
+    if row.kind == SAMPLE:  # a sampler's answer (api/tinker/sampling.py)
+        if "error" in result:
+            return {"error": result["error"], "category": "user"}
+        return Response(encode_sample_response(result), media_type=PROTO_CONTENT_TYPE)
+    if "sampling_session_id" in row.payload:  # save_weights_for_sampler, no path
+        return {**result, "sampling_session_id": row.payload["sampling_session_id"]}
+    return result
 
 
 router.include_router(weights.router)

@@ -125,11 +125,11 @@ class Scheduler:
         # starts with the loop (one scheduler's, once it holds the lock); on Ray only.
         self.tinker = (
             TinkerDispatcher(
-                TinkerStore(store.engine),
+                TinkerStore(store.engine, store.changes),  # new rows wake it at once
                 lambda: dict(self.host_scheduling.reports),
                 settings.ray_namespace,
                 sampling=SampleDispatch(  # completions and Tinker samples (issue 21)
-                    TinkerStore(store.engine),
+                    TinkerStore(store.engine, store.changes),
                     dict(settings.base_models),
                     settings.object_store_config,
                     str(Path(settings.model_cache_dir or "models").resolve()),

@@ -20,6 +20,10 @@ from sqlalchemy.orm import Session
 
 JOBS_CHANNEL = "lorafleet_jobs"  # payload: the id of a job with work for the scheduler
 EVENTS_CHANNEL = "lorafleet_events"  # payload: the id of a job with new events
+# Tinker requests (orchestrator.tinker.store): a new request row, for the dispatcher
+# (payload unused), and a request answered, for its `retrieve_future` (payload: its id).
+TINKER_REQUESTS_CHANNEL = "lorafleet_tinker_requests"
+TINKER_ANSWERS_CHANNEL = "lorafleet_tinker_answers"
 EVERY_JOB = "*"  # "any job may have new events" (notifications were lost: a reconnect)
 
 # What a session has written, kept in `session.info` until it commits.
@@ -35,6 +39,8 @@ class Changes:
         self._lock = threading.Lock()
         self._job_waiters: list[Callable[[], None]] = []
         self._event_waiters: dict[str, list[Callable[[], None]]] = defaultdict(list)
+        self._request_waiters: list[Callable[[], None]] = []
+        self._answer_waiters: dict[str, list[Callable[[], None]]] = defaultdict(list)
 
     # ---- saying ----
     def new_jobs(self) -> None:
@@ -54,10 +60,30 @@ class Changes:
         for wake in waiters:
             wake()
 
+    def new_tinker_requests(self) -> None:
+        """A Tinker request row was written: work for the dispatcher."""
+        with self._lock:
+            waiters = list(self._request_waiters)
+        for wake in waiters:
+            wake()
+
+    def tinker_answers(self, request_ids: Iterable[str]) -> None:
+        """Tinker requests answered (EVERY_JOB: any may have been)."""
+        with self._lock:
+            ids = set(request_ids)
+            if EVERY_JOB in ids:
+                waiters = [w for ws in self._answer_waiters.values() for w in ws]
+            else:
+                waiters = [w for rid in ids for w in self._answer_waiters.get(rid, ())]
+        for wake in waiters:
+            wake()
+
     def everything(self) -> None:
         """Notifications may have been lost (the listener reconnected): every waiter looks."""
         self.new_jobs()
         self.new_events([EVERY_JOB])
+        self.new_tinker_requests()
+        self.tinker_answers([EVERY_JOB])
 
     # ---- waiting ----
     @contextmanager
@@ -72,20 +98,44 @@ class Changes:
                 self._job_waiters.remove(wake)
 
     @contextmanager
+    def on_tinker_requests(self, wake: Callable[[], None]) -> Iterator[None]:
+        """`wake()` is called on every new Tinker request row while the block runs."""
+        with self._lock:
+            self._request_waiters.append(wake)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._request_waiters.remove(wake)
+
+    @contextmanager
     def watching_events(self, job_id: str) -> Iterator[EventWait]:
         """An asyncio-side wait for the job's new events, registered for the block: clear
         it, read, then `await wait(timeout)`; an event committed meanwhile is not missed."""
+        with self._watching(self._event_waiters, job_id) as waiting:
+            yield waiting
+
+    @contextmanager
+    def watching_answer(self, request_id: str) -> Iterator[EventWait]:
+        """The same wait for a Tinker request's answer (`retrieve_future`'s long poll)."""
+        with self._watching(self._answer_waiters, request_id) as waiting:
+            yield waiting
+
+    @contextmanager
+    def _watching(
+        self, table: dict[str, list[Callable[[], None]]], key: str
+    ) -> Iterator[EventWait]:
         waiting = EventWait(asyncio.get_running_loop())
         with self._lock:
-            self._event_waiters[job_id].append(waiting.wake)
+            table[key].append(waiting.wake)
         try:
             yield waiting
         finally:
             with self._lock:
-                waiters = self._event_waiters[job_id]
+                waiters = table[key]
                 waiters.remove(waiting.wake)
                 if not waiters:
-                    del self._event_waiters[job_id]
+                    del table[key]
 
 
 class EventWait:
@@ -116,7 +166,7 @@ def wake_scheduler(session: Session, job_id: str) -> None:
     """Work for the scheduler in this transaction (a new job; one asked to stop, pause or
     resume): it is woken when the transaction commits. Never for the scheduler's own moves,
     which would wake it again and again."""
-    _notify(session, JOBS_CHANNEL, job_id)
+    notify(session, JOBS_CHANNEL, job_id)
     session.info.setdefault(_NEW_JOBS, set()).add(job_id)
 
 
@@ -124,11 +174,11 @@ def events_added(session: Session, job_id: str) -> None:
     """New events of the job in this transaction: its live streams wake when it commits."""
     seen = session.info.setdefault(_EVENTS_OF, set())
     if job_id not in seen:  # one notification per job per transaction
-        _notify(session, EVENTS_CHANNEL, job_id)
+        notify(session, EVENTS_CHANNEL, job_id)
         seen.add(job_id)
 
 
-def _notify(session: Session, channel: str, payload: str) -> None:
+def notify(session: Session, channel: str, payload: str) -> None:
     # PostgreSQL delivers it to every listener when (and only if) the transaction commits.
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_notify(channel, payload)))

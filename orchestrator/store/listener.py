@@ -1,6 +1,7 @@
 """PostgreSQL `LISTEN` for the store's wake-ups (`orchestrator.store.changes`): a thread
-with a connection of its own hears every process's new jobs and events and wakes this
-process's waiters (the scheduler, the API's live streams) at once.
+with a connection of its own hears every process's new jobs and events (and Tinker requests
+and answers) and wakes this process's waiters (the scheduler, the Tinker dispatcher, the
+API's live streams and futures) at once.
 
 The database may go away: the thread then says so once, tries again every
 `RECONNECT_SECONDS`, and once connected again wakes every waiter (notifications sent while
@@ -16,7 +17,13 @@ import threading
 import psycopg
 from sqlalchemy import Engine
 
-from orchestrator.store.changes import EVENTS_CHANNEL, JOBS_CHANNEL, Changes
+from orchestrator.store.changes import (
+    EVENTS_CHANNEL,
+    JOBS_CHANNEL,
+    TINKER_ANSWERS_CHANNEL,
+    TINKER_REQUESTS_CHANNEL,
+    Changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ class ChangeListener:
                 ) as conn:
                     conn.execute(f"LISTEN {JOBS_CHANNEL}")
                     conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    conn.execute(f"LISTEN {TINKER_REQUESTS_CHANNEL}")
+                    conn.execute(f"LISTEN {TINKER_ANSWERS_CHANNEL}")
                     self.listening.set()
                     if away:
                         log.warning("listening for database notifications again")
@@ -77,6 +86,10 @@ class ChangeListener:
             for note in conn.notifies(timeout=WAIT_SECONDS):
                 if note.channel == JOBS_CHANNEL:
                     self.changes.new_jobs()
+                elif note.channel == TINKER_REQUESTS_CHANNEL:
+                    self.changes.new_tinker_requests()
+                elif note.channel == TINKER_ANSWERS_CHANNEL:
+                    self.changes.tinker_answers(note.payload.split(","))
                 else:
                     self.changes.new_events([note.payload])
 

@@ -4,8 +4,11 @@ requests from their rows to pack hosts and their answers back.
 Each pass: sessions whose heartbeat stopped end (their models' slots are dropped); a new
 model goes to a warm pack host of its base (its creation request is its first); every other
 request goes to its model's host in seq_id order, never past a gap (a request still on its
-way); the answers each host gathered since the last pass are written to their rows, where
-the API's `retrieve_future` reads them. Ray is imported here only (never by the API).
+way), one call per host. A pass runs as soon as a request row commits (the store's wake-up,
+orchestrator.store.changes), else after a fallback interval. While a host owes answers, a
+thread of its own long-polls it (`tinker_collect`) and writes each batch of answers to their
+rows as they come, where the API's `retrieve_future` hears of them. Ray is imported here
+only (never by the API).
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from orchestrator.tinker.store import TinkerStore
 
 log = logging.getLogger("lorafleet.tinker")
 
-# How often the rows are read while a client works (its step waits on this twice), and
-# while none does: an idle server reads a few rows a second, not fifty.
+# A new request row wakes a pass at once; these are the fallbacks: while samples are out
+# (their answers are looked for each pass), and otherwise (a lost wake-up, a model waiting
+# for a warm host).
 PASS_SECONDS, IDLE_PASS_SECONDS = 0.02, 0.25
+COLLECT_WAIT_SECONDS = 1.0  # one long poll of a host for answers
 HEARTBEAT_CHECK_SECONDS = 2.0  # how often quiet sessions are looked for
 HEARTBEAT_TIMEOUT_SECONDS = 120.0  # the SDK beats every 10 s; it warns after 120 s
 CALL_TIMEOUT_SECONDS = 10.0
@@ -80,8 +85,11 @@ class TinkerDispatcher:
         self.namespace = namespace
         self.heartbeat_timeout = heartbeat_timeout
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set: a pass now (a new request row)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # the two below, shared with the collectors
         self._unanswered: dict[str, int] = {}  # host id -> requests sent, not yet answered
+        self._collectors: dict[str, threading.Thread] = {}  # host id -> its answers' thread
         self._heartbeats_checked = 0.0
         self._failing = False
         self.relocations = Relocations(store)  # models moving off a host that ends
@@ -93,25 +101,32 @@ class TinkerDispatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self._lock:
+            collectors = list(self._collectors.values())
+        for thread in collectors:  # each is in a long poll of at most COLLECT_WAIT_SECONDS
+            thread.join(timeout=COLLECT_WAIT_SECONDS + 1)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = False
-            try:
-                busy = self.dispatch_once()
-                self._failing = False
-            except Exception:  # one bad pass must not end the loop; the next one retries
-                if not self._failing:
-                    log.exception("Tinker dispatch failed; retrying")
-                self._failing = True
-                self._stop.wait(1.0)
-            self._stop.wait(PASS_SECONDS if busy else IDLE_PASS_SECONDS)
+        with self.store.changes.on_tinker_requests(self._wake.set):
+            while not self._stop.is_set():
+                self._wake.clear()  # a row committed during the pass: one more pass at once
+                busy = False
+                try:
+                    busy = self.dispatch_once()
+                    self._failing = False
+                except Exception:  # one bad pass must not end the loop; the next one retries
+                    if not self._failing:
+                        log.exception("Tinker dispatch failed; retrying")
+                    self._failing = True
+                    self._stop.wait(1.0)
+                self._wake.wait(PASS_SECONDS if busy else IDLE_PASS_SECONDS)
 
     # ---- one pass ----------------------------------------------------------------------
     def dispatch_once(self) -> bool:
-        """One pass; whether work is under way (the next pass comes soon)."""
+        """One pass; whether samples are under way (the next pass comes soon)."""
         now = time.time()
         if now - self._heartbeats_checked >= HEARTBEAT_CHECK_SECONDS:
             self._heartbeats_checked = now
@@ -124,15 +139,13 @@ class TinkerDispatcher:
         for host_id, moving in self.relocations.moves_due(self.reports()).items():
             self._await_answers(host_id, len(moving))  # each model's `relocate` answer
         pending = self.store.pending_requests()
-        handed = self._hand_over(pending) if pending else 0
-        for host_id in sorted(h for h, n in self._unanswered.items() if n > 0):
-            self._collect(host_id)
-        sampling = self.sampling.pass_once() if self.sampling is not None else False
-        return handed > 0 or any(self._unanswered.values()) or sampling
+        if pending:
+            self._hand_over(pending)
+        return self.sampling.pass_once() if self.sampling is not None else False
 
     def _hand_over(self, pending: list[TinkerRequestRow]) -> int:
-        """Sends each model's next rows to its host; how many went."""
-        handed = 0
+        """Sends each model's next rows to its host, one call per host; how many went."""
+        outgoing: dict[str, list[TinkerRequestRow]] = {}
         by_model: dict[str, list[TinkerRequestRow]] = {}
         for row in pending:
             by_model.setdefault(row.model_id, []).append(row)
@@ -157,6 +170,9 @@ class TinkerDispatcher:
             batch = ordered_batch(rows, self.store.last_handed_seq(model_id))
             if not batch:
                 continue
+            outgoing.setdefault(host_id, []).extend(batch)
+        handed = 0
+        for host_id, batch in sorted(outgoing.items()):
             if not self._host_alive(host_id):  # the host ended: its models with it
                 self._host_gone(host_id)
                 continue
@@ -169,7 +185,8 @@ class TinkerDispatcher:
     def _host_gone(self, host_id: str) -> None:
         """A host that ended without moving its models: each is restored elsewhere from a
         current saved state, or fails (orchestrator.tinker.relocation)."""
-        self._unanswered.pop(host_id, None)
+        with self._lock:
+            self._unanswered.pop(host_id, None)
         for model in self.store.models(("pending", "live")):
             if model.host_id == host_id:
                 self.relocations.host_lost(model, host_id)
@@ -191,8 +208,36 @@ class TinkerDispatcher:
         self._await_answers(host_id, len(requests))
 
     def _await_answers(self, host_id: str, count: int) -> None:
-        """`count` more answers are owed by the host (collected each pass till they are in)."""
-        self._unanswered[host_id] = self._unanswered.get(host_id, 0) + count
+        """`count` more answers are owed by the host: its collector runs until they are in."""
+        with self._lock:
+            self._unanswered[host_id] = self._unanswered.get(host_id, 0) + count
+            if host_id not in self._collectors:
+                collector = threading.Thread(
+                    target=self._collect_from,
+                    args=(host_id,),
+                    name=f"tinker-answers-{host_id}",
+                    daemon=True,
+                )
+                self._collectors[host_id] = collector
+                collector.start()
+
+    def _collect_from(self, host_id: str) -> None:
+        """A host's collector: long-polls it for answers while it owes any, then ends (the
+        next request sent there starts another)."""
+        failing = False
+        while True:
+            with self._lock:  # under the lock that `_send` counts under: no request is missed
+                if self._stop.is_set() or self._unanswered.get(host_id, 0) <= 0:
+                    self._collectors.pop(host_id, None)
+                    return
+            try:
+                self._collect(host_id)
+                failing = False
+            except Exception:  # the next poll retries; said once per failure
+                if not failing:
+                    log.exception("collecting Tinker answers from %s failed", host_id)
+                failing = True
+                self._stop.wait(1.0)
 
     def _collect(self, host_id: str) -> None:
         import ray
@@ -203,12 +248,15 @@ class TinkerDispatcher:
             self._host_gone(host_id)
             return
         answers: list[dict[str, Any]] = ray.get(
-            actor.tinker_collect.remote(), timeout=CALL_TIMEOUT_SECONDS
+            actor.tinker_collect.remote(COLLECT_WAIT_SECONDS),
+            timeout=COLLECT_WAIT_SECONDS + CALL_TIMEOUT_SECONDS,
         )
-        self._unanswered[host_id] = max(0, self._unanswered[host_id] - len(answers))
+        with self._lock:
+            left = self._unanswered.get(host_id, 0) - len(answers)
+            self._unanswered[host_id] = max(0, left)
         answers = self.relocations.settle(answers)  # moves' answers are not the client's
+        self.store.finish_many(answers)  # one transaction: each future woken as it commits
         for answer in answers:
-            self.store.finish(answer["request_id"], answer["result"], answer["error"])
             if answer.get("kind") in ("create_model", "load_weights"):
                 self.store.settle_new_model(answer["model_id"], answer["error"])
 

@@ -1,17 +1,26 @@
 """The one writer of the Tinker API's rows (orchestrator.tinker.rows): the API adds sessions,
-models and requests; the dispatcher moves requests along and writes their results."""
+models and requests; the dispatcher moves requests along and writes their results. A new
+request wakes the dispatcher and an answer its `retrieve_future` as they commit
+(orchestrator.store.changes: in this process directly, other processes by NOTIFY)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import NotFound
 from orchestrator.store import new_id
+from orchestrator.store.changes import (
+    EVERY_JOB,
+    TINKER_ANSWERS_CHANNEL,
+    TINKER_REQUESTS_CHANNEL,
+    Changes,
+    notify,
+)
 from orchestrator.tinker.rows import (
     DONE,
     FAILED,
@@ -37,8 +46,17 @@ class SessionEnded(Exception):
 
 
 class TinkerStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, changes: Changes | None = None) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.changes = changes or Changes()  # a store of its own: nobody else hears it
+
+    def _answered(self, session: Session, request_ids: list[str]) -> None:
+        """In the answering transaction: its futures hear of it once it commits."""
+        for request_id in request_ids:
+            notify(session, TINKER_ANSWERS_CHANNEL, request_id)
+
+    def _say_answered(self, request_ids: list[str]) -> None:
+        self.changes.tinker_answers(request_ids)
 
     # ---- the API's writes ------------------------------------------------------------------
     def create_session(self, tenant: str) -> str:
@@ -123,6 +141,8 @@ class TinkerStore:
         try:
             with self.sessions.begin() as session:
                 session.add(row)
+                notify(session, TINKER_REQUESTS_CHANNEL, "")
+            self.changes.new_tinker_requests()
             return row
         except IntegrityError:
             with self.sessions() as session:
@@ -168,12 +188,12 @@ class TinkerStore:
     def last_handed_seq(self, model_id: str) -> int:
         """The highest seq_id of the model already handed to its host (or answered)."""
         with self.sessions() as session:
-            seqs = session.scalars(
-                select(TinkerRequestRow.seq_id).where(
+            last = session.scalar(
+                select(func.max(TinkerRequestRow.seq_id)).where(
                     TinkerRequestRow.model_id == model_id, TinkerRequestRow.state != PENDING
                 )
-            ).all()
-        return max(seqs, default=-1)
+            )
+        return -1 if last is None else int(last)
 
     def models(self, states: tuple[str, ...]) -> list[TinkerModelRow]:
         with self.sessions() as session:
@@ -190,17 +210,30 @@ class TinkerStore:
             )
 
     def finish(self, request_id: str, result: dict[str, Any] | None, error: str | None) -> None:
+        self.finish_many([{"request_id": request_id, "result": result, "error": error}])
+
+    def finish_many(self, answers: list[dict[str, Any]]) -> None:
+        """Writes answers ({"request_id", "result", "error"}) in one transaction."""
+        if not answers:
+            return
+        stamp = time.time()
         with self.sessions.begin() as session:
-            session.execute(
-                update(TinkerRequestRow)
-                .where(TinkerRequestRow.id == request_id, TinkerRequestRow.state != DONE)
-                .values(
-                    state=FAILED if error is not None else DONE,
-                    result=result,
-                    error=error,
-                    finished_at=time.time(),
+            for answer in answers:
+                session.execute(
+                    update(TinkerRequestRow)
+                    .where(
+                        TinkerRequestRow.id == answer["request_id"],
+                        TinkerRequestRow.state != DONE,
+                    )
+                    .values(
+                        state=FAILED if answer["error"] is not None else DONE,
+                        result=answer["result"],
+                        error=answer["error"],
+                        finished_at=stamp,
+                    )
                 )
-            )
+            self._answered(session, [a["request_id"] for a in answers])
+        self._say_answered([a["request_id"] for a in answers])
 
     def fail_pending(self, model_id: str, error: str) -> None:
         """Every request of the model not yet answered fails with `error`."""
@@ -213,6 +246,8 @@ class TinkerStore:
                 )
                 .values(state=FAILED, error=error, finished_at=time.time())
             )
+            self._answered(session, [EVERY_JOB])  # which ones: the futures look themselves
+        self._say_answered([EVERY_JOB])
 
     def set_model(
         self, model_id: str, state: str, host_id: str | None = None, error: str | None = None

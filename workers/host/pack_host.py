@@ -60,6 +60,12 @@ class PackHost:
         # once (a job's first step, any other event but metrics, the host's end).
         self.news = 0
         self._news = threading.Condition(self._lock)
+        # Long polls of the Tinker path (issue 21): an idle rank 0 waits in `step_boundary`
+        # for work (any call that changes what the workers should do counts it up), and the
+        # dispatcher waits in `tinker_collect` for answers, rather than each polling.
+        self.work, self._work_seen = 0, 0
+        self._work = threading.Condition(self._lock)
+        self._answered = threading.Condition(self._lock)
         self.integrations = IntegrationRuns(spec.wandb_dir)
 
     # ---- life ----------------------------------------------------------------------------
@@ -98,36 +104,43 @@ class PackHost:
             with self._lock:
                 self.membership.alive, self.membership.ending = False, True
                 self._tell_news()
+                self._answered.notify_all()  # its collectors look again (the host is gone)
             self.integrations.finish_all()
 
     # ---- called by the scheduler ---------------------------------------------------------
     def admit(self, request: AdmissionRequest) -> AdmissionResult:
         """Takes a job at the next step boundary, or says why not (workers.host.membership)."""
         with self._lock:
+            self._new_work()
             return self.membership.admit(request)
 
     def release(self, job_id: str) -> None:
         with self._lock:
+            self._new_work()
             self.membership.release(job_id)
 
     def stop(self, job_id: str = STOP_ALL) -> None:
         """Cancels a job at the next step boundary; STOP_ALL also ends the host."""
         with self._lock:
+            self._new_work()
             self.membership.stop(job_id)
 
     def hand_back(self, job_id: str, why: str) -> None:
         """Checkpoints a job at the next step boundary and gives it back (a pause)."""
         with self._lock:
+            self._new_work()
             self.membership.hand_back(job_id, why)
 
     def drain(self, why: str) -> None:
         """Admits nothing more; every job is checkpointed and given back; then the host ends."""
         with self._lock:
+            self._new_work()
             self.membership.drain(why)
 
     def fence(self, job_id: str, attempt: int) -> None:
         """`attempt` is the job's current attempt: an older one here is dropped."""
         with self._lock:
+            self._new_work()
             self.membership.fence(job_id, attempt)
 
     def poll(self, cursors: dict[str, int]) -> HostReport:
@@ -163,7 +176,6 @@ class PackHost:
             owed = self.requests.owes_moves()
         return self._thread is not None and not self._thread.is_alive() and not owed
 
-
     def wait_news(self, seen: int, timeout: float) -> int:
         """The news count once it differs from `seen` (the caller's last), or after
         `timeout`: a long poll, so the scheduler stores a job's first step (or its end)
@@ -171,6 +183,11 @@ class PackHost:
         with self._news:
             self._news.wait_for(lambda: self.news != seen, timeout=timeout)
             return self.news
+
+    def _new_work(self) -> None:
+        """Called holding the lock: something for the workers' next boundary."""
+        self.work += 1
+        self._work.notify_all()
 
     def _tell_news(self) -> None:
         """Called holding the lock."""
@@ -229,15 +246,27 @@ class PackHost:
                 self.membership.fail(member, error, "setup_timeout", phase=phase)
             self._tell_news()
 
-    def step_boundary(self, events: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
+    def step_boundary(
+        self, events: list[dict[str, Any]], status: dict[str, Any], idle_wait: float = 0.0
+    ) -> dict[str, Any]:
         """Once per step from rank 0: the step's events in, membership changes out. The
         events the membership kept then go to the jobs' integrations (outside the lock: a
-        W&B call may be slow, and poll must not wait for it)."""
+        W&B call may be slow, and poll must not wait for it). An idle rank 0 passes
+        `idle_wait`: a call with nothing to hand in waits up to that long for work (a Tinker
+        request, a job admitted or stopped: anything since the last boundary ends it)."""
         with self._lock:
+            if idle_wait > 0 and not events and not status.get("request_answers"):
+                self._work.wait_for(
+                    lambda: bool(self.requests.queued) or self.work != self._work_seen,
+                    timeout=idle_wait,
+                )
+            self._work_seen = self.work
             self.memory = status.get("memory", self.memory)
             if self._is_news(events):
                 self._tell_news()  # the waiter runs once the lock is let go, recorded
             self.requests.answer(status.get("request_answers", []), status.get("request_models"))
+            if self.requests.answers:
+                self._answered.notify_all()
             seen = {job_id: len(m.events) for job_id, m in self.membership.members.items()}
             changes = self.membership.step_boundary(events, status)
             changes["requests"] = self.requests.take()
@@ -273,8 +302,17 @@ class PackHost:
         """Queues Tinker requests for the next step boundary (workers.host.requests)."""
         with self._lock:
             self.requests.submit(requests)
+            self._new_work()
+            if self.requests.answers:  # some bounced unrun (a model moving away)
+                self._answered.notify_all()
 
-    def tinker_collect(self) -> list[dict[str, Any]]:
-        """The Tinker requests answered since the last call."""
+    def tinker_collect(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """The Tinker requests answered since the last call; with `wait`, a long poll that
+        returns once there are any (or the host ended), or after `wait` seconds."""
         with self._lock:
+            if wait > 0:
+                self._answered.wait_for(
+                    lambda: bool(self.requests.answers) or not self.membership.alive,
+                    timeout=wait,
+                )
             return self.requests.collect()

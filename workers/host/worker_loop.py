@@ -43,7 +43,10 @@ from workers.runtime.placement_groups import record_placement_group
 from workers.runtime.setup_guard import SetupPhases
 from workers.training.rng_state import saved_dropout_rng
 
-IDLE_POLL_SECONDS = 0.05  # how often an idle host asks for work
+# An idle rank 0's boundary call waits in the host actor up to this long for work (a Tinker
+# request or a membership change ends the wait at once): what it costs is only how late
+# events written between boundaries (a publish's) and the idle timeout are seen.
+IDLE_WAIT_SECONDS = 0.2
 
 
 class HostWorker(HostJoins, HostEvaluations):
@@ -224,7 +227,7 @@ class HostWorker(HostJoins, HostEvaluations):
             },
         }
 
-    def _boundary(self, final: bool = False) -> dict[str, Any]:
+    def _boundary(self, final: bool = False, idle_wait: float = 0.0) -> dict[str, Any]:
         """The one actor call of a step (rank 0), its answer broadcast to every rank."""
         box: list[Any] = [None]
         if self.rank == 0:
@@ -232,7 +235,7 @@ class HostWorker(HostJoins, HostEvaluations):
 
             with self._outbox_lock:
                 events, self.outbox = self.outbox, []
-            box[0] = ray.get(self.host.step_boundary.remote(events, self._status()))
+            box[0] = ray.get(self.host.step_boundary.remote(events, self._status(), idle_wait))
         if final:
             return box[0] or {}
         dist.broadcast_object_list(box, src=0)
@@ -241,8 +244,10 @@ class HostWorker(HostJoins, HostEvaluations):
     # ---- serve ---------------------------------------------------------------------------
     def serve(self) -> None:
         self.model.train()
+        idle_wait = 0.0
         while True:
-            changes = self._boundary()
+            changes = self._boundary(idle_wait=idle_wait)
+            idle_wait = 0.0
             if changes["end"]:
                 break
             for job_id in changes["stop"]:
@@ -257,8 +262,12 @@ class HostWorker(HostJoins, HostEvaluations):
                 self.requests.run(changes["requests"])
             active = [s for s in self.slots if s.state is SlotState.TRAINING]
             if not active:
-                if not changes.get("requests"):  # answers go out at once, else wait a little
-                    time.sleep(IDLE_POLL_SECONDS if not self.pending else 0.01)
+                # Answers go out at once; joins loading are looked at again soon; otherwise
+                # the next boundary waits for work in the host actor.
+                if self.pending:
+                    time.sleep(0.01)
+                elif not changes.get("requests"):
+                    idle_wait = IDLE_WAIT_SECONDS
                 continue
             # A job being evaluated sits its training out (its adapter is the one evaluated);
             # its chunk of validation rows goes through the base beside its mates' step.
