@@ -18,7 +18,7 @@ from typing import Any, Literal
 Format = Literal["chat", "prompt_completion", "text", "preference"]
 # The formats a supervised job trains on; a DPO job trains on PREFERENCE only.
 SUPERVISED_FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "text")
-PREFERENCE = "preference"
+PREFERENCE: Literal["preference"] = "preference"
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_PROBLEMS = 10
 

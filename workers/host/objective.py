@@ -26,10 +26,15 @@ def reference_slot_name(job_id: str) -> str:
 
 
 class Objective(Protocol):
-    # The route of the reference pass (a slot name, or NO_ADAPTER); None: no reference pass.
-    reference_route: str | None
-    # What `loss`'s statistics are called in the job's metrics event (means over ranks).
-    stat_names: tuple[str, ...]
+    @property
+    def reference_route(self) -> str | None:
+        """The route of the reference pass (a slot name, or NO_ADAPTER); None: none."""
+        ...
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """What `loss`'s statistics are called in the job's metrics event (rank means)."""
+        ...
 
     def rows(self, examples: Sequence[TokenizedExample]) -> list[TokenizedExample]:
         """The rows a micro-batch of examples puts through the base, in order."""

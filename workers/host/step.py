@@ -321,8 +321,9 @@ def _reference_pass(
     per job), from one forward without gradient of those rows only, each job's block routed
     to its reference (the bare base, or its frozen start checkpoint). Every rank makes the
     same forwards (a collective under ZeRO-3): the groups and their members are the same."""
-    members = [(slot, slot.objective.reference_route) for slot in group]
-    members = [(slot, route) for slot, route in members if route is not None]
+    members = [
+        (slot, route) for slot in group if (route := slot.objective.reference_route) is not None
+    ]
     if not members:
         return {}
     shards = [slot.next_rows(ctx.rank, ctx.world_size) for slot, _ in members]
