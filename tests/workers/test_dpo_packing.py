@@ -173,3 +173,29 @@ def test_a_dpo_job_from_a_checkpoint_is_measured_against_that_checkpoint(
     assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["train_rewards_chosen"] == pytest.approx(0.0, abs=1e-6)
     assert first["train_rewards_rejected"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_pair_whose_rejected_side_is_the_longer_row_sets_the_width(
+    tiny_base: Path, store: ObjectStoreConfig
+) -> None:
+    """The padded width is the longest of both sides of every pair in the batch."""
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"shout {w}"}]},
+            "preferred_output": [{"role": "assistant", "content": w.upper()}],
+            "non_preferred_output": [{"role": "assistant", "content": f"{w} " * 12}],
+        }
+        for w in WORDS[:4]
+    ]
+    open_object_store(store).put_bytes(
+        "files/shared/long-rejected.jsonl", "\n".join(json.dumps(r) for r in rows).encode()
+    )
+    long_rejected = replace(
+        JOB_D,
+        job_id="job-long",
+        training_file_key="files/shared/long-rejected.jsonl",
+        training=JOB_D.training.model_copy(update={"max_seq_len": 96}),
+    )
+    _, events = train(tiny_base, store, [long_rejected], steps=1)
+    assert not [e for e in events if e[1] == "job_failed"]
+    assert metrics_of(events, "job-long")[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -410,8 +410,10 @@ WIDTH_BUCKET = 16
 def width_of(slot: JobSlot, bucket: int = WIDTH_BUCKET) -> int:
     """The padded width of a job's rows at its current step: from the job's own global batch
     only (the same on every rank, and the same alone or packed), rounded up to a bucket so
-    that jobs of similar lengths share a forward."""
-    longest = max(len(slot.examples[i].input_ids) for i in slot.batches[slot.step])
+    that jobs of similar lengths share a forward. A DPO pair's two rows both count."""
+    longest = max(
+        len(row.input_ids) for i in slot.batches[slot.step] for row in slot.examples[i].rows
+    )
     return -(-longest // bucket) * bucket
 
 
