@@ -89,6 +89,11 @@ class TrainingSettings(_Frozen):
         """OpenAI's name of the job's method."""
         return "supervised" if self.preference is None else "dpo"
 
+    @property
+    def rows_per_example(self) -> int:
+        """Rows an example puts through the base: a DPO pair both its completions."""
+        return 1 if self.preference is None else 2
+
 
 class ResourceSettings(_Frozen):
     num_workers: int = 1

@@ -50,13 +50,14 @@ def estimate_for(
     )
     demands = [
         slot_demand(
-            batch_size=job.training.batch_size,
+            # A DPO pair is two rows (its reference's forward keeps nothing for backward).
+            batch_size=job.training.batch_size * job.training.rows_per_example,
             num_workers=shape.num_workers,
             max_seq_len=job.training.max_seq_len,
             lora_r=job.lora.r,
             target_modules=job.lora.target_modules,
             lora_dropout=job.lora.dropout,
-            dataset_rows=rows[index] if index < len(rows) else 0,
+            dataset_rows=(rows[index] if index < len(rows) else 0) * job.training.rows_per_example,
         )
         for index, job in enumerate(jobs)
     ]
