@@ -162,8 +162,10 @@ class TinkerDispatcher:
                     continue  # a request of it is still coming back from its last host
                 reports = self.reports() if reports is None else reports
                 host_id = host_for(model.base_model, reports)
-                if host_id is None:
-                    continue  # the client's future answers try_again until a host is up
+                # None up yet (or the reports lag a host's end): the client's future answers
+                # try_again until one is
+                if host_id is None or not self._host_alive(host_id):
+                    continue
                 self.store.set_model(model_id, model.state, host_id=host_id)
                 if model.state == MODEL_LIVE:  # it moved: its state goes first (relocation)
                     self._send(host_id, [self.relocations.restore(model)])
