@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import update
 
 from core.objectstore import ObjectStoreConfig
+from core.usage import sample_tokens
 from orchestrator.tinker.rows import FAILED, SAMPLE, SENT, TinkerRequestRow
 from orchestrator.tinker.samplers import end_samplers
 from orchestrator.tinker.store import TinkerStore
@@ -23,7 +24,6 @@ from orchestrator.tinker.store import TinkerStore
 log = logging.getLogger("lorafleet.sampling")
 
 ENDED_CHECK_SECONDS = 2.0  # how often sampling sessions of ended sessions are looked for
-
 
 
 class SampleDispatch:
@@ -95,7 +95,7 @@ class SampleDispatch:
                 self._actors.pop(base, None)
                 self.store.finish(request_id, None, f"the sampler of {base} failed: {exc}")
                 continue
-            self.store.finish(request_id, result, None)
+            self.store.finish(request_id, result, None, {"tokens": sample_tokens(result)})
 
     def _end_samplers(self) -> None:
         """Sampling sessions whose Tinker session ended: what they queued fails, and their

@@ -34,6 +34,7 @@ from orchestrator.tinker.rows import (
     TinkerRequestRow,
     TinkerSessionRow,
 )
+from orchestrator.usage import add_usage, usage_of_answer
 
 
 def model_id_for(session_id: str, model_seq_id: int) -> str:
@@ -209,16 +210,38 @@ class TinkerStore:
                 .values(state=SENT)
             )
 
-    def finish(self, request_id: str, result: dict[str, Any] | None, error: str | None) -> None:
-        self.finish_many([{"request_id": request_id, "result": result, "error": error}])
+    def finish(
+        self,
+        request_id: str,
+        result: dict[str, Any] | None,
+        error: str | None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        answer = {"request_id": request_id, "result": result, "error": error, "usage": usage}
+        self.finish_many([answer])
 
     def finish_many(self, answers: list[dict[str, Any]]) -> None:
-        """Writes answers ({"request_id", "result", "error"}) in one transaction."""
+        """Writes answers ({"request_id", "result", "error"}) in one transaction. An
+        answer's "usage" (core.usage: tokens, device-seconds) is added to its tenant's day
+        in the same transaction, only as its row leaves pending or sent: an answer written
+        again counts nothing more (orchestrator.usage)."""
         if not answers:
             return
         stamp = time.time()
         with self.sessions.begin() as session:
             for answer in answers:
+                counted = usage_of_answer(answer.get("usage"), stamp)
+                before = (
+                    session.execute(
+                        select(TinkerRequestRow.tenant, TinkerRequestRow.state)
+                        .where(TinkerRequestRow.id == answer["request_id"])
+                        .with_for_update()
+                    ).first()
+                    if counted is not None
+                    else None
+                )
+                if before is not None and counted is not None and before.state in (PENDING, SENT):
+                    add_usage(session, before.tenant, [counted])
                 session.execute(
                     update(TinkerRequestRow)
                     .where(
