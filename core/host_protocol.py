@@ -39,6 +39,9 @@ SETUP_PHASES = ("distributed", "base_model", "deepspeed")
 # Tinker requests of a model's move between hosts (workers.host.slot_moves): the ending host
 # writes the model's state and frees its slot; the next host makes the slot from that state.
 RELOCATE, RESTORE = "relocate", "restore"
+# A host's notice that a Tinker model was lost with its workers (a restart): not a request's
+# answer; the dispatcher restores the model from a current saved state, or fails it.
+LOST = "lost"
 
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from core.host_protocol import HostReport, host_actor_name
+from core.host_protocol import LOST, HostReport, host_actor_name
 from orchestrator.tinker.relocation import Relocations
 from orchestrator.tinker.rows import (
     MODEL_ENDED,
@@ -191,7 +191,7 @@ class TinkerDispatcher:
             self._unanswered.pop(host_id, None)
         for model in self.store.models(("pending", "live")):
             if model.host_id == host_id:
-                self.relocations.host_lost(model, host_id)
+                self.relocations.host_lost(model, f"with its pack host {host_id}")
 
     def _host_alive(self, host_id: str) -> bool:
         import ray
@@ -253,8 +253,8 @@ class TinkerDispatcher:
             actor.tinker_collect.remote(COLLECT_WAIT_SECONDS),
             timeout=COLLECT_WAIT_SECONDS + CALL_TIMEOUT_SECONDS,
         )
-        with self._lock:
-            left = self._unanswered.get(host_id, 0) - len(answers)
+        with self._lock:  # a `lost` notice answers no request that was sent
+            left = self._unanswered.get(host_id, 0) - sum(a["kind"] != LOST for a in answers)
             self._unanswered[host_id] = max(0, left)
         answers = self.relocations.settle(answers)  # moves' answers are not the client's
         self.store.finish_many(answers)  # one transaction: each future woken as it commits

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from core.host_protocol import RELOCATE, RESTORE, HostReport
+from core.host_protocol import LOST, RELOCATE, RESTORE, HostReport
 from core.object_keys import tinker_checkpoint_prefix
 from orchestrator.tinker.rows import (
     DONE,
@@ -156,12 +156,16 @@ class Relocations:
                 self._moved(answer, {a["request_id"] for a in kept})
             elif answer.get("kind") == RESTORE:
                 self._restored(answer)
+            elif answer.get("kind") == LOST:
+                for model in self.store.models((MODEL_PENDING, MODEL_LIVE)):
+                    if model.id == answer["model_id"]:
+                        self.host_lost(model, "when its pack host's workers restarted")
             else:
                 kept.append(answer)
         return kept
 
-    def host_lost(self, model: TinkerModelRow, host_id: str) -> None:
-        """The model's host ended without moving it (module docstring)."""
+    def host_lost(self, model: TinkerModelRow, how: str) -> None:
+        """The model's host ended without moving it, or lost it (`how`, in its error)."""
         self.expecting.discard(model.id)
         if model.state == MODEL_PENDING:  # not made yet: made again on the next host
             self.store.requeue(model.id)
@@ -170,13 +174,13 @@ class Relocations:
         point = restore_point(self.store.model_requests(model.id), self.points.get(model.id))
         if point is None:
             error = (
-                f"model {model.id} was lost with its pack host {host_id}, and no state saved "
+                f"model {model.id} was lost {how}, and no state saved "
                 "since its last step was found; create a training client from your last "
                 "saved state (create_training_client_from_state_with_optimizer) to go on"
             )
             self._fail(model.id, error)
             return
-        log.warning("Tinker model %s lost with host %s: restoring %s", model.id, host_id, point)
+        log.warning("Tinker model %s lost %s: restoring %s", model.id, how, point)
         self.points[model.id] = point
         self.store.requeue(model.id)  # what was in flight runs again after the restore
         self.store.unhost(model.id)

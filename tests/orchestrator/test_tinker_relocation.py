@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.host_protocol import RELOCATE, RESTORE
+from core.host_protocol import LOST, RELOCATE, RESTORE
 from orchestrator.db import make_engine, migrate
 from orchestrator.tinker.relocation import RELOCATION, Relocations, relocation_home
 from orchestrator.tinker.rows import FAILED, MODEL_FAILED, MODEL_LIVE, PENDING
@@ -94,7 +94,7 @@ def test_a_lost_host_restores_a_current_save_and_fails_a_stale_one(store: Tinker
     store.mark_sent([stuck.id])
     moves = Relocations(store)
     for model_id in (saved, stale):
-        moves.host_lost(store.model("t1", model_id), "host-a")
+        moves.host_lost(store.model("t1", model_id), "with its pack host host-a")
     # Restored from the save; what was in flight runs again on the next host.
     assert store.model("t1", saved).state == MODEL_LIVE
     assert store.model("t1", saved).host_id is None
@@ -107,3 +107,17 @@ def test_a_lost_host_restores_a_current_save_and_fails_a_stale_one(store: Tinker
     assert "create_training_client_from_state_with_optimizer" in error
     answered = store.request("t1", stuck.id)  # its future answers the error at once
     assert answered.state == FAILED and answered.error == error
+
+
+def test_a_lost_notice_restores_or_fails_like_a_lost_host(store: TinkerStore) -> None:
+    model_id, _ = live_model(store, 1)
+    notice = {
+        "request_id": f"lost-{model_id}",
+        "model_id": model_id,
+        "kind": LOST,
+        "result": None,
+        "error": "its pack host's workers restarted",
+    }
+    assert Relocations(store).settle([notice]) == []
+    error = store.model("t1", model_id).error or ""
+    assert "was lost when its pack host's workers restarted" in error

@@ -86,9 +86,7 @@ def test_a_model_moved_mid_accumulation_goes_on_bit_for_bit(
             else:
                 call(slots, "optim_step", adam())
     assert losses["moved"] == losses["alone"]  # bit for bit: the same math on the same state
-    for mine, theirs in zip(
-        second.slots[MODEL].params, alone.slots[MODEL].params, strict=True
-    ):
+    for mine, theirs in zip(second.slots[MODEL].params, alone.slots[MODEL].params, strict=True):
         assert torch.equal(mine, theirs)
         assert mine.grad is not None and theirs.grad is not None
         assert torch.equal(mine.grad, theirs.grad)
@@ -172,3 +170,28 @@ def test_restore_point_rules(moved_at: int | None) -> None:
     # A save taken between forward_backward and optim_step lacks the summed gradients.
     mid = [Row(0, "create_model"), Row(1, "forward_backward"), Row(2, "save_weights", **save)]
     assert restore_point(mid, None) is None
+
+
+def test_restarted_workers_lose_their_models_bounce_their_work_and_say_so() -> None:
+    from core.host_protocol import LOST
+
+    queue = RequestQueue()
+    queue.submit([request("a", "create_model", 0), request("b", "create_model", 0)])
+    queue.take()
+    queue.answer([{"request_id": "a-0", "model_id": "a", "kind": "create_model"}], live=["a"])
+    queue.submit([request("a", "forward_backward", 1)])
+    queue.take()  # on the workers when they die, with b's creation
+    queue.submit([request("a", "optim_step", 2)])  # queued, not taken yet
+    queue.collect()
+    assert queue.workers_lost()
+    answers = queue.collect()
+    assert [(a["request_id"], a.get("bounced", False)) for a in answers[:3]] == [
+        ("b-0", True),
+        ("a-1", True),
+        ("a-2", True),
+    ]
+    assert [(a["model_id"], a["kind"]) for a in answers[3:]] == [("a", LOST), ("b", LOST)]
+    assert queue.take() == [] and not queue.holds_end()
+    queue.submit([request("a", "forward", 3)])  # bounced until it is restored
+    assert queue.collect()[0]["bounced"]
+    assert not queue.workers_lost()  # a second restart with nothing on it: nothing to say

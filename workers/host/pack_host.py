@@ -212,6 +212,9 @@ class PackHost:
         """The workers (re)start: every running member will be announced to them again."""
         lost = self._lost_nodes() if self.worker_nodes else []
         with self._lock:
+            # A restart: the Tinker models on the old workers are gone (workers.host.requests).
+            if self.worker_pids and self.requests.workers_lost():
+                self._answered.notify_all()
             self.worker_pids = list(worker_pids)
             self.worker_nodes = [
                 NodeRef(node_id=n["node_id"], ip=n["ip"]) for n in worker_nodes or []

@@ -11,13 +11,17 @@ live model gets a `relocate` request after the work already taken (its state is 
 that step boundary and its slot freed), the host holds its end until every one is answered,
 and a request that arrives for a model already moving is handed back unrun ("bounced": the
 dispatcher sends it again, in order, to the model's next host).
+
+When the workers restart (a lost worker node, a crash), the models on them are gone: the
+requests they had taken and those queued for them are bounced, and each model's loss is told
+(a `lost` notice) so the dispatcher restores it or fails it (orchestrator.tinker.relocation).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from core.host_protocol import RELOCATE, RESTORE
+from core.host_protocol import LOST, RELOCATE, RESTORE
 
 
 class RequestQueue:
@@ -30,6 +34,7 @@ class RequestQueue:
         self.homes: dict[str, dict[str, Any]] = {}  # model -> its relocation payload
         self.moved: set[str] = set()  # models told to relocate (they take no more work here)
         self.moving: set[str] = set()  # ... whose relocation is not answered yet
+        self.running: dict[str, dict[str, Any]] = {}  # taken by the workers, not answered
 
     def submit(self, requests: list[dict[str, Any]]) -> None:
         for request in requests:
@@ -75,11 +80,40 @@ class RequestQueue:
     def take(self) -> list[dict[str, Any]]:
         """Every queued request, in the order handed in (each model's seq_id order)."""
         taken, self.queued = self.queued, []
+        self.running.update((r["request_id"], r) for r in taken)
         return taken
+
+    def workers_lost(self) -> bool:
+        """The workers restarted: their models are gone (module docstring); whether any
+        answer is new."""
+        lost = self.models | {r["model_id"] for r in self.running.values()} | self.moving
+        if not lost:
+            return False
+        gone = [*self.running.values(), *(r for r in self.queued if r["model_id"] in lost)]
+        for request in gone:
+            self.answers.append(
+                {**_answer_of(request), "result": None, "error": None, "bounced": True}
+            )
+        self.queued = [r for r in self.queued if r["model_id"] not in lost]
+        for model_id in sorted(lost):
+            self.answers.append(
+                {
+                    "request_id": f"lost-{model_id}",
+                    "model_id": model_id,
+                    "kind": LOST,
+                    "result": None,
+                    "error": "its pack host's workers restarted",
+                }
+            )
+        self.moved |= lost  # what comes for them bounces until a restore
+        self.models, self.moving, self.running = set(), set(), {}
+        return True
 
     def answer(self, answers: list[dict[str, Any]], live: list[str] | None) -> None:
         self.answers.extend(answers)
         self.moving -= {a["model_id"] for a in answers if a.get("kind") == RELOCATE}
+        for answer in answers:
+            self.running.pop(answer["request_id"], None)
         if live is not None:
             self.models = set(live)
 
