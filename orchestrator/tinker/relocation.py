@@ -10,8 +10,12 @@ workers.host.requests and workers.host.slot_moves).
 - A host lost without warning (its actor gone): a model whose newest saved state (its last
   move's, or a `save_state` of the client's) is still its current one, because nothing the
   client has seen changed it since, is restored from there and what was in flight runs again;
-  any other fails, and its requests answer an error naming the saved state to go back to,
-  which the SDK raises at once (it retries only 5xx, 408, 409, 429 and empty 400s).
+  any other fails, and its requests answer an error saying to go back to a saved state (and
+  naming its newest), which the SDK raises at once (it retries only 5xx, 408, 409, 429 and
+  empty 400s).
+- Its host's workers restarted (a lost worker node, a crash): the host bounces what the old
+  workers had taken or queued for the model and sends a `lost` notice; the model is then
+  restored, or fails, as for a lost host (the same host may take it back).
 A model never sent anywhere yet (its creation in flight) is simply created again elsewhere.
 The seq of each model's last move is kept in memory: after a scheduler restart, a lost host's
 models count only their clients' own saves.
@@ -171,12 +175,20 @@ class Relocations:
             self.store.requeue(model.id)
             self.store.unhost(model.id)
             return
-        point = restore_point(self.store.model_requests(model.id), self.points.get(model.id))
+        requests = self.store.model_requests(model.id)
+        point = restore_point(requests, self.points.get(model.id))
         if point is None:
+            saves = [
+                r.payload["path"]
+                for r in requests
+                if r.state == DONE and r.kind == "save_weights" and r.payload.get("optimizer")
+            ]
+            newest = f" (your newest: {saves[-1]})" if saves else ""
             error = (
                 f"model {model.id} was lost {how}, and no state saved "
                 "since its last step was found; create a training client from your last "
-                "saved state (create_training_client_from_state_with_optimizer) to go on"
+                f"saved state{newest} (create_training_client_from_state_with_optimizer) "
+                "to go on"
             )
             self._fail(model.id, error)
             return
