@@ -89,8 +89,14 @@ def test_a_lost_host_restores_a_current_save_and_fails_a_stale_one(store: Tinker
     store.finish(row.id, {}, None)
     in_flight = store.add_request("t1", saved, len(ids) + 1, "forward_backward", {})
     store.mark_sent([in_flight.id])
-    stale, _ = live_model(store, 1)
-    stuck = store.add_request("t1", stale, 3, "forward_backward", {})
+    stale, stale_ids = live_model(store, 1)
+    early = store.add_request("t1", stale, len(stale_ids), "save_weights", save)
+    store.mark_sent([early.id])
+    store.finish(early.id, {}, None)
+    late = store.add_request("t1", stale, len(stale_ids) + 1, "forward_backward", ADAM)
+    store.mark_sent([late.id])
+    store.finish(late.id, {}, None)  # a step after the save: the save is stale
+    stuck = store.add_request("t1", stale, len(stale_ids) + 2, "forward_backward", {})
     store.mark_sent([stuck.id])
     moves = Relocations(store)
     for model_id in (saved, stale):
@@ -105,6 +111,7 @@ def test_a_lost_host_restores_a_current_save_and_fails_a_stale_one(store: Tinker
     error = store.model("t1", stale).error or ""
     assert "lost with its pack host host-a" in error
     assert "create_training_client_from_state_with_optimizer" in error
+    assert f"(your newest: {save['path']})" in error
     answered = store.request("t1", stuck.id)  # its future answers the error at once
     assert answered.state == FAILED and answered.error == error
 
