@@ -152,7 +152,7 @@ class Relocations:
     def settle(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Takes the answers of moves (and requests handed back unrun) out of a host's
         answers; the rest are answers to the client's requests."""
-        kept = []
+        kept: list[dict[str, Any]] = []
         for answer in answers:
             if answer.get("bounced"):
                 self.store.requeue(answer["model_id"], [answer["request_id"]])
