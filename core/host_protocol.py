@@ -44,9 +44,19 @@ RELOCATE, RESTORE = "relocate", "restore"
 LOST = "lost"
 
 
-
 def host_actor_name(host_id: str) -> str:
     return f"{HOST_PREFIX}{host_id}"
+
+
+# A node group is a custom Ray resource of the nodes in it (`ray start --resources=
+# '{"lorafleet-group:NAME": 1}'`); each worker of a host of a base placed there takes this
+# much of it: a mark, not a capacity (what limits a group's hosts is its nodes' CPUs/GPUs).
+NODE_GROUP_PREFIX = "lorafleet-group:"
+NODE_GROUP_SHARE = 0.001
+
+
+def node_group_resource(group: str) -> str:
+    return f"{NODE_GROUP_PREFIX}{group}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ class HostShape:
     num_workers: int
     use_gpu: bool
     precision: str  # "bf16" | "fp32"
+    # The node group its workers must sit in (Settings.base_node_groups, by base: not part
+    # of the key); None: any node.
+    node_group: str | None = None
 
     @property
     def key(self) -> str:
@@ -83,6 +96,9 @@ class HostSpec:
     checkpoint_every_steps: int = 50
     checkpoint_keep_last: int = 3
     max_job_restarts: int = 2  # worker failures each job survives (per job, not per host)
+    # Restarts because its workers' nodes were preempted that each job survives (their own
+    # budget: a preemption spends no restart; workers.host.node_loss).
+    max_job_preemptions: int = 10
     loss_chunk_tokens: int = 4096  # the loss's fp32 logits are made this many tokens at a time
     gradient_checkpointing: bool = False  # recompute the base's activations in backward
     # Weights & Biases' run folders (data_dir/wandb): where an offline run is written.

@@ -6,6 +6,7 @@ With nothing set, everything is embedded: SQLite and a local object-store folder
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.objectstore import ObjectStoreConfig
+
+# A node group's name, as it goes into a Ray resource name (core.host_protocol.NODE_GROUP_PREFIX).
+NODE_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 class Settings(BaseSettings):
@@ -75,6 +79,12 @@ class Settings(BaseSettings):
     base_models: dict[str, str] = Field(
         default_factory=dict,
         description="Base-model catalog: name -> local folder or s3:// URI (JSON in env).",
+    )
+    base_node_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="Base name -> node group its hosts' workers must sit in: the nodes with "
+        'the custom Ray resource "lorafleet-group:GROUP" (JSON in env); a base not named '
+        "here may use any node.",
     )
     model_cache_dir: Path | None = Field(
         default=None, description="Where s3:// base models are downloaded; default data_dir/models."
@@ -171,6 +181,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Worker failures each job on a host survives (resuming from its checkpoint).",
     )
+    max_preemptions_per_job: int = Field(
+        default=10,
+        ge=0,
+        description="Worker restarts because nodes were preempted (Ray's drain with a "
+        "deadline, a spot notice) each job survives: a budget of their own, never its "
+        "worker restarts or attempts.",
+    )
     max_attempts: int = Field(
         default=3, ge=1, description="Attempts (hosts lost) per job before it fails."
     )
@@ -226,6 +243,23 @@ class Settings(BaseSettings):
         description="Host names served while no API key exists (open mode): loopback only, "
         "so a web page cannot reach the open API through DNS rebinding.",
     )
+
+    @model_validator(mode="after")
+    def _check_node_groups(self) -> Settings:
+        """Every problem of `base_node_groups` at once, each naming the setting."""
+        problems = [
+            f"base {base!r} is not in base_models ({', '.join(sorted(self.base_models)) or 'none'})"
+            for base in sorted(self.base_node_groups)
+            if base not in self.base_models
+        ]
+        problems += [
+            f"group {group!r} of base {base!r} must be 1-63 letters, digits, '-', '_' or '.'"
+            for base, group in sorted(self.base_node_groups.items())
+            if not NODE_GROUP_NAME.fullmatch(group)
+        ]
+        if problems:
+            raise ValueError("base_node_groups: " + "; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

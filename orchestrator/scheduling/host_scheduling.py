@@ -89,6 +89,7 @@ class HostScheduling(HostWatch):
         self._missed_polls: dict[str, int] = {}
         self._first_seen: dict[str, float] = {}  # host -> when this scheduler first saw it
         self._admitted_at: dict[str, float] = {}  # host -> this scheduler's last admit there
+        self._host_nodes: dict[str, str] = {}  # host -> " on node …" (its last report)
         self.finish_estimates = FinishEstimates()  # each running job's recent steps
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}

@@ -45,6 +45,7 @@ class HostWatch:
     _missed_polls: dict[str, int]
     _first_seen: dict[str, float]
     _admitted_at: dict[str, float]
+    _host_nodes: dict[str, str]  # host -> " on node …" as its last report had it
     finish_estimates: FinishEstimates
 
     def watch(self) -> None:
@@ -71,10 +72,12 @@ class HostWatch:
                 continue
             self._missed_polls.pop(host_id, None)  # answered: a next stall counts afresh
             if report is None:
+                where = self._host_nodes.get(host_id, "")
                 for job in jobs:
-                    self._host_lost(job, f"its pack host {host_id} disappeared")
+                    self._host_lost(job, f"its pack host {host_id}{where} disappeared")
                 continue
             self._first_seen.setdefault(host_id, self.clock())
+            self._host_nodes[host_id] = _where(report)
             if self._hung(host_id, report):
                 self._restart_hung(host_id, jobs)
                 continue
@@ -82,6 +85,8 @@ class HostWatch:
             for job in jobs:
                 self._watch_job(host_id, job, report)
             self._tidy(host_id, report, {j.id for j in jobs})
+        for gone in set(self._host_nodes) - alive - set(by_host):
+            del self._host_nodes[gone]  # neither up nor holding a job: nothing to say of it
         self._drain_hosts()
         self.hosts.reap()
 
@@ -259,6 +264,13 @@ class HostWatch:
             return self.store.job(job_id)
         except NotFound:
             return None
+
+
+def _where(report: HostReport) -> str:
+    """`" on node 10.0.0.5 (ab12cd34)"`: the host's node as its report has it (a control node
+    lost takes its hosts with it, and the jobs' events say which), or nothing."""
+    node = report.get("node")
+    return f" on node {node['ip']} ({node['node_id'][:8]})" if node else ""
 
 
 def _host_state(report: HostReport) -> str:

@@ -6,7 +6,9 @@ Ray calls are in `orchestrator.scheduling.ray_hosts`).
   (`Settings.control_resource`, e.g. `ray start --resources='{"lorafleet-control": 1}'`), or
   else the head. A worker node may be lost or drained; a control node holds every job of its
   hosts, so it must be one the operator keeps.
-- Free resources count only nodes that take new work: a draining node's are not free.
+- Free resources count only nodes that take new work: a draining node's are not free. A
+  node's group marks (`lorafleet-group:…`) count as resources too, so a base's bundles fit
+  only on its group's nodes (orchestrator.scheduling.placement.bundles_of).
 - What to ask the autoscaler for: the bundles of every host up plus those of each shape that
   fits nowhere (Ray's request is for the whole cluster, not on top of what runs).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from core.host_protocol import NODE_GROUP_PREFIX
 
 Resources = dict[str, float]
 
@@ -45,9 +49,13 @@ class NodeView:
 
 
 def free_per_node(nodes: Iterable[NodeView]) -> list[Resources]:
-    """Each node's free CPUs and GPUs, for the nodes that take new work."""
+    """Each node's free CPUs, GPUs and node-group marks, for the nodes that take new work."""
     return [
-        {kind: float(n.available.get(kind, 0.0)) for kind in PLACED_KINDS if kind in n.total}
+        {
+            kind: float(n.available.get(kind, 0.0))
+            for kind in n.total
+            if kind in PLACED_KINDS or kind.startswith(NODE_GROUP_PREFIX)
+        }
         for n in nodes
         if n.takes_work
     ]

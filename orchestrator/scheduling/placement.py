@@ -3,16 +3,23 @@ resources for it, so a job that cannot be placed waits in the queue instead of i
 placement group that stays pending.
 
 A host asks Ray for one bundle per worker: a CPU, and a GPU when it trains on GPUs (as
-`workers.runtime.ray_trainer` asks for them). Ray Train packs the bundles but may spread them over
-nodes, so a host fits when each bundle fits, first come first served, on some node's free
-resources.
+`workers.runtime.ray_trainer` asks for them), and a mark of its base's node group if it has
+one (`Settings.base_node_groups`: only that group's nodes have the resource). Ray Train packs
+the bundles but may spread them over nodes, so a host fits when each bundle fits, first come
+first served, on some node's free resources.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from core.host_protocol import HostReport, HostShape, HostSpec
+from core.host_protocol import (
+    NODE_GROUP_SHARE,
+    HostReport,
+    HostShape,
+    HostSpec,
+    node_group_resource,
+)
 from orchestrator.jobs import training_fields
 from orchestrator.settings import Settings
 
@@ -21,6 +28,8 @@ Resources = dict[str, float]
 
 def bundles_of(shape: HostShape) -> list[Resources]:
     bundle = {"CPU": 1.0, **({"GPU": 1.0} if shape.use_gpu else {})}
+    if shape.node_group:
+        bundle[node_group_resource(shape.node_group)] = NODE_GROUP_SHARE
     return [dict(bundle) for _ in range(shape.num_workers)]
 
 
@@ -70,6 +79,7 @@ def host_spec(
         setup_timeout_seconds=settings.setup_timeout_seconds,
         step_timeout_seconds=settings.step_timeout_seconds,
         max_job_restarts=settings.max_worker_restarts,
+        max_job_preemptions=settings.max_preemptions_per_job,
         publish_retry_seconds=settings.publish_retry_seconds,
         **training_fields(settings),
     )

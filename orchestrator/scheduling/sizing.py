@@ -87,6 +87,7 @@ class HostSizing:
             num_workers=workers,
             use_gpu=gpu,
             precision=precision or self.settings.precision or ("bf16" if gpu else "fp32"),
+            node_group=self.settings.base_node_groups.get(base),
         )
 
     def demand_of(self, job: JobRow) -> SlotDemand:
@@ -251,13 +252,13 @@ def demand_of(job: JobRow, dataset_rows: int = 0) -> SlotDemand:
     """What a job asks of each rank (core.memory_estimate.slot_demand)."""
     training, lora = job.settings.training, job.settings.lora
     return slot_demand(
-        batch_size=training.batch_size,
+        batch_size=training.batch_size * training.rows_per_example,
         num_workers=job.settings.resources.num_workers,
         max_seq_len=training.max_seq_len,
         lora_r=lora.r,
         target_modules=lora.target_modules,
         lora_dropout=lora.dropout,
-        dataset_rows=dataset_rows,
+        dataset_rows=dataset_rows * training.rows_per_example,
     )
 
 

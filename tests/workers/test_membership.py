@@ -13,6 +13,7 @@ from core.objectstore import ObjectStoreConfig
 from core.run_states import STOP_ALL, RunJobState
 from core.spec import JobSpec
 from workers.host.membership import Membership
+from workers.host.node_loss import LostNode
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     RunJobState.RUNNING,
@@ -255,7 +256,7 @@ def test_a_restart_after_a_node_loss_names_the_node_in_each_jobs_events() -> Non
         membership.admit(request(job_id))
     boundary(membership)
     boundary(membership, [event("a", "metrics"), event("b", "metrics")], live=["a", "b"])
-    membership.begin_attempt(["10.0.0.7 (0123abcd)"])
+    membership.begin_attempt([LostNode("0123abcdef", "10.0.0.7", preempted=False)])
     for member in membership.running():
         (restarted,) = [e for e in member.events if "restarted" in e["message"]]
         assert "node 10.0.0.7 (0123abcd) was lost" in restarted["message"]

@@ -22,7 +22,10 @@ Worker restarts (`begin_attempt`): every member the dead workers held is announc
 resumes from its own checkpoint; each spends one restart of its own budget. A crash that
 comes while some members have never finished a step on this host (they just joined) is laid
 on those members alone, and a member so implicated twice fails alone ("training_error"),
-so a job that crashes the workers as it joins cannot use up its mates' budgets.
+so a job that crashes the workers as it joins cannot use up its mates' budgets. A restart
+because nodes were preempted (Ray's drain, a spot notice: `workers.host.node_loss`) spends
+each held member's preemption budget instead, never its restarts; one that Ray names only
+later is amended then (`explain_restart`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from core.host_protocol import AdmissionRequest, AdmissionResult, HostSpec, JobR
 from core.run_states import STOP_ALL, RunJobState
 from core.spec import JobSpec
 from workers.host.hand_back import HandBacks
+from workers.host.node_loss import LostNode, NodeLosses, preemption
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED, HANDED_BACK = (
     RunJobState.RUNNING,
@@ -67,6 +71,7 @@ class Member:
     announced: bool = False  # handed to the current worker group
     stopping: bool = False  # announced; the workers drop it at the next boundary
     restarts: int = 0  # worker restarts charged to this job
+    preemptions: int = 0  # restarts because its workers' nodes were preempted
     implicated_crashes: int = 0  # crashes that came before it finished a step here
     steps_done: int = 0  # steps it finished on this host (its metrics events)
     timed_out: bool = False
@@ -82,14 +87,16 @@ class Member:
         return self.request.attempt
 
 
-class Membership(HandBacks):
+class Membership(HandBacks, NodeLosses):
     """The rules of one host's membership. Not thread-safe: the caller holds its lock."""
 
     def __init__(self, spec: HostSpec, clock: Callable[[], float]) -> None:
         self.spec = spec
         self.clock = clock
         self.members: dict[str, Member] = {}
-        self._lost_nodes: list[str] = []  # dead nodes behind the last workers' restart
+        self._lost_nodes: list[LostNode] = []  # dead nodes behind the last workers' restart
+        # Job id -> (attempt, charged a restart), of the members the last restart held.
+        self.last_restart_held: dict[str, tuple[int, bool]] = {}
         # Job id -> a stale attempt still on the workers: leaves before the new one joins.
         self.retiring: dict[str, int] = {}
         self.ending = False  # admits nothing more; the workers leave once no job is on
@@ -234,20 +241,26 @@ class Membership(HandBacks):
         return jobs
 
     # ---- the workers' calls ---------------------------------------------------------------
-    def begin_attempt(self, lost_nodes: list[str] | None = None) -> dict[str, Any]:
+    def begin_attempt(self, lost_nodes: list[LostNode] | None = None) -> dict[str, Any]:
         """The workers (re)start: every running member will be announced to them again, and
         the members the dead workers held pay for the restart (module docstring).
         `lost_nodes`: the nodes the last workers ran on that Ray says are dead (named in the
-        jobs' events as the cause)."""
+        jobs' events as the cause; all of them preempted: a preemption)."""
         self._lost_nodes = list(lost_nodes or [])
+        preempted = preemption(self._lost_nodes)
         self.worker_starts += 1
         restart = self.worker_starts - 1
         self.retiring.clear()  # the new workers hold nobody
-        if restart:
+        if restart and not preempted:  # a preemption is no sign of a host that cannot run
             self.restarts_without_step += 1
         held = [m for m in self.running() if m.announced]
+        self.last_restart_held = {m.job_id: (m.attempt, False) for m in held}
         for member in held:
             member.announced = member.stopping = False
+        if preempted:
+            for member in held:
+                self.charge_preemption(member, self._lost_nodes)
+            return {"restart": restart, "end": False}
         # Members that never finished a step here while others did: the crash is theirs.
         # (When nobody, or everybody, has stepped, nothing tells them apart: all pay.)
         implicated = [m for m in held if m.steps_done == 0]
@@ -256,6 +269,7 @@ class Membership(HandBacks):
         charged = implicated or held
         for member in charged:
             member.restarts += 1
+            self.last_restart_held[member.job_id] = (member.attempt, True)
         for member in implicated:
             member.implicated_crashes += 1
         for member in held:
@@ -280,7 +294,7 @@ class Membership(HandBacks):
                 "infrastructure",
             )
         elif charged:
-            lost = self._lost_nodes
+            lost = [node.name for node in self._lost_nodes]
             cause = f"node {', '.join(lost)} was lost" if lost else "a failure"
             self.append(
                 member,

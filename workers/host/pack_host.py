@@ -30,6 +30,7 @@ from core.run_states import STOP_ALL
 from core.spec import JobSpec
 from workers.host.integrations import IntegrationRuns
 from workers.host.membership import RUNNING, Membership
+from workers.host.node_loss import LATE_LOOK_S, LateLook, LostNode, lost_nodes
 from workers.host.requests import RequestQueue
 from workers.runtime.ray_trainer import FitFailure, trainer_for
 
@@ -67,6 +68,7 @@ class PackHost:
         self._work = threading.Condition(self._lock)
         self._answered = threading.Condition(self._lock)
         self.integrations = IntegrationRuns(spec.wandb_dir)
+        self.late_look: LateLook | None = None  # a restart that named no node yet
 
     # ---- life ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +87,7 @@ class PackHost:
             storage_path=spec.storage_path,
             num_workers=shape.num_workers,
             use_gpu=shape.use_gpu,
+            node_group=shape.node_group,
             # Restarts are budgeted per job (begin_attempt); the host itself gives up
             # only when restarts keep coming with no step in between.
             max_failures=-1,
@@ -145,6 +148,7 @@ class PackHost:
 
     def poll(self, cursors: dict[str, int]) -> HostReport:
         """One call per host: figures, then each job's state and its events from its cursor."""
+        self._look_again()
         with self._lock:
             membership = self.membership
             return {
@@ -210,28 +214,48 @@ class PackHost:
         self, worker_pids: list[int], worker_nodes: list[dict[str, str]] | None = None
     ) -> dict[str, Any]:
         """The workers (re)start: every running member will be announced to them again."""
-        lost = self._lost_nodes() if self.worker_nodes else []
+        lost = self._lost_nodes(self.worker_nodes) if self.worker_nodes else []
         with self._lock:
             # A restart: the Tinker models on the old workers are gone (workers.host.requests).
             if self.worker_pids and self.requests.workers_lost():
                 self._answered.notify_all()
+            # Ray may declare the lost node dead only later: looked for again (poll).
+            restart = bool(self.worker_nodes)
+            self.late_look = (
+                LateLook(list(self.worker_nodes), time.time() + LATE_LOOK_S)
+                if restart and not lost
+                else None
+            )
             self.worker_pids = list(worker_pids)
             self.worker_nodes = [
                 NodeRef(node_id=n["node_id"], ip=n["ip"]) for n in worker_nodes or []
             ]
             return self.membership.begin_attempt(lost)
 
-    def _lost_nodes(self) -> list[str]:
-        """The nodes the last workers ran on that Ray now says are dead ("ip (id…)")."""
+    def _lost_nodes(self, ranks: list[NodeRef]) -> list[LostNode]:
+        """The nodes of `ranks` that Ray now says are gone, each preempted or lost."""
         try:
-            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        except Exception:  # only words in an event: never the restart's failure
+            return lost_nodes(ranks, ray.nodes())
+        except Exception:  # noqa: BLE001 - words and a budget: never the restart's failure
             return []
-        seen: dict[str, str] = {}
-        for rank in self.worker_nodes:
-            if rank["node_id"] not in alive:
-                seen[rank["node_id"]] = f"{rank['ip']} ({rank['node_id'][:8]})"
-        return list(seen.values())
+
+    def _look_again(self) -> None:
+        """After a restart that named no node: whether Ray now says one of the last workers'
+        nodes is gone (at most once a second, for LATE_LOOK_S); if so the jobs are told."""
+        look, now = self.late_look, time.time()
+        if look is None or not look.due(now):
+            if look is not None and look.over(now):
+                self.late_look = None
+            return
+        look.last = now
+        lost = self._lost_nodes(look.ranks)  # outside the lock: a call to Ray's GCS
+        if not lost:
+            return
+        with self._lock:
+            if self.late_look is look:  # no newer restart meanwhile
+                self.late_look = None
+                self.membership.explain_restart(lost)
+                self._tell_news()
 
     def setup_gave_up(self) -> bool:
         """Asked by each worker as it starts: workers restarted after a setup timeout leave

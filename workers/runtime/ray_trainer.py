@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from core.host_protocol import NODE_GROUP_SHARE, node_group_resource
+
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
@@ -25,20 +27,24 @@ def trainer_for(
     num_workers: int,
     use_gpu: bool,
     max_failures: int,
+    node_group: str | None = None,
 ) -> TorchTrainer:
     """One worker per CPU (and GPU), gloo or NCCL; `name` + `storage_path` let a new `fit()`
-    resume from the run's last checkpoint, and `max_failures` worker-group restarts (-1: any)."""
+    resume from the run's last checkpoint, and `max_failures` worker-group restarts (-1: any).
+    `node_group`: each worker takes a mark of that group's resource, so it sits only on the
+    group's nodes (core.host_protocol.NODE_GROUP_PREFIX)."""
     # Imported here: Ray Train is slow to import, and the scheduler imports the actors' modules.
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    group = {node_group_resource(node_group): NODE_GROUP_SHARE} if node_group else {}
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {}), **group},
         ),
         torch_config=TorchConfig(backend="nccl")
         if use_gpu
