@@ -204,9 +204,7 @@ class Relocations:
         self.expecting.discard(model_id)
         error = answer["error"]
         if error is not None:
-            self._fail(
-                model_id, f"its state could not be saved as its host ended: {answer['error']}"
-            )
+            self._fail(model_id, f"its state could not be saved as its host ended: {error}")
             return
         # Every request that ran before the move was answered before it, in order.
         ran = [
