@@ -15,7 +15,8 @@ for, as the SDK's examples do.
     .venv/bin/python bench/primitives.py [--ns 1,4,8] [--steps 5] [--rows 4] [--tokens 64]
 
 Printed per N and side: aggregate steps/s (N·steps over the time from the common start to
-the last client's last answer) and the mean step latency a client sees. `call_overhead_ms`
+the last client's last answer), the mean step latency a client sees, and the mean time
+from a request row's write to its answer's (the server's part of it). `call_overhead_ms`
 is the mean latency of one forward_backward+optim_step pair of the N=1 shared client minus
 the same pair's work run in this process (workers.host.request_slots.RequestSlots on the
 same data, fp32, no Ray, no ZeRO-3): what the API, the request rows, the dispatcher, Ray
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -139,6 +141,23 @@ def drive(url: str, key: str, bases: list[str], data: list[Any], steps: int) -> 
     return Side(n, wall, n * steps, latencies)
 
 
+def rows_in_flight_ms(database: Path, since: float) -> dict[str, float]:
+    """Mean ms from a request row's write (the API) to its answer's (the dispatcher), per
+    kind, of the rows written since `since`: the server's part of a step; the rest of what
+    a client sees is HTTP, the SDK and its futures' long polls."""
+    with sqlite3.connect(database) as db:
+        rows = db.execute(
+            "SELECT kind, finished_at - created_at FROM tinker_requests "
+            "WHERE created_at >= ? AND finished_at IS NOT NULL "
+            "AND kind IN ('forward_backward', 'optim_step')",
+            (since,),
+        ).fetchall()
+    kinds: dict[str, list[float]] = {}
+    for kind, seconds in rows:
+        kinds.setdefault(kind, []).append(seconds * 1e3)
+    return {kind: statistics.mean(times) for kind, times in sorted(kinds.items())}
+
+
 def in_process_pair_s(base: Path, data: list[dict[str, Any]], steps: int) -> float:
     """Mean seconds of one forward_backward + optim_step pair run by RequestSlots here."""
     import torch
@@ -244,11 +263,15 @@ def main() -> None:
         results: dict[tuple[int, str], Side] = {}
         for n in ns:
             for side, chosen in (("shared", [bases[0]] * n), ("separate", bases[:n])):
+                since = time.time()
                 result = drive(server.url, key, chosen, data, args.steps)
                 results[n, side] = result
+                rows = rows_in_flight_ms(folder / "state" / "lorafleet.db", since)
                 print(
                     f"N={n} {side:8s} {result.steps_per_s:6.2f} steps/s aggregate, "
-                    f"step latency mean {statistics.mean(result.latencies) * 1e3:6.0f} ms",
+                    f"step latency mean {statistics.mean(result.latencies) * 1e3:6.0f} ms; "
+                    "row written -> answered "
+                    + ", ".join(f"{kind} {ms:.0f} ms" for kind, ms in rows.items()),
                     flush=True,
                 )
     finally:
