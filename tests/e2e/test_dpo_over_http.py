@@ -2,12 +2,14 @@
 a 2-worker pack host on Ray with the base partitioned by ZeRO-3 (so the reference pass is a
 collective too). On pairs built so the preferred answer is learnable (the word shouted, not
 said), its reward accuracy ends above 0.9; on prompts it never saw, its downloaded adapter,
-loaded with peft, raises the preferred completion's log-prob over the other's."""
+loaded with peft, raises the preferred completion's log-prob over the other's. A DPO job
+from its checkpoint is measured against a frozen copy of that checkpoint."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +113,23 @@ def test_a_dpo_job_through_the_openai_sdk_learns_the_preferred_answer(
     assert sum(m["train_reward_accuracy"] for m in last) / len(last) > 0.9
     assert all(m["train_rewards_chosen"] > m["train_rewards_rejected"] for m in last)
     assert last[-1]["train_loss"] < first["train_loss"]
+
+    # From its final checkpoint: the reference is a frozen copy of that checkpoint (on both
+    # ranks), not the base, so the first step's rewards are 0 though the adapter is trained.
+    [final, *_] = sdk.fine_tuning.jobs.checkpoints.list(job.id).data
+    forked = sdk.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training_file.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 1}}},
+        extra_body={"from_checkpoint": final.id, "resources": {"num_workers": 2}},
+    )
+    with server.client() as client:
+        assert server.wait_until_terminal(client, forked.id)["status"] == "succeeded"
+    forked_events = list(sdk.fine_tuning.jobs.list_events(forked.id, limit=100))
+    [start] = [e.data for e in forked_events if e.data and e.data.get("step") == 1]
+    assert start["train_rewards_chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert start["train_reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert start["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
     held_out = pairs(HELD_OUT_WORDS)
     before, after = margins(tiny_base, None, held_out), margins(tiny_base, config.parent, held_out)
