@@ -24,6 +24,7 @@ from core.host_protocol import HostSpec, host_actor_name
 from workers.host.evaluating import HostEvaluations
 from workers.host.join import HostJoins, PendingJoin
 from workers.host.memory import MembershipMemory
+from workers.host.objective import reference_slot_name
 from workers.host.request_slots import RequestSlots
 from workers.host.slot import JobSlot, SlotState
 from workers.host.step import PackContext, train_step, use_gradient_checkpointing
@@ -184,6 +185,7 @@ class HostWorker(HostJoins, HostEvaluations):
             self.tokenizer.pad_token_id,
             self.rank,
             store=self._join_store,
+            world_size=self.world_size,
         )
 
     # ---- reporting: events wait in the outbox for the next step boundary -----------------
@@ -315,6 +317,7 @@ class HostWorker(HostJoins, HostEvaluations):
         """Frees the slot's factors, optimizer state and data on this rank."""
         for layer in self.layers.values():
             layer.remove_slot(slot.job_id)
+            layer.remove_slot(reference_slot_name(slot.job_id))  # a DPO job's, if it has one
         self.routing.generators.pop(slot.job_id, None)
         slot.optimizer, slot.schedule, slot.params = None, None, []
         slot.examples, slot.batches = [], []
