@@ -133,6 +133,14 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
     theirs = torch.tensor(expected.loss_fn_outputs[0]["logprobs"].to_numpy())
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
+    # Usage (issue 21): every forward_backward's tokens trained, every forward's prefilled,
+    # counted as their answers were stored, with the device time they took.
+    bearer = {"Authorization": f"Bearer {key}"}
+    days = httpx.get(f"{server.url}/v1/usage", headers=bearer, timeout=60).json()["data"]
+    assert sum(d["tokens_trained"] for d in days) == (STEPS + 4) * (len(tokens) - 1)
+    assert sum(d["tokens_prefilled"] for d in days) == 2 * (len(tokens) - 1)
+    assert sum(d["device_seconds"] for d in days) > 0
+
     # The protocol's edges, over plain HTTP with the same key.
     headers = {"X-API-Key": key}
     with httpx.Client(base_url=f"{server.url}/api/v1", headers=headers, timeout=60) as http:
