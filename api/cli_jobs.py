@@ -98,6 +98,10 @@ def create(
     ] = None,
     suffix: Annotated[str | None, typer.Option(help="Part of the model name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    dpo_beta: Annotated[
+        float | None,
+        typer.Option(help="A DPO job (on a preference file) with this beta; 0.1 is OpenAI's."),
+    ] = None,
     watch: Annotated[bool, typer.Option(help="Follow it until it ends.")] = False,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -109,10 +113,18 @@ def create(
         hyperparameters = {
             k: v for k, v in {"n_epochs": epochs, "batch_size": batch_size}.items() if v
         }
+        method: dict[str, Any]
+        if dpo_beta is not None:
+            method = {
+                "type": "dpo",
+                "dpo": {"hyperparameters": {**hyperparameters, "beta": dpo_beta}},
+            }
+        else:
+            method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
         body: dict[str, Any] = {
             "model": model,
             "training_file": _file_id(api, training_file),
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "method": method,
         }
         if validation_file:
             body["validation_file"] = _file_id(api, validation_file)

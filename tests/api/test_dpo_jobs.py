@@ -111,3 +111,23 @@ def test_a_bad_preference_line_is_refused_on_upload(client: TestClient) -> None:
         "/v1/files", files={"file": ("p.jsonl", body)}, data={"purpose": "fine-tune"}
     )
     assert_error(response, 400, "file", "line 2", "preferred_output[0].role")
+
+
+def test_the_cli_creates_a_dpo_job_with_dpo_beta(live_server: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    pairs, plain = tmp_path / "pairs.jsonl", tmp_path / "plain.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in PAIRS))
+    plain.write_text("\n".join(json.dumps(r) for r in GOOD_RECORDS))
+
+    def lorafleet(*args: str) -> Any:
+        return CliRunner().invoke(app, list(args), env={"LORAFLEET_URL": live_server})
+
+    create = ("jobs", "create", "--model", "tiny", "--dpo-beta", "0.2", "--json")
+    made = lorafleet(*create, "--training-file", str(pairs))
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    refused = lorafleet(*create, "--training-file", str(plain))
+    assert refused.exit_code == 2 and "training_file" in refused.output
