@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# deepspeed builds against the torch above, so no build isolation.
 	$(BIN)/pip install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# tinker-cookbook without its deps (listed in the dev extra): its tml-renderers>=0.4.1 is
+	# not on the package index here.
+	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.6.1
 	# DeepSpeed's ops, built once here (never inside a run: workers/runtime/deepspeed_ops.py).
 	$(BIN)/python -m workers.runtime.deepspeed_ops
 	touch $@
