@@ -41,6 +41,8 @@ class RequestQueue:
             model_id = request["model_id"]
             if request.get("relocation") is not None:
                 self.homes[model_id] = request["relocation"]
+            if request["kind"] == "drop_model":  # its session ended: it never moves again
+                self.homes.pop(model_id, None)
             if request["kind"] == RESTORE:
                 self.moved.discard(model_id)
             if model_id in self.moved:
