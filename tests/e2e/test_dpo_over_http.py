@@ -1,9 +1,10 @@
 """A DPO job end to end through the official `openai` SDK (issue 21): a real `lorafleet serve`,
 a 2-worker pack host on Ray with the base partitioned by ZeRO-3 (so the reference pass is a
-collective too). On pairs built so the preferred answer is learnable (the word shouted, not
-said), its reward accuracy ends above 0.9; on prompts it never saw, its downloaded adapter,
-loaded with peft, raises the preferred completion's log-prob over the other's. A DPO job
-from its checkpoint is measured against a frozen copy of that checkpoint."""
+collective too). Packed with a supervised job, it equals, bit for bit, the same DPO job
+trained alone after it. On pairs built so the preferred answer is learnable (the word
+shouted, not said), its reward accuracy ends above 0.9; on prompts it never saw, its
+downloaded adapter, loaded with peft, raises the preferred completion's log-prob over the
+other's. A DPO job from its checkpoint is measured against a frozen copy of that checkpoint."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from openai import OpenAI
+from safetensors.torch import load_file
 
 from core.examples import parse_jsonl
 from tests.e2e.conftest import LorafleetServer, running_server, shared_ray_env
@@ -29,6 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.long]
 _WORDS = "apple green light music paper ocean river stone cloud bread chair dream flame glass"
 TRAIN_WORDS = (*_WORDS.split(), "honey", "juice")
 HELD_OUT_WORDS = ("tiger", "melon", "pilot", "sugar")
+SUMS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(3)]
 
 
 def pairs(words: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
@@ -78,30 +81,59 @@ def test_a_dpo_job_through_the_openai_sdk_learns_the_preferred_answer(
     sdk = OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key or "none", max_retries=0)
     body = "\n".join(json.dumps(r) for r in pairs(TRAIN_WORDS)).encode()
     training_file = sdk.files.create(file=("pairs.jsonl", io.BytesIO(body)), purpose="fine-tune")
-    job = sdk.fine_tuning.jobs.create(
+    sums = "\n".join(json.dumps(r) for r in SUMS).encode()
+    sums_file = sdk.files.create(file=("sums.jsonl", io.BytesIO(sums)), purpose="fine-tune")
+
+    def dpo_job() -> Any:
+        return sdk.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=training_file.id,
+            seed=4,
+            method={
+                "type": "dpo",
+                "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 5, "batch_size": 4}},
+            },
+            extra_body={
+                "lora": {"r": 4, "alpha": 8},
+                "training": {"learning_rate": 2e-2, "max_seq_len": 48},
+                "resources": {"num_workers": 2},
+            },
+        )
+
+    # Packed with a supervised job on one host, then the same DPO job again, alone.
+    job = dpo_job()
+    mate = sdk.fine_tuning.jobs.create(
         model="tiny-llama",
-        training_file=training_file.id,
-        seed=4,
-        method={
-            "type": "dpo",
-            "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 5, "batch_size": 4}},
-        },
-        extra_body={
-            "lora": {"r": 4, "alpha": 8},
-            "training": {"learning_rate": 2e-2, "max_seq_len": 48},
-            "resources": {"num_workers": 2},
-        },
+        training_file=sums_file.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}},
+        extra_body={"training": {"max_seq_len": 48}, "resources": {"num_workers": 2}},
     )
     assert job.method.type == "dpo" and job.method.dpo is not None
     assert job.method.dpo.hyperparameters.beta == 0.5
     with server.client() as client:
-        finished = server.wait_until_terminal(client, job.id)
-        assert finished["status"] == "succeeded", finished
-        archive = client.get(f"/v1/fine_tuning/jobs/{job.id}/adapter")
-        assert archive.status_code == 200, archive.text
-    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
-        tar.extractall(tmp_path / "adapter", filter="data")
-    [config] = (tmp_path / "adapter").rglob("adapter_config.json")
+        for one in (job, mate):
+            finished = server.wait_until_terminal(client, one.id)
+            assert finished["status"] == "succeeded", finished
+        alone = dpo_job()
+        assert server.wait_until_terminal(client, alone.id)["status"] == "succeeded"
+        adapters = {}
+        for one in (job, alone):
+            archive = client.get(f"/v1/fine_tuning/jobs/{one.id}/adapter")
+            assert archive.status_code == 200, archive.text
+            with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+                tar.extractall(tmp_path / one.id, filter="data")
+            [found] = (tmp_path / one.id).rglob("adapter_model.safetensors")
+            adapters[one.id] = found
+    config = adapters[job.id].parent / "adapter_config.json"
+    packed, solo = load_file(adapters[job.id]), load_file(adapters[alone.id])
+    assert packed.keys() == solo.keys() and packed
+    assert all(torch.equal(packed[k], solo[k]) for k in packed), "packed differs from alone"
+    pack_sizes = {
+        e.data["pack_size"]
+        for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100)
+        if e.type == "metrics" and e.data
+    }
+    assert 2 in pack_sizes, pack_sizes  # it did share its host's steps with the mate
 
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))
     metrics = [e.data for e in reversed(events) if e.type == "metrics" and e.data]
