@@ -205,8 +205,9 @@ def test_a_two_node_host_trains_over_the_bridge_and_a_lost_link_stalls_no_other_
             packed = [submit(client, **body)["id"] for body in fields.values()]
             other = submit(client, **job_fields(file_id, 3, 1, OTHER_EPOCHS))["id"]
             wait_for_condition(
-                # Past the first checkpoint (every 3 steps), so they resume from one.
-                lambda: all(len(steps(j)) >= 4 for j in packed) and bool(steps(other)),
+                # Past the second checkpoint (every 3 steps): the first is registered by
+                # then (one still in flight when the link goes is lost), so they resume.
+                lambda: all(len(steps(j)) >= 7 for j in packed) and bool(steps(other)),
                 timeout=400,
                 interval=0.5,
                 what="all three jobs training",
