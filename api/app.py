@@ -77,6 +77,9 @@ def create_app(settings: Settings | None = None, *, run_scheduler: bool = False)
         store = JobStore(engine)
         # PostgreSQL: other processes' new jobs and events wake this one's waiters.
         listener = listen_for_changes(engine, store.changes)
+        # Tinker futures hear every answer where the dispatcher runs here or NOTIFY reaches
+        # this process: their fallback poll can then be slow (api/tinker/router.py).
+        app.state.answers_heard = run_scheduler or listener is not None
         objects = open_object_store(settings.object_store_config)
         app.state.services = Services(
             settings=settings,

@@ -38,9 +38,11 @@ from orchestrator.tinker.store import SessionEnded
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
 
 LONG_POLL_SECONDS = 25.0  # under the SDK's 45 s timeout of one retrieve_future call
-# A future is woken when its answer commits; this poll is the fallback for a wake-up that
-# never comes (an API beside a scheduler on the same SQLite file, a listener reconnecting).
-POLL_INTERVAL_SECONDS = 0.1
+# A future is woken when its answer commits; its poll is the fallback for a wake-up that
+# never comes: an API beside a scheduler on the same SQLite file hears none; where this
+# process hears every answer (its own dispatcher, or PostgreSQL NOTIFY) a poll only costs
+# CPU (16 futures in flight read 160 rows a second at 0.1 s).
+POLL_INTERVAL_SECONDS, HEARD_POLL_INTERVAL_SECONDS = 0.1, 2.0
 MAX_RANK = 256
 
 
@@ -268,6 +270,8 @@ async def retrieve_future(
 ) -> dict[str, Any] | Response:
     """Long-polls the request's row: its result, its error, or `try_again` after a while."""
     deadline = time.monotonic() + LONG_POLL_SECONDS
+    heard = getattr(request.app.state, "answers_heard", False)
+    poll = HEARD_POLL_INTERVAL_SECONDS if heard else POLL_INTERVAL_SECONDS
     with store.changes.watching_answer(body.request_id) as answered:
         while True:
             answered.clear()  # before the read: an answer committed after it wakes the wait
@@ -281,7 +285,7 @@ async def retrieve_future(
                 if row.seq_id == 0 and row.state == "pending":  # the SDK logs the reason
                     waiting["queue_state_reason"] = "waiting for a warm pack host of its base"
                 return waiting
-            await answered.wait(min(left, POLL_INTERVAL_SECONDS))
+            await answered.wait(min(left, poll))
 
 
 def future_answer(row: TinkerRequestRow) -> dict[str, Any] | Response | None:
