@@ -78,8 +78,7 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
     logprobs = result.loss_fn_outputs[0]["logprobs"].to_numpy()
     assert logprobs.shape == (len(tokens) - 1,)
     assert -(logprobs * weights).sum() == pytest.approx(losses[-1], rel=1e-5)
-    # The tiny base's output layer is not adapted (train_unembed is not yet supported) and
-    # its logits span little: the loss falls steadily but not far.
+    # The tiny base's logits span little: the loss falls steadily but not far.
     assert losses[-1] < 0.9 * losses[0], losses
     assert sum(losses[10:]) < sum(losses[:10]), losses
     info = training.get_info()
