@@ -87,7 +87,10 @@ def bridge() -> Iterator[list[str]]:
             ip("link", "set", "lo", "up", netns=netns)
         yield namespaces
     finally:
-        for netns in namespaces:
+        for k, netns in enumerate(namespaces):
+            # The pair by its outer end too: a namespace outlives its name while anything
+            # still holds it, and its veth (seen left behind once) with it.
+            subprocess.run(["ip", "link", "del", outside_veth(k)], capture_output=True, timeout=30)
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", bridge_name], capture_output=True, timeout=30)
 
