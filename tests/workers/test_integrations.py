@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,18 @@ def run_records(path: Path) -> Iterator[Any]:
 
 def offline_run(folder: Path) -> tuple[Any, list[dict[str, Any]]]:
     """The run record and the history rows of the one offline run under `folder` (or the
-    run's own folder)."""
+    run's own folder), once its file holds the run's exit record: wandb's service process
+    may still be writing it after `finish()` returns (seen on a loaded machine)."""
     (path,) = folder.glob("**/run-*.wandb")
+    deadline = time.monotonic() + 30
+    while True:
+        records = list(run_records(path))
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if ("run" in kinds and "exit" in kinds) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     run, history = None, []
-    for record in run_records(path):
-        kind = record.WhichOneof("record_type")
+    for record, kind in zip(records, kinds, strict=True):
         if kind == "run":
             run = record.run
         elif kind == "history":
