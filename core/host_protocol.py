@@ -24,6 +24,7 @@ Torch-free and Ray-free: imported by the API side, the scheduler and the workers
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict
@@ -125,6 +126,9 @@ class AdmissionRequest:
     priority: int = 0
     memory_bytes: int = 0  # the scheduler's estimate of what the job adds per rank
     max_runtime_seconds: float | None = None
+    # Preemptions the job has spent already (`max_job_preemptions` is one budget for its
+    # life: the host counts on from here, and its reports' count is stored).
+    preemptions: int = 0
 
     @property
     def job_id(self) -> str:
@@ -290,6 +294,13 @@ class PackHosts(Protocol):
     def draining_nodes(self) -> dict[str, str]:
         """The nodes being drained now (Ray's own drain, or `lorafleet hosts drain NODE`):
         node id -> IP. A host with a rank there is drained (hands its jobs back)."""
+        ...
+
+    def preempted_nodes(self, node_ids: Collection[str]) -> dict[str, str]:
+        """Of `node_ids`, those the cluster lists as dead because they were preempted (a
+        drain ended them: Ray's with a deadline, the autoscaler's, a spot notice): node id
+        -> the cluster's words for it. A host lost with its preempted node costs its jobs a
+        preemption, not an attempt (orchestrator/scheduling/host_watch.py)."""
         ...
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:

@@ -184,9 +184,9 @@ class Settings(BaseSettings):
     max_preemptions_per_job: int = Field(
         default=10,
         ge=0,
-        description="Worker restarts because nodes were preempted (Ray's drain with a "
-        "deadline, a spot notice) each job survives: a budget of their own, never its "
-        "worker restarts or attempts.",
+        description="Preemptions each job survives (Ray's drain with a deadline, a spot "
+        "notice): worker restarts and hosts lost with their preempted node, a budget of "
+        "their own for the job's life, never its worker restarts or attempts.",
     )
     max_attempts: int = Field(
         default=3, ge=1, description="Attempts (hosts lost) per job before it fails."

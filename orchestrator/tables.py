@@ -91,6 +91,9 @@ class JobRow(Base):
     # When the running job should end, from its measured time per step (migration 0014;
     # orchestrator/scheduling/finish_estimate.py); the job object shows it while it runs.
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    # Hosts lost with their preempted node (migration 0017): each cost the job one of its
+    # `max_preemptions_per_job`, never an attempt (orchestrator/scheduling/host_watch.py).
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Raised by a trigger on every UPDATE of the row (migration 0008), never written here:
     # the API's cache of response bodies is keyed on (id, version).
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -26,6 +26,7 @@ from core.host_protocol import (
     AdmissionRequest,
     HostReport,
     HostShape,
+    NodeRef,
     PackHosts,
 )
 from core.memory_estimate import SlotDemand
@@ -89,7 +90,7 @@ class HostScheduling(HostWatch):
         self._missed_polls: dict[str, int] = {}
         self._first_seen: dict[str, float] = {}  # host -> when this scheduler first saw it
         self._admitted_at: dict[str, float] = {}  # host -> this scheduler's last admit there
-        self._host_nodes: dict[str, str] = {}  # host -> " on node …" (its last report)
+        self._host_nodes: dict[str, NodeRef] = {}  # host -> its node (its last report)
         self.finish_estimates = FinishEstimates()  # each running job's recent steps
         # tenant -> when this scheduler last started one of its jobs (fairness's turn order)
         self._last_started: dict[str, float] = {}
@@ -331,6 +332,7 @@ class HostScheduling(HostWatch):
             # What is left of it: the host counts from its admission, the job's life from
             # its first start (the host ends it too if this scheduler is gone).
             max_runtime_seconds=_admitted_runtime(job, self.clock()),
+            preemptions=job.preemptions,
         )
         held = self.reservations.age(job.id, self.clock())
         reserved = "" if held is None else f", after a reservation held {held:.0f} s"

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from core.host_protocol import SETUP_PHASES, HostReport, PackHosts, Unanswered
+from core.host_protocol import SETUP_PHASES, HostReport, NodeRef, PackHosts, Unanswered
 from core.run_states import RunJobState
 from orchestrator.errors import NotFound
 from orchestrator.metrics import RUN_POLL_TIMEOUTS, Capacity, observe_training
@@ -45,7 +45,7 @@ class HostWatch:
     _missed_polls: dict[str, int]
     _first_seen: dict[str, float]
     _admitted_at: dict[str, float]
-    _host_nodes: dict[str, str]  # host -> " on node …" as its last report had it
+    _host_nodes: dict[str, NodeRef]  # host -> its node, as its last report had it
     finish_estimates: FinishEstimates
 
     def watch(self) -> None:
@@ -72,12 +72,11 @@ class HostWatch:
                 continue
             self._missed_polls.pop(host_id, None)  # answered: a next stall counts afresh
             if report is None:
-                where = self._host_nodes.get(host_id, "")
-                for job in jobs:
-                    self._host_lost(job, f"its pack host {host_id}{where} disappeared")
+                self._host_gone(host_id, jobs)
                 continue
             self._first_seen.setdefault(host_id, self.clock())
-            self._host_nodes[host_id] = _where(report)
+            if "node" in report:
+                self._host_nodes[host_id] = report["node"]
             if self._hung(host_id, report):
                 self._restart_hung(host_id, jobs)
                 continue
@@ -142,10 +141,10 @@ class HostWatch:
             extra={"host_id": host_id, "run_id": host_id},
         )
         self.hosts.kill(host_id)
+        reason = f"its pack host {host_id} did not answer {missed} polls in a row"
+        preempted = self._preempted(host_id) if jobs else None
         for job in jobs:
-            self.outcomes.retry_or_fail(
-                job, f"its pack host {host_id} did not answer {missed} polls in a row"
-            )
+            self._requeue(job, reason, preempted)
 
     def _watch_job(self, host_id: str, job: JobRow, report: HostReport) -> None:
         polled = report["jobs"].get(job.id)
@@ -164,12 +163,15 @@ class HostWatch:
             for e in events
             if e["type"] == "metrics" and "trained_tokens" in (e["data"] or {})
         ]
+        # The host counts on from the job's stored preemptions (one budget for its life).
+        preemptions = [e["data"]["preemption"] for e in events if "preemption" in (e["data"] or {})]
         stored = self.store.record_run_events(
             job.id,
             job.attempt,
             events,
             polled["cursor"],
             trained_tokens=(tokens or [None])[-1],
+            preemptions=(preemptions or [None])[-1],
             estimated_finish=self.finish_estimates.update(job.id, events),
         )
         if not stored:
@@ -252,10 +254,44 @@ class HostWatch:
 
     # ---- outcomes (orchestrator.scheduling.outcomes: each a guarded change) ----
     def _host_lost(self, job: JobRow, reason: str) -> None:
-        started = job.started_at or 0
-        if self.clock() - started < self.settings.run_start_grace_seconds:
-            return  # claimed a moment ago: its admission may not be visible yet
-        self.outcomes.retry_or_fail(job, reason)
+        if not self._in_grace(job):
+            self.outcomes.retry_or_fail(job, reason)
+
+    def _in_grace(self, job: JobRow) -> bool:
+        """Claimed a moment ago: its admission may not be visible on its host yet."""
+        return self.clock() - (job.started_at or 0) < self.settings.run_start_grace_seconds
+
+    def _host_gone(self, host_id: str, jobs: list[JobRow]) -> None:
+        """A host that no longer exists: its jobs requeue, spending a preemption rather than
+        an attempt when the node it was last on died preempted (a control node lost to a
+        spot notice, or drained with a deadline the host's hand-back did not meet)."""
+        due = [job for job in jobs if not self._in_grace(job)]
+        if not due:
+            return
+        reason = f"its pack host {host_id}{_where(self._host_nodes.get(host_id))} disappeared"
+        preempted = self._preempted(host_id)
+        for job in due:
+            self._requeue(job, reason, preempted)
+
+    def _requeue(self, job: JobRow, reason: str, preempted: str | None) -> None:
+        """`preempted`: None, or the cluster's words for the preemption of the host's node."""
+        if preempted is None:
+            self.outcomes.retry_or_fail(job, reason)
+        else:
+            said = f": {preempted}" if preempted else ""
+            self.outcomes.preempted(job, f"{reason}; its node was preempted{said}")
+
+    def _preempted(self, host_id: str) -> str | None:
+        """The cluster's words (maybe none) if the host's last node is dead preempted, else
+        None (alive, lost otherwise, unknown: the jobs spend an attempt, as before)."""
+        node = self._host_nodes.get(host_id)
+        if node is None:
+            return None
+        try:
+            return self.hosts.preempted_nodes([node["node_id"]]).get(node["node_id"])
+        except Exception:  # noqa: BLE001 - the cluster unreadable: counted as a plain loss
+            log.warning("whether node %s was preempted is unknown", node["ip"], exc_info=True)
+            return None
 
     def _row(self, job_id: str) -> JobRow | None:
         """The job's row now; None only if there is none (a database error is raised: a
@@ -266,10 +302,9 @@ class HostWatch:
             return None
 
 
-def _where(report: HostReport) -> str:
-    """`" on node 10.0.0.5 (ab12cd34)"`: the host's node as its report has it (a control node
-    lost takes its hosts with it, and the jobs' events say which), or nothing."""
-    node = report.get("node")
+def _where(node: NodeRef | None) -> str:
+    """`" on node 10.0.0.5 (ab12cd34)"`: the host's node as its last report had it (a control
+    node lost takes its hosts with it, and the jobs' events say which), or nothing."""
     return f" on node {node['ip']} ({node['node_id'][:8]})" if node else ""
 
 

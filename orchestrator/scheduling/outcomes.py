@@ -139,6 +139,34 @@ class JobOutcomes:
         else:
             self.fail(job, "infrastructure", f"{reason}; gave up after {job.attempt} attempts")
 
+    def preempted(self, job: JobRow, reason: str) -> None:
+        """The job's host was lost with its node, and the cluster says the node was preempted
+        (`reason` says which): requeued spending one of the job's own preemptions
+        (`max_preemptions_per_job`), not an attempt; past that budget it fails. A job asked
+        to stop or pause anyway is cancelled or paused, its attempt given back too."""
+        budget = self.settings.max_preemptions_per_job
+        count = job.preemptions + 1
+        if job.status == JobStatus.CANCELLING.value:
+            self.guarded(self.store.cancel, job.id, attempt=job.attempt)
+        elif job.status == JobStatus.PAUSING.value:
+            message = f"Run lost while pausing ({reason}); paused at its newest checkpoint"
+            self.guarded(self.store.pause, job.id, job.attempt, message)
+        elif count <= budget:
+            self.log.warning("job %s preempted: %s", job.id, reason, extra=self.context(job))
+            message = (
+                f"Run lost ({reason}): preempted ({count} of {budget}; no attempt spent); "
+                "job requeued to resume from its last checkpoint"
+            )
+            data = {"preempted": True, "preemption": count, "max_preemptions": budget}
+            self.guarded(self.store.requeue_preempted, job.id, job.attempt, message, data)
+        else:
+            self.fail(
+                job,
+                "infrastructure",
+                f"{reason}; preempted {count} times, past the job's preemption budget "
+                f"(max_preemptions_per_job = {budget})",
+            )
+
     def fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
         self.log.warning("job %s failed (%s): %s", job.id, code, message, extra=self.context(job))
         self.guarded(

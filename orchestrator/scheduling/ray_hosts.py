@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Collection
 from typing import Any, cast
 
 import ray
@@ -22,6 +23,7 @@ from core.host_protocol import (
     AdmissionResult,
     HostReport,
     HostSpec,
+    NodeRef,
     Unanswered,
     host_actor_name,
 )
@@ -33,6 +35,7 @@ from orchestrator.scheduling.node_choice import (
     host_placement,
 )
 from orchestrator.settings import Settings
+from workers.host.node_loss import lost_nodes
 from workers.runtime.placement_groups import release_orphaned_placement_groups
 
 START_TIMEOUT_S = 60
@@ -301,6 +304,12 @@ class RayHosts:
 
     def draining_nodes(self) -> dict[str, str]:
         return {n.node_id: n.ip for n in self.nodes() if n.status == "DRAINING"}
+
+    def preempted_nodes(self, node_ids: Collection[str]) -> dict[str, str]:
+        # `ray.nodes()` lists dead nodes too, with why Ray ended them; the host's own
+        # classification of a lost worker node (workers/host/node_loss.py) is the one rule.
+        ranks = [NodeRef(node_id=node_id, ip="") for node_id in node_ids]
+        return {n.node_id: n.said for n in lost_nodes(ranks, ray.nodes()) if n.preempted}
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         """Asks the autoscaler (if any) to grow the cluster until `bundles` fit; an empty

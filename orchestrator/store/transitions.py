@@ -194,6 +194,23 @@ class JobTransitions:
             expected_attempt=attempt,
         )
 
+    def requeue_preempted(
+        self, job_id: str, attempt: int, message: str, data: dict[str, Any]
+    ) -> JobRow:
+        """running → queued: attempt `attempt` was lost with its host's preempted node; the
+        job runs again from its last checkpoint, the attempt given back and one of its
+        preemptions counted instead (the caller checked the budget)."""
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.QUEUED,
+            message,
+            level="warn",
+            data=data,
+            expected_attempt=attempt,
+            values={"attempt": JobRow.attempt - 1, "preemptions": JobRow.preemptions + 1},
+        )
+
     def unclaim(self, job_id: str, attempt: int, message: str) -> JobRow:
         """running → queued, undoing the `claim` of attempt `attempt` whose host refused the
         job, so it never trained: the attempt is given back, not spent."""
@@ -271,10 +288,12 @@ class JobTransitions:
         cursor: int,
         trained_tokens: int | None = None,
         estimated_finish: int | None = None,
+        preemptions: int | None = None,
     ) -> bool:
         """Stores a run's new events and moves the job's cursor from where they started,
-        fenced by attempt and by that cursor; `trained_tokens` is the newest count, and
-        `estimated_finish` the newest estimate, if any.
+        fenced by attempt and by that cursor; `trained_tokens` is the newest count,
+        `estimated_finish` the newest estimate and `preemptions` the host's newest count of
+        the job's preemptions (it counted on from the job's own), if any.
 
         Returns False (storing nothing) if the job has moved on to another attempt, or if
         another scheduler already stored these events.
@@ -284,6 +303,8 @@ class JobTransitions:
             values["trained_tokens"] = trained_tokens
         if estimated_finish is not None:
             values["estimated_finish"] = estimated_finish
+        if preemptions is not None:
+            values["preemptions"] = preemptions
         with self.sessions.begin() as session:
             result = session.execute(
                 update(JobRow)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from core.host_protocol import (
     AdmissionResult,
     HostReport,
     HostSpec,
+    NodeRef,
     Unanswered,
 )
 from core.object_keys import ADAPTER_FILES
@@ -77,6 +78,10 @@ class InMemoryHosts:
         # A job handed back (paused, drained) -> the step of its checkpoint: it resumes there.
         self.checkpoints: dict[str, int] = {}
         self.draining: dict[str, str] = {}  # nodes a test drains: node id -> IP
+        # Where a test placed a host (its reports name the node), and the nodes it preempted:
+        # node id -> the cluster's words for it.
+        self.host_nodes: dict[str, NodeRef] = {}
+        self.preempted: dict[str, str] = {}
         self.clock = clock
         self.hosts: dict[str, _Host] = {}
         self.started: list[HostSpec] = []
@@ -149,6 +154,7 @@ class InMemoryHosts:
                 "lora_bytes_held": 0,
             },
             "jobs": membership.job_reports(cursors),
+            **({"node": self.host_nodes[host_id]} if host_id in self.host_nodes else {}),
         }
 
     def poll_all(
@@ -208,6 +214,9 @@ class InMemoryHosts:
     def draining_nodes(self) -> dict[str, str]:
         return dict(self.draining)
 
+    def preempted_nodes(self, node_ids: Collection[str]) -> dict[str, str]:
+        return {n: self.preempted[n] for n in node_ids if n in self.preempted}
+
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         self.requested.append([dict(b) for b in bundles])
 
@@ -256,6 +265,12 @@ class InMemoryHosts:
 
     def lose(self, host_id: str) -> None:
         self.hosts.pop(host_id, None)
+
+    def preempt(self, host_id: str, said: str = "preempted by the spot notice") -> None:
+        """The host's node is preempted: the host vanishes with it, and the cluster lists the
+        node as dead with `said` (the host must have been placed on a node in host_nodes)."""
+        self.preempted[self.host_nodes[host_id]["node_id"]] = said
+        self.lose(host_id)
 
     def fail_job(self, job_id: str, error: str, code: str = "training_error") -> None:
         """The job's step raised on the workers: it fails alone, as a real host reports it."""

@@ -44,5 +44,8 @@ def test_hosts_are_found_and_reaped_in_the_configured_namespace(
         assert report is not None and report["host_id"] == host_id
         assert ours.reap() == [host_id]
         assert host_id not in ours.list_hosts() and ours.poll(host_id, {}) is None
+        # Read from Ray's own node list: an alive node and one it never had are not preempted.
+        alive = ray.get_runtime_context().get_node_id()
+        assert ours.preempted_nodes([alive, "f" * 56]) == {}
     finally:
         ray.kill(actor)

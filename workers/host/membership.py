@@ -171,7 +171,7 @@ class Membership(HandBacks, NodeLosses):
             return AdmissionResult(False, "over budget")
         if known is not None:
             self._retire(known, f"attempt {request.attempt} replaces it")
-        member = Member(request, admitted_at=self.clock())
+        member = Member(request, admitted_at=self.clock(), preemptions=request.preemptions)
         self.members[request.job_id] = member
         self.idle_since = None
         self.append(member, "message", f"Admitted to pack host {self.spec.host_id}")

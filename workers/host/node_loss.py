@@ -121,7 +121,10 @@ class NodeLosses:
         names = [node.name for node in lost]
         budget = self.spec.max_job_preemptions
         if member.preemptions > budget:
-            error = f"its workers' nodes were preempted {member.preemptions} times"
+            error = (
+                f"its nodes were preempted {member.preemptions} times, past the job's "
+                f"preemption budget (max_preemptions_per_job = {budget})"
+            )
             self.fail(member, f"{error} (last: node {', '.join(names)})", "infrastructure")
             return
         count = f"preemption {member.preemptions} of {budget}; no restart spent"
