@@ -163,8 +163,8 @@ class JobOutcomes:
             self.fail(
                 job,
                 "infrastructure",
-                f"{reason}; preempted {count} times, past the job's preemption budget "
-                f"(max_preemptions_per_job = {budget})",
+                f"{reason}; preempted {count} time{'s' * (count != 1)}, past the job's "
+                f"preemption budget (max_preemptions_per_job = {budget})",
             )
 
     def fail(self, job: JobRow, code: str, message: str, param: str | None = None) -> None:
