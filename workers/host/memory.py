@@ -30,6 +30,7 @@ from core.memory_estimate import (
 from core.spec import JobSpec
 from workers.host.slot import JobSlot
 from workers.host.step import PackContext, train_step
+from workers.host.step_riders import StepRiders
 from workers.runtime.live_tensor_bytes import LiveTensorBytes, held_tensors
 
 
@@ -112,7 +113,9 @@ class MembershipMemory:
         self.steps = 0  # steps of this membership so far
         self.latest: dict[str, Any] = {}  # the last membership's figures, for the status
 
-    def step(self, active: list[JobSlot]) -> dict[str, Any] | None:
+    def step(
+        self, active: list[JobSlot], riders: StepRiders | None = None
+    ) -> dict[str, Any] | None:
         """Trains one step; returns the figures when it was measured (a membership's second)."""
         members = tuple(slot.job_id for slot in active)
         device = self.ctx.device
@@ -122,18 +125,18 @@ class MembershipMemory:
                 torch.cuda.reset_peak_memory_stats(device)
         self.steps += 1
         if self.steps != MEASURED_STEP:
-            train_step(self.ctx, active)
+            train_step(self.ctx, active, riders)
             return None
         if device.type == "cuda":
             method = "cuda max_memory_allocated"
-            train_step(self.ctx, active)
+            train_step(self.ctx, active, riders)
             local = torch.cuda.max_memory_allocated(device)
         else:
             tracker = LiveTensorBytes(device.type)
             optimizers = [s.optimizer for s in active if s.optimizer is not None]
             tracker.hold(held_tensors(self.ctx.model, optimizers))
             with tracker:
-                train_step(self.ctx, active)
+                train_step(self.ctx, active, riders)
             # The tokenized rows are held beside the tensors (the estimate's dataset term;
             # on a GPU they sit in the node's memory, not the device's, so not counted there).
             method = "live tensor bytes + tokenized rows"

@@ -3,7 +3,8 @@ host, driven by its client's requests instead of a dataset. At a step boundary t
 actor hands every rank the same queued requests (workers.host.requests); each runs in its
 model's seq_id order through the shared base: `forward_backward` adds the gradient of its
 loss to the slot's factors, `optim_step` steps the slot's own AdamW with the request's
-parameters and clears them; rank 0 keeps the answers for the next boundary.
+parameters and clears them; rank 0 keeps the answers for the next boundary. With jobs
+training, each model's next forward work rides in their step instead (workers.host.step_riders).
 
 Every rank runs every request on all of its data (ZeRO-3's gathers are collectives), so the
 gradients agree without an all-reduce; splitting the data by rank is left to do.
@@ -26,6 +27,8 @@ from core.host_protocol import RELOCATE, RESTORE
 from core.objectstore import ObjectStore
 from core.usage import request_tokens, split_device_seconds
 from workers.host.slot_moves import GRADS, grads_bytes, put_grads
+from workers.host.step import WIDTH_BUCKET
+from workers.host.step_riders import LOSS_KINDS, padded_width
 from workers.host.tinker_losses import LOSSES, datum_loss
 from workers.lora.packed_layer import (
     PackedLoraLinear,
@@ -44,8 +47,7 @@ logger = logging.getLogger("lorafleet.worker")
 # The SDK's LoRA flags → the layers they adapt (Llama/Qwen-style names, as peft matches them).
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-LORA_ALPHA = 32.0
-LOSS_KINDS = ("forward_backward", "forward")  # Tinker's own choice: the scale is alpha / rank
+LORA_ALPHA = 32.0  # Tinker's own choice: the scale is alpha / rank
 
 
 class RequestError(ValueError):
@@ -115,7 +117,7 @@ class RequestSlots:
                 else:
                     usage = self._usage(group, time.perf_counter() - started)
                     for done, outcome, used in zip(group, results, usage, strict=True):
-                        self._answer(done, outcome, None, used)
+                        self.answer(done, outcome, None, used)
                     queue = [r for r in queue if all(r is not g for g in group)]
                     continue
                 finally:
@@ -137,7 +139,7 @@ class RequestSlots:
             (used,) = self._usage([request], time.perf_counter() - started)
             if error is not None:  # its device time was spent; its tokens did not count
                 used["tokens"] = {}
-            self._answer(request, result, error, used)
+            self.answer(request, result, error, used)
 
     def _usage(self, requests: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
         """Each request's usage of one pass (core.usage): its tokens, and its share of the
@@ -167,7 +169,7 @@ class RequestSlots:
             else []
         )
 
-    def _answer(
+    def answer(
         self,
         request: dict[str, Any],
         result: dict[str, Any] | None,
@@ -237,7 +239,8 @@ class RequestSlots:
                     f"loss_fn {request['payload']['loss_fn']!r} is not supported yet"
                 )
         data = [d for r in requests for d in r["payload"]["data"]]
-        width = max(len(d["tokens"]) for d in data)
+        # Padded as when riding a job step (workers.host.step_riders): the same width.
+        width = padded_width([len(d["tokens"]) for d in data], WIDTH_BUCKET)
         ids = torch.full((len(data), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(data), width), dtype=torch.long)
         for row, datum in enumerate(data):

@@ -24,6 +24,7 @@ from workers.data.tokenization import collate
 from workers.host.failures import StepFailures, fail_agreed
 from workers.host.objective import reference_logprobs
 from workers.host.slot import JobSlot, SlotState
+from workers.host.step_riders import StepRiders
 from workers.lora.packed_layer import Routing
 from workers.training.chunked_loss import (
     DEFAULT_CHUNK_TOKENS,
@@ -112,7 +113,7 @@ def fail_slot(ctx: PackContext, slot: JobSlot, exc: BaseException) -> None:
     report_job_failure(ctx, slot.job_id, exc)
 
 
-def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
+def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | None = None) -> None:
     """Forward of all active slots' rows, per-job losses, backward, gradient sync, each
     slot's own optimizer step, then each job's metrics event (a non-finite loss fails it).
 
@@ -124,6 +125,11 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     step) fails alone (workers.host.failures): its rows get no delta and no gradient, every
     rank still makes the same collectives, and the others' numbers are those of a step
     without it (rows never mix), so they still equal their solo twins.
+
+    `riders`: Tinker models' queued forward work (workers.host.step_riders), each request's
+    rows in the forward of its width beside the jobs' (or in one of their own), its loss and
+    gradient its own; their gradients add up until their own `optim_step`. They share the
+    step's device-seconds by tokens and are answered once it is done.
     """
     started = time.perf_counter()
     forward_s = backward_s = 0.0
@@ -135,14 +141,18 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     tokens: dict[str, torch.Tensor] = {}
     right: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens right, tokens counted)
     stats: dict[str, torch.Tensor] = {}  # each objective's own statistics (DPO's rewards)
-    for group in width_groups(active):
+    by_width = {width_of(group[0]): group for group in width_groups(active)}
+    rider_widths = riders.widths() if riders is not None else set()
+    for width in sorted(set(by_width) | rider_widths):
+        group = by_width.get(width, [])
         group_started = time.perf_counter()
         reference = _reference_pass(ctx, group, failures)
-        logits, labels, mask, rows = _group_forward(ctx, group, failures)
+        logits, labels, mask, rows = _group_forward(ctx, group, width, failures, riders)
         forward_done = time.perf_counter()
         grads = []
+        job_logits_all = logits[: sum(rows)]
         for slot, job_logits, job_labels, job_mask in zip(
-            group, logits.split(rows), labels.split(rows), mask.split(rows), strict=True
+            group, job_logits_all.split(rows), labels.split(rows), mask.split(rows), strict=True
         ):
             tokens[slot.job_id] = job_mask.sum()
             # From the same logits, chunk by chunk, without gradient (train_mean_token_accuracy).
@@ -159,11 +169,12 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
                     stats,
                 )
             )
+        if riders is not None and width in rider_widths:
+            grads.append(riders.loss_grad(width, logits[sum(rows) :]))
         # The base's backward, shared by the group (a collective under ZeRO-3): every rank
         # makes it whatever failed; a failed job's block carries no gradient.
         logits.backward(torch.cat(grads))
-        for job_id, caught in (ctx.routing.failures or {}).items():  # in a recompute
-            failures.add(job_id, "backward", caught)
+        _record_failures(ctx, failures, riders, "backward")  # in a recompute
         ctx.routing.failures = None
         forward_s += forward_done - group_started
         backward_s += time.perf_counter() - forward_done
@@ -199,6 +210,8 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
         "optimizer": elapsed - (sync_done - started),
     }
     if not trained:
+        if riders is not None:
+            riders.finish(split_device_seconds(elapsed, ctx.world_size, riders.tokens()))
         return
     # Every job's loss, tokens and optimizer failure in one tensor: one all-reduce and one
     # sync for the metrics, and the ranks agree on who failed in the optimizer.
@@ -228,11 +241,17 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
     pack_tokens = sum(row[1] for row in reduced)
     # Usage (core.usage): the step's time on every rank, split by each job's share of its
     # tokens (a job failed in the optimizer reports nothing: its share goes uncounted).
+    # Tinker riders count by their tokens (every rank runs all of them: counted once).
     device_seconds = split_device_seconds(
         elapsed,
         ctx.world_size,
-        {s.job_id: int(row[1]) for s, row in zip(trained, reduced, strict=True)},
+        {
+            **{s.job_id: int(row[1]) for s, row in zip(trained, reduced, strict=True)},
+            **(riders.tokens() if riders is not None else {}),
+        },
     )
+    if riders is not None:
+        riders.finish(device_seconds)
     for slot, row in zip(trained, reduced, strict=True):
         loss_sum, slot_tokens, _, slot_right, counted, *stat_sums = row
         if slot.job_id in failed:
@@ -281,17 +300,30 @@ def train_step(ctx: PackContext, active: list[JobSlot]) -> None:
 
 
 def _group_forward(
-    ctx: PackContext, group: list[JobSlot], failures: StepFailures
+    ctx: PackContext,
+    group: list[JobSlot],
+    width: int,
+    failures: StepFailures,
+    riders: StepRiders | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """One forward of a width group's rows (logits, labels, attention mask, rows per job).
-    A job whose
+    """One forward of a width group's rows (logits, labels and attention mask of the jobs'
+    rows, rows per job), the riders of that width after them (logits only). A job whose
     slot math raises is caught in its packed layers (`Routing.failures`) and recorded."""
-    width = width_of(group[0])
     shards = [slot.next_rows(ctx.rank, ctx.world_size) for slot in group]
     ctx.routing.blocks = [
         (slot.job_id, len(shard)) for slot, shard in zip(group, shards, strict=True)
     ]
-    batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
+    if group:
+        batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
+    else:  # Tinker riders of a width no job has this step
+        empty = torch.zeros((0, width), dtype=torch.long)
+        batch = {"input_ids": empty, "attention_mask": empty, "labels": empty}
+    labels, job_mask = batch["labels"].to(ctx.device), batch["attention_mask"].to(ctx.device)
+    if riders is not None and width in riders.widths():
+        ids, mask, blocks = riders.rows(width)
+        batch["input_ids"] = torch.cat([batch["input_ids"], ids])
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], mask])
+        ctx.routing.blocks += blocks
     batch = {k: v.to(ctx.device) for k, v in batch.items()}
     ctx.routing.failures = {}
     ctx.routing.forward_id += 1
@@ -308,10 +340,23 @@ def _group_forward(
         ).logits
     finally:
         ctx.routing.injected.clear()
-    for job_id, caught in ctx.routing.failures.items():
-        failures.add(job_id, "forward", caught)
+    _record_failures(ctx, failures, riders, "forward")
     rows = [len(shard) for shard in shards]
-    return logits, batch["labels"], batch["attention_mask"], rows
+    return logits, labels, job_mask, rows
+
+
+def _record_failures(
+    ctx: PackContext, failures: StepFailures, riders: StepRiders | None, phase: StepPhase
+) -> None:
+    """The slot math that raised in the last forward (or its recompute): a job's counts
+    toward its failure; a Tinker model's fails its own request alone."""
+    riding = {r.model_id for r in riders.riders} if riders is not None else set()
+    for name, caught in (ctx.routing.failures or {}).items():
+        if name in riding:
+            assert riders is not None
+            riders.fail(name, caught)
+        else:
+            failures.add(name, phase, caught)
 
 
 def _reference_pass(

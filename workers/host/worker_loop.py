@@ -27,7 +27,13 @@ from workers.host.memory import MembershipMemory
 from workers.host.objective import reference_slot_name
 from workers.host.request_slots import RequestSlots
 from workers.host.slot import JobSlot, SlotState
-from workers.host.step import PackContext, train_step, use_gradient_checkpointing
+from workers.host.step import (
+    WIDTH_BUCKET,
+    PackContext,
+    train_step,
+    use_gradient_checkpointing,
+)
+from workers.host.step_riders import take_riders
 from workers.host.writer import SlotWriter
 from workers.lora.packed_layer import (
     Routing,
@@ -260,9 +266,18 @@ class HostWorker(HostJoins, HostEvaluations):
                 self._announce(changes["join"])
             if self.pending:
                 self._agree_on_joins()
-            if changes.get("requests"):  # Tinker clients' work (workers.host.request_slots)
-                self.requests.run(changes["requests"])
+            queued = list(changes.get("requests") or ())
             active = [s for s in self.slots if s.state is SlotState.TRAINING]
+            training = [s for s in active if not s.evaluating and s.step < s.total_steps]
+            # Tinker clients' work (workers.host.request_slots): with jobs training, each
+            # model's next forward work rides in their step (workers.host.step_riders) and
+            # the rest runs after it; otherwise all of it runs now.
+            riders, queued = (
+                take_riders(queued, self.requests, WIDTH_BUCKET) if training else (None, queued)
+            )
+            if queued and riders is None:
+                self.requests.run(queued)
+                queued = []
             if not active:
                 # Answers go out at once; joins loading are looked at again soon; otherwise
                 # the next boundary waits for work in the host actor.
@@ -273,16 +288,17 @@ class HostWorker(HostJoins, HostEvaluations):
                 continue
             # A job being evaluated sits its training out (its adapter is the one evaluated);
             # its chunk of validation rows goes through the base beside its mates' step.
-            training = [s for s in active if not s.evaluating and s.step < s.total_steps]
             evaluating = [s for s in active if s.evaluating]
             if training and evaluating:
                 # Memory is measured on steps of the whole pack only: not a membership of
                 # its own each time a job sits out for an evaluation.
-                train_step(self.ctx, training)
+                train_step(self.ctx, training, riders)
             elif training:
-                measured = self.memory.step(training)
+                measured = self.memory.step(training, riders)
                 if measured is not None:
                     self._report_memory(measured)
+            if queued:  # each model's requests after the one that rode the step
+                self.requests.run(queued)
             self._evaluate(evaluating)
             self.steps += 1
             self.last_step_at = time.time()
