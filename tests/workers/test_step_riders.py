@@ -1,8 +1,9 @@
 """One step for both kinds of member (issue 21; workers.host.step_riders): a Tinker model's
 forward_backward rides in a job's step, in the same forward through the base as the job's
 batch, and each equals itself alone bit for bit: the client's losses, log-probs and factors,
-and the job's factors. In one process (a one-rank gloo group, no DeepSpeed); through the SDK
-and a real host: tests/e2e/test_tinker_sdk.py."""
+and the job's factors, in fp32 and in bf16 (the client's rows padded as alone: a rider
+joins the forward of its own width). In one process (a one-rank gloo group, no
+DeepSpeed); through the SDK and a real host: tests/e2e/test_tinker_sdk.py."""
 
 from __future__ import annotations
 
@@ -47,12 +48,12 @@ ADAM = {
 class Host:
     """A fresh tiny base with every linear layer packable: a job slot and a Tinker slot."""
 
-    def __init__(self, tiny_base: Path) -> None:
+    def __init__(self, tiny_base: Path, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tiny_base)
         self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=dtype)
         self.model.requires_grad_(False)
         self.model.train()
         self.routing = Routing()
@@ -102,8 +103,9 @@ def request(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def client_work(width: int) -> dict[str, Any]:
-    """Two data, the longer one as wide as the job's rows of this step (one width group)."""
-    tokens = [5 + (7 * i) % 200 for i in range(width)]
+    """Two data, the longer one 3 tokens short of the job's padded width of this step:
+    padded to that width (one width group with the job), alone as well as riding."""
+    tokens = [5 + (7 * i) % 200 for i in range(width - 3)]
     data = [
         {"tokens": t[:-1], "target_tokens": t[1:], "weights": [1.0] * (len(t) - 1)}
         for t in (tokens[: width // 2], tokens + [9])
@@ -112,10 +114,11 @@ def client_work(width: int) -> dict[str, Any]:
     return {"loss_fn": "cross_entropy", "data": data}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_client_and_a_job_share_each_steps_forward_and_equal_themselves_alone(
-    tiny_base: Path, store_config: ObjectStoreConfig
+    tiny_base: Path, store_config: ObjectStoreConfig, dtype: torch.dtype
 ) -> None:
-    together = Host(tiny_base)
+    together = Host(tiny_base, dtype)
     job = together.add_job(tiny_base, store_config)
     together.add_client()
     widths, shared = [], []
@@ -135,14 +138,14 @@ def test_a_client_and_a_job_share_each_steps_forward_and_equal_themselves_alone(
         shared.append(answers[0])
     assert job.step == STEPS
     # Usage (core.usage): the client's tokens, and a share of the step's device-seconds.
-    assert shared[0]["usage"]["tokens"] == {"trained": widths[0] // 2 - 1 + widths[0]}
+    assert shared[0]["usage"]["tokens"] == {"trained": widths[0] // 2 - 1 + widths[0] - 3}
     assert shared[0]["usage"]["device_seconds"] > 0
 
-    job_alone = Host(tiny_base)
+    job_alone = Host(tiny_base, dtype)
     solo = job_alone.add_job(tiny_base, store_config)
     for _ in range(STEPS):
         train_step(job_alone.ctx, [solo])
-    client_alone = Host(tiny_base)
+    client_alone = Host(tiny_base, dtype)
     client_alone.add_client()
     alone = []
     for width in widths:
