@@ -200,6 +200,38 @@ def test_two_models_queued_together_share_one_pass_and_equal_themselves_alone(
             torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_model_of_another_padded_width_takes_a_pass_of_its_own_and_equals_itself_alone(
+    slots: RequestSlots,
+) -> None:
+    for name, seed in (("a:train:0", 1), ("b:train:0", 2), ("long:train:0", 3)):
+        run(slots, name, "create_model", {"lora": {"rank": 4, "seed": seed}})
+        run(slots, name, "optim_step", adam())
+    work = {
+        "a:train:0": [datum(TEXT)],  # 9 tokens: padded to 16
+        "long:train:0": [datum(TEXT * 3)],  # 29 tokens: padded to 32
+        "b:train:0": [datum(OTHER)],  # 6 tokens: padded to 16
+    }
+
+    def payload(name: str) -> dict[str, Any]:
+        return {"loss_fn": "cross_entropy", "data": work[name]}
+
+    alone = {}
+    for name in work:
+        alone[name] = run(slots, name, "forward", payload(name))
+    forwards = slots.routing.forward_id
+    slots.run(
+        [
+            {"request_id": name, "model_id": name, "kind": "forward", "payload": payload(name)}
+            for name in work
+        ]
+    )
+    assert slots.routing.forward_id == forwards + 2  # a with b, then long alone
+    answers = {a["model_id"]: a for a in slots.take_answers()}
+    for name, result in alone.items():  # bit for bit: each padded as it is alone
+        assert answers[name]["error"] is None
+        assert answers[name]["result"]["outputs"] == result["outputs"], name
+
+
 def test_train_unembed_adapts_lm_head_and_the_saved_adapter_is_forward_in_peft(
     slots: RequestSlots, tiny_base: Path, tmp_path: Path
 ) -> None:

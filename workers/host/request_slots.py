@@ -154,20 +154,23 @@ class RequestSlots:
         """When the first queued request is forward work: the next request of every model
         that is forward work too (each model's own order kept), to go through the base in
         one pass, each model's rows through its own factors (`Routing.blocks`)."""
+        if queue[0]["kind"] not in LOSS_KINDS:
+            return []
         heads: dict[str, dict[str, Any]] = {}
         for request in queue:
             heads.setdefault(request["model_id"], request)
-        return (
-            [
-                r
-                for r in heads.values()
-                if r["kind"] in LOSS_KINDS
-                and r["model_id"] in self.slots
-                and r["payload"].get("loss_fn") in LOSSES
-            ]
-            if queue[0]["kind"] in LOSS_KINDS
-            else []
-        )
+        # Only those of the first one's padded width: a model padded wider than it would be
+        # alone would not get its own results bit for bit (padding changes the sums).
+        width = _padded_width(queue[0])
+        return [
+            r
+            for r in heads.values()
+            if r["kind"] in LOSS_KINDS
+            and r["model_id"] in self.slots
+            and r["payload"].get("loss_fn") in LOSSES
+            and width is not None
+            and _padded_width(r) == width
+        ]
 
     def answer(
         self,
@@ -389,6 +392,15 @@ class RequestSlots:
         if store.exists(prefix + GRADS):
             put_grads(self._slot(model_id).params, store.get_bytes(prefix + GRADS))
         return {"path": payload["path"], "model_id": model_id}
+
+
+def _padded_width(request: dict[str, Any]) -> int | None:
+    """The width a request's rows are padded to (None for a malformed one: it runs alone
+    and is answered with its error)."""
+    try:
+        return padded_width([len(d["tokens"]) for d in request["payload"]["data"]], WIDTH_BUCKET)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _peft_config(slot: RequestSlot, payload: dict[str, Any]) -> bytes:
