@@ -25,6 +25,8 @@ from orchestrator.tinker.rows import (
     MODEL_ENDED,
     MODEL_ENDING,
     MODEL_LIVE,
+    MODEL_PENDING,
+    TinkerModelRow,
     TinkerRequestRow,
 )
 from orchestrator.tinker.sampling import SampleDispatch
@@ -90,6 +92,9 @@ class TinkerDispatcher:
         self._lock = threading.Lock()  # the two below, shared with the collectors
         self._unanswered: dict[str, int] = {}  # host id -> requests sent, not yet answered
         self._collectors: dict[str, threading.Thread] = {}  # host id -> its answers' thread
+        # Host id -> its actor, for its collector's long polls (looked up once, not per
+        # poll; dropped when a call finds the actor dead, so the next looks it up by name).
+        self._actors: dict[str, Any] = {}
         self._heartbeats_checked = 0.0
         self._failing = False
         self.relocations = Relocations(store)  # models moving off a host that ends
@@ -131,25 +136,31 @@ class TinkerDispatcher:
         if now - self._heartbeats_checked >= HEARTBEAT_CHECK_SECONDS:
             self._heartbeats_checked = now
             self.store.end_quiet_sessions(now - self.heartbeat_timeout)
-        for model in self.store.models((MODEL_ENDING,)):
+        models = self.store.models((MODEL_ENDING, MODEL_PENDING, MODEL_LIVE))  # one read
+        for model in models:
+            if model.state != MODEL_ENDING:
+                continue
             self.store.fail_pending(model.id, "the model's session ended")
-            if model.host_id is not None and self._host_alive(model.host_id):
-                self._send(model.host_id, [_drop(model.id)])  # its slot is freed
+            host_id = model.host_id
+            actor = None if host_id is None else self._host_actor(host_id)
+            if host_id is not None and actor is not None:
+                self._send(host_id, actor, [_drop(model.id)])  # its slot is freed
             self.store.set_model(model.id, MODEL_ENDED)
         for host_id, moving in self.relocations.moves_due(self.reports()).items():
             self._await_answers(host_id, len(moving))  # each model's `relocate` answer
         pending = self.store.pending_requests()
         if pending:
-            self._hand_over(pending)
+            self._hand_over(pending, {m.id: m for m in models if m.state != MODEL_ENDING})
         return self.sampling.pass_once() if self.sampling is not None else False
 
-    def _hand_over(self, pending: list[TinkerRequestRow]) -> int:
-        """Sends each model's next rows to its host, one call per host; how many went."""
+    def _hand_over(self, pending: list[TinkerRequestRow], models: dict[str, TinkerModelRow]) -> int:
+        """Sends each model's next rows to its host (`models`: the pending and live ones),
+        one call per host; how many went."""
         outgoing: dict[str, list[TinkerRequestRow]] = {}
         by_model: dict[str, list[TinkerRequestRow]] = {}
         for row in pending:
             by_model.setdefault(row.model_id, []).append(row)
-        models = {m.id: m for m in self.store.models(("pending", "live"))}
+        handed_seqs = self.store.last_handed_seqs(list(by_model))  # one query, all models
         reports: dict[str, HostReport] | None = None
         for model_id, rows in by_model.items():
             model = models.get(model_id)
@@ -164,48 +175,67 @@ class TinkerDispatcher:
                 host_id = host_for(model.base_model, reports)
                 # None up yet (or the reports lag a host's end): the client's future answers
                 # try_again until one is
-                if host_id is None or not self._host_alive(host_id):
+                actor = None if host_id is None else self._host_actor(host_id)
+                if host_id is None or actor is None:
                     continue
                 self.store.set_model(model_id, model.state, host_id=host_id)
                 if model.state == MODEL_LIVE:  # it moved: its state goes first (relocation)
-                    self._send(host_id, [self.relocations.restore(model)])
-            batch = ordered_batch(rows, self.store.last_handed_seq(model_id))
+                    self._send(host_id, actor, [self.relocations.restore(model)])
+            batch = ordered_batch(rows, handed_seqs[model_id])
             if not batch:
                 continue
             outgoing.setdefault(host_id, []).extend(batch)
-        handed = 0
+        # Each host looked up by name once a pass, right before its rows go: one that ended
+        # is noticed here, before its rows are marked sent (the cached handle of the
+        # collectors could be a dead actor's).
+        going: list[tuple[str, Any, list[TinkerRequestRow]]] = []
         for host_id, batch in sorted(outgoing.items()):
-            if not self._host_alive(host_id):  # the host ended: its models with it
+            actor = self._host_actor(host_id)
+            if actor is None:  # the host ended: its models with it
                 self._host_gone(host_id)
                 continue
-            self.store.mark_sent([row.id for row in batch])
+            going.append((host_id, actor, batch))
+        if not going:
+            return 0
+        self.store.mark_sent([row.id for _, _, batch in going for row in batch])  # one commit
+        for i, (host_id, actor, batch) in enumerate(going):
             tagged = [self.relocations.tag(models[r.model_id], _request(r)) for r in batch]
-            self._send(host_id, tagged)
-            handed += len(batch)
-        return handed
+            try:
+                self._send(host_id, actor, tagged)
+            except Exception:  # the later hosts' rows were not handed: pending again
+                for row in (r for _, _, unsent in going[i + 1 :] for r in unsent):
+                    self.store.requeue(row.model_id, [row.id])
+                raise
+        return sum(len(batch) for _, _, batch in going)
 
     def _host_gone(self, host_id: str) -> None:
         """A host that ended without moving its models: each is restored elsewhere from a
         current saved state, or fails (orchestrator.tinker.relocation)."""
         with self._lock:
             self._unanswered.pop(host_id, None)
+            self._actors.pop(host_id, None)
         for model in self.store.models(("pending", "live")):
             if model.host_id == host_id:
                 self.relocations.host_lost(model, f"with its pack host {host_id}")
 
-    def _host_alive(self, host_id: str) -> bool:
+    def _host_actor(self, host_id: str) -> Any | None:
+        """The host's actor, looked up by name now (None: it ended); kept for its
+        collector."""
         import ray
 
         try:
-            ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
+            actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         except ValueError:
-            return False
-        return True
+            with self._lock:
+                self._actors.pop(host_id, None)
+            return None
+        with self._lock:
+            self._actors[host_id] = actor
+        return actor
 
-    def _send(self, host_id: str, requests: list[dict[str, Any]]) -> None:
+    def _send(self, host_id: str, actor: Any, requests: list[dict[str, Any]]) -> None:
         import ray
 
-        actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
         ray.get(actor.tinker_submit.remote(requests), timeout=CALL_TIMEOUT_SECONDS)
         self._await_answers(host_id, len(requests))
 
@@ -244,15 +274,25 @@ class TinkerDispatcher:
     def _collect(self, host_id: str) -> None:
         import ray
 
-        try:
-            actor = ray.get_actor(host_actor_name(host_id), namespace=self.namespace)
-        except ValueError:  # the host is gone: its models with it
+        with self._lock:
+            actor = self._actors.get(host_id)
+        if actor is None:
+            actor = self._host_actor(host_id)
+        if actor is None:  # the host is gone: its models with it
             self._host_gone(host_id)
             return
-        answers: list[dict[str, Any]] = ray.get(
-            actor.tinker_collect.remote(COLLECT_WAIT_SECONDS),
-            timeout=COLLECT_WAIT_SECONDS + CALL_TIMEOUT_SECONDS,
-        )
+        try:
+            answers: list[dict[str, Any]] = ray.get(
+                actor.tinker_collect.remote(COLLECT_WAIT_SECONDS),
+                timeout=COLLECT_WAIT_SECONDS + CALL_TIMEOUT_SECONDS,
+            )
+        except ray.exceptions.RayActorError:
+            # Died (or unreachable): asked by name again, as each poll did before handles
+            # were kept; gone, its models go with it, else the next poll retries.
+            if self._host_actor(host_id) is None:
+                self._host_gone(host_id)
+                return
+            raise
         with self._lock:  # a `lost` notice answers no request that was sent
             left = self._unanswered.get(host_id, 0) - sum(a["kind"] != LOST for a in answers)
             self._unanswered[host_id] = max(0, left)

@@ -34,12 +34,21 @@ from orchestrator.tinker.rows import (
     TinkerRequestRow,
     TinkerSessionRow,
 )
-from orchestrator.usage import add_usage, usage_of_answer
+from orchestrator.usage import Usage, add_usage, usage_of_answer
 
 
 def model_id_for(session_id: str, model_seq_id: int) -> str:
     """The id the SDK assumes (`create_training_client_from_state` builds it itself)."""
     return f"{session_id}:train:{model_seq_id}"
+
+
+def summed(usages: list[Usage]) -> Usage:
+    """One day's usages as one (a batch of answers is counted at one moment)."""
+    tokens: dict[str, int] = {}
+    for usage in usages:
+        for kind, n in usage.tokens.items():
+            tokens[kind] = tokens.get(kind, 0) + n
+    return Usage(usages[0].day, tokens, sum(u.device_seconds for u in usages))
 
 
 class SessionEnded(Exception):
@@ -188,13 +197,18 @@ class TinkerStore:
 
     def last_handed_seq(self, model_id: str) -> int:
         """The highest seq_id of the model already handed to its host (or answered)."""
+        return self.last_handed_seqs([model_id])[model_id]
+
+    def last_handed_seqs(self, model_ids: list[str]) -> dict[str, int]:
+        """`last_handed_seq` of each model, in one query (a dispatcher pass asks for all)."""
         with self.sessions() as session:
-            last = session.scalar(
-                select(func.max(TinkerRequestRow.seq_id)).where(
-                    TinkerRequestRow.model_id == model_id, TinkerRequestRow.state != PENDING
-                )
-            )
-        return -1 if last is None else int(last)
+            found = session.execute(
+                select(TinkerRequestRow.model_id, func.max(TinkerRequestRow.seq_id))
+                .where(TinkerRequestRow.model_id.in_(model_ids), TinkerRequestRow.state != PENDING)
+                .group_by(TinkerRequestRow.model_id)
+            ).all()
+        last = {model_id: int(seq) for model_id, seq in found if seq is not None}
+        return {model_id: last.get(model_id, -1) for model_id in model_ids}
 
     def models(self, states: tuple[str, ...]) -> list[TinkerModelRow]:
         with self.sessions() as session:
@@ -228,20 +242,25 @@ class TinkerStore:
         if not answers:
             return
         stamp = time.time()
+        counted = {
+            a["request_id"]: usage
+            for a in answers
+            if (usage := usage_of_answer(a.get("usage"), stamp)) is not None
+        }
         with self.sessions.begin() as session:
+            if counted:  # one read of the rows' states, one upsert per tenant: not per row
+                before = session.execute(
+                    select(TinkerRequestRow.id, TinkerRequestRow.tenant, TinkerRequestRow.state)
+                    .where(TinkerRequestRow.id.in_(list(counted)))
+                    .with_for_update()
+                ).all()
+                per_tenant: dict[str, list[Usage]] = {}
+                for row in before:
+                    if row.state in (PENDING, SENT):
+                        per_tenant.setdefault(row.tenant, []).append(counted[row.id])
+                for tenant, usages in per_tenant.items():
+                    add_usage(session, tenant, [summed(usages)])
             for answer in answers:
-                counted = usage_of_answer(answer.get("usage"), stamp)
-                before = (
-                    session.execute(
-                        select(TinkerRequestRow.tenant, TinkerRequestRow.state)
-                        .where(TinkerRequestRow.id == answer["request_id"])
-                        .with_for_update()
-                    ).first()
-                    if counted is not None
-                    else None
-                )
-                if before is not None and counted is not None and before.state in (PENDING, SENT):
-                    add_usage(session, before.tenant, [counted])
                 session.execute(
                     update(TinkerRequestRow)
                     .where(

@@ -3,26 +3,34 @@ only their own, requests go to a host in seq_id order, sessions end, hosts are c
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 from core.host_protocol import HostShape
 from orchestrator.db import make_engine, migrate
 from orchestrator.errors import NotFound
 from orchestrator.tinker.dispatch import host_for, ordered_batch
-from orchestrator.tinker.rows import MODEL_ENDING, MODEL_PENDING, SENT
+from orchestrator.tinker.rows import MODEL_ENDING, MODEL_PENDING, SENT, TinkerRequestRow
 from orchestrator.tinker.store import SessionEnded, TinkerStore
+from orchestrator.usage import UsageStore
 
 LORA = {"rank": 4, "seed": 0, "train_mlp": True, "train_attn": True, "train_unembed": True}
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> TinkerStore:
+def engine(tmp_path: Path) -> Engine:
     engine = make_engine(f"sqlite:///{tmp_path / 'lorafleet.db'}")
     migrate(engine)
+    return engine
+
+
+@pytest.fixture()
+def store(engine: Engine) -> TinkerStore:
     return TinkerStore(engine)
 
 
@@ -103,3 +111,34 @@ def test_a_model_goes_to_a_warm_live_host_of_its_base() -> None:
     }
     assert host_for("tiny", reports) == "e"
     assert host_for("none", reports) is None
+
+
+def test_a_pass_reads_every_models_handed_seq_and_answers_count_once_per_row(
+    engine: Engine, store: TinkerStore
+) -> None:
+    """The dispatcher's batched reads and writes: each model's last handed seq_id in one
+    query; a batch of answers (two tenants, one row answered twice, one already answered
+    before) adds each row's usage once, to its own tenant."""
+    usage = UsageStore(engine)
+    rows: dict[str, list[TinkerRequestRow]] = {}
+    for tenant in ("acme", "globex"):
+        session = store.create_session(tenant)
+        model = store.create_model(tenant, session, 0, "tiny-llama", LORA).model_id
+        rows[tenant] = [store.add_request(tenant, model, s, "forward_backward", {}) for s in (1, 2)]
+    acme, globex = rows["acme"], rows["globex"]
+    store.mark_sent([acme[0].id, globex[0].id, globex[1].id])
+    seqs = store.last_handed_seqs([acme[0].model_id, globex[0].model_id, "nobody:train:0"])
+    assert seqs == {acme[0].model_id: 1, globex[0].model_id: 2, "nobody:train:0": -1}
+    used = {"tokens": {"trained": 10}, "device_seconds": 0.25}
+    store.finish(globex[1].id, {"outputs": []}, None, used)  # answered before the batch
+    store.finish_many(
+        [
+            {"request_id": r.id, "result": {"outputs": []}, "error": None, "usage": used}
+            for r in (acme[0], acme[0], acme[1], globex[0], globex[1])
+        ]
+    )
+    far = (dt.date(2000, 1, 1), dt.date(2100, 1, 1))
+    [acme_day] = usage.days("acme", *far)
+    [globex_day] = usage.days("globex", *far)
+    assert (acme_day.tokens_trained, acme_day.device_seconds) == (20, 0.5)
+    assert (globex_day.tokens_trained, globex_day.device_seconds) == (20, 0.5)
