@@ -350,6 +350,8 @@ def test_a_file_with_raw_line_separators_inside_strings_trains(server: Lorafleet
         assert job["trained_tokens"] > 0
 
 
+# The later stage: it trains to early stopping and a whole-file evaluation (minutes on 2 cores).
+@pytest.mark.long
 def test_validation_metrics_checkpoints_and_results_file_through_the_openai_sdk(
     server: LorafleetServer,
 ) -> None:
