@@ -204,9 +204,14 @@ def test_a_two_node_host_trains_over_the_bridge_and_a_lost_link_stalls_no_other_
                 return steps_of(server.all_events(client, job_id))
 
             file_id = upload(client, DATA)
+            # The long 1-worker job first, training before the packed jobs are submitted: on
+            # a quiet machine the packed jobs' 36 steps were over before its host had started.
+            other = submit(client, **job_fields(file_id, 3, 1, OTHER_EPOCHS))["id"]
+            wait_for_condition(
+                lambda: bool(steps(other)), timeout=400, interval=0.5, what="the other job"
+            )
             fields = {seed: job_fields(file_id, seed, 2, EPOCHS) for seed in (1, 2)}
             packed = [submit(client, **body)["id"] for body in fields.values()]
-            other = submit(client, **job_fields(file_id, 3, 1, OTHER_EPOCHS))["id"]
             wait_for_condition(
                 # Past the second checkpoint (every 3 steps): the first is registered by
                 # then (one still in flight when the link goes is lost), so they resume.
@@ -272,7 +277,15 @@ def test_a_two_node_host_trains_over_the_bridge_and_a_lost_link_stalls_no_other_
                 after = evts[evts.index(lost[0]) :]
                 (again,) = [e for e in after if e["message"].startswith("Training started")]
                 resumed = again["data"]["resumed_from_step"] or 0
-                assert 3 <= resumed <= stalled[job_id], (resumed, stalled, said)
+                # A checkpoint (every 3 steps) at most one interval past the last step whose
+                # metrics were stored when the node went quiet: a step finished as the link
+                # went down may have its checkpoint stored before its report (seen: 9 after
+                # 8). The twin below checks that resuming there is exact.
+                assert resumed % 3 == 0 and 3 <= resumed <= stalled[job_id] + 3, (
+                    resumed,
+                    stalled,
+                    said,
+                )
                 assert f"resumed from step {resumed}" in again["message"], again
                 # Every step after the checkpoint trained once more, none twice after it.
                 assert steps_of(after) == list(range(resumed + 1, TOTAL_STEPS + 1)), said
