@@ -132,6 +132,7 @@ async function showJob(jobId) {
   window.addEventListener("resize", redraw);
   $("download").addEventListener("click", () => download(jobId));
   $("try-form").addEventListener("submit", tryModel);
+  $("try-model").addEventListener("change", (e) => { e.target.dataset.picked = e.target.value; });
   // The facts (estimated_finish moves as steps are measured) refresh while the job is on.
   const poll = setInterval(async () => {
     if (TERMINAL.has((await refreshJob(jobId)).status)) clearInterval(poll);
@@ -177,9 +178,11 @@ function showTryModels(job, checkpoints) {
   const choices = [];
   if (job.fine_tuned_model) choices.push(new Option(`fine-tuned model (${job.fine_tuned_model})`, job.fine_tuned_model));
   for (const c of checkpoints) choices.push(new Option(`checkpoint at step ${c.step_number} (${c.id})`, c.id));
-  const picked = $("try-model").value; // the page refreshes: keep the user's pick
+  // The page refreshes: keep what the user picked, else the first choice (the fine-tuned
+  // model once there is one, not the checkpoint that was first while the job trained).
+  const picked = $("try-model").dataset.picked;
   $("try-model").replaceChildren(...choices);
-  if (choices.some((o) => o.value === picked)) $("try-model").value = picked;
+  if (picked && choices.some((o) => o.value === picked)) $("try-model").value = picked;
   $("try").hidden = choices.length === 0;
 }
 

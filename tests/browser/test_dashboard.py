@@ -81,6 +81,10 @@ def test_the_dashboard_creates_follows_and_cancels_jobs(
     page.wait_for_selector("#checkpoints tbody tr")  # the final adapter, with its metrics
     # The prompt box: the fine-tuned model's greedy completion, as POST /v1/completions has it.
     page.wait_for_selector("#try:not([hidden])")
+    # Once the job has its model, the box offers it first (the page's next refresh).
+    page.wait_for_function(
+        "document.getElementById('try-model').value.startsWith('ft:')", timeout=60_000
+    )
     fine_tuned = page.input_value("#try-model")
     assert fine_tuned.startswith("ft:tiny-llama:")
     page.fill("#try-prompt", "1+2=")
