@@ -45,36 +45,32 @@ class Changes:
     # ---- saying ----
     def new_jobs(self) -> None:
         """A new job, or one the API asked something of: work for the scheduler."""
-        with self._lock:
-            waiters = list(self._job_waiters)
-        for wake in waiters:
-            wake()
+        self._wake_all(self._job_waiters)
 
     def new_events(self, job_ids: Iterable[str]) -> None:
-        with self._lock:
-            ids = set(job_ids)
-            if EVERY_JOB in ids:
-                waiters = [w for ws in self._event_waiters.values() for w in ws]
-            else:
-                waiters = [w for job_id in ids for w in self._event_waiters.get(job_id, ())]
-        for wake in waiters:
-            wake()
+        self._wake_keyed(self._event_waiters, job_ids)
 
     def new_tinker_requests(self) -> None:
         """A Tinker request row was written: work for the dispatcher."""
-        with self._lock:
-            waiters = list(self._request_waiters)
-        for wake in waiters:
-            wake()
+        self._wake_all(self._request_waiters)
 
     def tinker_answers(self, request_ids: Iterable[str]) -> None:
         """Tinker requests answered (EVERY_JOB: any may have been)."""
+        self._wake_keyed(self._answer_waiters, request_ids)
+
+    def _wake_all(self, book: list[Callable[[], None]]) -> None:
         with self._lock:
-            ids = set(request_ids)
-            if EVERY_JOB in ids:
-                waiters = [w for ws in self._answer_waiters.values() for w in ws]
+            waiters = list(book)
+        for wake in waiters:
+            wake()
+
+    def _wake_keyed(self, book: dict[str, list[Callable[[], None]]], keys: Iterable[str]) -> None:
+        with self._lock:
+            wanted = set(keys)
+            if EVERY_JOB in wanted:
+                waiters = [w for ws in book.values() for w in ws]
             else:
-                waiters = [w for rid in ids for w in self._answer_waiters.get(rid, ())]
+                waiters = [w for key in wanted for w in book.get(key, ())]
         for wake in waiters:
             wake()
 
@@ -86,27 +82,27 @@ class Changes:
         self.tinker_answers([EVERY_JOB])
 
     # ---- waiting ----
-    @contextmanager
-    def on_new_jobs(self, wake: Callable[[], None]) -> Iterator[None]:
+    def on_new_jobs(self, wake: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
         """`wake()` is called on every new job while the block runs."""
-        with self._lock:
-            self._job_waiters.append(wake)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._job_waiters.remove(wake)
+        return self._registered(self._job_waiters, wake)
+
+    def on_tinker_requests(
+        self, wake: Callable[[], None]
+    ) -> contextlib.AbstractContextManager[None]:
+        """`wake()` is called on every new Tinker request row while the block runs."""
+        return self._registered(self._request_waiters, wake)
 
     @contextmanager
-    def on_tinker_requests(self, wake: Callable[[], None]) -> Iterator[None]:
-        """`wake()` is called on every new Tinker request row while the block runs."""
+    def _registered(
+        self, book: list[Callable[[], None]], wake: Callable[[], None]
+    ) -> Iterator[None]:
         with self._lock:
-            self._request_waiters.append(wake)
+            book.append(wake)
         try:
             yield
         finally:
             with self._lock:
-                self._request_waiters.remove(wake)
+                book.remove(wake)
 
     @contextmanager
     def watching_events(self, job_id: str) -> Iterator[EventWait]:
