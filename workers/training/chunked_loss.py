@@ -10,6 +10,8 @@ at a time. In fp32 the result equals the plain mean to rounding (~1e-7).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -22,6 +24,25 @@ def _chunk_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def token_chunks(
+    per_chunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    flat_logits: torch.Tensor,
+    flat_labels: torch.Tensor,
+    chunk_tokens: int,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(its tokens, `per_chunk` of them) for each chunk of `chunk_tokens` tokens; with a
+    graph, each chunk is recomputed in backward, so only one chunk's fp32 logits live."""
+    for start in range(0, flat_labels.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        if flat_logits.requires_grad:
+            part = checkpoint(
+                per_chunk, flat_logits[piece], flat_labels[piece], use_reentrant=False
+            )
+        else:
+            part = per_chunk(flat_logits[piece], flat_labels[piece])
+        yield piece, part
+
+
 def chunked_next_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
@@ -31,14 +52,7 @@ def chunked_next_token_loss(
     flat_labels = labels[:, 1:].flatten()
     counted = (flat_labels != IGNORE_INDEX).sum()
     total = flat_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.numel(), chunk_tokens):
-        piece = slice(start, start + chunk_tokens)
-        if flat_logits.requires_grad:
-            part = checkpoint(
-                _chunk_loss_sum, flat_logits[piece], flat_labels[piece], use_reentrant=False
-            )
-        else:
-            part = _chunk_loss_sum(flat_logits[piece], flat_labels[piece])
+    for _, part in token_chunks(_chunk_loss_sum, flat_logits, flat_labels, chunk_tokens):
         total = total + part
     # As F.cross_entropy's mean: NaN when no token counts (that job's loss check catches it).
     return total / counted

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from workers.training.chunked_loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX
+from workers.training.chunked_loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, token_chunks
 
 # The order of `dpo_loss`'s statistics (means over the pairs), as a job's metrics name them.
 REWARD_METRICS = (
@@ -41,14 +40,8 @@ def sequence_logprobs(
     flat_labels = shifted.flatten()
     row_of = torch.arange(rows, device=labels.device).repeat_interleave(width)
     total = flat_logits.new_zeros((rows,), dtype=torch.float32)
-    for start in range(0, flat_labels.numel(), chunk_tokens):
-        piece = slice(start, start + chunk_tokens)
-        if flat_logits.requires_grad:
-            part = checkpoint(
-                _chunk_token_logprobs, flat_logits[piece], flat_labels[piece], use_reentrant=False
-            )
-        else:
-            part = _chunk_token_logprobs(flat_logits[piece], flat_labels[piece])
+    chunks = token_chunks(_chunk_token_logprobs, flat_logits, flat_labels, chunk_tokens)
+    for piece, part in chunks:
         total = total.index_add(0, row_of[piece], part)
     return total
 
