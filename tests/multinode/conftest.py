@@ -1,10 +1,14 @@
-"""What the multinode tests share: a serve's environment on a test's own Ray cluster."""
+"""What the multinode tests share: a serve's environment on a test's own Ray cluster, and
+the steps a job's metrics events name."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+from tests.e2e.conftest import LorafleetServer
 
 
 def cluster_env(
@@ -29,3 +33,7 @@ def cluster_env(
         "RAY_AUTH_MODE": "disabled",
         **{f"LORAFLEET_{k.upper()}": v for k, v in lorafleet.items()},
     }
+
+
+def metrics_steps(server: LorafleetServer, client: Any, job_id: str) -> list[int]:
+    return [e["data"]["step"] for e in server.all_events(client, job_id) if e["type"] == "metrics"]

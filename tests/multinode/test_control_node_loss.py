@@ -29,7 +29,7 @@ from core.host_protocol import NodeRef
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
-from tests.multinode.conftest import cluster_env
+from tests.multinode.conftest import cluster_env, metrics_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 CONTROL = "lorafleet-control"
@@ -86,10 +86,6 @@ def spot_notice(node: Any) -> None:
     )
     lost = lost_nodes([rank], ray.nodes())
     assert preemption(lost) and lost[0].said == "spot notice", lost
-
-
-def metrics_steps(server: LorafleetServer, client: Any, job_id: str) -> list[int]:
-    return [e["data"]["step"] for e in server.all_events(client, job_id) if e["type"] == "metrics"]
 
 
 def test_a_lost_control_nodes_jobs_resume_on_a_host_on_the_other(

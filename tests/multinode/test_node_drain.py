@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
-from tests.multinode.conftest import cluster_env
-from tests.multinode.test_node_loss import NAMESPACE, cluster, metrics_steps
+from tests.multinode.conftest import cluster_env, metrics_steps
+from tests.multinode.test_node_loss import NAMESPACE, cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 __all__ = ["cluster"]  # the module's cluster fixture

@@ -24,7 +24,7 @@ from orchestrator.scheduling.node_choice import HEAD_MARKER
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer
 from tests.e2e.test_training_job import DATA, submit, upload
-from tests.multinode.conftest import cluster_env
+from tests.multinode.conftest import cluster_env, metrics_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 CONTROL = "lorafleet-control"
@@ -57,10 +57,6 @@ def cluster() -> Iterator[Any]:
     yield nodes
     ray.shutdown()
     nodes.shutdown()
-
-
-def metrics_steps(server: LorafleetServer, client: Any, job_id: str) -> list[int]:
-    return [e["data"]["step"] for e in server.all_events(client, job_id) if e["type"] == "metrics"]
 
 
 def test_a_worker_node_lost_mid_training_costs_no_job_an_attempt(
