@@ -136,6 +136,11 @@ class TinkerDispatcher:
         if now - self._heartbeats_checked >= HEARTBEAT_CHECK_SECONDS:
             self._heartbeats_checked = now
             self.store.end_quiet_sessions(now - self.heartbeat_timeout)
+        # Pending rows first, models second: a model's row commits before its first
+        # request's, so every model a pending row names is in the models read after it (read
+        # the other way round, a model created in between looked ended and its creation
+        # failed).
+        pending = self.store.pending_requests()
         models = self.store.models((MODEL_ENDING, MODEL_PENDING, MODEL_LIVE))  # one read
         for model in models:
             if model.state != MODEL_ENDING:
@@ -148,7 +153,6 @@ class TinkerDispatcher:
             self.store.set_model(model.id, MODEL_ENDED)
         for host_id, moving in self.relocations.moves_due(self.reports()).items():
             self._await_answers(host_id, len(moving))  # each model's `relocate` answer
-        pending = self.store.pending_requests()
         if pending:
             self._hand_over(pending, {m.id: m for m in models if m.state != MODEL_ENDING})
         return self.sampling.pass_once() if self.sampling is not None else False

@@ -128,3 +128,27 @@ def test_a_lost_notice_restores_or_fails_like_a_lost_host(store: TinkerStore) ->
     assert Relocations(store).settle([notice]) == []
     error = store.model("t1", model_id).error or ""
     assert "was lost when its pack host's workers restarted" in error
+
+
+def test_a_model_created_during_a_dispatch_pass_is_not_taken_for_ended(
+    store: TinkerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API commits a new model and its creation request while a pass is between its
+    reads: the request waits for the next pass (no warm host here), it does not fail."""
+    from orchestrator.tinker.dispatch import TinkerDispatcher
+
+    session = store.create_session("t1")
+    created: list[str] = []
+    read_models = store.models
+
+    def models_then_a_new_one(states: tuple[str, ...]) -> list[object]:
+        found = read_models(states)
+        if not created:
+            created.append(store.create_model("t1", session, 0, "tiny", LORA).id)
+        return found  # type: ignore[return-value]
+
+    monkeypatch.setattr(store, "models", models_then_a_new_one)
+    dispatcher = TinkerDispatcher(store, reports=dict, namespace="unused")
+    dispatcher.dispatch_once()
+    dispatcher.dispatch_once()  # the next pass sees it: still no host, still pending
+    assert store.request("t1", created[0]).state == PENDING
