@@ -11,13 +11,24 @@ from sqlalchemy.engine import make_url
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+# Connections kept open per process. `serve` runs the API's thread pool (40 threads), the
+# scheduler, the Tinker dispatcher and a collector per host on one engine: with SQLAlchemy's
+# default (5 kept) most of a busy second's connections were opened and closed again, each
+# with its PRAGMAs (seen in bench/primitives.py's profile).
+SQLITE_POOL, POSTGRES_POOL = 32, 10
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=POSTGRES_POOL, max_overflow=2 * POSTGRES_POOL
+        )
+    in_memory = not parsed.database or parsed.database == ":memory:"
+    if not in_memory:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    pool = {} if in_memory else {"pool_size": SQLITE_POOL, "max_overflow": SQLITE_POOL}
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
