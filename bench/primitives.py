@@ -113,6 +113,9 @@ def client_run(
         step()  # warm-up: Adam's state, first allocations on its host
         ready.wait()
         out.extend(step() for _ in range(steps))
+    except BaseException:
+        ready.abort()  # the others do not wait for this client at the start line
+        raise
     finally:
         service.close("success").result()
 
@@ -131,7 +134,10 @@ def drive(url: str, key: str, bases: list[str], data: list[Any], steps: int) -> 
     ]
     for thread in threads:
         thread.start()
-    ready.wait(timeout=900)
+    try:
+        ready.wait(timeout=900)
+    except threading.BrokenBarrierError:
+        raise SystemExit("a client failed before the start: see its error above") from None
     for thread in threads:
         thread.join(timeout=900)
     wall = time.perf_counter() - start[0]
@@ -241,7 +247,6 @@ def main() -> None:
         "LORAFLEET_MAX_SLOTS_PER_HOST": str(most),
         "LORAFLEET_DEFAULT_NUM_WORKERS": "1",
         "LORAFLEET_HOST_IDLE_SECONDS": "3600",
-        "LORAFLEET_SCHEDULER_POLL_SECONDS": "0.2",
         "LORAFLEET_RAY_NAMESPACE": f"primitives-{os.getpid()}",
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
     }

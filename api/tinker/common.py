@@ -10,8 +10,6 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import get_tenant
-from orchestrator.errors import InvalidRequest
-from orchestrator.tinker.rows import MODEL_LIVE, MODEL_PENDING
 from orchestrator.tinker.store import TinkerStore
 
 
@@ -47,12 +45,5 @@ class Body(BaseModel):
 async def write_request(
     store: TinkerStore, tenant: str, model_id: str, seq_id: int, kind: str, payload: dict[str, Any]
 ) -> dict[str, Any]:
-    model = await run_in_threadpool(store.model, tenant, model_id)
-    if model.state not in (MODEL_PENDING, MODEL_LIVE):
-        raise InvalidRequest(
-            f"model_id: model {model_id} is {model.state}"
-            + (f" ({model.error})" if model.error else ""),
-            "model_id",
-        )
-    row = await run_in_threadpool(store.add_request, tenant, model_id, seq_id, kind, payload)
+    row = await run_in_threadpool(store.add_live_request, tenant, model_id, seq_id, kind, payload)
     return {"request_id": row.id, "model_id": model_id}

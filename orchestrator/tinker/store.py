@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.errors import NotFound
+from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.store import new_id
 from orchestrator.store.changes import (
     EVERY_JOB,
@@ -133,6 +133,20 @@ class TinkerStore:
         if row is None or row.tenant != tenant:
             raise NotFound("model", model_id, param="model_id")
         return row
+
+    def add_live_request(
+        self, tenant: str, model_id: str, seq_id: int, kind: str, payload: dict[str, Any]
+    ) -> TinkerRequestRow:
+        """`add_request` for a model that must be pending or live (the API's hot path: one
+        call, where a model read and a write were two)."""
+        model = self.model(tenant, model_id)
+        if model.state not in (MODEL_PENDING, MODEL_LIVE):
+            raise InvalidRequest(
+                f"model_id: model {model_id} is {model.state}"
+                + (f" ({model.error})" if model.error else ""),
+                "model_id",
+            )
+        return self.add_request(tenant, model_id, seq_id, kind, payload)
 
     def add_request(
         self, tenant: str, model_id: str, seq_id: int, kind: str, payload: dict[str, Any]
