@@ -26,10 +26,17 @@ from torch import nn
 from core.host_protocol import RELOCATE, RESTORE
 from core.objectstore import ObjectStore
 from core.usage import request_tokens, split_device_seconds
-from workers.host.slot_moves import GRADS, grads_bytes, put_grads
+from workers.host.request_losses import loss_pass, padded_width
+from workers.host.slot_moves import (
+    GRADS,
+    grads_bytes,
+    held_grads,
+    put_back_grads,
+    put_grads,
+)
 from workers.host.step import WIDTH_BUCKET
-from workers.host.step_riders import LOSS_KINDS, padded_width
-from workers.host.tinker_losses import LOSSES, datum_loss
+from workers.host.step_riders import LOSS_KINDS
+from workers.host.tinker_losses import LOSSES
 from workers.lora.packed_layer import (
     PackedLoraLinear,
     Routing,
@@ -107,7 +114,10 @@ class RequestSlots:
         }
         queue = list(requests)
         while queue:
-            group = self._loss_group(queue)
+            try:
+                group = self._loss_group(queue)
+            except Exception:  # noqa: BLE001 - a malformed request: it runs alone, below
+                group = []
             if len(group) > 1:  # several models' forward work: one pass through the base
                 started = time.perf_counter()
                 try:
@@ -136,9 +146,11 @@ class RequestSlots:
                 error = f"{type(exc).__name__}: {exc}"
             finally:
                 self.routing.blocks = []
-            (used,) = self._usage([request], time.perf_counter() - started)
+            seconds = time.perf_counter() - started
             if error is not None:  # its device time was spent; its tokens did not count
-                used["tokens"] = {}
+                used = {"tokens": {}, "device_seconds": seconds * self.world_size}
+            else:
+                (used,) = self._usage([request], seconds)
             self.answer(request, result, error, used)
 
     def _usage(self, requests: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
@@ -241,49 +253,20 @@ class RequestSlots:
                 raise RequestError(
                     f"loss_fn {request['payload']['loss_fn']!r} is not supported yet"
                 )
-        data = [d for r in requests for d in r["payload"]["data"]]
-        # Padded as when riding a job step (workers.host.step_riders): the same width.
-        width = padded_width([len(d["tokens"]) for d in data], WIDTH_BUCKET)
-        ids = torch.full((len(data), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(data), width), dtype=torch.long)
-        for row, datum in enumerate(data):
-            ids[row, : len(datum["tokens"])] = torch.tensor(datum["tokens"], dtype=torch.long)
-            mask[row, : len(datum["tokens"])] = 1
-        self.routing.blocks = [(r["model_id"], len(r["payload"]["data"])) for r in requests]
-        self.routing.forward_id += 1
-        backward = any(r["kind"] == "forward_backward" for r in requests)
-        results = []
-        with torch.set_grad_enabled(backward):
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
-            trained = torch.zeros((), device=self.device)
-            row = 0
-            for request in requests:
-                total = torch.zeros((), device=self.device)
-                outputs = []
-                for datum in request["payload"]["data"]:
-                    n = len(datum["tokens"])
-                    loss, logprobs, each = datum_loss(
-                        request["payload"]["loss_fn"],
-                        logits[row, :n],
-                        datum,
-                        self.device,
-                        request["payload"].get("loss_fn_config"),
-                    )
-                    total = total + loss
-                    outputs.append(
-                        {
-                            "logprobs": logprobs.detach().cpu().tolist(),
-                            "elementwise_loss": each.detach().cpu().tolist(),
-                        }
-                    )
-                    row += 1
-                if request["kind"] == "forward_backward":
-                    trained = trained + total
-                results.append({"outputs": outputs, "metrics": {"loss:sum": float(total.detach())}})
-            if backward:
-                trained.backward()  # adds to the factors' .grad: summed until optim_step
+        # A failed pass adds nothing to any model's gradients (its requests may run again,
+        # each alone), and a `forward` never adds to its own (workers.host.slot_moves).
+        held = [(p, held_grads(p)) for p in (self.slots[r["model_id"]].params for r in requests)]
+        try:
+            results = loss_pass(
+                self.model, self.routing, self.device, self.pad_token_id, WIDTH_BUCKET, requests
+            )
+        except Exception:
+            for params, grads in held:
+                put_back_grads(params, grads)
+            raise
+        for request, (params, grads) in zip(requests, held, strict=True):
+            if request["kind"] != "forward_backward":
+                put_back_grads(params, grads)
         return results
 
     def _forward_backward(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -34,3 +34,20 @@ def put_grads(params: list[nn.Parameter], data: bytes) -> None:
         raise ValueError(f"saved gradients of {len(grads)} factors, the slot has {len(params)}")
     for param, grad in zip(params, grads, strict=True):
         param.grad = None if grad is None else grad.to(param.device, param.dtype)
+
+
+# The summed gradients of a slot's factors as they stand (clones; None where none), kept
+# before a pass whose part for the slot may fail or must add nothing.
+HeldGrads = list[torch.Tensor | None]
+
+
+def held_grads(params: list[nn.Parameter]) -> HeldGrads:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def put_back_grads(params: list[nn.Parameter], held: HeldGrads) -> None:
+    """Each factor's gradient as `held_grads` kept it: a failed request, or a `forward` that
+    went through a backward beside others' rows, adds nothing, not even zeros (a zero gradient
+    where there was none would still step AdamW's moments and count at the next optim_step)."""
+    for param, grad in zip(params, held, strict=True):
+        param.grad = grad

@@ -1,7 +1,8 @@
 """Tinker models' queued forward work riding in a pack step (issue 21, one step for both
 kinds of member): each model's next `forward_backward`/`forward` joins the forward of the
 job rows of its width (`workers.host.step.train_step`), its rows through its own factors,
-its loss and gradient its own. Its gradients add to its factors until its `optim_step`.
+its loss and gradient its own. Its gradients add to its factors until its `optim_step`; a
+`forward`, or a request that fails, leaves them as they were before the step.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 
 from core.usage import request_tokens
-from workers.host.tinker_losses import LOSSES, datum_loss
+from workers.host.request_losses import padded_width, request_losses, request_rows
+from workers.host.slot_moves import HeldGrads, held_grads, put_back_grads
+from workers.host.tinker_losses import LOSSES
 
 if TYPE_CHECKING:
     from workers.host.request_slots import RequestSlots
@@ -23,12 +27,6 @@ LOSS_KINDS = ("forward_backward", "forward")
 
 # Answers a request: (request, result, error, usage), as RequestSlots._answer.
 Answer = Callable[[dict[str, Any], dict[str, Any] | None, str | None, dict[str, Any]], None]
-
-
-def padded_width(lengths: list[int], bucket: int) -> int:
-    """A request's rows are padded to its own longest datum rounded up to `bucket`, on a
-    host of its own or riding a step: the same width either way, as a job's rows."""
-    return -(-max(lengths) // bucket) * bucket
 
 
 @dataclass
@@ -46,10 +44,6 @@ class Rider:
     def model_id(self) -> str:
         return str(self.request["model_id"])
 
-    @property
-    def data(self) -> list[dict[str, Any]]:
-        return list(self.request["payload"]["data"])
-
 
 @dataclass
 class StepRiders:
@@ -58,6 +52,9 @@ class StepRiders:
     riders: list[Rider]
     device: torch.device
     answer: Answer
+    # Each rider's model's factors and their gradients before the step (the step's backward
+    # reaches every factor of the forward it went through, zeros included).
+    held: dict[str, tuple[list[nn.Parameter], HeldGrads]] = field(default_factory=dict)
     _failed: dict[str, str] = field(default_factory=dict)
 
     def widths(self) -> set[int]:
@@ -90,27 +87,10 @@ class StepRiders:
             try:
                 if rider.model_id in self._failed:
                     raise RuntimeError(self._failed[rider.model_id])
-                total = torch.zeros((), device=self.device)
-                outputs = []
-                for row, datum in enumerate(rider.data):
-                    n = len(datum["tokens"])
-                    loss, logprobs, each = datum_loss(
-                        rider.request["payload"]["loss_fn"],
-                        block[row, :n],
-                        datum,
-                        self.device,
-                        rider.request["payload"].get("loss_fn_config"),
-                    )
-                    total = total + loss
-                    outputs.append(
-                        {
-                            "logprobs": logprobs.detach().cpu().tolist(),
-                            "elementwise_loss": each.detach().cpu().tolist(),
-                        }
-                    )
+                total, result = request_losses(rider.request, block, self.device)
                 if rider.request["kind"] == "forward_backward":
                     (grad,) = torch.autograd.grad(total, block)
-                rider.result = {"outputs": outputs, "metrics": {"loss:sum": float(total.detach())}}
+                rider.result = result
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 rider.error = f"{type(exc).__name__}: {exc}"
             grads.append(grad)
@@ -124,10 +104,14 @@ class StepRiders:
         }
 
     def finish(self, device_seconds: dict[str, float]) -> None:
-        """Answers every rider with its result (or error) and its share of the step."""
+        """Answers every rider with its result (or error) and its share of the step; the
+        gradients of a `forward` or a failed request are put back as they were before it
+        (a failure in a recompute comes after part of the backward reached its factors)."""
         for i, rider in enumerate(self.riders):
             if rider.model_id in self._failed and rider.error is None:
                 rider.error, rider.result = self._failed[rider.model_id], None
+            if rider.error is not None or rider.request["kind"] != "forward_backward":
+                put_back_grads(*self.held[rider.model_id])
             used = {
                 "tokens": request_tokens(rider.request["kind"], rider.request["payload"]),
                 "device_seconds": device_seconds.get(f"request:{i}", 0.0),
@@ -147,11 +131,7 @@ def make_rider(request: dict[str, Any], pad_token_id: int, vocab_size: int, buck
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in d["tokens"]):
             raise ValueError(f"tokens must be ids in [0, {vocab_size})")
     width = padded_width([len(d["tokens"]) for d in data], bucket)
-    ids = torch.full((len(data), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(data), width), dtype=torch.long)
-    for row, datum in enumerate(data):
-        ids[row, : len(datum["tokens"])] = torch.tensor(datum["tokens"], dtype=torch.long)
-        mask[row, : len(datum["tokens"])] = 1
+    ids, mask = request_rows(data, pad_token_id, width)
     return Rider(request, width, ids, mask)
 
 
@@ -164,23 +144,31 @@ def take_riders(
     heads: dict[str, dict[str, Any]] = {}
     for request in queue:
         heads.setdefault(request["model_id"], request)
-    chosen = [
-        r
-        for r in heads.values()
-        if r["kind"] in LOSS_KINDS
-        and r["model_id"] in slots.slots
-        and r["payload"].get("loss_fn") in LOSSES
-    ]
+    chosen = [r for r in heads.values() if _may_ride(r, slots)]
     rest = [r for r in queue if all(r is not c for c in chosen)]
     vocab = int(cast(Any, slots.model).config.vocab_size)  # a transformers model
     riders = []
     for request in chosen:
         try:
             riders.append(make_rider(request, slots.pad_token_id, vocab, bucket))
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - this request alone fails
             slots.answer(
                 request, None, f"{type(exc).__name__}: {exc}", {"tokens": {}, "device_seconds": 0.0}
             )
     if not riders:
         return None, rest
-    return StepRiders(riders, slots.device, slots.answer), rest
+    params = {r.model_id: slots.slots[r.model_id].params for r in riders}
+    held = {model_id: (p, held_grads(p)) for model_id, p in params.items()}
+    return StepRiders(riders, slots.device, slots.answer, held), rest
+
+
+def _may_ride(request: dict[str, Any], slots: RequestSlots) -> bool:
+    """Forward work of a model on this host with a loss the step computes; a malformed
+    request does not ride (it runs alone after the step and is answered with its error)."""
+    payload = request.get("payload")
+    return (
+        request.get("kind") in LOSS_KINDS
+        and request.get("model_id") in slots.slots
+        and isinstance(payload, dict)
+        and payload.get("loss_fn") in LOSSES
+    )
