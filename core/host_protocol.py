@@ -186,6 +186,15 @@ class HostMemory(TypedDict):
     lora_bytes_held: int  # LoRA factors really held by the model now (0 once all left)
 
 
+class RequestModel(TypedDict):
+    """A Tinker model held on a host (issue 21), as admission counts it beside the jobs
+    (core.tinker_memory): its LoRA factors, grads and AdamW state, and its forward work."""
+
+    lora: dict[str, Any]  # as created: rank, train_mlp, train_attn, train_unembed
+    rows: int  # its largest forward work so far: rows (0: none yet) ...
+    width: int  # ... and its longest datum's tokens
+
+
 class NodeRef(TypedDict):
     node_id: str  # Ray's node id (hex)
     ip: str
@@ -215,6 +224,8 @@ class HostReport(TypedDict):
     worker_starts: int  # how many times the worker group (re)started
     memory: HostMemory
     jobs: dict[str, JobReport]  # every job admitted and not yet released
+    # Its Tinker models (live, or with work queued: their creation among it), by model id.
+    request_models: NotRequired[dict[str, RequestModel]]
 
 
 class PackHosts(Protocol):
@@ -322,6 +333,7 @@ __all__ = [
     "JobReport",
     "NO_ANSWER",
     "PackHosts",
+    "RequestModel",
     "SETUP_PHASES",
     "Unanswered",
     "host_actor_name",

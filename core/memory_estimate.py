@@ -206,14 +206,18 @@ class SlotDemand:
     target_modules: str | tuple[str, ...] = "all-linear"
     lora_dropout: float = 0.0
     dataset_rows: int = 0  # its training file's rows: every rank tokenizes and holds them all
+    # The output layer (hidden -> vocabulary) adapted too: a Tinker model's `train_unembed`
+    # (core.tinker_memory); a job's targets never include it ("all-linear" does not, as peft).
+    adapts_output: bool = False
 
     def adapted_layers(self, base: BaseShape) -> list[tuple[int, int]]:
         """(in, out) features of every linear layer of the base it adapts."""
+        output = [(base.hidden_size, base.vocab_size)] if self.adapts_output else []
         return [
             features
             for path, features in base.linear_layers().items()
             if targets_match(path, self.target_modules)
-        ]
+        ] + output
 
     def lora_parameters(self, base: BaseShape) -> int:
         return sum(self.lora_r * (a + b) for a, b in self.adapted_layers(base))

@@ -283,7 +283,9 @@ async def retrieve_future(
             if left <= 0 or await request.is_disconnected():
                 waiting = {"type": "try_again", "request_id": row.id, "queue_state": "active"}
                 if row.seq_id == 0 and row.state == "pending":  # the SDK logs the reason
-                    waiting["queue_state_reason"] = "waiting for a warm pack host of its base"
+                    waiting["queue_state_reason"] = (
+                        "waiting for a warm pack host of its base with memory for it"
+                    )
                 return waiting
             await answered.wait(min(left, poll))
 

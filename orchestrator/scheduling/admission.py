@@ -8,12 +8,13 @@ then the oldest), never one tenant's ahead of another's: so one tenant's 100 que
 whatever priority it may use, do not starve another tenant's one.
 
 Then, in that order, a job goes to a host of its shape (base model and run shape) with a
-free slot whose memory estimate still fits with the job added, preferring the busiest
-such host (idle hosts stay free to end); else a new host of its shape if the cluster has
-room for one; else it waits. A job that waits holds its shape's line: later jobs of the
-same shape do not overtake it (a small job slipping into the last bytes of a host would
-starve a big one). A host with no jobs counts as capacity for its shape; an idle host
-that is not warm may be retired to make room for a job of another shape.
+free slot whose memory estimate (its jobs and its Tinker models) still fits with the job
+added, preferring the busiest such host (idle hosts stay free to end); else a new host of
+its shape if the cluster has room for one; else it waits. A job that waits holds its
+shape's line: later jobs of the same shape do not overtake it (a small job slipping into
+the last bytes of a host would starve a big one). A host with no jobs counts as capacity
+for its shape; an idle host that is not warm may be retired to make room for a job of
+another shape.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class HostRoom:
     demands: list[SlotDemand] = field(default_factory=list)  # its jobs' demands
     ending: bool = False
     warm: bool = False
+    # Its Tinker models (core.tinker_memory): counted in its memory as its jobs are, but
+    # taking none of its `max_slots` (those are jobs').
+    tinker: list[SlotDemand] = field(default_factory=list)
 
     @property
     def slots_in_use(self) -> int:
@@ -165,7 +169,7 @@ def plan_admissions(
             if h.shape == job.shape
             and not job.exclusive
             and h.slots_in_use < h.max_slots
-            and fits(job.shape, [*h.demands, job.demand])
+            and fits(job.shape, [*h.demands, *h.tinker, job.demand])
         ]
         if candidates:
             host = max(candidates, key=lambda h: (h.slots_in_use, h.host_id))

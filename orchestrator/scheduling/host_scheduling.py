@@ -31,6 +31,7 @@ from core.host_protocol import (
 )
 from core.memory_estimate import SlotDemand
 from core.objectstore import ObjectStore
+from core.tinker_memory import reported_demands
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import job_spec_for
 from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
@@ -100,6 +101,8 @@ class HostScheduling(HostWatch):
         self._closed: set[str] = set()  # hosts draining for a reservation
         self._requested: list[Resources] = []  # what the autoscaler was last asked for
         self._told_no_room: set[str] = set()  # queued jobs told their host fits nowhere
+        # Host -> its jobs' demands at the last launch: the Tinker dispatcher counts them.
+        self.job_demands: dict[str, list[SlotDemand]] = {}
 
     # ---- launch: place queued jobs ----
     def launch(self) -> None:
@@ -281,6 +284,7 @@ class HostScheduling(HostWatch):
         demands: dict[str, list[SlotDemand]] = defaultdict(list)
         for job in active:
             demands[job.run_id or ""].append(self.sizing.demand_of(job))
+        self.job_demands = dict(demands)
         return [
             HostRoom(
                 host_id,
@@ -290,6 +294,7 @@ class HostScheduling(HostWatch):
                 # An exclusive host (a `packing: false` job's) takes no one else, ever.
                 ending=report["ending"] or not report["alive"] or _exclusive(report),
                 warm=_warm(report),
+                tinker=reported_demands(report.get("request_models")),
             )
             for host_id, report in self.reports.items()
         ]

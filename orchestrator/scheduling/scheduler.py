@@ -12,13 +12,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from core.host_protocol import PackHosts
+from core.host_protocol import HostReport, PackHosts
+from core.memory_estimate import SlotDemand
 from core.object_keys import ADAPTER_WEIGHTS, file_key
 from core.objectstore import ObjectStore, ObjectStoreUnavailable
 from orchestrator.merges import MergeRunner, MergeScheduling
@@ -135,6 +137,7 @@ class Scheduler:
                     str(Path(settings.model_cache_dir or "models").resolve()),
                     settings.ray_namespace,
                 ),
+                room=self._tinker_room,  # a new model only where it fits (by memory)
             )
             if hosts is None
             else None
@@ -269,6 +272,12 @@ class Scheduler:
                 self.outcomes.fail(job, "invalid_checkpoint", message, param="from_checkpoint")
                 continue
             self.outcomes.guarded(self.store.queue, job.id, "Files validated; job queued")
+
+    def _tinker_room(self, host_id: str, report: HostReport, adding: Sequence[SlotDemand]) -> bool:
+        """Whether new Tinker models fit on a host beside its jobs (as of the last launch)
+        and the Tinker models it reports: the rule its jobs are admitted by."""
+        jobs = self.host_scheduling.job_demands.get(host_id, [])
+        return self.host_scheduling.sizing.room_for_tinker(report, jobs, adding)
 
     def capacity(self) -> Capacity:
         """Pack hosts by state, the slots training a job and memory by shape, this tick."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from core.base_catalog import BaseModelCatalog, CatalogError
-from core.host_protocol import HostShape
+from core.host_protocol import HostReport, HostShape
 from core.job_settings import JobSettings
 from core.memory_estimate import (
     BaseShape,
@@ -27,6 +27,7 @@ from core.memory_estimate import (
     host_run_shape,
     slot_demand,
 )
+from core.tinker_memory import reported_demands
 from orchestrator.errors import InvalidRequest
 from orchestrator.scheduling.memory_budget import NodeMemory, RankBudgets
 from orchestrator.settings import Settings
@@ -175,6 +176,14 @@ class HostSizing:
             self._say(f"estimate/{shape.key}", "no memory estimate for %s: %s", shape.key, exc)
             return False
         return need <= budget
+
+    def room_for_tinker(
+        self, report: HostReport, jobs: Sequence[SlotDemand], adding: Sequence[SlotDemand]
+    ) -> bool:
+        """Whether new Tinker models (`adding`, core.tinker_memory) fit on a host beside its
+        jobs and the Tinker models it reports: the rule a job's admission follows (`fits`)."""
+        held = reported_demands(report.get("request_models"))
+        return self.fits(report["shape"], [*jobs, *held, *adding])
 
     def never_fit_reason(self, job: JobRow) -> str:
         """Why a job fits on no host of its shape (the scheduler's failure message)."""

@@ -2,13 +2,13 @@
 requests from their rows to pack hosts and their answers back.
 
 Each pass: sessions whose heartbeat stopped end (their models' slots are dropped); a new
-model goes to a warm pack host of its base (its creation request is its first); every other
-request goes to its model's host in seq_id order, never past a gap (a request still on its
-way), one call per host. A pass runs as soon as a request row commits (the store's wake-up,
-orchestrator.store.changes), else after a fallback interval. While a host owes answers, a
-thread of its own long-polls it (`tinker_collect`) and writes each batch of answers to their
-rows as they come, where the API's `retrieve_future` hears of them. Ray is imported here
-only (never by the API).
+model goes to a warm pack host of its base with memory for it (orchestrator.tinker.room;
+its creation request is its first); every other request goes to its model's host in seq_id
+order, never past a gap (a request still on its way), one call per host. A pass runs as
+soon as a request row commits (the store's wake-up, orchestrator.store.changes), else after
+a fallback interval. While a host owes answers, a thread of its own long-polls it
+(`tinker_collect`) and writes each batch of answers to their rows as they come, where the
+API's `retrieve_future` hears of them. Ray is imported here only (never by the API).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from core.host_protocol import LOST, HostReport, host_actor_name
 from orchestrator.tinker.relocation import Relocations
+from orchestrator.tinker.room import TinkerPlacement, TinkerRoom
 from orchestrator.tinker.rows import (
     MODEL_ENDED,
     MODEL_ENDING,
@@ -57,9 +58,13 @@ def ordered_batch(rows: list[TinkerRequestRow], last_handed: int) -> list[Tinker
     return batch
 
 
-def host_for(base_model: str, reports: dict[str, HostReport]) -> str | None:
+def host_for(
+    base_model: str,
+    reports: dict[str, HostReport],
+    room: Callable[[str, HostReport], bool] = lambda host_id, report: True,
+) -> str | None:
     """A warm, alive host of the base that takes members (warm: it never idle-ends while a
-    client thinks between requests)."""
+    client thinks between requests) and has `room` for the model (orchestrator.tinker.room)."""
     for host_id, report in sorted(reports.items()):
         if (
             report["alive"]
@@ -67,6 +72,7 @@ def host_for(base_model: str, reports: dict[str, HostReport]) -> str | None:
             and not report["ending"]
             and not report.get("exclusive", False)
             and report["shape"].base_model == base_model
+            and room(host_id, report)
         ):
             return host_id
     return None
@@ -80,8 +86,10 @@ class TinkerDispatcher:
         namespace: str,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
         sampling: SampleDispatch | None = None,
+        room: TinkerRoom | None = None,
     ) -> None:
         self.store = store
+        self.room = room  # whether new models fit on a host's memory (None: not counted)
         self.sampling = sampling  # sampling requests to the bases' samplers, each pass
         self.reports = reports
         self.namespace = namespace
@@ -166,6 +174,7 @@ class TinkerDispatcher:
             by_model.setdefault(row.model_id, []).append(row)
         handed_seqs = self.store.last_handed_seqs(list(by_model))  # one query, all models
         reports: dict[str, HostReport] | None = None
+        placement = TinkerPlacement(self.room, models.values())
         for model_id, rows in by_model.items():
             model = models.get(model_id)
             if model is None:  # ended or failed: nothing of it runs any more
@@ -176,13 +185,14 @@ class TinkerDispatcher:
                 if model.state == MODEL_LIVE and not self.relocations.may_place(model):
                     continue  # a request of it is still coming back from its last host
                 reports = self.reports() if reports is None else reports
-                host_id = host_for(model.base_model, reports)
-                # None up yet (or the reports lag a host's end): the client's future answers
-                # try_again until one is
+                host_id = host_for(model.base_model, reports, placement.room_for(model))
+                # None up yet, none with memory for it, or the reports lag a host's end: the
+                # client's future answers try_again until one is
                 actor = None if host_id is None else self._host_actor(host_id)
                 if host_id is None or actor is None:
                     continue
                 self.store.set_model(model_id, model.state, host_id=host_id)
+                placement.place(host_id, model)
                 if model.state == MODEL_LIVE:  # it moved: its state goes first (relocation)
                     self._send(host_id, actor, [self.relocations.restore(model)])
             batch = ordered_batch(rows, handed_seqs[model_id])

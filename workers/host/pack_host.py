@@ -171,6 +171,8 @@ class PackHost:
                 "worker_starts": membership.worker_starts,
                 "memory": dict(self.memory),  # type: ignore[typeddict-item]
                 "jobs": membership.job_reports(cursors),
+                # What its Tinker models hold, for admission (core.tinker_memory).
+                "request_models": self.requests.memory(),
             }
 
     def finished(self) -> bool:

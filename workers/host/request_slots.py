@@ -25,6 +25,7 @@ from torch import nn
 
 from core.host_protocol import RELOCATE, RESTORE
 from core.objectstore import ObjectStore
+from core.tinker_memory import tinker_targets
 from core.usage import request_tokens, split_device_seconds
 from workers.host.request_losses import loss_pass, padded_width
 from workers.host.slot_moves import (
@@ -51,9 +52,6 @@ from workers.lora.packed_layer import (
 
 logger = logging.getLogger("lorafleet.worker")
 
-# The SDK's LoRA flags → the layers they adapt (Llama/Qwen-style names, as peft matches them).
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP = ["gate_proj", "up_proj", "down_proj"]
 LORA_ALPHA = 32.0  # Tinker's own choice: the scale is alpha / rank
 
 
@@ -208,9 +206,8 @@ class RequestSlots:
         if model_id in self.slots:
             return {"model_id": model_id}
         lora = payload["lora"]
-        names = (ATTENTION if lora.get("train_attn", True) else []) + (
-            MLP if lora.get("train_mlp", True) else []
-        )
+        # The SDK's flags -> the layers they adapt (as admission counts them: core.tinker_memory).
+        names = list(tinker_targets(lora))
         paths = matching_linear_layers(self.model, names) if names else []
         if lora.get("train_unembed", True):  # the SDK's default: lm_head is trained too
             output = output_layer_path(self.model)

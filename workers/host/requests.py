@@ -19,9 +19,10 @@ requests they had taken and those queued for them are bounced, and each model's 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from core.host_protocol import LOST, RELOCATE, RESTORE
+from core.host_protocol import LOST, RELOCATE, RESTORE, RequestModel
 
 
 class RequestQueue:
@@ -35,6 +36,10 @@ class RequestQueue:
         self.moved: set[str] = set()  # models told to relocate (they take no more work here)
         self.moving: set[str] = set()  # ... whose relocation is not answered yet
         self.running: dict[str, dict[str, Any]] = {}  # taken by the workers, not answered
+        # What admission counts of each model held here (core.tinker_memory): its LoRA as
+        # created, and its largest forward work so far (rows, longest datum's tokens).
+        self.loras: dict[str, dict[str, Any]] = {}
+        self.work: dict[str, tuple[int, int]] = {}
 
     def submit(self, requests: list[dict[str, Any]]) -> None:
         for request in requests:
@@ -45,6 +50,7 @@ class RequestQueue:
                 self.homes.pop(model_id, None)
             if request["kind"] == RESTORE:
                 self.moved.discard(model_id)
+            self._count(request)
             if model_id in self.moved:
                 self.answers.append(
                     {**_answer_of(request), "result": None, "error": None, "bounced": True}
@@ -118,6 +124,42 @@ class RequestQueue:
             self.running.pop(answer["request_id"], None)
         if live is not None:
             self.models = set(live)
+        held = self._held()
+        self.loras = {m: lora for m, lora in self.loras.items() if m in held}
+        self.work = {m: work for m, work in self.work.items() if m in held}
+
+    def memory(self) -> dict[str, RequestModel]:
+        """Each model held here (live, or with work queued or running: its creation among
+        it) as admission counts it (`HostReport.request_models`)."""
+        return {
+            model_id: {
+                "lora": dict(self.loras[model_id]),
+                "rows": self.work.get(model_id, (0, 0))[0],
+                "width": self.work.get(model_id, (0, 0))[1],
+            }
+            for model_id in sorted(self._held())
+            if model_id in self.loras
+        }
+
+    def _held(self) -> set[str]:
+        return self.models | {r["model_id"] for r in [*self.queued, *self.running.values()]}
+
+    def _count(self, request: dict[str, Any]) -> None:
+        """Notes a model's LoRA from the request that makes its slot, and its forward work's
+        rows × longest datum when larger than any before (a malformed one is its workers'
+        to answer)."""
+        payload, model_id = request.get("payload") or {}, request["model_id"]
+        lora = payload.get("create") if request["kind"] == "load_weights" else payload.get("lora")
+        if request["kind"] in ("create_model", "load_weights", RESTORE) and lora:
+            self.loras[model_id] = dict(lora)
+        if request["kind"] in ("forward", "forward_backward"):
+            try:
+                lengths = [len(datum["tokens"]) for datum in payload["data"]]
+            except (KeyError, TypeError):
+                return
+            work = (len(lengths), max(lengths, default=0))
+            if work[0] * work[1] > math.prod(self.work.get(model_id, (0, 0))):
+                self.work[model_id] = work
 
     def collect(self) -> list[dict[str, Any]]:
         """The answers so far (each handed out once)."""
