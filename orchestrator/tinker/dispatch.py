@@ -250,8 +250,11 @@ class TinkerDispatcher:
     def _send(self, host_id: str, actor: Any, requests: list[dict[str, Any]]) -> None:
         import ray
 
-        ray.get(actor.tinker_submit.remote(requests), timeout=CALL_TIMEOUT_SECONDS)
+        # Owed before the call: a call that times out is still delivered to a live actor (its
+        # answers then need a collector), and one whose actor died is settled by the
+        # collector finding the host gone.
         self._await_answers(host_id, len(requests))
+        ray.get(actor.tinker_submit.remote(requests), timeout=CALL_TIMEOUT_SECONDS)
 
     def _await_answers(self, host_id: str, count: int) -> None:
         """`count` more answers are owed by the host: its collector runs until they are in."""

@@ -152,3 +152,29 @@ def test_a_model_created_during_a_dispatch_pass_is_not_taken_for_ended(
     dispatcher.dispatch_once()
     dispatcher.dispatch_once()  # the next pass sees it: still no host, still pending
     assert store.request("t1", created[0]).state == PENDING
+
+
+def test_requests_whose_hand_over_timed_out_are_still_collected(
+    store: TinkerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that acknowledges late still runs what it was handed (Ray delivers an actor's
+    calls while it lives): the dispatcher owes those answers, so its collector reads them."""
+    import ray
+
+    from orchestrator.tinker.dispatch import TinkerDispatcher
+
+    def late(*_args: object, **_kwargs: object) -> None:
+        raise ray.exceptions.GetTimeoutError("no acknowledgement in time")
+
+    class SlowHost:
+        class tinker_submit:  # noqa: N801 - an actor method's shape
+            @staticmethod
+            def remote(requests: list[dict[str, object]]) -> object:
+                return object()
+
+    monkeypatch.setattr(ray, "get", late)
+    dispatcher = TinkerDispatcher(store, reports=dict, namespace="unused")
+    dispatcher._stop.set()  # its collector ends at once: no Ray here
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        dispatcher._send("host-a", SlowHost(), [{"request_id": "r1"}, {"request_id": "r2"}])
+    assert dispatcher._unanswered == {"host-a": 2}
