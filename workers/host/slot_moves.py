@@ -5,7 +5,8 @@ namely the gradients summed since its last `optim_step`, so that a move between 
 
 `relocate` (on the host that ends) writes the whole state under the model's relocation
 prefix and frees the slot; `restore` (on the host that takes it) makes the slot again from
-that prefix, or from a state the client saved itself.
+that prefix, or from a state the client saved itself. And the same gradients held across
+a pass that must leave them as they were (`held_grads`, `put_back_grads`).
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ def put_grads(params: list[nn.Parameter], data: bytes) -> None:
         param.grad = None if grad is None else grad.to(param.device, param.dtype)
 
 
-# The summed gradients of a slot's factors as they stand (clones; None where none), kept
-# before a pass whose part for the slot may fail or must add nothing.
+# A slot's factors' summed gradients as they stood before a pass whose part for the slot may
+# fail or must add nothing (None where a factor had none).
 HeldGrads = list[torch.Tensor | None]
 
 
-def held_grads(params: list[nn.Parameter]) -> HeldGrads:
-    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+def held_grads(params: list[nn.Parameter], copy: bool = True) -> HeldGrads:
+    """`copy`: their values (a pass that fails part-way through its backward may have added
+    to them). Without: the tensors themselves, for a pass that can add only zeros to this
+    slot (its rows' gradient is zero): what must go is a gradient made where there was none."""
+    return [None if p.grad is None else p.grad.detach().clone() if copy else p.grad for p in params]
 
 
 def put_back_grads(params: list[nn.Parameter], held: HeldGrads) -> None:

@@ -53,7 +53,7 @@ class StepRiders:
     device: torch.device
     answer: Answer
     # Each rider's model's factors and their gradients before the step (the step's backward
-    # reaches every factor of the forward it went through, zeros included).
+    # reaches every factor of the forward it went through, zero gradients included).
     held: dict[str, tuple[list[nn.Parameter], HeldGrads]] = field(default_factory=dict)
     _failed: dict[str, str] = field(default_factory=dict)
 
@@ -104,9 +104,9 @@ class StepRiders:
         }
 
     def finish(self, device_seconds: dict[str, float]) -> None:
-        """Answers every rider with its result (or error) and its share of the step; the
-        gradients of a `forward` or a failed request are put back as they were before it
-        (a failure in a recompute comes after part of the backward reached its factors)."""
+        """Answers every rider with its result (or error) and its share of the step; a
+        `forward` or a failed request leaves its factors' gradients as they were before it
+        (the step gave it zeros, and made a zero gradient where there was none)."""
         for i, rider in enumerate(self.riders):
             if rider.model_id in self._failed and rider.error is None:
                 rider.error, rider.result = self._failed[rider.model_id], None
@@ -157,8 +157,10 @@ def take_riders(
             )
     if not riders:
         return None, rest
+    # Not copied: a rider that fails, or a `forward`, gets a zero gradient for its rows
+    # (`loss_grad`), so the step can only add zeros to its factors.
     params = {r.model_id: slots.slots[r.model_id].params for r in riders}
-    held = {model_id: (p, held_grads(p)) for model_id, p in params.items()}
+    held = {model_id: (p, held_grads(p, copy=False)) for model_id, p in params.items()}
     return StepRiders(riders, slots.device, slots.answer, held), rest
 
 
