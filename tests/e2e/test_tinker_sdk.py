@@ -87,6 +87,11 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
 
     # forward (no gradient) saw the same weights as the last step's forward_backward.
     assert before == pytest.approx(losses[-1], rel=1e-6)
+    # Its host's poll names what the model holds, for admission (core.tinker_memory).
+    reports = host_reports(server.namespace)
+    held = {m: v for r in reports for m, v in r.get("request_models", {}).items()}
+    assert held[info.model_id]["lora"]["rank"] == 8
+    assert (held[info.model_id]["rows"], held[info.model_id]["width"]) == (1, len(tokens) - 1)
 
     # save_state, then a second client from it with its optimizer: both continue alike.
     state = training.save_state("mid").result().path
@@ -165,6 +170,20 @@ def test_an_sdk_script_trains_on_a_warm_host_and_its_loss_falls(
             "/get_info", json={"model_id": info.model_id}, headers={"X-API-Key": "tml-wrong"}
         )
         assert other.status_code == 401
+
+
+def host_reports(namespace: str) -> list[Any]:
+    """Every pack host's poll in the server's namespace (Ray is the shared cluster's)."""
+    import ray
+
+    from core.host_protocol import HOST_PREFIX
+
+    names = [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == namespace and e["name"].startswith(HOST_PREFIX)
+    ]
+    return [ray.get(ray.get_actor(n, namespace=namespace).poll.remote({})) for n in names]
 
 
 def _client_script(
