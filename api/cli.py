@@ -180,13 +180,12 @@ def run_scheduler(
 def create_key(
     tenant: str = typer.Option(..., help="The tenant the key acts for."),
     tinker: bool = typer.Option(
-        False, "--tinker", help="A key the `tinker` SDK accepts (prefix tml-); works everywhere."
+        False, "--tinker", hidden=True, help="Kept for old scripts: every key is tml- now."
     ),
 ) -> None:
-    """Create an API key; the key itself is printed once, as the last line."""
-    from orchestrator.api_keys import KEY_PREFIX, TINKER_KEY_PREFIX
-
-    row, key = _api_keys().create(tenant, prefix=TINKER_KEY_PREFIX if tinker else KEY_PREFIX)
+    """Create an API key (prefix tml-: the `tinker` SDK accepts it, and every API here);
+    the key itself is printed once, as the last line."""
+    row, key = _api_keys().create(tenant)
     typer.echo(f"created {row.id} for tenant {row.tenant}; keep the key, it is not stored:")
     typer.echo(key)
 

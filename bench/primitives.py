@@ -251,7 +251,7 @@ def main() -> None:
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
     }
     made = subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "bench", "--tinker"],
+        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", "bench"],
         env=env,
         capture_output=True,
         text=True,

@@ -14,9 +14,10 @@ from orchestrator.errors import Unauthorized
 from orchestrator.store import JobStore, new_id, now
 from orchestrator.tables import ApiKeyRow
 
-KEY_PREFIX = "lf-"
-# The `tinker` SDK refuses keys without this prefix; such a key works on every API here.
-TINKER_KEY_PREFIX = "tml-"
+# The `tinker` SDK refuses keys without this prefix, so every key made here has it: one key
+# for the OpenAI-style API and the Tinker API alike. (Keys made before with "lf-" still work
+# everywhere but in the tinker SDK.)
+KEY_PREFIX = "tml-"
 OPEN_TENANT = "default"  # the one tenant while no key exists (embedded, loopback only)
 TENANT_RULE = "letters, digits, - and _ only (1-128 characters)"
 MIN_BOOTSTRAP_KEY_CHARS = 20
@@ -55,7 +56,7 @@ class ApiKeys:
         if len(key) < MIN_BOOTSTRAP_KEY_CHARS or key != key.strip() or " " in key:
             raise ValueError(
                 f"bootstrap_api_key: at least {MIN_BOOTSTRAP_KEY_CHARS} characters, no spaces "
-                "(e.g. `python -c 'import secrets; print(\"lf-\" + secrets.token_urlsafe(32))'`)"
+                "(e.g. `python -c 'import secrets; print(\"tml-\" + secrets.token_urlsafe(32))'`)"
             )
         if self.any_exist():
             return None

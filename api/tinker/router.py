@@ -4,7 +4,7 @@ Thin handlers: each training request is written as a row (orchestrator.tinker.st
 answered with a future, `{"request_id", "model_id"}`; the scheduler's Tinker dispatcher
 runs it on the model's pack host; `retrieve_future` long-polls the row, woken as its
 answer commits (orchestrator.store.changes). Keys come in
-`X-API-Key` (the SDK wants the `tml-` prefix: `lorafleet keys create --tinker`) and map to
+`X-API-Key` (the SDK wants the `tml-` prefix, which every key made here has) and map to
 tenants as the jobs API's do. Errors are 4xx with a body naming the field: the SDK retries
 5xx, 408, 409, 429 and empty 400s for minutes, which would look like a hang.
 """

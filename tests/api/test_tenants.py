@@ -34,7 +34,7 @@ def test_without_keys_the_server_is_open_and_with_one_it_is_closed(client: TestC
 
 def test_keys_are_stored_hashed(client: TestClient) -> None:
     row, key = keys(client).create("acme")
-    assert key.startswith("lf-") and len(key) > 40
+    assert key.startswith("tml-") and len(key) > 40
     assert key not in (row.key_hash, row.key_prefix) and row.key_prefix == key[:8]
 
 

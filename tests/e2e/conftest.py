@@ -131,7 +131,7 @@ def shared_ray_env(
 def tinker_key(env: dict[str, str], tenant: str = "t1") -> str:
     """A key the Tinker SDK accepts (tml-), made the way an operator makes one."""
     made = subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", tenant, "--tinker"],
+        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", tenant],
         env=env,
         capture_output=True,
         text=True,
