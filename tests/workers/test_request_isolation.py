@@ -159,3 +159,52 @@ def test_a_malformed_request_is_answered_with_its_error_and_rides_no_step(
     assert [a["request_id"] for a in answers] == ["bad", "good"]
     assert answers[0]["error"] is not None and answers[0]["usage"]["tokens"] == {}
     assert answers[1]["error"] is None
+
+
+@pytest.mark.parametrize("fit_fails", [False, True])
+def test_requests_taken_by_workers_that_end_for_good_are_handed_back(
+    tiny_base: Path,
+    store_config: ObjectStoreConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fit_fails: bool,
+) -> None:
+    """The host actor's own class, its `_fit` run in this thread, without Ray: the one part
+    replaced is the trainer (`trainer_for`), whose fit takes the ending boundary's requests
+    and returns (an ordinary end) or raises (the host gave up). What the workers had taken
+    and never answered is handed back unrun, once, with the model's `lost` notice."""
+    import types
+
+    import ray
+
+    from core.host_protocol import LOST
+    from tests.workers.conftest import host_spec
+    from workers.host import pack_host
+
+    here = types.SimpleNamespace(get_node_id=lambda: "node", current_actor=None)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: here)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    host = pack_host.PackHost.__ray_metadata__.modified_class(
+        host_spec(tiny_base, store_config, tmp_path)
+    )
+
+    class Trainer:
+        def fit(self) -> None:
+            changes = host.step_boundary([], {"request_models": []})  # what rank 0 takes
+            assert [r["request_id"] for r in changes["requests"]] == ["new"]
+            if fit_fails:
+                raise RuntimeError("the workers kept failing")
+
+    monkeypatch.setattr(pack_host, "trainer_for", lambda *_, **__: Trainer())
+    create = {"lora": {"rank": 4}}
+    host.tinker_submit(
+        [{"request_id": "new", "model_id": "m", "kind": "create_model", "payload": create}]
+    )
+    host._fit()
+    answers = host.tinker_collect()
+    assert [(a["request_id"], a.get("bounced", False)) for a in answers] == [
+        ("new", True),
+        ("lost-m", False),
+    ]
+    assert answers[1]["kind"] == LOST
+    assert host.tinker_collect() == []

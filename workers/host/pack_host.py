@@ -106,6 +106,9 @@ class PackHost:
         finally:
             with self._lock:
                 self.membership.alive, self.membership.ending = False, True
+                # The workers are gone for good: what they had taken and never answered (the
+                # ending boundary's, or all of it when the host gave up) is handed back unrun.
+                self.requests.workers_lost()
                 self._tell_news()
                 self._answered.notify_all()  # its collectors look again (the host is gone)
             self.integrations.finish_all()
