@@ -24,9 +24,10 @@ def make_engine(url: str) -> Engine:
         return create_engine(
             url, pool_pre_ping=True, pool_size=POSTGRES_POOL, max_overflow=2 * POSTGRES_POOL
         )
-    in_memory = not parsed.database or parsed.database == ":memory:"
+    database = parsed.database or ":memory:"
+    in_memory = database == ":memory:"
     if not in_memory:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     pool = {} if in_memory else {"pool_size": SQLITE_POOL, "max_overflow": SQLITE_POOL}
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
