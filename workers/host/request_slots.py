@@ -251,8 +251,12 @@ class RequestSlots:
                     f"loss_fn {request['payload']['loss_fn']!r} is not supported yet"
                 )
         # A failed pass adds nothing to any model's gradients (its requests may run again,
-        # each alone), and a `forward` never adds to its own (workers.host.slot_moves).
-        held = [(p, held_grads(p)) for p in (self.slots[r["model_id"]].params for r in requests)]
+        # each alone), and a `forward` never adds to its own (workers.host.slot_moves): the
+        # backward gives its rows zeros, so its gradients need no copy.
+        held = []
+        for request in requests:
+            params = self.slots[request["model_id"]].params
+            held.append((params, held_grads(params, copy=request["kind"] == "forward_backward")))
         try:
             results = loss_pass(
                 self.model, self.routing, self.device, self.pad_token_id, WIDTH_BUCKET, requests
