@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.memory_estimate import CONV1D_MODEL_TYPES, BaseShape
-from core.objectstore import ObjectStoreConfig, S3ObjectStore
+from core.objectstore import ObjectStoreConfig
+from core.s3_objectstore import S3ObjectStore
 
 ALL_LINEAR = "all-linear"
 CONFIG = "config.json"

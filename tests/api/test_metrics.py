@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.routers.metrics import exposition
 from api.server_process import free_port
-from core.objectstore import ObjectStoreConfig, S3ObjectStore
+from core.objectstore import ObjectStoreConfig
+from core.s3_objectstore import S3ObjectStore
 from orchestrator.scheduling.ray_connection import RayConnection
 from orchestrator.scheduling.scheduler import Scheduler
 from orchestrator.settings import Settings

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from core.objectstore import PART_BYTES, ObjectStore, ObjectStoreConfig, open_object_store
+from core.objectstore import ObjectStore, ObjectStoreConfig, open_object_store
+from core.s3_objectstore import PART_BYTES
 
 MiB = 1024 * 1024
 

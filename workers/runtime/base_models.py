@@ -9,7 +9,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from core.objectstore import ObjectStoreConfig, S3ObjectStore
+from core.objectstore import ObjectStoreConfig
+from core.s3_objectstore import S3ObjectStore
 
 COMPLETE_MARKER = ".lorafleet-complete"
 
