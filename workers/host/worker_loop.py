@@ -7,7 +7,8 @@ rank 0 to the host actor, carrying the step's events and bringing the membership
 broadcast to every rank; joins are two-phase: every rank loads the job's data in a thread,
 the ranks agree with one all-reduce, the slot goes live at the same step everywhere; then
 one step over the live slots) → cleanup. A slot that leaves frees its factors, optimizer
-and data; its adapter is published by rank 0's background writer.
+and data; its adapter is published by rank 0's background writer. Joining is
+`workers.host.join`, evaluating `workers.host.evaluating`, leaving `workers.host.leaving`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch.distributed as dist
 from core.host_protocol import HostSpec, host_actor_name
 from workers.host.evaluating import HostEvaluations
 from workers.host.join import HostJoins, PendingJoin
+from workers.host.leaving import HostLeaving
 from workers.host.memory import MembershipMemory
-from workers.host.objective import reference_slot_name
 from workers.host.request_slots import RequestSlots
 from workers.host.slot import JobSlot, SlotState
 from workers.host.step import (
@@ -39,7 +40,6 @@ from workers.lora.packed_layer import (
     Routing,
     adaptable_layers,
     packed_layers,
-    slot_state_dict,
     wrap_linear_layers,
 )
 from workers.runtime.base_models import resolve_base_model
@@ -48,7 +48,6 @@ from workers.runtime.deepspeed_ops import use_prebuilt_ops
 from workers.runtime.memory_report import rank_memory_report
 from workers.runtime.placement_groups import record_placement_group
 from workers.runtime.setup_guard import SetupPhases
-from workers.training.rng_state import saved_dropout_rng
 
 # An idle rank 0's boundary call waits in the host actor up to this long for work (a Tinker
 # request or a membership change ends the wait at once): what it costs is only how late
@@ -56,7 +55,7 @@ from workers.training.rng_state import saved_dropout_rng
 IDLE_WAIT_SECONDS = 0.2
 
 
-class HostWorker(HostJoins, HostEvaluations):
+class HostWorker(HostJoins, HostEvaluations, HostLeaving):
     def __init__(self, spec: HostSpec, host: Any) -> None:
         self.spec = spec
         self.host = host  # the host's actor; only rank 0 talks to it
@@ -328,74 +327,6 @@ class HostWorker(HostJoins, HostEvaluations):
         for job_id in measured["members"]:
             self._report(job_id, "memory", message, {**measured, "host_step": self.steps + 1})
 
-    # ---- leaving -------------------------------------------------------------------------
-    def _leave(self, slot: JobSlot) -> None:
-        """Frees the slot's factors, optimizer state and data on this rank."""
-        for layer in self.layers.values():
-            layer.remove_slot(slot.job_id)
-            layer.remove_slot(reference_slot_name(slot.job_id))  # a DPO job's, if it has one
-        self.routing.generators.pop(slot.job_id, None)
-        slot.optimizer, slot.schedule, slot.params = None, None, []
-        slot.examples, slot.batches = [], []
-        self.slots.remove(slot)
-        self.paths.pop(slot.job_id, None)
-
-    def _publish(self, slot: JobSlot) -> None:
-        slot.state = SlotState.DONE
-        # What each rank holds of the frozen base (ZeRO-3), shown with the published adapter;
-        # every rank takes part (a collective), once per job.
-        held = partitioning(self.ctx)
-        if self.writer is not None:
-            factors = self._published_factors(slot)  # copies, taken now
-            extra = {"steps": slot.step, "pack_size": len(self.slots), "partitioning": held}
-            self.writer.publish(slot.spec, self.paths[slot.job_id], factors, extra)
-        self._leave(slot)
-
-    def _hand_back(self, job_id: str) -> None:
-        """A pause or a drain: the slot is checkpointed at this boundary (every rank takes
-        part) and leaves; its `handed_back` event follows the written checkpoint. Asked
-        again at each boundary until that event reaches the host: then nothing is left here."""
-        if self.pending.pop(job_id, None) is not None:  # never live: its newest checkpoint stands
-            self._report(job_id, "handed_back", "Left before it went live", {"step": None})
-            return
-        for slot in self.slots:
-            if slot.job_id == job_id and slot.state is SlotState.TRAINING:
-                if slot.step > 0:
-                    self._checkpoint(slot, hand_back=True)
-                else:  # nothing trained: it starts afresh
-                    data = {"step": None}
-                    self._report(job_id, "handed_back", "Left before its first step", data)
-                self._leave(slot)
-                return
-
-    def _checkpoint(self, slot: JobSlot, hand_back: bool = False) -> None:
-        generator = self.routing.generators.get(slot.job_id)
-        rng: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng, generator.get_state() if generator is not None else None)
-        if self.writer is not None:
-            device_type = generator.device.type if generator is not None else self.device.type
-            self.writer.checkpoint(
-                slot.spec,
-                self.paths[slot.job_id],
-                slot_state_dict(self.model, slot.job_id),
-                slot.training_state(
-                    dropout_rng=saved_dropout_rng(rng, device_type), **self._validation_state(slot)
-                ),
-                self._checkpoint_metrics(slot),
-                hand_back=hand_back,
-            )
-
-    def _stop(self, job_id: str) -> None:
-        if self.pending.pop(job_id, None) is not None:
-            self._report(job_id, "job_cancelled", "Training stopped: job cancelled")
-            return
-        for slot in self.slots:
-            if slot.job_id == job_id:
-                slot.state = SlotState.CANCELLED
-                self._leave(slot)
-                self._report(job_id, "job_cancelled", "Training stopped: job cancelled")
-                return
-
     def cleanup(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -404,14 +335,6 @@ class HostWorker(HostJoins, HostEvaluations):
         dist.barrier()
         for name in ("engine", "model", "_hf_deepspeed_config"):  # absent if setup ended early
             self.__dict__.pop(name, None)
-
-
-def partitioning(ctx: PackContext) -> list[dict[str, Any]]:
-    """What every rank holds of the frozen base, and its memory (a collective)."""
-    mine = rank_memory_report(ctx.model, ctx.rank)
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, mine)
-    return gathered
 
 
 def host_loop_per_worker(config: dict[str, Any]) -> None:
