@@ -18,14 +18,14 @@ still on the host is dropped at its next boundary (cancelled, its events say why
 Hand-back (`hand_back`, `drain`: `workers.host.hand_back`): a member is checkpointed at its
 next step boundary and leaves (a pause, a drain); its job ends here as *handed back*.
 
-Worker restarts (`begin_attempt`): every member the dead workers held is announced again and
-resumes from its own checkpoint; each spends one restart of its own budget. A crash that
-comes while some members have never finished a step on this host (they just joined) is laid
-on those members alone, and a member so implicated twice fails alone ("training_error"),
-so a job that crashes the workers as it joins cannot use up its mates' budgets. A restart
-because nodes were preempted (Ray's drain, a spot notice: `workers.host.node_loss`) spends
-each held member's preemption budget instead, never its restarts; one that Ray names only
-later is amended then (`explain_restart`).
+Worker restarts (`begin_attempt`: `workers.host.restarts`): every member the dead workers
+held is announced again and resumes from its own checkpoint; each spends one restart of its
+own budget. A crash that comes while some members have never finished a step on this host
+(they just joined) is laid on those members alone, and a member so implicated twice fails
+alone ("training_error"), so a job that crashes the workers as it joins cannot use up its
+mates' budgets. A restart because nodes were preempted (Ray's drain, a spot notice:
+`workers.host.node_loss`) spends each held member's preemption budget instead, never its
+restarts; one that Ray names only later is amended then (`explain_restart`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from core.host_protocol import AdmissionRequest, AdmissionResult, HostSpec, JobR
 from core.run_states import STOP_ALL, RunJobState
 from core.spec import JobSpec
 from workers.host.hand_back import HandBacks
-from workers.host.node_loss import LostNode, NodeLosses, preemption
+from workers.host.node_loss import LostNode, NodeLosses
+from workers.host.restarts import WorkerRestarts
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED, HANDED_BACK = (
     RunJobState.RUNNING,
@@ -54,8 +55,6 @@ JOB_ENDINGS = {
     "job_cancelled": CANCELLED,
     "handed_back": HANDED_BACK,
 }
-# A member on the workers at this many crashes that came before it finished any step fails.
-IMPLICATED_CRASHES_TO_FAIL = 2
 
 
 @dataclass
@@ -87,7 +86,7 @@ class Member:
         return self.request.attempt
 
 
-class Membership(HandBacks, NodeLosses):
+class Membership(HandBacks, NodeLosses, WorkerRestarts):
     """The rules of one host's membership. Not thread-safe: the caller holds its lock."""
 
     def __init__(self, spec: HostSpec, clock: Callable[[], float]) -> None:
@@ -241,77 +240,6 @@ class Membership(HandBacks, NodeLosses):
         return jobs
 
     # ---- the workers' calls ---------------------------------------------------------------
-    def begin_attempt(self, lost_nodes: list[LostNode] | None = None) -> dict[str, Any]:
-        """The workers (re)start: every running member will be announced to them again, and
-        the members the dead workers held pay for the restart (module docstring).
-        `lost_nodes`: the nodes the last workers ran on that Ray says are dead (named in the
-        jobs' events as the cause; all of them preempted: a preemption)."""
-        self._lost_nodes = list(lost_nodes or [])
-        preempted = preemption(self._lost_nodes)
-        self.worker_starts += 1
-        restart = self.worker_starts - 1
-        self.retiring.clear()  # the new workers hold nobody
-        if restart and not preempted:  # a preemption is no sign of a host that cannot run
-            self.restarts_without_step += 1
-        held = [m for m in self.running() if m.announced]
-        self.last_restart_held = {m.job_id: (m.attempt, False) for m in held}
-        for member in held:
-            member.announced = member.stopping = False
-        if preempted:
-            for member in held:
-                self.charge_preemption(member, self._lost_nodes)
-            return {"restart": restart, "end": False}
-        # Members that never finished a step here while others did: the crash is theirs.
-        # (When nobody, or everybody, has stepped, nothing tells them apart: all pay.)
-        implicated = [m for m in held if m.steps_done == 0]
-        if not implicated or len(implicated) == len(held):
-            implicated = []
-        charged = implicated or held
-        for member in charged:
-            member.restarts += 1
-            self.last_restart_held[member.job_id] = (member.attempt, True)
-        for member in implicated:
-            member.implicated_crashes += 1
-        for member in held:
-            self._after_restart(member, charged=member in charged)
-        give_up = self.restarts_without_step > self.spec.max_job_restarts + 1
-        if give_up:
-            self.ending = True
-        return {"restart": restart, "end": give_up}
-
-    def _after_restart(self, member: Member, charged: bool) -> None:
-        budget = self.spec.max_job_restarts
-        if member.implicated_crashes >= IMPLICATED_CRASHES_TO_FAIL:
-            error = (
-                f"the workers failed {member.implicated_crashes} times before this job "
-                "finished a step on its host"
-            )
-            self.fail(member, error, "training_error")
-        elif member.restarts > budget:
-            self.fail(
-                member,
-                f"workers failed {member.restarts} times while training this job",
-                "infrastructure",
-            )
-        elif charged:
-            lost = [node.name for node in self._lost_nodes]
-            cause = f"node {', '.join(lost)} was lost" if lost else "a failure"
-            self.append(
-                member,
-                "message",
-                f"Workers restarted after {cause} (restart {member.restarts} of {budget}); "
-                "resuming from the job's checkpoint",
-                {"restart": member.restarts, **({"lost_nodes": lost} if lost else {})},
-            )
-        else:
-            self.append(
-                member,
-                "message",
-                "Workers restarted after a failure that came as another job joined (not "
-                "counted against this job); resuming from the job's checkpoint",
-                {"restart": member.restarts},
-            )
-
     def step_boundary(self, events: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
         """Once per step from the workers: the step's events and status in, membership
         changes out: {"join": [JobSpec], "stop": [job id], "end": bool}."""
