@@ -5,6 +5,7 @@ model's seq_id order through the shared base: `forward_backward` adds the gradie
 loss to the slot's factors, `optim_step` steps the slot's own AdamW with the request's
 parameters and clears them; rank 0 keeps the answers for the next boundary. With jobs
 training, each model's next forward work rides in their step instead (workers.host.step_riders).
+Saving, loading and moving a model's weights is workers.host.request_weights.
 
 Every rank runs every request on all of its data (ZeRO-3's gathers are collectives), so the
 gradients agree without an all-reduce; splitting the data by rank is left to do.
@@ -12,12 +13,9 @@ gradients agree without an all-reduce; splitting the data by rank is left to do.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,13 +26,9 @@ from core.objectstore import ObjectStore
 from core.tinker_memory import tinker_targets
 from core.usage import request_tokens, split_device_seconds
 from workers.host.request_losses import loss_pass, padded_width
-from workers.host.slot_moves import (
-    GRADS,
-    grads_bytes,
-    held_grads,
-    put_back_grads,
-    put_grads,
-)
+from workers.host.request_slot import RequestError, RequestSlot
+from workers.host.request_weights import RequestWeights
+from workers.host.slot_moves import held_grads, put_back_grads
 from workers.host.step import WIDTH_BUCKET
 from workers.host.step_riders import LOSS_KINDS
 from workers.host.tinker_losses import LOSSES
@@ -42,12 +36,9 @@ from workers.lora.packed_layer import (
     PackedLoraLinear,
     Routing,
     SlotConfig,
-    load_slot_state,
     matching_linear_layers,
     output_layer_path,
     slot_parameters,
-    slot_state_dict,
-    target_module_names,
 )
 
 logger = logging.getLogger("lorafleet.worker")
@@ -55,23 +46,7 @@ logger = logging.getLogger("lorafleet.worker")
 LORA_ALPHA = 32.0  # Tinker's own choice: the scale is alpha / rank
 
 
-class RequestError(ValueError):
-    """The request cannot run as sent (its answer says why; the model lives on)."""
-
-
-@dataclass
-class RequestSlot:
-    """One Tinker model on this rank: its factors' layers and its own optimizer."""
-
-    model_id: str
-    config: SlotConfig
-    paths: list[str]
-    params: list[nn.Parameter] = field(default_factory=list)
-    optimizer: torch.optim.AdamW | None = None
-    steps: int = 0
-
-
-class RequestSlots:
+class RequestSlots(RequestWeights):
     def __init__(
         self,
         model: nn.Module,
@@ -304,79 +279,6 @@ class RequestSlots:
         slot.steps += 1
         return {"metrics": {"grad_norm:mean": norm}}
 
-    # ---- weights: a PEFT adapter (+ the optimizer's state) under a store prefix -----------
-    def _save(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0 writes the slot's factors as a PEFT adapter (and, asked, the optimizer's
-        state), then `lorafleet.json` last: a prefix with it is a whole checkpoint."""
-        slot = self._slot(model_id)
-        if self.rank == 0:
-            assert self.store is not None, "this host has no object store"
-            store, prefix = self.store(), payload["prefix"]
-            from safetensors.torch import save
-
-            tensors = slot_state_dict(self.model, model_id)
-            store.put_bytes(prefix + "adapter_model.safetensors", save(tensors, {"format": "pt"}))
-            store.put_bytes(prefix + "adapter_config.json", _peft_config(slot, payload))
-            if payload["optimizer"] and slot.optimizer is not None:
-                buffer = io.BytesIO()
-                torch.save({"optimizer": slot.optimizer.state_dict(), "steps": slot.steps}, buffer)
-                store.put_bytes(prefix + "optimizer.pt", buffer.getvalue())
-            about = {"model_id": model_id, "base_model": payload["base_model"], **payload["lora"]}
-            store.put_bytes(prefix + "lorafleet.json", json.dumps(about).encode())
-        return {"path": payload["path"]}
-
-    def _load(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Puts a saved checkpoint's factors (and, asked, its optimizer state) into the slot;
-        with `create`, makes the slot first (the SDK's `create_training_client_from_state`)."""
-        if payload.get("create") is not None and model_id not in self.slots:
-            self._create(model_id, {"lora": payload["create"]})
-        slot = self._slot(model_id)
-        assert self.store is not None, "this host has no object store"
-        store, prefix = self.store(), payload["prefix"]
-        from safetensors.torch import load
-
-        load_slot_state(
-            self.model, model_id, load(store.get_bytes(prefix + "adapter_model.safetensors"))
-        )
-        for param in slot.params:
-            param.grad = None
-        slot.optimizer = None  # weights only: the optimizer starts afresh
-        if payload["optimizer"]:
-            if not store.exists(prefix + "optimizer.pt"):
-                raise RequestError(f"{payload['path']} holds no optimizer state")
-            state = torch.load(
-                io.BytesIO(store.get_bytes(prefix + "optimizer.pt")), weights_only=True
-            )
-            slot.optimizer = torch.optim.AdamW(slot.params)
-            slot.optimizer.load_state_dict(state["optimizer"])
-            slot.steps = state["steps"]
-        return {"path": payload["path"], "model_id": model_id}
-
-    def _relocate(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Writes the slot's whole state (factors, AdamW, summed gradients) under the model's
-        relocation prefix, then frees the slot: another host restores it from there."""
-        slot = self._slot(model_id)
-        if self.rank == 0:
-            assert self.store is not None, "this host has no object store"
-            store, prefix = self.store(), payload["prefix"]
-            store.put_bytes(prefix + GRADS, grads_bytes(slot.params))
-            if slot.optimizer is None and store.exists(prefix + "optimizer.pt"):
-                store.delete(prefix + "optimizer.pt")  # an earlier move's: not this state's
-        self._save(model_id, {**payload, "optimizer": True})  # lorafleet.json is written last
-        self._drop(model_id, {})
-        return {"path": payload["path"], "prefix": payload["prefix"]}
-
-    def _restore(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Makes the slot again from a relocation (or the client's own saved state): its
-        factors, its optimizer state when saved, and its summed gradients when saved."""
-        assert self.store is not None, "this host has no object store"
-        store, prefix = self.store(), payload["prefix"]
-        optimizer = store.exists(prefix + "optimizer.pt")
-        self._load(model_id, {**payload, "optimizer": optimizer, "create": payload["lora"]})
-        if store.exists(prefix + GRADS):
-            put_grads(self._slot(model_id).params, store.get_bytes(prefix + GRADS))
-        return {"path": payload["path"], "model_id": model_id}
-
 
 def _padded_width(request: dict[str, Any]) -> int | None:
     """The width a request's rows are padded to (None for a malformed one: it runs alone
@@ -385,22 +287,3 @@ def _padded_width(request: dict[str, Any]) -> int | None:
         return padded_width([len(d["tokens"]) for d in request["payload"]["data"]], WIDTH_BUCKET)
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def _peft_config(slot: RequestSlot, payload: dict[str, Any]) -> bytes:
-    """adapter_config.json as peft writes it for these factors (with `train_unembed`,
-    `lm_head` is among the target modules: peft loads it; see README for vLLM)."""
-    return json.dumps(
-        {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": payload["base_model"],
-            "r": slot.config.r,
-            "lora_alpha": slot.config.alpha,
-            "lora_dropout": 0.0,
-            "target_modules": target_module_names(slot.paths),
-            "bias": "none",
-            "inference_mode": True,
-        },
-        indent=2,
-    ).encode()
