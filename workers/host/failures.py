@@ -1,12 +1,14 @@
 """One job's failure in a pack step stays its own (issue 17).
 
 Where a job's failure can be told apart from the pack's, it is caught on the rank where it
-happens: the job's LoRA slot math in the shared forward (`Routing.failures`: its rows get no
-delta, the forward goes on), its loss, its loss's backward to the logits, and its optimizer
-step. The ranks then agree on who failed before the next collective that depends on it: the
-flags ride in the gradient all-reduce (and, for the optimizer, in the metrics all-reduce),
-so no rank ever waits in a collective the others skipped. Every rank then drops the same
-jobs; the failing rank's error and traceback are gathered so rank 0 can report them.
+happens: its data (its width, its rows and their collation: workers.host.step_rows), its
+LoRA slot math in the shared forward (`Routing.failures`: its rows get no delta, the forward
+goes on), its loss, its loss's backward to the logits, its metrics (token accuracy, dtypes)
+and its optimizer step. The ranks then agree on who failed before the next collective that
+depends on it: the flags ride in the gradient all-reduce (and, for what fails after it, in
+the metrics all-reduce), so no rank ever waits in a collective the others skipped. Every
+rank then drops the same jobs; the failing rank's error and traceback are gathered so rank
+0 can report them.
 
 A failure inside the shared part (the base's own layers, ZeRO-3's gathers, the backward
 through the base) cannot be laid on one job: it fails the worker group, which restarts, and
@@ -19,7 +21,7 @@ import logging
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,9 @@ from workers.host.slot import JobSlot, SlotState
 # Ray writes a worker's logging to its log files, where operators look for tracebacks.
 logger = logging.getLogger("lorafleet.worker")
 TRACEBACK_CHARS = 8000  # the tail of a traceback that goes into the job's event
+# Where a job failed: a phase a test can inject a fault into, or its "data" (its width, rows
+# or their collation: workers.host.step_rows) or its "metrics" (its token accuracy, dtypes).
+FailurePhase = StepPhase | Literal["data", "metrics"]
 
 
 @dataclass
@@ -38,9 +43,9 @@ class StepFailures:
 
     rank: int
     faults: tuple[Any, ...] = ()  # HostSpec.test_faults: a test's injected faults
-    caught: dict[str, tuple[StepPhase, Exception]] = field(default_factory=dict)
+    caught: dict[str, tuple[FailurePhase, Exception]] = field(default_factory=dict)
 
-    def add(self, job_id: str, phase: StepPhase, exc: Exception) -> None:
+    def add(self, job_id: str, phase: FailurePhase, exc: Exception) -> None:
         if job_id not in self.caught:
             logger.error(
                 "job %s failed in its %s on rank %d: %s",

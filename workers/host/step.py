@@ -6,30 +6,41 @@ report), called by each worker of a pack host (`workers.host.worker_loop`) and b
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from core.fault_injection import StepFault, StepPhase
 from core.usage import split_device_seconds
-from workers.data.tokenization import collate
 from workers.host.failures import StepFailures, fail_agreed
 from workers.host.objective import reference_logprobs
+from workers.host.recompute import use_gradient_checkpointing  # noqa: F401 - importers' path
 from workers.host.slot import JobSlot, SlotState
-from workers.host.step_riders import StepRiders
-from workers.lora.packed_layer import Routing
-from workers.training.chunked_loss import (
-    DEFAULT_CHUNK_TOKENS,
-    chunked_token_accuracy,
+from workers.host.step_metrics import (
+    dtypes_of,
+    job_accuracy,
+    metrics_data,
+    summed_totals,
+    with_adam,
 )
+from workers.host.step_riders import StepRiders
+from workers.host.step_rows import (  # noqa: F401 - WIDTH_BUCKET, width_of: importers' path
+    WIDTH_BUCKET,
+    Batch,
+    groups_by_width,
+    job_batches,
+    joined,
+    placeholder,
+    width_of,
+)
+from workers.lora.packed_layer import Routing
+from workers.training.chunked_loss import DEFAULT_CHUNK_TOKENS
 from workers.training.data_parallel import average_gradients
 
 # Ray writes a worker's logging to its log files, where operators look for tracebacks.
@@ -54,40 +65,6 @@ class PackContext:
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     # TEST HOOK: HostSpec.test_faults (core.fault_injection); empty outside tests.
     faults: tuple[StepFault, ...] = ()
-
-
-def use_gradient_checkpointing(model: nn.Module, routing: Routing) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them (less
-    memory per job, one more forward per layer). Non-reentrant: ZeRO-3's module hooks gather
-    the layer's shards again for the recompute. Each job's LoRA dropout draws from its own
-    generator, which torch's checkpoint does not rewind: the recompute replays the draws of
-    the forward, so the masks (and gradients) are those of a step without checkpointing."""
-    model.activation_checkpointing_enable(  # type: ignore[operator]
-        activation_checkpointing_kwargs={
-            "use_reentrant": False,
-            "context_fn": lambda: _replay_dropout(routing.generators),
-        }
-    )
-
-
-def _replay_dropout(
-    generators: dict[str, torch.Generator],
-) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
-    """(forward context, recompute context) of one checkpointed layer call."""
-    before = {name: g.get_state() for name, g in generators.items()}
-
-    @contextlib.contextmanager
-    def recompute() -> Iterator[None]:
-        after = {name: g.get_state() for name, g in generators.items()}
-        for name, state in before.items():
-            generators[name].set_state(state)
-        try:
-            yield
-        finally:
-            for name, state in after.items():
-                generators[name].set_state(state)
-
-    return contextlib.nullcontext(), recompute()
 
 
 def report_job_failure(ctx: PackContext, job_id: str, exc: BaseException) -> None:
@@ -121,9 +98,10 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
     each group goes through the base in its own forward and backward, so a job's numerics
     (bf16 included) are the same packed as alone.
 
-    A job whose own part of the step raises (its slot math, loss, loss backward or optimizer
-    step) fails alone (workers.host.failures): its rows get no delta and no gradient, every
-    rank still makes the same collectives, and the others' numbers are those of a step
+    A job whose own part of the step raises (its width, rows or their collation, its slot
+    math, loss, loss backward, token accuracy, dtypes or optimizer step) fails alone
+    (workers.host.failures): its rows get no delta and no gradient, every rank still makes
+    the same collectives, and the others' numbers are those of a step
     without it (rows never mix), so they still equal their solo twins.
 
     `riders`: Tinker models' queued forward work (workers.host.step_riders), each request's
@@ -141,24 +119,25 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
     tokens: dict[str, torch.Tensor] = {}
     right: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (tokens right, tokens counted)
     stats: dict[str, torch.Tensor] = {}  # each objective's own statistics (DPO's rewards)
-    by_width = {width_of(group[0]): group for group in width_groups(active)}
+    by_width = groups_by_width(active, failures)
     rider_widths = riders.widths() if riders is not None else set()
     for width in sorted(set(by_width) | rider_widths):
         group = by_width.get(width, [])
         group_started = time.perf_counter()
-        reference = _reference_pass(ctx, group, failures)
-        logits, labels, mask, rows = _group_forward(ctx, group, width, failures, riders)
+        batches = job_batches(group, width, ctx.pad_token_id, ctx.rank, ctx.world_size, failures)
+        reference = _reference_pass(ctx, group, batches, width, failures)
+        members, logits, labels, mask, rows = _group_forward(
+            ctx, group, batches, width, failures, riders
+        )
         forward_done = time.perf_counter()
         grads = []
         job_logits_all = logits[: sum(rows)]
         for slot, job_logits, job_labels, job_mask in zip(
-            group, job_logits_all.split(rows), labels.split(rows), mask.split(rows), strict=True
+            members, job_logits_all.split(rows), labels.split(rows), mask.split(rows), strict=True
         ):
-            tokens[slot.job_id] = job_mask.sum()
-            # From the same logits, chunk by chunk, without gradient (train_mean_token_accuracy).
-            right[slot.job_id] = chunked_token_accuracy(
-                job_logits, job_labels, ctx.loss_chunk_tokens
-            )
+            if slot.job_id not in failures.caught:
+                block = (job_logits, job_labels, job_mask)
+                job_accuracy(slot, block, ctx.loss_chunk_tokens, failures, tokens, right)
             grads.append(
                 _job_loss_grad(
                     ctx,
@@ -192,16 +171,28 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
     }
     trained = [slot for slot in active if slot.job_id not in failed]
     sync_done = time.perf_counter()
-    first = {
-        slot.job_id: dtypes_of(ctx, slot, losses[slot.job_id]) for slot in trained if slot.step == 0
-    }
+    first: dict[str, dict[str, str]] = {}
+    for slot in trained:
+        if slot.step == 0:
+            try:
+                first[slot.job_id] = dtypes_of(ctx.model, slot, losses[slot.job_id])
+            except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
+                failures.add(slot.job_id, "metrics", exc)
     norms = {}
     for slot in trained:
+        if slot.job_id in failures.caught:  # its dtypes: it takes no step (failed, agreed below)
+            continue
         try:
             failures.check(slot, "optimizer")
             norms[slot.job_id] = slot.apply_gradients()
         except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
             failures.add(slot.job_id, "optimizer", exc)
+            continue
+        try:
+            if slot.job_id in first:  # Adam's state is there once it stepped
+                first[slot.job_id] = with_adam(first[slot.job_id], slot)
+        except Exception as exc:  # noqa: BLE001 - this job alone fails, once the ranks agree
+            failures.add(slot.job_id, "metrics", exc)
     elapsed = time.perf_counter() - started
     phases = {
         "forward": forward_s,
@@ -213,29 +204,9 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
         if riders is not None:
             riders.finish(split_device_seconds(elapsed, ctx.world_size, riders.tokens()))
         return
-    # Every job's loss, tokens and optimizer failure in one tensor: one all-reduce and one
-    # sync for the metrics, and the ranks agree on who failed in the optimizer.
-    # Each job's objective adds its own statistics, so rows differ in length.
-    per_job = [
-        torch.cat(
-            [
-                torch.stack(
-                    [
-                        losses[s.job_id].detach().float(),
-                        tokens[s.job_id].float(),
-                        torch.tensor(float(s.job_id in failures.caught), device=ctx.device),
-                        right[s.job_id][0].float(),
-                        right[s.job_id][1].float(),
-                    ]
-                ),
-                stats[s.job_id].float(),
-            ]
-        )
-        for s in trained
-    ]
-    totals = torch.cat(per_job)
-    dist.all_reduce(totals)
-    reduced = [row.tolist() for row in totals.split([len(row) for row in per_job])]
+    # Every job's loss, tokens, accuracy, statistics and failure since the gradient sync:
+    # one all-reduce for the metrics, and the ranks agree on who failed after the sync.
+    reduced = summed_totals(trained, failures, ctx.device, losses, tokens, right, stats)
     flags = [row[2] for row in reduced]
     failed = {s.job_id for s in fail_agreed(failures, trained, flags, ctx.report, ctx.world_size)}
     pack_tokens = sum(row[1] for row in reduced)
@@ -253,10 +224,9 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
     if riders is not None:
         riders.finish(device_seconds)
     for slot, row in zip(trained, reduced, strict=True):
-        loss_sum, slot_tokens, _, slot_right, counted, *stat_sums = row
+        loss_sum, slot_tokens, _, slot_right, counted = row[:5]
         if slot.job_id in failed:
             continue
-        norm = norms[slot.job_id]
         mean_loss = loss_sum / ctx.world_size
         slot.trained_tokens += int(slot_tokens)
         slot.last_loss = mean_loss
@@ -272,54 +242,46 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
             slot.job_id,
             "metrics",
             f"Step {slot.step}/{slot.total_steps}: training loss={mean_loss:.4f}",
-            {
-                "step": slot.step,
-                "total_steps": slot.total_steps,
-                "train_loss": mean_loss,
-                "train_mean_token_accuracy": slot.last_accuracy,
-                "learning_rate": slot.learning_rate,
-                "grad_norm": norm,
-                "tokens_per_second": slot_tokens / elapsed,
-                "pack_tokens_per_second": pack_tokens / elapsed,
-                "pack_size": len(active),
-                "step_seconds": elapsed,
-                "phase_seconds": phases,
-                "trained_tokens": slot.trained_tokens,
-                "step_tokens": int(slot_tokens),
-                "device_seconds": device_seconds[slot.job_id],
-                # Means over the ranks' equal shares of pairs: the whole batch's means.
-                **{
-                    name: value / ctx.world_size
-                    for name, value in zip(slot.objective.stat_names, stat_sums, strict=True)
-                },
-                **(
-                    {"dtypes": _with_adam(first[slot.job_id], slot)} if slot.job_id in first else {}
-                ),
-            },
+            metrics_data(
+                slot,
+                row,
+                world_size=ctx.world_size,
+                norm=norms[slot.job_id],
+                timing=(elapsed, phases),
+                pack=(pack_tokens, len(active)),
+                device_seconds=device_seconds[slot.job_id],
+                dtypes=first.get(slot.job_id),
+            ),
         )
 
 
 def _group_forward(
     ctx: PackContext,
     group: list[JobSlot],
+    batches: dict[str, Batch],
     width: int,
     failures: StepFailures,
     riders: StepRiders | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """One forward of a width group's rows (logits, labels and attention mask of the jobs'
-    rows, rows per job), the riders of that width after them (logits only). A job whose
-    slot math raises is caught in its packed layers (`Routing.failures`) and recorded."""
-    shards = [slot.next_rows(ctx.rank, ctx.world_size) for slot in group]
+) -> tuple[list[JobSlot], torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """One forward of a width group's rows: (the jobs whose rows it holds, the logits, labels
+    and attention mask of those rows, rows per job), the riders of that width after them
+    (logits only). A job whose rows failed (no batch) is left out; one whose slot math
+    raises is caught in its packed layers (`Routing.failures`) and recorded."""
+    members = [slot for slot in group if slot.job_id in batches]
+    parts = [batches[slot.job_id] for slot in members]
+    riding = riders is not None and width in riders.widths()
+    if group and not members and not riding:  # every job failed here; the ranks still meet
+        members, parts = group[:1], [placeholder(width, ctx.pad_token_id)]
     ctx.routing.blocks = [
-        (slot.job_id, len(shard)) for slot, shard in zip(group, shards, strict=True)
+        (slot.job_id, len(part["input_ids"])) for slot, part in zip(members, parts, strict=True)
     ]
-    if group:
-        batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width)
+    if parts:
+        batch = joined(parts)
     else:  # Tinker riders of a width no job has this step
         empty = torch.zeros((0, width), dtype=torch.long)
         batch = {"input_ids": empty, "attention_mask": empty, "labels": empty}
     labels, job_mask = batch["labels"].to(ctx.device), batch["attention_mask"].to(ctx.device)
-    if riders is not None and width in riders.widths():
+    if riders is not None and riding:
         ids, mask, blocks = riders.rows(width)
         batch["input_ids"] = torch.cat([batch["input_ids"], ids])
         batch["attention_mask"] = torch.cat([batch["attention_mask"], mask])
@@ -327,7 +289,7 @@ def _group_forward(
     batch = {k: v.to(ctx.device) for k, v in batch.items()}
     ctx.routing.failures = {}
     ctx.routing.forward_id += 1
-    for slot in group:
+    for slot in members:
         try:
             failures.check(slot, "forward")
         except Exception as exc:  # noqa: BLE001 - a test's fault: raised inside the forward
@@ -341,8 +303,8 @@ def _group_forward(
     finally:
         ctx.routing.injected.clear()
     _record_failures(ctx, failures, riders, "forward")
-    rows = [len(shard) for shard in shards]
-    return logits, labels, job_mask, rows
+    rows = [len(part["input_ids"]) for part in parts]
+    return members, logits, labels, job_mask, rows
 
 
 def _record_failures(
@@ -360,30 +322,35 @@ def _record_failures(
 
 
 def _reference_pass(
-    ctx: PackContext, group: list[JobSlot], failures: StepFailures
+    ctx: PackContext,
+    group: list[JobSlot],
+    batches: dict[str, Batch],
+    width: int,
+    failures: StepFailures,
 ) -> dict[str, torch.Tensor]:
     """The reference's summed log-probs of each DPO job's rows in a width group ([rows]
     per job), from one forward without gradient of those rows only, each job's block routed
     to its reference (the bare base, or its frozen start checkpoint). Every rank makes the
-    same forwards (a collective under ZeRO-3): the groups and their members are the same."""
-    members = [
-        (slot, route) for slot in group if (route := slot.objective.reference_route) is not None
-    ]
-    if not members:
+    same forwards (a collective under ZeRO-3): the groups and their DPO jobs are the same,
+    whatever failed (a placeholder row when every one failed here)."""
+    dpo = [(slot, route) for slot in group if (route := slot.objective.reference_route) is not None]
+    if not dpo:
         return {}
-    shards = [slot.next_rows(ctx.rank, ctx.world_size) for slot, _ in members]
+    members = [(slot, route) for slot, route in dpo if slot.job_id in batches]
+    parts = [batches[slot.job_id] for slot, _ in members]
+    if not members:
+        members, parts = dpo[:1], [placeholder(width, ctx.pad_token_id)]
     ctx.routing.blocks = [
-        (route, len(shard)) for (_, route), shard in zip(members, shards, strict=True)
+        (route, len(part["input_ids"])) for (_, route), part in zip(members, parts, strict=True)
     ]
-    batch = collate([e for shard in shards for e in shard], ctx.pad_token_id, width_of(group[0]))
-    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    batch = {k: v.to(ctx.device) for k, v in joined(parts).items()}
     ctx.routing.failures = {}
     ctx.routing.forward_id += 1
     logprobs = reference_logprobs(ctx.model, batch, ctx.loss_chunk_tokens)
     by_route = {route: slot.job_id for slot, route in members}
     for route, caught in ctx.routing.failures.items():  # a frozen reference slot's math
         failures.add(by_route.get(route, route), "forward", caught)
-    rows = [len(shard) for shard in shards]
+    rows = [len(part["input_ids"]) for part in parts]
     return {
         slot.job_id: part for (slot, _), part in zip(members, logprobs.split(rows), strict=True)
     }
@@ -409,9 +376,10 @@ def _job_loss_grad(
     if slot.job_id not in failures.caught:
         try:
             failures.check(slot, phase)
-            loss, stats[slot.job_id] = slot.objective.loss(
-                logits, labels, reference, ctx.loss_chunk_tokens
-            )
+            loss, job_stats = slot.objective.loss(logits, labels, reference, ctx.loss_chunk_tokens)
+            if job_stats.shape != stats[slot.job_id].shape:  # the metrics all-reduce's layout
+                raise ValueError(f"its objective gave {tuple(job_stats.shape)} statistics")
+            stats[slot.job_id] = job_stats
             losses[slot.job_id] = loss
             phase = "backward"
             failures.check(slot, phase)
@@ -421,50 +389,3 @@ def _job_loss_grad(
             failures.add(slot.job_id, phase, exc)
     losses.setdefault(slot.job_id, torch.zeros((), device=logits.device))
     return torch.zeros_like(logits)
-
-
-def dtypes_of(ctx: PackContext, slot: JobSlot, loss: torch.Tensor) -> dict[str, str]:
-    """What the job really trains in (reported with its first step): the frozen base in the
-    run's precision; its LoRA factors, their gradients, Adam's state and the loss in fp32."""
-    base = next(p for name, p in ctx.model.named_parameters() if ".lora_" not in name)
-    factor = slot.params[0]
-    return {
-        "base": str(base.dtype).removeprefix("torch."),
-        "lora": str(factor.dtype).removeprefix("torch."),
-        "lora_grad": str(factor.grad.dtype).removeprefix("torch.")
-        if factor.grad is not None
-        else "none",
-        "loss": str(loss.dtype).removeprefix("torch."),
-    }
-
-
-def _with_adam(dtypes: dict[str, str], slot: JobSlot) -> dict[str, str]:
-    assert slot.optimizer is not None
-    state = slot.optimizer.state.get(slot.params[0], {})
-    moment = state.get("exp_avg")
-    return {
-        **dtypes,
-        "adam_state": str(moment.dtype).removeprefix("torch.") if moment is not None else "none",
-    }
-
-
-# Widths are rounded up to a multiple of this, so jobs of similar lengths share a forward.
-WIDTH_BUCKET = 16
-
-
-def width_of(slot: JobSlot, bucket: int = WIDTH_BUCKET) -> int:
-    """The padded width of a job's rows at its current step: from the job's own global batch
-    only (the same on every rank, and the same alone or packed), rounded up to a bucket so
-    that jobs of similar lengths share a forward. A DPO pair's two rows both count."""
-    longest = max(
-        len(row.input_ids) for i in slot.batches[slot.step] for row in slot.examples[i].rows
-    )
-    return -(-longest // bucket) * bucket
-
-
-def width_groups(active: list[JobSlot]) -> list[list[JobSlot]]:
-    """Active slots grouped by width, narrowest first (a fixed order on every rank)."""
-    groups: dict[int, list[JobSlot]] = {}
-    for slot in active:
-        groups.setdefault(width_of(slot), []).append(slot)
-    return [groups[width] for width in sorted(groups)]
