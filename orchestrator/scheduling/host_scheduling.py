@@ -3,7 +3,7 @@
 Each tick, `watch()` polls every host and runs the watchdog (orchestrator.scheduling.host_watch);
 then `launch()`, here, places queued jobs (orchestrator.scheduling.admission): join a
 host, start one, or wait, with reservations for jobs whose host cannot be placed
-(orchestrator.scheduling.reservation).
+(orchestrator.scheduling.reservation; the cluster's room: orchestrator.scheduling.cluster_room).
 
 Nothing is kept only in memory that a restarted scheduler would need: a job's host is its
 `run_id`, and hosts are found again by listing them. A job is claimed in the database (one
@@ -19,7 +19,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from core.host_protocol import (
     NO_ANSWER,
@@ -35,21 +34,24 @@ from core.tinker_memory import reported_demands
 from orchestrator.errors import InvalidTransition
 from orchestrator.jobs import job_spec_for
 from orchestrator.scheduling.admission import HostRoom, WaitingJob, plan_admissions
+from orchestrator.scheduling.cluster_room import ClusterRoom
 from orchestrator.scheduling.finish_estimate import FinishEstimates
-from orchestrator.scheduling.host_watch import HOST_ID_PREFIX, HostWatch, runtime_left
-from orchestrator.scheduling.node_choice import autoscaler_request
+from orchestrator.scheduling.host_watch import (
+    HOST_ID_PREFIX,
+    HostWatch,
+    exclusive_host,
+    job_log_context,
+    runtime_left,
+    warm_host,
+)
 from orchestrator.scheduling.outcomes import JobOutcomes
 from orchestrator.scheduling.placement import (
     Resources,
-    bundles_of,
     free_after_unplaced,
     host_spec,
 )
 from orchestrator.scheduling.reservation import (
-    HostHolding,
     Reservations,
-    hosts_to_close,
-    place_beside,
 )
 from orchestrator.scheduling.sizing import HostSizing, Nodes
 from orchestrator.settings import Settings
@@ -60,8 +62,9 @@ from orchestrator.tables import JobRow
 log = logging.getLogger(__name__)
 
 
-class HostScheduling(HostWatch):
-    """Both halves of a tick: `watch()` (orchestrator.scheduling.host_watch), then `launch()`."""
+class HostScheduling(HostWatch, ClusterRoom):
+    """Both halves of a tick: `watch()` (orchestrator.scheduling.host_watch), then `launch()`
+    (the cluster's room for new hosts: orchestrator.scheduling.cluster_room)."""
 
     def __init__(
         self,
@@ -83,7 +86,7 @@ class HostScheduling(HostWatch):
             settings, gpu_available, nodes=nodes, file_rows=self._training_file_rows
         )
         self.clock = clock
-        self.outcomes = JobOutcomes(settings, store, objects, log, _context)
+        self.outcomes = JobOutcomes(settings, store, objects, log, job_log_context)
         self.reports: dict[str, HostReport] = {}  # this tick's poll of every host
         self.unanswered: set[str] = set()  # hosts that did not answer this tick's poll
         # host -> polls it missed in a row (counted by time since the unanswered poll);
@@ -181,105 +184,6 @@ class HostScheduling(HostWatch):
         self._ask_for_room(no_room, shapes, waiting_jobs, started_shapes)
         self._keep_warm_hosts(free, len(started))
 
-    def _placed(self, shape: HostShape, free: list[Resources]) -> list[Resources] | None:
-        """The free resources left once a host of `shape` is placed beside what
-        reservations hold for other shapes; None (its jobs wait, logged once per shape
-        while it lasts) if the cluster cannot place it now."""
-        holding = [bundles for key, bundles in self._holding.items() if key != shape.key]
-        left = place_beside(bundles_of(shape), free, holding)
-        if left is None and shape.key not in self._unplaceable:
-            log.info("no free resources for a %s pack host now; its jobs wait", shape.key)
-        (self._unplaceable.add if left is None else self._unplaceable.discard)(shape.key)
-        return left
-
-    # ---- room the cluster lacks: ask its autoscaler (orchestrator.scheduling.node_choice) ----
-    def _ask_for_room(
-        self,
-        no_room: set[str],
-        shapes: dict[str, HostShape],
-        waiting: list[JobRow],
-        started: list[HostShape],
-    ) -> None:
-        """Shapes that fit on no node now: the autoscaler is asked for them (with the hosts
-        up and those `started` this tick, since Ray's request is for the whole cluster), once
-        per change; each of their `waiting` jobs is told once. With none left the request is
-        withdrawn."""
-        running = [bundles_of(r["shape"]) for r in self.reports.values() if r["alive"]]
-        running += [bundles_of(shape) for shape in started]
-        request = autoscaler_request(running, [bundles_of(shapes[k]) for k in sorted(no_room)])
-        if request != self._requested:
-            try:
-                self.hosts.request_resources(request)
-                self._requested = request
-            except Exception:  # no autoscaler to ask is not the tick's failure
-                log.exception("asking the autoscaler for %s failed", request)
-        self._told_no_room &= {job.id for job in waiting}
-        for job in waiting:
-            shape = self.sizing.shape_of(job)
-            if shape.key not in no_room or job.id in self._told_no_room:
-                continue
-            self._told_no_room.add(job.id)
-            bundles = bundles_of(shape)
-            self.outcomes.guarded(
-                self.store.warn,
-                job.id,
-                job.attempt,
-                f"No node has free resources for a {shape.key} pack host "
-                f"({len(bundles)} × {bundles[0]}); asked the cluster's autoscaler for them: the "
-                "job starts when a node has room",
-                {"requested_bundles": bundles, "shape": shape.key},
-            )
-
-    # ---- reservations (orchestrator.scheduling.reservation) ----
-    def _hold_for_reservations(
-        self, waiting: list[WaitingJob], shapes: dict[str, HostShape], free: list[Resources]
-    ) -> set[str]:
-        """What this tick's reservations hold (kept in `_holding` for `_placed`), and the
-        hosts that take no new job so they can start: returns those hosts."""
-        oldest_first = sorted((w for w in waiting if w.reserved), key=lambda w: w.created_at)
-        self._holding = {w.shape: bundles_of(shapes[w.shape]) for w in oldest_first}
-        holdings = [
-            HostHolding(
-                host_id,
-                report["shape"].key,
-                bundles_of(report["shape"]),
-                report["slots_in_use"],
-                warm=_warm(report),
-                ending=report["ending"],
-            )
-            for host_id, report in self.reports.items()
-            if report["alive"]  # an ended one's workers are free already
-        ]
-        starts_left = self.settings.max_concurrent_runs - self._hosts_up()
-        closed = hosts_to_close(self._holding, free, holdings, starts_left)
-        for host_id in sorted(closed - self._closed):
-            log.info(
-                "pack host %s takes no new job: it drains for a reserved job",
-                host_id,
-                extra={"host_id": host_id, "run_id": host_id},
-            )
-        self._closed = closed
-        return closed
-
-    def _reserve(self, unplaced: list[str], by_id: dict[str, JobRow]) -> None:
-        """Jobs whose host could not be placed this tick; one that has waited
-        `reserve_after_seconds` reserves what it waits for (one event when it does)."""
-        now = self.clock()
-        for job_id in self.reservations.unplaced(unplaced, now):
-            job = by_id[job_id]
-            waited = now - self.reservations.waiting_since[job_id]
-            shape = self.sizing.shape_of(job).key
-            log.info("job %s reserves a %s pack host", job.id, shape, extra=_context(job))
-            self.outcomes.guarded(
-                self.store.warn,
-                job.id,
-                job.attempt,
-                f"Waited {waited:.0f} s for the resources of a {shape} pack host; they are "
-                "reserved for this job now: smaller jobs no longer start hosts in them, and "
-                "hosts it needs take no new job until it starts",
-                {"reserved_for": shape, "waited_seconds": round(waited, 1), "reserved_at": now},
-            )
-
     def _rooms(self, active: list[JobRow]) -> list[HostRoom]:
         demands: dict[str, list[SlotDemand]] = defaultdict(list)
         for job in active:
@@ -292,8 +196,8 @@ class HostScheduling(HostWatch):
                 report["max_slots"],
                 demands=demands.get(host_id, []),
                 # An exclusive host (a `packing: false` job's) takes no one else, ever.
-                ending=report["ending"] or not report["alive"] or _exclusive(report),
-                warm=_warm(report),
+                ending=report["ending"] or not report["alive"] or exclusive_host(report),
+                warm=warm_host(report),
                 tinker=reported_demands(report.get("request_models")),
             )
             for host_id, report in self.reports.items()
@@ -353,7 +257,7 @@ class HostScheduling(HostWatch):
         except InvalidTransition:
             return  # cancelled meanwhile, or another scheduler claimed it
         result = self.hosts.admit(host_id, request)
-        context = _context(job, host_id, attempt)
+        context = job_log_context(job, host_id, attempt)
         if result.admitted or result.reason == "already admitted":
             self._admitted_at[host_id] = self._last_started[job.tenant] = self.clock()
             log.info("job %s joined pack host %s", job.id, host_id, extra=context)
@@ -382,7 +286,7 @@ class HostScheduling(HostWatch):
         # Warmth is what each host reports (its spec), so hosts adopted after a restart
         # count too, not only those this scheduler started.
         warm_now = Counter(
-            r["shape"].base_model for r in self.reports.values() if _warm(r) and r["alive"]
+            r["shape"].base_model for r in self.reports.values() if warm_host(r) and r["alive"]
         )
         for base in sorted(self.settings.base_models):
             for _ in range(self.settings.warm_hosts - warm_now[base]):
@@ -404,18 +308,6 @@ class HostScheduling(HostWatch):
         return self._file_rows[key]
 
 
-def _context(job: JobRow, host_id: str | None = None, attempt: int | None = None) -> dict[str, Any]:
-    """`extra=` of a log call about a job on a pack host (a host id is the job's run id)."""
-    host = host_id or job.run_id
-    return {
-        "job_id": job.id,
-        "host_id": host,
-        "run_id": host,
-        "attempt": job.attempt if attempt is None else attempt,
-        "tenant": job.tenant,
-    }
-
-
 def _priority(job: JobRow) -> int:
     return job.priority or 0
 
@@ -428,13 +320,3 @@ def _admitted_runtime(job: JobRow, now: float) -> float | None:
 def wants_packing(job: JobRow) -> bool:
     """False for a `training.packing: false` job: it trains on a host of its own."""
     return job.settings.packing
-
-
-def _exclusive(report: HostReport) -> bool:
-    # .get: a host started by an older lorafleet (hosts outlive serve) does not say.
-    return bool(report.get("exclusive", False))
-
-
-def _warm(report: HostReport) -> bool:
-    # .get: a host started by an older lorafleet (hosts outlive serve) does not say.
-    return bool(report.get("warm", False))

@@ -3,7 +3,8 @@ jobs' states and new events in one call, every host at once), each job's events 
 jobs that ended finished, and the watchdog: a job past its `max_runtime` fails with
 `timeout`; a host with jobs and no step for `step_timeout_seconds` is ended and its jobs
 requeue, to resume from their checkpoints on another host; a host that does not answer its
-poll costs only its own jobs (`_silent_host`): the tick goes on without it.
+poll costs only its own jobs (`_silent_host`): the tick goes on without it. Also what both
+halves share: the scheduling's logger, a job's log context, what a host's report says of it.
 """
 
 from __future__ import annotations
@@ -333,6 +334,30 @@ def host_start_allowance(settings: Settings) -> float:
     may take `setup_timeout_seconds` (the host fails its jobs past that itself), and the
     worker group's own start one more."""
     return settings.setup_timeout_seconds * (len(SETUP_PHASES) + 1)
+
+
+def job_log_context(
+    job: JobRow, host_id: str | None = None, attempt: int | None = None
+) -> dict[str, Any]:
+    """`extra=` of a log call about a job on a pack host (a host id is the job's run id)."""
+    host = host_id or job.run_id
+    return {
+        "job_id": job.id,
+        "host_id": host,
+        "run_id": host,
+        "attempt": job.attempt if attempt is None else attempt,
+        "tenant": job.tenant,
+    }
+
+
+def exclusive_host(report: HostReport) -> bool:
+    # .get: a host started by an older lorafleet (hosts outlive serve) does not say.
+    return bool(report.get("exclusive", False))
+
+
+def warm_host(report: HostReport) -> bool:
+    # .get: a host started by an older lorafleet (hosts outlive serve) does not say.
+    return bool(report.get("warm", False))
 
 
 def _event(event: Any) -> dict[str, Any]:
