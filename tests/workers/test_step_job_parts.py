@@ -173,3 +173,101 @@ def test_a_client_riding_a_step_whose_job_fails_is_answered_as_alone(
     assert ours.keys() == reference.keys() and ours
     for key in ours:
         assert torch.equal(ours[key], reference[key]), key
+
+
+def two_ranks(rank: int, base: Path, store: str, job_ids: list[str], out: str) -> None:
+    """One of 2 gloo ranks training `job_ids` for 3 steps; job-x's rows raise on rank 1 only,
+    at its step 1. Saves (states, failure events, factors) to `out`.<rank>."""
+    import datetime
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.objectstore import open_object_store
+    from workers.host.slot import DROPOUT_STREAM, INIT_STREAM, load_job_slot
+    from workers.host.step import PackContext
+    from workers.lora.packed_layer import (
+        Routing,
+        adaptable_layers,
+        slot_parameters,
+        wrap_linear_layers,
+    )
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}.rendezvous",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),  # a rank left waiting fails the test
+    )
+
+    def next_rows(self: JobSlot, r: int, world_size: int) -> Any:
+        if (self.job_id, self.step, r) == ("job-x", 1, 1):
+            raise RuntimeError("rank 1's rows broke")
+        return real_next_rows(self, r, world_size)
+
+    JobSlot.next_rows = next_rows  # type: ignore[method-assign] - this process only
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.requires_grad_(False)
+    routing = Routing()
+    layers = wrap_linear_layers(model, adaptable_layers(model), routing)
+    specs = {"job-a": JOB_A, "job-b": JOB_B, "job-x": JOB_X}
+    slots = []
+    for job_id in job_ids:
+        spec = replace(specs[job_id], tenant="t", base_model_uri=str(base))
+        slot = load_job_slot(spec, open_object_store(ObjectStoreConfig(url=store)), tokenizer, 2)
+        init = slot.generator(INIT_STREAM)
+        for layer in layers.values():
+            layer.add_slot(slot.config, init, torch.device("cpu"))
+        slot.setup_optimizer(slot_parameters(model, job_id))
+        routing.generators[job_id] = slot.generator(DROPOUT_STREAM)
+        slots.append(slot)
+    events: list[tuple[Any, ...]] = []
+    ctx = PackContext(
+        model=model,
+        routing=routing,
+        pad_token_id=tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+        rank=rank,
+        world_size=2,
+        report=lambda *event: events.append(event),
+    )
+    model.train()
+    for _ in range(3):
+        train_step(ctx, [s for s in slots if s.state is SlotState.TRAINING])
+    result = {
+        "states": {s.job_id: s.state.value for s in slots},
+        "failed": [(e[0], e[3]["phase"], e[3]["rank"]) for e in events if e[1] == "job_failed"],
+        "factors": {s.job_id: slot_state_dict(model, s.job_id) for s in slots},
+    }
+    torch.save(result, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.long
+def test_a_failure_on_one_rank_is_agreed_by_both_and_the_mates_train_as_without_it(
+    tiny_base: Path, store_config: ObjectStoreConfig, tmp_path: Path
+) -> None:
+    """2 gloo ranks: job-x's rows raise on rank 1 alone; rank 0, where they did not, fails it
+    too (the flags ride in the gradient all-reduce), no rank waits on the other, and job-a's
+    and job-b's factors equal those of a 2-rank pack without job-x, bit for bit."""
+    import torch.multiprocessing as mp
+
+    runs = {}
+    for name, job_ids in (("with", ["job-a", "job-x", "job-b"]), ("without", ["job-a", "job-b"])):
+        out = str(tmp_path / name)
+        mp.spawn(two_ranks, args=(tiny_base, store_config.url, job_ids, out), nprocs=2)
+        runs[name] = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    for rank in range(2):
+        assert runs["with"][rank]["states"] == {
+            "job-a": "training",
+            "job-x": "failed",
+            "job-b": "training",
+        }
+    assert runs["with"][0]["failed"] == [("job-x", "data", 1)]  # rank 0 reports rank 1's
+    for mate in ("job-a", "job-b"):
+        ours, reference = runs["with"][0]["factors"][mate], runs["without"][0]["factors"][mate]
+        for key in ours:
+            assert torch.equal(ours[key], reference[key]), (mate, key)
