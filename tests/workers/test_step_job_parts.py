@@ -79,7 +79,20 @@ def patch_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(step, "dtypes_of", dtypes)
 
 
-# (what fails, how, its step, the phase its event names, what its error says)
+def patch_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = step.metrics_data
+
+    def metrics(slot: JobSlot, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if (slot.job_id, slot.step) == ("job-x", 2):  # the data of its step 2's event
+            raise RuntimeError("metrics_data broke")
+        return real(slot, *args, **kwargs)
+
+    monkeypatch.setattr(step, "metrics_data", metrics)
+
+
+# (what fails, how, its step, the phase its event names, what its error says); the data of
+# a metrics event is made after the ranks' last collective, from values the same on every
+# rank: it fails the job as a non-finite loss does, with no phase.
 CASES = {
     "next_rows": (
         lambda mp: mp.setattr(JobSlot, "next_rows", failing_rows("job-x", 1)),
@@ -95,6 +108,7 @@ CASES = {
     ),
     "width_of": (patch_width, 1, "data", "RuntimeError: width_of broke"),
     "dtypes_of": (patch_dtypes, 0, "metrics", "RuntimeError: dtypes_of broke"),
+    "metrics_data": (patch_metrics, 1, None, "RuntimeError: metrics_data broke"),
 }
 
 
@@ -116,9 +130,12 @@ def test_a_job_whose_own_part_raises_fails_alone_and_its_mates_train_as_without_
         "job-b": SlotState.TRAINING,
     }
     [(job_id, _, message, data)] = [e for e in events if e[1] == "job_failed"]
-    assert job_id == "job-x" and f"in its {phase} at step {at_step}" in message
-    assert data["phase"] == phase and data["error"].startswith(error), data["error"]
-    assert what in data["traceback"]  # the traceback names the function that raised
+    if phase is None:
+        assert job_id == "job-x" and message == f"Training failed: {error}"
+    else:
+        assert job_id == "job-x" and f"in its {phase} at step {at_step}" in message
+        assert data["phase"] == phase and data["error"].startswith(error), data["error"]
+        assert what in data["traceback"]  # the traceback names the function that raised
     x_steps = [e[3]["step"] for e in events if e[1] == "metrics" and e[0] == "job-x"]
     assert x_steps == list(range(1, at_step + 1))  # the failing step reports no metrics
     for mate in ("job-a", "job-b"):

@@ -238,11 +238,8 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
                 FloatingPointError(f"training loss became {mean_loss} at step {slot.step}"),
             )
             continue
-        ctx.report(
-            slot.job_id,
-            "metrics",
-            f"Step {slot.step}/{slot.total_steps}: training loss={mean_loss:.4f}",
-            metrics_data(
+        try:  # from the ranks' sums and state the same on every rank: it fails on all alike
+            data = metrics_data(
                 slot,
                 row,
                 world_size=ctx.world_size,
@@ -251,8 +248,12 @@ def train_step(ctx: PackContext, active: list[JobSlot], riders: StepRiders | Non
                 pack=(pack_tokens, len(active)),
                 device_seconds=device_seconds[slot.job_id],
                 dtypes=first.get(slot.job_id),
-            ),
-        )
+            )
+        except Exception as exc:  # noqa: BLE001 - this job alone fails
+            fail_slot(ctx, slot, exc)
+            continue
+        message = f"Step {slot.step}/{slot.total_steps}: training loss={mean_loss:.4f}"
+        ctx.report(slot.job_id, "metrics", message, data)
 
 
 def _group_forward(
