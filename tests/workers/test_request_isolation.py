@@ -173,13 +173,21 @@ def test_requests_taken_by_workers_that_end_for_good_are_handed_back(
     replaced is the trainer (`trainer_for`), whose fit takes the ending boundary's requests
     and returns (an ordinary end) or raises (the host gave up). What the workers had taken
     and never answered is handed back unrun, once, with the model's `lost` notice."""
+    import importlib.util
     import types
 
     import ray
 
     from core.host_protocol import LOST
     from tests.workers.conftest import host_spec
-    from workers.host import pack_host
+
+    # A private copy of the module: once Ray has shipped the actor class elsewhere in this
+    # session, the class it hands back may be a copy whose functions do not look names up
+    # in `workers.host.pack_host` (patching that module's `trainer_for` then misses).
+    found = importlib.util.find_spec("workers.host.pack_host")
+    assert found is not None and found.loader is not None
+    pack_host = importlib.util.module_from_spec(found)
+    found.loader.exec_module(pack_host)
 
     here = types.SimpleNamespace(get_node_id=lambda: "node", current_actor=None)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: here)
