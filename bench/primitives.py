@@ -15,8 +15,11 @@ for, as the SDK's examples do.
     .venv/bin/python bench/primitives.py [--ns 1,4,8] [--steps 5] [--rows 4] [--tokens 64]
 
 Printed per N and side: aggregate steps/s (N·steps over the time from the common start to
-the last client's last answer), the mean step latency a client sees, and the mean time
-from a request row's write to its answer's (the server's part of it). `call_overhead_ms`
+the last client's last answer), the mean step latency a client sees, the mean time from a
+request row's write to its answer's (the server's part of it), and the CPU a step costs by
+part: the training ranks of the hosts the side uses (what a device would do: idle hosts
+left out), the server, and the SDK clients. `ranks_cpu_separate_over_shared` is what
+sharing one host saves on the ranks' side alone. `call_overhead_ms`
 is the mean latency of one forward_backward+optim_step pair of the N=1 shared client minus
 the same pair's work run in this process (workers.host.request_slots.RequestSlots on the
 same data, fp32, no Ray, no ZeRO-3): what the API, the request rows, the dispatcher, Ray
@@ -49,12 +52,59 @@ from workers.tiny_base import build_tiny_base
 LEARNING_RATE = 1e-3
 
 
+# Whose CPU a step costs: the training ranks of the hosts a side uses (what a device would
+# do; the other, idle hosts are left out), the server (API, rows, dispatcher, scheduler) and
+# the SDK clients (this process).
+RANKS, SERVER, CLIENTS = "hosts' ranks", "server", "clients"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds so far of one process of this bench's own (read from /proc; 0 once gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Processes:
+    server: int
+    ranks: dict[str, list[int]]  # base name -> the pids of its warm host's ranks
+
+    def cpu(self, bases: list[str]) -> dict[str, float]:
+        ranks = {pid for base in set(bases) for pid in self.ranks[base]}
+        return {
+            RANKS: sum(cpu_seconds(pid) for pid in ranks),
+            SERVER: cpu_seconds(self.server),
+            CLIENTS: time.process_time(),
+        }
+
+
+def host_ranks(namespace: str, data_dir: Path) -> dict[str, list[int]]:
+    """Each base's warm host's rank pids, as the host reports them."""
+    from orchestrator.scheduling.ray_hosts import RayHosts
+    from orchestrator.settings import Settings
+
+    hosts = RayHosts(Settings(ray_namespace=namespace, data_dir=data_dir))
+    ranks: dict[str, list[int]] = {}
+    for host_id in hosts.list_hosts():
+        report = hosts.poll(host_id, {})
+        if report is not None and report["alive"]:
+            ranks.setdefault(report["shape"].base_model, []).extend(report["worker_pids"])
+    return ranks
+
+
 @dataclass
 class Side:
     clients: int
     wall_s: float  # common start → the last client's last answer
     steps: int  # timed steps, all clients
     latencies: list[float]  # each timed step's pair, as its client saw it
+    cpu_s: dict[str, float]  # CPU seconds of the timed steps, by part (PARTS, clients)
+
+    def cpu_ms_per_step(self, part: str) -> float:
+        return self.cpu_s[part] / self.steps * 1e3
 
     @property
     def steps_per_s(self) -> float:
@@ -120,11 +170,24 @@ def client_run(
         service.close("success").result()
 
 
-def drive(url: str, key: str, bases: list[str], data: list[Any], steps: int) -> Side:
-    """Len(bases) clients at once, client i on bases[i]."""
+def drive(
+    url: str,
+    key: str,
+    bases: list[str],
+    data: list[Any],
+    steps: int,
+    processes: Processes | None = None,
+) -> Side:
+    """Len(bases) clients at once, client i on bases[i]; `processes`: whose CPU to count."""
     n = len(bases)
     start: list[float] = []
-    ready = threading.Barrier(n + 1, action=lambda: start.append(time.perf_counter()))
+    cpu_at_start: list[dict[str, float]] = []
+
+    def at_start() -> None:
+        cpu_at_start.append(processes.cpu(bases) if processes is not None else {})
+        start.append(time.perf_counter())
+
+    ready = threading.Barrier(n + 1, action=at_start)
     outs: list[list[float]] = [[] for _ in bases]
     threads = [
         threading.Thread(
@@ -141,10 +204,12 @@ def drive(url: str, key: str, bases: list[str], data: list[Any], steps: int) -> 
     for thread in threads:
         thread.join(timeout=900)
     wall = time.perf_counter() - start[0]
+    cpu_at_end = processes.cpu(bases) if processes is not None else {}
     latencies = [t for out in outs for t in out]
     if len(latencies) != n * steps:
         raise SystemExit(f"{n * steps - len(latencies)} steps did not finish: see the server log")
-    return Side(n, wall, n * steps, latencies)
+    cpu = {part: cpu_at_end[part] - cpu_at_start[0][part] for part in cpu_at_end}
+    return Side(n, wall, n * steps, latencies, cpu)
 
 
 def rows_in_flight_ms(database: Path, since: float) -> dict[str, float]:
@@ -265,18 +330,26 @@ def main() -> None:
         began = time.perf_counter()
         drive(server.url, key, bases, data, 1)  # every host up, its base loaded
         print(f"hosts warm in {time.perf_counter() - began:.0f} s", flush=True)
+        assert server.process is not None
+        processes = Processes(
+            server.process.pid, host_ranks(env["LORAFLEET_RAY_NAMESPACE"], folder / "state")
+        )
         results: dict[tuple[int, str], Side] = {}
         for n in ns:
             for side, chosen in (("shared", [bases[0]] * n), ("separate", bases[:n])):
                 since = time.time()
-                result = drive(server.url, key, chosen, data, args.steps)
+                result = drive(server.url, key, chosen, data, args.steps, processes)
                 results[n, side] = result
                 rows = rows_in_flight_ms(folder / "state" / "lorafleet.db", since)
                 print(
                     f"N={n} {side:8s} {result.steps_per_s:6.2f} steps/s aggregate, "
                     f"step latency mean {statistics.mean(result.latencies) * 1e3:6.0f} ms; "
                     "row written -> answered "
-                    + ", ".join(f"{kind} {ms:.0f} ms" for kind, ms in rows.items()),
+                    + ", ".join(f"{kind} {ms:.0f} ms" for kind, ms in rows.items())
+                    + "; CPU per step: "
+                    + ", ".join(
+                        f"{part} {result.cpu_ms_per_step(part):.0f} ms" for part in result.cpu_s
+                    ),
                     flush=True,
                 )
     finally:
@@ -286,8 +359,11 @@ def main() -> None:
     one = statistics.mean(results[min(ns), "shared"].latencies)
     print(f"in-process pair (RequestSlots, no Ray): {pair * 1e3:.0f} ms")
     for n in ns:
-        ratio = results[n, "shared"].steps_per_s / results[n, "separate"].steps_per_s
-        print(f"N={n} shared_vs_separate={ratio:.2f}")
+        shared, separate = results[n, "shared"], results[n, "separate"]
+        ratio = shared.steps_per_s / separate.steps_per_s
+        # What sharing saves where a device would do the work: ranks' CPU per step.
+        saving = separate.cpu_ms_per_step(RANKS) / shared.cpu_ms_per_step(RANKS)
+        print(f"N={n} shared_vs_separate={ratio:.2f} ranks_cpu_separate_over_shared={saving:.2f}")
     ratio = results[most, "shared"].steps_per_s / results[most, "separate"].steps_per_s
     print(
         f"primitives clients={most} shared_vs_separate={ratio:.2f} "

@@ -76,8 +76,10 @@ def test_a_drained_node_hands_its_jobs_back_and_they_go_on_elsewhere_exactly(
             # Once the host has handed its ranks back, the drained node is idle and its raylet
             # exits: on a slow machine the node may already be gone (dead) when first looked at.
             wait_for_condition(
-                lambda: {n.node_id: n.status for n in hosts.nodes()}.get(drained, "DEAD")
-                in ("DRAINING", "DEAD"),
+                lambda: (
+                    {n.node_id: n.status for n in hosts.nodes()}.get(drained, "DEAD")
+                    in ("DRAINING", "DEAD")
+                ),
                 timeout=30,
                 what="the node DRAINING (or, once idle, gone) in Ray's cluster state",
             )
