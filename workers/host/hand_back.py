@@ -10,33 +10,21 @@ checkpoint stands).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core.run_states import RunJobState
+from workers.host.membership_calls import MembershipCalls
 
 if TYPE_CHECKING:
     from workers.host.membership import Member
 
 
-class HandBacks:
+class HandBacks(MembershipCalls):
     """The hand-back half of `Membership` (which sets these attributes)."""
 
     members: dict[str, Member]
     draining: str | None  # why the host drains (it admits nothing more)
     ending: bool
-
-    def running(self) -> list[Member]:
-        raise NotImplementedError
-
-    def append(
-        self, member: Member, kind: str, message: str, data: dict[str, Any] | None = None
-    ) -> None:
-        raise NotImplementedError
-
-    def end(
-        self, member: Member, state: RunJobState, error: str | None = None, code: str | None = None
-    ) -> None:
-        raise NotImplementedError
 
     def hand_back(self, job_id: str, why: str) -> None:
         """Checkpoints a job at its next step boundary and hands it back (module docstring);

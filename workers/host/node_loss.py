@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.host_protocol import HostSpec, NodeRef
 from core.run_states import RunJobState
+from workers.host.membership_calls import MembershipCalls
 
 if TYPE_CHECKING:
     from workers.host.membership import Member
@@ -95,21 +96,13 @@ class LateLook:
         return now > self.until
 
 
-class NodeLosses:
+class NodeLosses(MembershipCalls):
     """The node-loss half of `workers.host.membership.Membership` (which sets these)."""
 
     spec: HostSpec
     members: dict[str, Member]
     last_restart_held: dict[str, tuple[int, bool]]  # job id -> (attempt, charged a restart)
     restarts_without_step: int
-
-    def append(
-        self, member: Member, kind: str, message: str, data: dict[str, Any] | None = None
-    ) -> None:
-        raise NotImplementedError
-
-    def fail(self, member: Member, error: str, code: str, **data: Any) -> None:
-        raise NotImplementedError
 
     def charge_preemption(
         self, member: Member, lost: Sequence[LostNode], late: bool = False

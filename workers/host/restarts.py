@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from core.host_protocol import HostSpec
+from workers.host.membership_calls import MembershipCalls
 from workers.host.node_loss import LostNode, preemption
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 IMPLICATED_CRASHES_TO_FAIL = 2
 
 
-class WorkerRestarts:
+class WorkerRestarts(MembershipCalls):
     """The worker-restart half of `Membership` (which sets these attributes)."""
 
     spec: HostSpec
@@ -31,17 +32,6 @@ class WorkerRestarts:
     ending: bool
     worker_starts: int
     restarts_without_step: int
-
-    def running(self) -> list[Member]:
-        raise NotImplementedError
-
-    def append(
-        self, member: Member, kind: str, message: str, data: dict[str, Any] | None = None
-    ) -> None:
-        raise NotImplementedError
-
-    def fail(self, member: Member, error: str, code: str, **data: Any) -> None:
-        raise NotImplementedError
 
     if TYPE_CHECKING:  # NodeLosses' (a body here could shadow it)
 
