@@ -26,11 +26,10 @@ import torch
 from openai import OpenAI
 from safetensors.torch import load_file
 
-from core.object_keys import tinker_checkpoint_prefix
 from tests.conftest import wait_for_condition
 from tests.e2e.conftest import LorafleetServer, running_server, shared_ray_env, tinker_key
 from tests.e2e.test_dpo_over_http import SUMS, TRAIN_WORDS, pairs
-from tests.e2e.test_tinker_sdk import STEPS_SHARED, _client_script
+from tests.e2e.test_tinker_sdk import STEPS_SHARED, _client_script, assert_same_final_weights
 from tests.e2e.test_training_job import started
 
 # A later stage of make test (~30 s on 2 quiet cores): a serve and its warm host, each job
@@ -189,15 +188,4 @@ def test_a_dpo_job_a_supervised_job_and_a_tinker_client_on_one_host_equal_each_a
 
     # The client: its losses and its saved weights equal the same calls on a host of its own.
     assert shared_losses == alone_losses
-    weights = [
-        load_file(
-            data_dir
-            / "objects"
-            / tinker_checkpoint_prefix("t1", model_id, "weights/final")
-            / "adapter_model.safetensors"
-        )
-        for model_id in (alone_model, shared_model)
-    ]
-    assert weights[0].keys() == weights[1].keys() and weights[0]
-    for name, tensor in weights[0].items():
-        assert torch.equal(tensor, weights[1][name]), name
+    assert_same_final_weights(data_dir, alone_model, shared_model, "the client")

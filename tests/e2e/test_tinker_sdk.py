@@ -186,6 +186,27 @@ def host_reports(namespace: str) -> list[Any]:
     return [ray.get(ray.get_actor(n, namespace=namespace).poll.remote({})) for n in names]
 
 
+def assert_same_final_weights(data_dir: Path, one: str, other: str, what: str = "") -> None:
+    """Two models' `save_state("final")` weights, as stored, are equal bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from core.object_keys import tinker_checkpoint_prefix
+
+    weights = [
+        load_file(
+            data_dir
+            / "objects"
+            / tinker_checkpoint_prefix("t1", model_id, "weights/final")
+            / "adapter_model.safetensors"
+        )
+        for model_id in (one, other)
+    ]
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for tensor_name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][tensor_name]), (what, tensor_name)
+
+
 def _client_script(
     service: Any, seed: int, loss_fn: str, data: list[Any], config: dict[str, float] | None
 ) -> tuple[str, list[float]]:
@@ -215,11 +236,8 @@ def test_two_sdk_clients_and_a_job_on_one_host_equal_each_client_alone(
     import threading
 
     import tinker
-    import torch
-    from safetensors.torch import load_file
     from tinker import types
 
-    from core.object_keys import tinker_checkpoint_prefix
     from tests.e2e.test_training_job import DATA, started, submit, upload
 
     server, key = tinker_server
@@ -293,15 +311,4 @@ def test_two_sdk_clients_and_a_job_on_one_host_equal_each_client_alone(
     for name in clients:
         (alone_id, alone_losses), (shared_id, shared_losses) = alone[name], together[name]
         assert shared_losses == alone_losses, name  # bit for bit (fp32)
-        weights = [
-            load_file(
-                data_dir
-                / "objects"
-                / tinker_checkpoint_prefix("t1", model_id, "weights/final")
-                / "adapter_model.safetensors"
-            )
-            for model_id in (alone_id, shared_id)
-        ]
-        assert weights[0].keys() == weights[1].keys() and weights[0]
-        for tensor_name, tensor in weights[0].items():
-            assert torch.equal(tensor, weights[1][tensor_name]), (name, tensor_name)
+        assert_same_final_weights(data_dir, alone_id, shared_id, name)
