@@ -6,6 +6,7 @@ error that names what to load."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -155,26 +156,26 @@ def test_a_model_created_during_a_dispatch_pass_is_not_taken_for_ended(
 
 
 def test_requests_whose_hand_over_timed_out_are_still_collected(
-    store: TinkerStore, monkeypatch: pytest.MonkeyPatch
+    store: TinkerStore, ray_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A host that acknowledges late still runs what it was handed (Ray delivers an actor's
-    calls while it lives): the dispatcher owes those answers, so its collector reads them."""
+    calls while it lives): the dispatcher owes those answers, so its collector reads them.
+    A real actor on the session's Ray, slower to answer than the (shortened) call timeout."""
     import ray
 
+    from orchestrator.tinker import dispatch
     from orchestrator.tinker.dispatch import TinkerDispatcher
 
-    def late(*_args: object, **_kwargs: object) -> None:
-        raise ray.exceptions.GetTimeoutError("no acknowledgement in time")
-
+    @ray.remote(num_cpus=0)
     class SlowHost:
-        class tinker_submit:  # noqa: N801 - an actor method's shape
-            @staticmethod
-            def remote(requests: list[dict[str, object]]) -> object:
-                return object()
+        def tinker_submit(self, requests: list[dict[str, object]]) -> None:
+            time.sleep(2.0)
 
-    monkeypatch.setattr(ray, "get", late)
+    host = SlowHost.remote()  # type: ignore[attr-defined]
+    monkeypatch.setattr(dispatch, "CALL_TIMEOUT_SECONDS", 0.2)
     dispatcher = TinkerDispatcher(store, reports=dict, namespace="unused")
-    dispatcher._stop.set()  # its collector ends at once: no Ray here
+    dispatcher._stop.set()  # its collector ends at once: this test reads what is owed
     with pytest.raises(ray.exceptions.GetTimeoutError):
-        dispatcher._send("host-a", SlowHost(), [{"request_id": "r1"}, {"request_id": "r2"}])
+        dispatcher._send("host-a", host, [{"request_id": "r1"}, {"request_id": "r2"}])
     assert dispatcher._unanswered == {"host-a": 2}
+    ray.kill(host)
